@@ -1,0 +1,127 @@
+"""The modified integrate-and-fire neuron of METHOD.md section 3 (bit-serial, MSB first).
+
+A SpikingJelly node with the usual split of charge, fire and reset:
+- charge (integrate phase): the membrane doubles each step, U = 2 U + I_t, so after the input
+  window U carries every input spike at its binary weight;
+- fire: at output step t the threshold is 2^(T-1-t) * theta, halving every step;
+- reset: by subtraction of that threshold.
+Firing T steps from potential V emits the binary digits of clamp(floor(V / theta), 0, 2^T - 1).
+"""
+from __future__ import annotations
+
+import torch
+from spikingjelly.activation_based import base
+from torch import Tensor
+
+from .quant import channel_view
+
+
+def step_thresholds(theta: Tensor, timesteps: int) -> list[Tensor]:
+    """The threshold of each output step, MSB first: 2^(T-1-t) * theta."""
+    return [theta * float(2 ** (timesteps - 1 - t)) for t in range(timesteps)]
+
+
+def cap_potential(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -> Tensor:
+    """With L < 2^T - 1 levels the potential is capped at (L + 1/2) theta, so no level exceeds L."""
+    if levels < 2**timesteps - 1:
+        potential = torch.minimum(potential, theta * (levels + 0.5))
+    return potential
+
+
+def fire_msb_first(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -> Tensor:
+    """Spike planes [T, ...] of a neuron with the given potential (compare, then subtract)."""
+    v = cap_potential(potential, theta, levels, timesteps)
+    spikes = []
+    for threshold in step_thresholds(theta, timesteps):
+        spike = (v >= threshold).to(v.dtype)
+        v = v - spike * threshold
+        spikes.append(spike)
+    return torch.stack(spikes)
+
+
+def decode_levels(spikes: Tensor) -> Tensor:
+    """sum_t s_t 2^(T-1-t): the level a spike train [T, ...] carries."""
+    timesteps = spikes.shape[0]
+    weights = torch.tensor([2.0 ** (timesteps - 1 - t) for t in range(timesteps)], dtype=spikes.dtype,
+                           device=spikes.device)
+    return torch.tensordot(weights, spikes, dims=1)
+
+
+def fire_levels(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -> Tensor:
+    """The level the T output spikes carry, computed with the same compare-and-subtract as firing.
+
+    Used by the time-folded evaluator, so that for equal potentials it agrees with the simulator
+    bit for bit (floor(V / theta) can round differently at a boundary).
+    """
+    v = cap_potential(potential, theta, levels, timesteps)
+    level = torch.zeros_like(v)
+    for t, threshold in enumerate(step_thresholds(theta, timesteps)):
+        spike = (v >= threshold).to(v.dtype)
+        v = v - spike * threshold
+        level = level + spike * float(2 ** (timesteps - 1 - t))
+    return level
+
+
+class BitSerialIFNode(base.MemoryModule):
+    """Bit-serial IF neuron, multi-step: integrates an input window, then fires T steps MSB first.
+
+    theta: one quantization step (scalar or per channel over dimension 1 of [N, C, ...]).
+    levels: the largest level L (2^T - 1 unless the source had an odd level count).
+    membrane_offset: added to the potential once, after integration; theta / 2 where no bias of a
+    linear producer could carry the shift of METHOD.md section 2, else 0.
+
+    Input of `forward`: currents [T_in, N, ...], MSB first (the last step has weight 1 and also
+    carries the bias, which enters once). Output: binary spike planes [T, N, ...].
+    """
+
+    def __init__(self, theta: Tensor, levels: int, timesteps: int, membrane_offset: Tensor | None = None,
+                 step_mode: str = "m") -> None:
+        super().__init__()
+        if levels > 2**timesteps - 1:
+            raise ValueError(f"{levels} levels need more than T={timesteps} time steps")
+        self.levels = int(levels)
+        self.timesteps = int(timesteps)
+        self.register_buffer("theta", torch.as_tensor(theta).detach().clone().reshape(-1).squeeze())
+        offset = torch.zeros(()) if membrane_offset is None else torch.as_tensor(membrane_offset)
+        self.register_buffer("membrane_offset", offset.detach().clone().reshape(-1).squeeze())
+        self.register_memory("v", 0.0)
+        self.step_mode = step_mode
+
+    def supported_step_mode(self) -> tuple[str, ...]:
+        return ("m",)
+
+    def _theta_like(self, x: Tensor) -> Tensor:
+        return channel_view(self.theta.to(x.dtype), x.dim())
+
+    # charge / fire / reset, in SpikingJelly's split
+    def neuronal_charge(self, current: Tensor) -> None:
+        """Integrate phase: the membrane doubles, then adds this step's synaptic current."""
+        self.v = 2.0 * self.v + current
+
+    def neuronal_fire(self, threshold: Tensor) -> Tensor:
+        return (self.v >= threshold).to(self.v.dtype)
+
+    def neuronal_reset(self, spike: Tensor, threshold: Tensor) -> None:
+        self.v = self.v - spike * threshold
+
+    def multi_step_forward(self, current_seq: Tensor) -> Tensor:
+        if not isinstance(self.v, Tensor):
+            self.v = torch.zeros_like(current_seq[0])
+        for current in current_seq:
+            self.neuronal_charge(current)
+        theta = self._theta_like(current_seq[0])
+        offset = channel_view(self.membrane_offset.to(current_seq.dtype), current_seq.dim() - 1)
+        self.v = cap_potential(self.v + offset, theta, self.levels, self.timesteps)
+        spikes = []
+        for threshold in step_thresholds(theta, self.timesteps):
+            spike = self.neuronal_fire(threshold)
+            self.neuronal_reset(spike, threshold)
+            spikes.append(spike)
+        return torch.stack(spikes)
+
+    def single_step_forward(self, x: Tensor) -> Tensor:
+        raise ValueError("BitSerialIFNode is multi-step only: an MSB-first spike needs the whole input window")
+
+    def extra_repr(self) -> str:
+        per = f"per-channel({self.theta.numel()})" if self.theta.dim() else "per-layer"
+        return f"T={self.timesteps}, levels={self.levels}, theta={per}, step_mode={self.step_mode}"

@@ -1,0 +1,133 @@
+"""The quantized clipped activation of METHOD.md section 1: the activation site of a source ANN.
+
+    q(z) = clamp(floor(z / theta + 1/2), 0, L),  a(z) = q(z) * theta,  theta = lambda / L
+
+lambda (the clipping threshold) is trainable, per layer or per output channel. The floor uses a
+straight-through estimator, so dq/dz = 1/theta on [0, lambda]; lambda gets the gradient of the
+clamp and the scale as in QCFS (Bu et al., ICLR 2022): 1 where the site saturates, and
+(q - z / theta) / L inside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def levels_for_timesteps(timesteps: int) -> int:
+    """L = 2^T - 1: the levels a T-step bit-serial neuron represents."""
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    return 2**timesteps - 1
+
+
+def timesteps_for_levels(levels: int) -> int:
+    """T = ceil(log2(L + 1)): the fewest time steps that represent L levels."""
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    return max(1, math.ceil(math.log2(levels + 1)))
+
+
+def channel_view(values: Tensor, ndim: int, channel_dim: int = 1) -> Tensor:
+    """Reshape a per-channel vector (or scalar) so it broadcasts over an [N, C, ...] tensor."""
+    if values.dim() == 0 or values.numel() == 1:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[channel_dim] = values.numel()
+    return values.reshape(shape)
+
+
+def quantize_levels(z: Tensor, theta: Tensor, levels: int) -> Tensor:
+    """The integer level q(z) of METHOD.md section 1 (no gradient)."""
+    return torch.clamp(torch.floor(z / theta + 0.5), 0, levels)
+
+
+def popcount_levels(q: Tensor, levels: int) -> Tensor:
+    """Spikes that carry level q: the ones of its binary code (level 8 costs one spike, 7 three)."""
+    q = q.to(torch.int64)
+    count = torch.zeros_like(q)
+    for bit in range(timesteps_for_levels(levels)):
+        count = count + ((q >> bit) & 1)
+    return count
+
+
+class SpikeCountSurrogate(torch.autograd.Function):
+    """Exact spike count popcount(q(z)) forward; surrogate gradient backward (METHOD.md section 5).
+
+    popcount is piecewise constant in q, so its gradient is replaced by a constant slope of one
+    spike per level (the mean of the per-bit gradients), times the straight-through dq/dz = 1/theta
+    on [0, lambda]. The count gets no gradient with respect to lambda.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, levels: int) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.levels = levels
+        return popcount_levels(quantize_levels(z, theta, levels), levels).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_count: Tensor) -> tuple[Tensor, None, None]:
+        z, theta = ctx.saved_tensors
+        inside = (z >= 0) & (z <= theta * ctx.levels)
+        return grad_count * inside.to(z.dtype) / theta, None, None
+
+
+def spike_count(z: Tensor, theta: Tensor, levels: int) -> Tensor:
+    """Per-neuron spike counts of an activation site, differentiable through the surrogate."""
+    return SpikeCountSurrogate.apply(z, theta, levels)
+
+
+class QuantClippedActivation(nn.Module):
+    """A ReLU-like activation site quantized to `levels` steps of theta = lambda / levels.
+
+    `channels` > 0 gives a per-channel lambda (over dimension 1), 0 a per-layer one.
+    `quantize=False` turns the site into a plain clipped ReLU clamp(z, 0, lambda): the float ANN.
+    With `record_spikes = True`, each forward stores `self.spikes`, the site's spike count per
+    sample (differentiable through the surrogate), for the regularizer and for logging.
+    """
+
+    def __init__(
+        self,
+        levels: int = 15,
+        clip: float = 4.0,
+        channels: int = 0,
+        quantize: bool = True,
+    ) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        self.levels = int(levels)
+        self.quantize = quantize
+        shape = (channels,) if channels > 0 else ()
+        self.clip = nn.Parameter(torch.full(shape, float(clip)))
+        self.record_spikes = False
+        self.spikes: Tensor | None = None
+
+    @property
+    def timesteps(self) -> int:
+        return timesteps_for_levels(self.levels)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.clip.dim() == 1
+
+    def theta(self) -> Tensor:
+        """One quantization step, lambda / L (scalar or per channel)."""
+        return self.clip / self.levels
+
+    def forward(self, z: Tensor) -> Tensor:
+        clip = channel_view(self.clip, z.dim())
+        if not self.quantize:
+            return torch.minimum(torch.relu(z), clip)
+        theta = clip / self.levels
+        if self.record_spikes:
+            self.spikes = spike_count(z, theta.detach(), self.levels).flatten(1).sum(1)
+        scaled = z / theta + 0.5
+        # Straight-through floor: forward floor, backward identity.
+        q = scaled + (torch.floor(scaled) - scaled).detach()
+        return torch.clamp(q, 0, self.levels) * theta
+
+    def extra_repr(self) -> str:
+        kind = f"per-channel({self.clip.numel()})" if self.per_channel else "per-layer"
+        return f"levels={self.levels}, lambda={kind}, quantize={self.quantize}"
