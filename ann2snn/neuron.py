@@ -87,6 +87,16 @@ class BitSerialIFNode(base.MemoryModule):
         self.register_memory("v", 0.0)
         self.step_mode = step_mode
 
+    def artifact_config(self) -> dict:
+        return {"levels": self.levels, "timesteps": self.timesteps, "theta_shape": list(self.theta.shape),
+                "membrane_offset_shape": list(self.membrane_offset.shape)}
+
+    @classmethod
+    def from_artifact_config(cls, config: dict) -> "BitSerialIFNode":
+        # theta and membrane_offset arrive with the state dict
+        return cls(torch.zeros(config["theta_shape"]), config["levels"], config["timesteps"],
+                   torch.zeros(config["membrane_offset_shape"]))
+
     def supported_step_mode(self) -> tuple[str, ...]:
         return ("m",)
 

@@ -1,0 +1,53 @@
+"""Lowering to the time-folded evaluator (METHOD.md section 7, the fast path).
+
+By linearity sum_t 2^(T-1-t) W s_t = W q, so each layer consumes the levels q (times theta)
+directly and runs at about the cost of the ANN; a neuron's spike count is popcount(q). Levels are
+computed with the simulator's own compare-and-subtract, so both agree for equal potentials.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+from torch import Tensor, fx, nn
+
+from ..neuron import BitSerialIFNode, fire_levels
+from ..quant import channel_view, popcount_levels
+from .simulator import getattr_path
+
+
+class TimeFoldedNeuron(nn.Module):
+    """The neuron of the evaluator: potential in; (q * theta, spikes per sample) out."""
+
+    def __init__(self, neuron: BitSerialIFNode) -> None:
+        super().__init__()
+        self.neuron = neuron
+
+    def forward(self, potential: Tensor) -> tuple[Tensor, Tensor]:
+        n = self.neuron
+        theta = channel_view(n.theta.to(potential.dtype), potential.dim())
+        offset = channel_view(n.membrane_offset.to(potential.dtype), potential.dim())
+        level = fire_levels(potential + offset, theta, n.levels, n.timesteps)
+        spikes = popcount_levels(level, n.levels).flatten(1).sum(1)
+        return level * theta, spikes
+
+
+def lower_to_evaluator(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule computing (logits, {neuron: spikes per sample}) with time folded away."""
+    graph = fx.Graph()
+    root: dict[str, Any] = {}
+    env: dict[fx.Node, fx.Node] = {}
+    counts: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.output((fx.map_arg(node.args[0], env.__getitem__), counts))
+            continue
+        if node.op in ("call_module", "get_attr"):
+            root[node.target] = getattr_path(gm, node.target)
+        new = graph.node_copy(node, env.__getitem__)
+        if isinstance(root.get(node.target) if node.op == "call_module" else None, BitSerialIFNode):
+            root[node.target] = TimeFoldedNeuron(root[node.target])
+            counts[node.target] = graph.call_function(operator.getitem, (new, 1))
+            new = graph.call_function(operator.getitem, (new, 0))
+        env[node] = new
+    return fx.GraphModule(root, graph, "SNNEvaluator")

@@ -1,0 +1,55 @@
+"""Small helpers shared by the passes: module lookup and node predicates on torch.fx graphs."""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from ..neuron import BitSerialIFNode
+from ..quant import QuantClippedActivation
+
+LINEAR_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+ADD_TARGETS = (operator.add, torch.add)
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a call_module node runs, else None."""
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def is_instance_node(gm: fx.GraphModule, node: object, types: tuple[type, ...]) -> bool:
+    return isinstance(node, fx.Node) and isinstance(module_of(gm, node), types)
+
+
+def site_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Activation sites of a quantized ANN graph, in graph order."""
+    return [n for n in gm.graph.nodes if is_instance_node(gm, n, (QuantClippedActivation,))]
+
+
+def neuron_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Bit-serial neurons of a converted SNN graph, in graph order."""
+    return [n for n in gm.graph.nodes if is_instance_node(gm, n, (BitSerialIFNode,))]
+
+
+def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Install `module` at a dotted path, replacing what was there."""
+    parent_name, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, name, module)
+
+
+def conversion_report(gm: fx.GraphModule) -> dict:
+    """The report that the passes fill in gm.meta as they rewrite the graph."""
+    return gm.meta.setdefault("conversion_report", {"sites": {}, "rewrites": []})
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

@@ -1,0 +1,41 @@
+"""Pass: every activation site becomes a bit-serial IF neuron (METHOD.md section 3)."""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..errors import UnsupportedModelError
+from ..neuron import BitSerialIFNode
+from ..quant import QuantClippedActivation
+from .graph_utils import conversion_report, finish, module_of, set_module, site_nodes
+
+FLOAT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
+
+
+def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphModule:
+    """Replace each QuantClippedActivation by a BitSerialIFNode with theta = lambda / L.
+
+    `timesteps` is the SNN's T; None takes each site's own T = ceil(log2(L + 1)). A site with more
+    levels than T steps can carry is refused: converting it would not be error-free.
+    """
+    for node in gm.graph.nodes:
+        module = module_of(gm, node)
+        if isinstance(module, FLOAT_ACTIVATIONS):
+            raise UnsupportedModelError(
+                f"node {node.name} ({type(module).__name__}) is a float activation: quantize it first "
+                "(ann2snn.train.quantize_model, or convert with calibration data)")
+    report = conversion_report(gm)
+    for node in site_nodes(gm):
+        site: QuantClippedActivation = gm.get_submodule(node.target)
+        steps = site.timesteps if timesteps is None else int(timesteps)
+        if site.levels > 2**steps - 1:
+            raise UnsupportedModelError(
+                f"site {node.target} has {site.levels} levels, more than T={steps} steps carry "
+                f"(needs T >= {site.timesteps})")
+        theta = site.theta().detach()
+        offset = node.meta.get("membrane_offset", torch.zeros((), dtype=theta.dtype))
+        set_module(gm, node.target, BitSerialIFNode(theta, site.levels, steps, offset))
+        entry = report["sites"].setdefault(node.target, {})
+        entry.update({"lambda": site.clip.detach().tolist(), "theta": theta.tolist(), "levels": site.levels,
+                      "timesteps": steps, "per_channel": site.per_channel})
+    return finish(gm)

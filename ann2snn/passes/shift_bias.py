@@ -1,0 +1,73 @@
+"""Pass: the BN bias shift of METHOD.md section 2.
+
+The neuron computes floor(V / theta); the ANN rounds, floor(z / theta + 1/2). Adding theta / 2 to
+the bias of the linear layer that produces z makes the two equal. Run after fold_batch_norm, so
+the bias of a conv followed by BN is the folded one.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..quant import QuantClippedActivation
+from .graph_utils import ADD_TARGETS, LINEAR_PRODUCERS, MAX_POOLS, conversion_report, module_of, site_nodes
+
+# Ops a per-channel constant passes through unchanged: max(z + c) = max(z) + c.
+_TRANSPARENT = MAX_POOLS + (nn.Identity, nn.Dropout)
+
+
+def find_bias_carrier(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
+    """The linear layer whose bias can carry a shift of `value`, or None.
+
+    It must feed `value` alone (a shared output would shift its other users too). Through a
+    residual add exactly one branch carries the shift.
+    """
+    if not isinstance(value, fx.Node) or len(value.users) != 1:
+        return None
+    module = module_of(gm, value)
+    if isinstance(module, LINEAR_PRODUCERS):
+        return value
+    if isinstance(module, _TRANSPARENT):
+        return find_bias_carrier(gm, value.args[0])
+    if value.op == "call_function" and value.target in ADD_TARGETS:
+        for branch in value.args[:2]:
+            carrier = find_bias_carrier(gm, branch)
+            if carrier is not None:
+                return carrier
+    return None
+
+
+def _add_to_bias(layer: nn.Module, shift: torch.Tensor) -> None:
+    channels = layer.weight.shape[0]
+    shift = shift.to(layer.weight.dtype).expand(channels)
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        if layer.bias is None:
+            raise ValueError("a BatchNorm without affine bias cannot carry a bias shift")
+        layer.bias.data += shift
+    elif layer.bias is None:
+        layer.bias = nn.Parameter(shift.clone())
+    else:
+        layer.bias.data += shift
+
+
+def shift_bias(gm: fx.GraphModule) -> fx.GraphModule:
+    """Add theta / 2 of every activation site to its producer's bias, else to its membrane.
+
+    A site whose input has no bias carrier gets `node.meta["membrane_offset"] = theta / 2`, which
+    place_neurons turns into the neuron's initial membrane offset. Every shift goes in the report.
+    """
+    report = conversion_report(gm)
+    for node in site_nodes(gm):
+        site: QuantClippedActivation = gm.get_submodule(node.target)
+        half_step = (site.theta() / 2).detach()
+        carrier = find_bias_carrier(gm, node.args[0])
+        if carrier is not None:
+            _add_to_bias(gm.get_submodule(carrier.target), half_step)
+            shift = {"kind": "bias", "target": carrier.target}
+        else:
+            node.meta["membrane_offset"] = half_step
+            shift = {"kind": "membrane", "target": node.target}
+        shift["amount"] = half_step.tolist()
+        report["sites"].setdefault(node.target, {})["bias_shift"] = shift
+    gm.recompile()
+    return gm

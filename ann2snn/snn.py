@@ -1,0 +1,67 @@
+"""The converted SNN: one graph of bit-serial neurons, run by simulation or evaluation."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, fx, nn
+
+from .lower import lower_to_evaluator, lower_to_simulator
+from .passes.graph_utils import neuron_nodes
+
+
+class SNNOutput(NamedTuple):
+    logits: Tensor
+    spikes: dict[str, Tensor]  # per neuron layer (site): spikes per sample, shape [N]
+
+
+class SNN(nn.Module):
+    """A converted SNN.
+
+    `graph_module` is the SNN graph: folded layers with shifted biases and BitSerialIFNode
+    neurons (SpikingJelly nodes). `report` is the conversion report (sites, shifts, rewrites);
+    `source` describes where it came from (file hash, ann2snn version).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, timesteps: int, report: dict | None = None,
+                 source: dict | None = None) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.timesteps = int(timesteps)
+        self.report = report or {"sites": {}, "rewrites": []}
+        self.source = source or {}
+        self._lowered: dict[str, fx.GraphModule] = {}
+
+    @property
+    def site_names(self) -> list[str]:
+        return [n.target for n in neuron_nodes(self.graph_module)]
+
+    def _apply(self, fn, recurse=True):
+        self._lowered.clear()  # lowered graphs hold references to tensors that fn replaces
+        return super()._apply(fn, recurse)
+
+    def _lowered_graph(self, mode: str) -> fx.GraphModule:
+        if mode not in self._lowered:
+            lower = lower_to_simulator if mode == "simulate" else lower_to_evaluator
+            self._lowered[mode] = lower(self.graph_module)
+        return self._lowered[mode]
+
+    @torch.no_grad()
+    def simulate(self, x: Tensor) -> SNNOutput:
+        """Time-stepped simulation over [T, N, ...] binary spike planes."""
+        return SNNOutput(*self._lowered_graph("simulate")(x))
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor) -> SNNOutput:
+        """Time-folded evaluation: the same logits and spike counts at about the ANN's cost."""
+        return SNNOutput(*self._lowered_graph("evaluate")(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.evaluate(x).logits
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the .snn artifact (graph as JSON, tensors as safetensors, atomically)."""
+        from .artifact import save_snn
+
+        save_snn(self, path)
