@@ -1,0 +1,181 @@
+"""The `ann2snn` command."""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+import ann2snn
+from ann2snn.errors import Ann2SnnError
+from ann2snn.tables import format_table
+
+
+def reports_errors(command):
+    """Bad input: one line on stderr and exit code 2, no traceback (unless --debug)."""
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except Ann2SnnError as err:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"ann2snn: error: {err}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(ann2snn.__version__, prog_name="ann2snn")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Compile trained ANNs into error-free, ultra-low-latency bit-serial spiking neural networks."""
+
+
+def _load_inputs(data: str, split: str, samples: int, seed: int = 0):
+    from ann2snn.data import load_dataset, make_loader
+
+    dataset = load_dataset(data, split=split, seed=seed)
+    xs, ys, count = [], [], 0
+    for x, y in make_loader(dataset, batch_size=min(samples, 256)):
+        xs.append(x)
+        ys.append(y)
+        count += x.shape[0]
+        if count >= samples:
+            break
+    import torch
+
+    return torch.cat(xs)[:samples], torch.cat(ys)[:samples]
+
+
+def _site_rows(snn: ann2snn.SNN) -> list[dict]:
+    rows = []
+    for name, site in snn.report["sites"].items():
+        theta = site.get("theta")
+        lam = site.get("lambda")
+        shift = site.get("bias_shift", {})
+        rows.append({
+            "site": name, "levels": site.get("levels"), "T": site.get("timesteps"),
+            "lambda": _summary(lam), "theta": _summary(theta),
+            "bias shift": f"{shift.get('kind', '')}:{shift.get('target', '')}",
+        })
+    return rows
+
+
+def _summary(value) -> str | float:
+    if isinstance(value, list):
+        return f"{min(value):.4g}..{max(value):.4g} ({len(value)} ch)"
+    return value
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-T", "timesteps", type=click.IntRange(1, 16), default=None,
+              help="Time steps (default: from the model's QDQ level count).")
+@click.option("--calib", "calib", default=None, metavar="DATA",
+              help="Calibration data: digits, an .npz with x and y, or an image folder.")
+@click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True,
+              help="Percentile of activations that sets lambda of a float site.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output .snn file (default: MODEL with suffix .snn).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare the SNN with onnxruntime's run of MODEL.")
+@click.option("--verify-samples", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_samples, as_json):
+    """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
+    import torch
+
+    from ann2snn.compiler import convert_onnx
+    from ann2snn.onnx_import import inspect_onnx
+    from ann2snn.verify import onnxruntime_logits, verify_snn
+
+    calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
+    snn = convert_onnx(model, timesteps, calib_x, percentile=percentile)
+    result = {"model": model, "timesteps": snn.timesteps, "source": snn.source,
+              "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
+              "rewrites": snn.report["rewrites"]}
+    if verify:
+        if calib_x is not None:
+            x = calib_x[:verify_samples]
+        else:
+            shape = inspect_onnx(model)["input"]["shape"][1:]
+            x = torch.rand((verify_samples, *shape), generator=torch.Generator().manual_seed(0))
+        exact = snn.source["kind"] == "qdq"
+        reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
+        check = verify_snn(snn, x, onnxruntime_logits(model, x), reference, exact=exact)
+        result["verify"] = check.to_json()
+    out = Path(output) if output else Path(model).with_suffix(".snn")
+    if not verify or result["verify"]["passed"]:
+        snn.save(out)
+        result["output"] = str(out)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{model}: {len(result['sites'])} activation sites, T = {snn.timesteps}, "
+                   f"source {snn.source['kind']}")
+        click.echo(format_table(_site_rows(snn), ["site", "levels", "T", "lambda", "theta", "bias shift"]))
+        for rewrite in snn.report["rewrites"]:
+            click.echo("rewrite: " + ", ".join(f"{k}={v}" for k, v in rewrite.items()))
+        if verify:
+            v = result["verify"]
+            click.echo(f"verify against {v['reference']} on {v['samples']} inputs: prediction agreement "
+                       f"{100 * v['agreement']:.2f}%, max |logit difference| {v['max_abs_logit_diff']:.3g}, "
+                       f"simulation = evaluation: {v['simulate_matches_evaluate']}  "
+                       f"{'PASSED' if v['passed'] else 'FAILED'}")
+        click.echo(f"wrote {out}" if "output" in result else "no output written: verification failed")
+    if verify and not result["verify"]["passed"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def inspect(path, as_json):
+    """Summarize an .onnx or .snn file: ops (supported or not) and activation sites."""
+    if path.endswith(".snn"):
+        from ann2snn.artifact import read_metadata
+
+        meta = read_metadata(path)
+        summary = {"kind": "snn", "timesteps": meta["timesteps"], "ann2snn_version": meta["ann2snn_version"],
+                   "source": meta["source"], "sites": meta["report"]["sites"],
+                   "ops": _count_ops(meta["graph"])}
+    else:
+        from ann2snn.onnx_import import inspect_onnx
+
+        summary = {"kind": "onnx", **inspect_onnx(path)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    for key, value in summary.items():
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            click.echo(f"{key}:")
+            rows = [{"name": k, **{kk: _summary(vv) if isinstance(vv, list) else vv for kk, vv in v.items()
+                                   if not isinstance(vv, dict)}} for k, v in value.items()]
+            columns = list(dict.fromkeys(c for r in rows for c in r))
+            click.echo(format_table(rows, columns))
+        else:
+            click.echo(f"{key}: {value}")
+
+
+def _count_ops(graph: dict) -> dict:
+    counts: dict[str, int] = {}
+    for node in graph["nodes"]:
+        if node["op"] in ("placeholder", "output"):
+            continue
+        op = graph["modules"][node["target"]]["type"] if node["op"] == "call_module" else node["target"]
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def main() -> None:
+    cli(prog_name="ann2snn")
+
+
+if __name__ == "__main__":
+    main()
