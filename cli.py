@@ -163,6 +163,40 @@ def inspect(path, as_json):
             click.echo(f"{key}: {value}")
 
 
+@cli.command(name="eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, metavar="DATA",
+              help="digits, an .npz with x and y, or an image folder (its val/ split when it has one).")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--mode", type=click.Choice(["evaluate", "simulate"]), default="evaluate", show_default=True,
+              help="evaluate: time-folded fast path; simulate: time-stepped spike planes.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def eval_command(model, data, batch_size, workers, device, mode, as_json):
+    """Top-1/top-5 accuracy, spikes per image per layer and images per second of an .snn on DATA."""
+    import torch
+
+    from ann2snn.data import load_dataset, make_loader
+    from ann2snn.evaluation import evaluate_snn
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Ann2SnnError(f"--device {device}: no CUDA device is available")
+    snn = ann2snn.load_snn(model)
+    loader = make_loader(load_dataset(data, split="test"), batch_size, workers=workers,
+                         pin_memory=device.startswith("cuda"))
+    result = evaluate_snn(snn, loader, mode=mode, device=device, progress=not as_json, total=len(loader))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    rows = [{"layer": name, "spikes/img": count} for name, count in result.layer_spikes_per_image.items()]
+    click.echo(format_table(rows, ["layer", "spikes/img"]))
+    click.echo(f"{result.images} images ({mode}, {result.device}): top-1 {100 * result.top1:.2f}%, "
+               f"top-5 {100 * result.top5:.2f}%, {result.spikes_per_image:.1f} spikes/img, "
+               f"{result.images_per_second:.1f} img/s")
+
+
 def _count_ops(graph: dict) -> dict:
     counts: dict[str, int] = {}
     for node in graph["nodes"]:
