@@ -48,18 +48,21 @@ def decode_levels(spikes: Tensor) -> Tensor:
 
 
 def fire_levels(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -> Tensor:
-    """The level the T output spikes carry, computed with the same compare-and-subtract as firing.
+    """The level the T output spikes carry: exactly what compare-and-subtract firing decodes to.
 
-    Used by the time-folded evaluator, so that for equal potentials it agrees with the simulator
-    bit for bit (floor(V / theta) can round differently at a boundary).
+    Each subtraction of the firing loop is exact in floating point (Sterbenz: the potential lies
+    in [2^k theta, 2^(k+1) theta) when threshold 2^k theta fires), so firing computes the exact
+    floor(V / theta) of the real quotient, clamped to [0, L]. For float32 / float16 potentials
+    that floor is taken in float64, which cannot round across an integer (the distance of
+    V / theta from one is at least about 2^-24, the float64 error about 2^-45); float64
+    potentials run the loop itself. The time-folded evaluator uses this, and for equal potentials
+    agrees with the simulator bit for bit.
     """
-    v = cap_potential(potential, theta, levels, timesteps)
-    level = torch.zeros_like(v)
-    for t, threshold in enumerate(step_thresholds(theta, timesteps)):
-        spike = (v >= threshold).to(v.dtype)
-        v = v - spike * threshold
-        level = level + spike * float(2 ** (timesteps - 1 - t))
-    return level
+    if potential.dtype == torch.float64:
+        return decode_levels(fire_msb_first(potential, theta, levels, timesteps))
+    top = min(levels, 2**timesteps - 1)
+    quotient = potential.to(torch.float64) / theta.to(torch.float64)
+    return torch.clamp(torch.floor(quotient), 0, top).to(potential.dtype)
 
 
 class BitSerialIFNode(base.MemoryModule):

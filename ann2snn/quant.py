@@ -45,11 +45,19 @@ def quantize_levels(z: Tensor, theta: Tensor, levels: int) -> Tensor:
 
 def popcount_levels(q: Tensor, levels: int) -> Tensor:
     """Spikes that carry level q: the ones of its binary code (level 8 costs one spike, 7 three)."""
-    q = q.to(torch.int64)
-    count = torch.zeros_like(q)
-    for bit in range(timesteps_for_levels(levels)):
-        count = count + ((q >> bit) & 1)
-    return count
+    table = _popcount_table(levels, q.device)
+    return table[q.to(torch.int64)]
+
+
+_POPCOUNT_TABLES: dict[tuple[int, str], Tensor] = {}
+
+
+def _popcount_table(levels: int, device: torch.device) -> Tensor:
+    """popcount of 0..L as a lookup table: one gather instead of a loop over bits."""
+    key = (levels, str(device))
+    if key not in _POPCOUNT_TABLES:
+        _POPCOUNT_TABLES[key] = torch.tensor([bin(k).count("1") for k in range(levels + 1)], device=device)
+    return _POPCOUNT_TABLES[key]
 
 
 class SpikeCountSurrogate(torch.autograd.Function):
