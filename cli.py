@@ -178,15 +178,21 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
     """Top-1/top-5 accuracy, spikes per image per layer and images per second of an .snn on DATA."""
     import torch
 
+    from ann2snn import distributed
     from ann2snn.data import load_dataset, make_loader
     from ann2snn.evaluation import evaluate_snn
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Ann2SnnError(f"--device {device}: no CUDA device is available")
+    context = distributed.init_from_env(device)
+    device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
-    loader = make_loader(load_dataset(data, split="test"), batch_size, workers=workers,
-                         pin_memory=device.startswith("cuda"))
-    result = evaluate_snn(snn, loader, mode=mode, device=device, progress=not as_json, total=len(loader))
+    dataset = distributed.shard(load_dataset(data, split="test"), context)
+    loader = make_loader(dataset, batch_size, workers=workers, pin_memory=device.startswith("cuda"))
+    result = evaluate_snn(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
+                          total=len(loader), context=context)
+    if not context.is_main:
+        return
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return

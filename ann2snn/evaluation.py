@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .distributed import Context, all_reduce_max, all_reduce_sum
 from .snn import SNN
 
 
@@ -37,10 +38,13 @@ def prepare_for_device(snn: SNN, device: torch.device) -> SNN:
 
 @torch.no_grad()
 def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: str = "evaluate",
-                 device: str | torch.device = "cpu", progress: bool = True, total: int | None = None) -> EvalResult:
+                 device: str | torch.device = "cpu", progress: bool = True, total: int | None = None,
+                 context: Context = Context()) -> EvalResult:
     """Top-1 / top-5 accuracy and spikes per image over `batches` of (images, labels).
 
-    Counts stay on the device until the end: no host synchronization per batch.
+    Counts stay on the device until the end: no host synchronization per batch. Under torchrun
+    each rank passes its shard and the counts are summed over ranks, so the result equals a
+    single-process run.
     """
     device = torch.device(device)
     snn = prepare_for_device(snn, device)
@@ -63,11 +67,14 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
         for name, count in counts.items():
             spikes[name] = spikes.get(name, 0) + count.sum()
         images += x.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    layer = {name: total_spikes.item() / max(images, 1) for name, total_spikes in spikes.items()}
+    names = list(spikes)
+    totals = torch.stack([correct1, correct5, torch.tensor(images, device=device)]
+                         + [spikes[n].to(torch.int64) for n in names])
+    totals = all_reduce_sum(totals, context).tolist()
+    correct1, correct5, images = totals[:3]
+    seconds = all_reduce_max(time.perf_counter() - start, context)
+    layer = {name: total_spikes / max(images, 1) for name, total_spikes in zip(names, totals[3:])}
     return EvalResult(
-        top1=correct1.item() / max(images, 1), top5=correct5.item() / max(images, 1), images=images,
+        top1=correct1 / max(images, 1), top5=correct5 / max(images, 1), images=images,
         spikes_per_image=sum(layer.values()), layer_spikes_per_image=layer,
         images_per_second=images / seconds if seconds > 0 else 0.0, mode=mode, device=str(device))
