@@ -187,6 +187,8 @@ def build_graph(description: dict, tensors: dict[str, torch.Tensor]) -> fx.Graph
         args = _decode(spec["args"], nodes)
         kwargs = _decode(spec["kwargs"], nodes)
         nodes[spec["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=spec["name"])
+    if not any(n.op == "output" for n in graph.nodes):
+        raise ArtifactError("the graph description has no output node")
     gm = fx.GraphModule(root, graph, "SNN")
     state = {k: v for k, v in tensors.items() if k in gm.state_dict()}
     missing = set(gm.state_dict()) - set(state)
@@ -239,8 +241,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{path}: not a readable .snn file ({str(err).splitlines()[0]})") from None
     if raw is None:
         raise ArtifactError(f"{path}: a safetensors file without an ann2snn graph")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: the graph description is not JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: the graph description is not a JSON object")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
+            or meta["format_version"] > FORMAT_VERSION:
         raise ArtifactError(f"{path}: unsupported artifact format {meta.get('format')} v{meta.get('format_version')}")
     return meta
 
@@ -255,7 +263,10 @@ def load_snn(path: str | os.PathLike) -> SNN:
         raise ArtifactError(f"{path}: truncated or corrupt tensors ({str(err).splitlines()[0]})") from None
     try:
         gm = build_graph(meta["graph"], tensors)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{path}: broken graph description ({err})") from None
-    return SNN(gm, meta["timesteps"], report=meta["report"],
-               source={**meta["source"], "ann2snn_version": meta["ann2snn_version"]})
+        return SNN(gm, meta["timesteps"], report=meta["report"],
+                   source={**meta["source"], "ann2snn_version": meta["ann2snn_version"]})
+    except ArtifactError as err:
+        raise ArtifactError(f"{path}: {err}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ArtifactError(f"{path}: broken graph description ({message})") from None

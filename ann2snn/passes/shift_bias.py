@@ -16,20 +16,28 @@ from .graph_utils import ADD_TARGETS, LINEAR_PRODUCERS, MAX_POOLS, conversion_re
 _TRANSPARENT = MAX_POOLS + (nn.Identity, nn.Dropout)
 
 
+def use_count(value: fx.Node) -> int:
+    """How often `value` is an argument: c + c uses c twice through one user."""
+    uses: list[fx.Node] = []
+    for user in value.users:
+        fx.node.map_arg((user.args, user.kwargs), lambda a: uses.append(a) if a is value else None)
+    return len(uses)
+
+
 def find_bias_carrier(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
     """The linear layer whose bias can carry a shift of `value`, or None.
 
-    It must feed `value` alone (a shared output would shift its other users too). Through a
-    residual add exactly one branch carries the shift.
+    It must feed `value` alone, once (a shared output would shift its other users too). Through
+    a residual add exactly one branch carries the shift.
     """
-    if not isinstance(value, fx.Node) or len(value.users) != 1:
+    if not isinstance(value, fx.Node) or use_count(value) != 1:
         return None
     module = module_of(gm, value)
     if isinstance(module, LINEAR_PRODUCERS):
         return value
     if isinstance(module, _TRANSPARENT):
         return find_bias_carrier(gm, value.args[0])
-    if value.op == "call_function" and value.target in ADD_TARGETS:
+    if value.op == "call_function" and value.target in ADD_TARGETS and "alpha" not in value.kwargs:
         for branch in value.args[:2]:
             carrier = find_bias_carrier(gm, branch)
             if carrier is not None:

@@ -5,7 +5,7 @@ import copy
 
 from torch import fx, nn
 
-from .graph_utils import set_module, site_nodes
+from .graph_utils import set_module
 
 
 class SiteTracer(fx.Tracer):
@@ -15,14 +15,21 @@ class SiteTracer(fx.Tracer):
         return type(m).__module__.startswith("ann2snn.") or super().is_leaf_module(m, module_qualified_name)
 
 
-def unshare_sites(gm: fx.GraphModule) -> fx.GraphModule:
-    """One module per activation site: a module called at k places becomes k copies.
+def _is_stateful(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
-    Each site becomes its own neuron layer, with its own name in reports and spike counts.
+
+def unshare_modules(gm: fx.GraphModule) -> fx.GraphModule:
+    """One module per call: a site or weighted layer called at k places becomes k copies.
+
+    Each site becomes its own neuron layer, with its own name in reports and spike counts, and
+    the passes may rewrite one call's layer (fold a BN, shift a bias) without touching the others.
     """
     seen: set[str] = set()
-    for node in site_nodes(gm):
-        if node.target in seen:
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        if node.target in seen and _is_stateful(gm.get_submodule(node.target)):
             copy_index = 1
             while any(n.target == f"{node.target}_{copy_index}" for n in gm.graph.nodes):
                 copy_index += 1
@@ -39,4 +46,4 @@ def trace(model: nn.Module) -> fx.GraphModule:
     model = copy.deepcopy(model).eval()
     if not isinstance(model, fx.GraphModule):
         model = fx.GraphModule(model, SiteTracer().trace(model), type(model).__name__)
-    return unshare_sites(model)
+    return unshare_modules(model)

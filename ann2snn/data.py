@@ -1,0 +1,414 @@
+"""Data sets for calibration, training and evaluation: digits, .npz arrays, image folders.
+
+`load_dataset(spec, split)` understands three kinds of `spec`:
+
+- ``"digits"``: scikit-learn's bundled 8x8 digits, [1, 8, 8] float32 in [0, 1], a fixed stratified
+  75/25 train/test split (random_state 0, 1347 / 450 images); "calib" is the train split.
+- a ``.npz`` file with ``x`` (N, C, H, W) and ``y`` (N,), used for every split, or with
+  ``x_train, y_train, x_test, y_test`` (train and calib use the first pair, test the second).
+- a directory: an ImageNet-style image folder, one sub-folder per class (sorted names give the
+  class indices). With ``train/`` and ``val/`` (or ``test/``) sub-folders, "train" and "calib" read
+  ``train/`` and "test" reads ``val/`` (else ``test/``); otherwise the folder itself is every split.
+  The evaluation transform is ImageNet's (resize the shorter side to 256, center crop 224,
+  normalize); "train" uses a random resized crop and a random horizontal flip instead.
+
+Every failure raises `DataError` with one line naming the path and the problem. Torchvision is not
+a dependency; the transforms below reimplement its PIL code paths.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+
+SPLITS = ("train", "test", "calib")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Array data sets (digits, .npz)
+
+
+class ArrayDataset(Dataset):
+    """In-memory (x, y) pairs: x float32 [N, C, H, W], y int64 [N]."""
+
+    def __init__(self, x: Tensor, y: Tensor, num_classes: int, name: str = "") -> None:
+        self.x = x
+        self.y = y
+        self.num_classes = int(num_classes)
+        self.name = name
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.x[index], self.y[index]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def __repr__(self) -> str:
+        return f"ArrayDataset({self.name!r}, {len(self)} samples, input {self.input_shape}, {self.num_classes} classes)"
+
+
+def _load_digits(split: str) -> ArrayDataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=y)
+    xs, ys = (x_test, y_test) if split == "test" else (x_train, y_train)
+    return ArrayDataset(torch.from_numpy(np.ascontiguousarray(xs)).unsqueeze(1),
+                        torch.from_numpy(np.ascontiguousarray(ys)), 10, name=f"digits:{split}")
+
+
+def _array_pair(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> tuple[Tensor, Tensor]:
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{path}: array {xname!r} has non-numeric dtype {x.dtype}")
+    if x.ndim == 3:  # (N, H, W): one channel
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{path}: array {xname!r} must have shape (N, C, H, W), got {tuple(x.shape)}")
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{path}: array {yname!r} must have shape (N,), got {tuple(y.shape)}")
+    if len(y) != len(x):
+        raise DataError(f"{path}: {xname!r} has {len(x)} samples but {yname!r} has {len(y)}")
+    if len(x) == 0:
+        raise DataError(f"{path}: array {xname!r} is empty")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{path}: labels {yname!r} must be integers, got non-integral {y.dtype} values")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: labels {yname!r} must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise DataError(f"{path}: labels {yname!r} must be >= 0, got {int(y.min())}")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y)
+
+
+def _load_npz(path: Path, split: str) -> ArrayDataset:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as err:  # zipfile, pickle refusal, truncated file, not an npz
+        raise DataError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from None
+    if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
+        pairs = {name: _array_pair(path, arrays[f"x_{name}"], arrays[f"y_{name}"], f"x_{name}", f"y_{name}")
+                 for name in ("train", "test")}
+        if pairs["train"][0].shape[1:] != pairs["test"][0].shape[1:]:
+            raise DataError(f"{path}: x_train samples have shape {tuple(pairs['train'][0].shape[1:])} "
+                            f"but x_test samples {tuple(pairs['test'][0].shape[1:])}")
+        classes = 1 + max(int(pairs["train"][1].max()), int(pairs["test"][1].max()))
+        x, y = pairs["test"] if split == "test" else pairs["train"]
+    elif {"x", "y"} <= set(arrays):
+        x, y = _array_pair(path, arrays["x"], arrays["y"], "x", "y")
+        classes = 1 + int(y.max())
+    else:
+        raise DataError(f"{path}: .npz needs arrays 'x' and 'y' (or x_train, y_train, x_test, y_test); "
+                        f"found {', '.join(sorted(arrays)) or 'none'}")
+    return ArrayDataset(x, y, classes, name=f"{path}:{split}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Image transforms (torchvision's PIL code paths, written out)
+
+
+def resize_shorter(image: Any, size: int) -> Any:
+    """Resize a PIL image so its shorter side is `size` (bilinear), keeping the aspect ratio."""
+    from PIL import Image
+
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), Image.BILINEAR)
+
+
+def center_crop(image: Any, size: int) -> Any:
+    """The central `size` x `size` crop of a PIL image (padded with zeros if it is smaller)."""
+    w, h = image.size
+    if w < size or h < size:
+        from PIL import Image
+
+        padded = Image.new(image.mode, (max(w, size), max(h, size)))
+        padded.paste(image, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
+        image, (w, h) = padded, padded.size
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: random.Random,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) of a random crop covering `scale` of the area with an
+    aspect ratio in `ratio` (log-uniform); ten tries, then the central crop (torchvision's rule)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def to_normalized_tensor(image: Any, mean: tuple[float, ...] = IMAGENET_MEAN,
+                         std: tuple[float, ...] = IMAGENET_STD) -> Tensor:
+    """An RGB PIL image as a float32 [3, H, W] tensor, scaled to [0, 1], then (x - mean) / std."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (tensor - mean_t) / std_t
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+
+
+class ImageFolderDataset(Dataset):
+    """Images of an ImageNet-style folder: (normalized [3, S, S] tensor, class index).
+
+    `train=True` applies the random resized crop (scale 0.08-1, ratio 3/4-4/3) and a random
+    horizontal flip; otherwise resize the shorter side to `resize_size` and center crop
+    `image_size`. The random stream is a `random.Random` seeded with `seed`; inside a DataLoader
+    worker it is reseeded once from the worker's seed, so workers draw different crops and a
+    seeded loader is reproducible.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        classes: list[str],
+        samples: list[tuple[Path, int]],
+        train: bool = False,
+        image_size: int = 224,
+        resize_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        self.root = root
+        self.classes = classes
+        self.samples = samples
+        self.train = train
+        self.image_size = int(image_size)
+        self.resize_size = int(resize_size)
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self._rng_worker: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _random(self) -> random.Random:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._rng_worker != info.id:
+            self._rng = random.Random(info.seed)
+            self._rng_worker = info.id
+        return self._rng
+
+    def load_image(self, path: Path) -> Any:
+        """The image at `path` as RGB; DataError when Pillow cannot read it."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        path, label = self.samples[index]
+        image = self.load_image(path)
+        if self.train:
+            from PIL import Image
+
+            rng = self._random()
+            left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
+            image = image.crop((left, top, left + w, top + h)).resize(
+                (self.image_size, self.image_size), Image.BILINEAR)
+            if rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            image = center_crop(resize_shorter(image, self.resize_size), self.image_size)
+        return to_normalized_tensor(image), torch.tensor(label, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        mode = "train" if self.train else "eval"
+        return (f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.num_classes} classes, "
+                f"{mode} transform {self.image_size}/{self.resize_size})")
+
+
+def _load_image_folder(root: Path, split: str, seed: int, image_size: int, resize_size: int) -> ImageFolderDataset:
+    subdirs = set(_class_dirs(root))
+    split_dirs = [name for name in ("train", "val", "test") if name in subdirs]
+    if split_dirs:
+        if split in ("train", "calib"):
+            if "train" not in subdirs:
+                raise DataError(f"{root}: has {'/, '.join(split_dirs)}/ but no train/ folder for split {split!r}")
+            folder = root / "train"
+        else:
+            if "val" not in subdirs and "test" not in subdirs:
+                raise DataError(f"{root}: has train/ but no val/ or test/ folder for split 'test'")
+            folder = root / ("val" if "val" in subdirs else "test")
+        # One class list for all splits, so the indices agree between train and val/test.
+        classes = sorted(set().union(*(_class_dirs(root / name) for name in split_dirs)))
+    else:
+        folder = root
+        classes = sorted(subdirs)
+    if not classes:
+        raise DataError(f"{folder}: no class sub-folders (expected one folder of images per class)")
+    index = {name: i for i, name in enumerate(classes)}
+    samples: list[tuple[Path, int]] = []
+    for name in _class_dirs(folder):
+        for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((Path(dirpath) / filename, index[name]))
+    if not samples:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
+    return ImageFolderDataset(folder, classes, samples, train=split == "train", image_size=image_size,
+                              resize_size=resize_size, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load_dataset(
+    spec: str | os.PathLike,
+    split: str = "test",
+    seed: int = 0,
+    image_size: int = 224,
+    resize_size: int = 256,
+) -> Dataset:
+    """The `split` ("train", "test" or "calib") of data set `spec`: "digits", an .npz file or an
+    image folder (see the module docstring). `seed` seeds the random training augmentation of
+    image folders; the digits split is fixed (random_state 0) so test accuracies stay comparable."""
+    if split not in SPLITS:
+        raise DataError(f"{spec}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    text = os.fspath(spec)
+    if text == "digits":
+        return _load_digits(split)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_image_folder(path, split, seed, image_size, resize_size)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory (expected 'digits', an .npz file or an image folder)")
+    if path.suffix.lower() == ".npz":
+        return _load_npz(path, split)
+    raise DataError(f"{path}: unsupported data set (expected 'digits', an .npz file or an image folder)")
+
+
+def _unwrap(dataset: Dataset) -> Dataset:
+    """The data set behind torch Subset / ConcatDataset-like wrappers."""
+    seen = 0
+    while hasattr(dataset, "dataset") and seen < 16:
+        dataset = dataset.dataset  # type: ignore[attr-defined]
+        seen += 1
+    return dataset
+
+
+def dataset_input_shape(dataset: Dataset) -> tuple[int, ...]:
+    """The shape of one input sample, e.g. (1, 8, 8) or (3, 224, 224)."""
+    inner = _unwrap(dataset)
+    shape = getattr(inner, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("empty data set: no input shape")
+    return tuple(dataset[0][0].shape)
+
+
+def num_classes(dataset: Dataset) -> int:
+    """The number of classes: the data set's own count, else 1 + the largest label."""
+    inner = _unwrap(dataset)
+    count = getattr(inner, "num_classes", None)
+    if count is not None:
+        return int(count)
+    labels = getattr(inner, "targets", None)
+    if labels is None:
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    if len(labels) == 0:
+        raise DataError("empty data set: no classes")
+    return 1 + int(max(int(v) for v in labels))
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader with a generator seeded by `seed`: a reproducible shuffle order and
+    reproducible worker seeds (so random augmentations repeat for the same seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+__all__ = [
+    "ArrayDataset", "ImageFolderDataset", "load_dataset", "dataset_input_shape", "num_classes", "make_loader",
+    "resize_shorter", "center_crop", "random_resized_crop_box", "to_normalized_tensor",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS",
+]
