@@ -71,6 +71,28 @@ def _summary(value) -> str | float:
 
 
 @cli.command()
+@click.option("-T", "timesteps", multiple=True, type=click.IntRange(1, 8), default=(2, 3, 4), show_default=True,
+              help="Time steps to convert at (repeat the option for several).")
+@click.option("--out", "output_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
+              help="Folder for the trained weights, ONNX exports and .snn files.")
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True,
+              help="Epochs of float training and of each quantization-aware fine-tuning.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def demo(timesteps, output_dir, epochs, as_json):
+    """Train a small CNN on scikit-learn's digits, convert it at T = 2, 3, 4, compare ANN and SNN."""
+    from ann2snn.demo import run_demo
+
+    rows = run_demo(tuple(timesteps), output_dir, float_epochs=epochs, qat_epochs=epochs, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({"rows": rows, "output_dir": output_dir}, indent=2))
+        return
+    click.echo("Test accuracy (%) on the 450 held-out digits, and spikes per image of the SNN:")
+    click.echo(format_table(rows, ["T", "float ANN", "quantized ANN", "SNN", "same prediction", "spikes/img"]))
+    click.echo(f"weights, ONNX exports and .snn files in {output_dir}/")
+
+
+@cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-T", "timesteps", type=click.IntRange(1, 16), default=None,
               help="Time steps (default: from the model's QDQ level count).")
