@@ -1,0 +1,477 @@
+"""Training of the source ANN: float, or quantization-aware with the spike regularizer (METHOD.md 1, 5).
+
+    model = quantize_model(build_model(...), T)        every ReLU-like site -> QuantClippedActivation
+    calibrate_clips(model, loader)                     lambda from a high percentile of the activations
+    loss = cross_entropy + beta * spike_regularizer(model)
+
+`train(TrainConfig(...))` runs SGD with momentum and a per-step cosine learning-rate schedule,
+checkpoints every epoch (no pickle, see `checkpoint.py`) and resumes bit for bit: the shuffle
+order of epoch e comes from a loader generator seeded with seed + e, and the checkpoint holds the
+optimizer, scheduler and random states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, load_tensors, restore_rng, save_checkpoint, save_tensors
+from .data import dataset_input_shape, load_dataset, make_loader, num_classes
+from .distributed import Context, all_reduce_sum
+from .errors import Ann2SnnError
+from .export import export_onnx, onnx_initializers
+from .quant import QuantClippedActivation, levels_for_timesteps
+
+# Per-batch sample of a site's activations kept for its percentile (divided among its channels).
+_CALIBRATION_SAMPLES = 1 << 20
+# torch.quantile refuses larger inputs.
+_QUANTILE_MAX = 1 << 24
+# lambda is kept above this: a step driving it to zero or below would make theta = lambda / L useless.
+_MIN_CLIP = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation sites
+
+
+def activation_sites(model: nn.Module) -> dict[str, QuantClippedActivation]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantClippedActivation)}
+
+
+def _first_tensor(model: nn.Module) -> Tensor:
+    """A parameter or buffer of `model`, for its device and dtype (CPU float32 when it has none)."""
+    return next(itertools.chain(model.parameters(), model.buffers()), torch.zeros(()))
+
+
+def _source_clip(module: nn.Module) -> float | Tensor | None:
+    """The clip bound of a ReLU-like module (inf for ReLU, c for ReLU6 / Hardtanh(0, c), lambda of a
+    site); None for any other module."""
+    if isinstance(module, QuantClippedActivation):
+        return module.clip.detach()
+    if isinstance(module, nn.ReLU):
+        return math.inf
+    if isinstance(module, nn.Hardtanh) and module.min_val == 0:  # nn.ReLU6 is Hardtanh(0, 6)
+        return float(module.max_val)
+    return None
+
+
+def _site_channels(model: nn.Module, modules: list[nn.Module], input_shape: tuple[int, ...]) -> dict[int, int]:
+    """The channel count (dimension 1) each module sees, from one forward pass of a dummy batch."""
+    channels: dict[int, int] = {}
+
+    def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        channels[id(module)] = int(inputs[0].shape[1])
+
+    handles = [m.register_forward_hook(record) for m in modules]
+    param = _first_tensor(model)
+    was_training = model.training
+    try:
+        model.eval()  # batch statistics of a dummy batch must not touch BN's running averages
+        with torch.no_grad():
+            model(torch.zeros((2, *input_shape), dtype=param.dtype, device=param.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return channels
+
+
+def quantize_model(model: nn.Module, timesteps: int, per_channel: bool = False,
+                   input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """Replace every activation site (nn.ReLU, nn.ReLU6, nn.Hardtanh(0, c), QuantClippedActivation)
+    of `model`, in place, by a QuantClippedActivation with L = 2^T - 1 levels.
+
+    lambda starts at the source's bound: c for ReLU6 / Hardtanh, the old lambda of a site, and inf
+    for a ReLU, which `calibrate_clips` must set before the site quantizes. `per_channel` gives
+    each site one lambda per channel; the channel counts come from a forward pass of a dummy batch
+    of `input_shape` (C, H, W), which per-channel sites therefore need.
+    """
+    levels = levels_for_timesteps(timesteps)
+    targets = [(name, m) for name, m in model.named_modules() if name and _source_clip(m) is not None]
+    channels: dict[int, int] = {}
+    if per_channel:
+        if input_shape is None:
+            raise Ann2SnnError("per-channel quantization needs the input shape (C, H, W) to count channels")
+        channels = _site_channels(model, [m for _, m in targets], tuple(input_shape))
+    param = _first_tensor(model)
+    for name, module in targets:
+        if per_channel and id(module) not in channels:
+            raise Ann2SnnError(f"activation {name!r} is not called in the forward pass: cannot count its channels")
+        site = QuantClippedActivation(levels=levels, channels=channels.get(id(module), 0))
+        source = torch.as_tensor(_source_clip(module))
+        with torch.no_grad():
+            # A per-layer lambda broadcasts over the channels; per channel -> per layer keeps the widest.
+            site.clip.copy_(source.max() if site.clip.dim() == 0 else source)
+        model.set_submodule(name, site.to(param.device))
+    return model
+
+
+@torch.no_grad()
+def calibrate_clips(model: nn.Module, loader: Iterable, percentile: float = 99.9, batches: int | None = 10,
+                    names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Set each site's lambda to the `percentile` of its positive float activations (per channel for a
+    per-channel site), capped at its current lambda (a ReLU6's 6; inf for a ReLU).
+
+    Runs `model` in eval mode on `batches` batches of `loader` ((inputs, labels) pairs; None: all)
+    with every site in float mode (quantize=False); `names` restricts which sites are set. A channel
+    that never fires takes its layer's value. Returns {site: lambda}.
+    """
+    sites = activation_sites(model)
+    chosen = {n: sites[n] for n in (sites if names is None else names)}
+    device = _first_tensor(model).device
+    samples: dict[str, list[Tensor]] = {name: [] for name in chosen}
+    generator = torch.Generator().manual_seed(0)
+
+    def record(name: str, site: QuantClippedActivation):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            z = inputs[0].detach().float()
+            rows = z.transpose(0, 1).reshape(z.shape[1], -1) if site.per_channel else z.reshape(1, -1)
+            keep = max(1024, _CALIBRATION_SAMPLES // rows.shape[0])
+            if rows.shape[1] > keep:
+                rows = rows[:, torch.randint(rows.shape[1], (keep,), generator=generator).to(rows.device)]
+            # Zeros are the ReLU's "off" state, not part of the range the levels must cover.
+            samples[name].append(torch.where(rows > 0, rows, torch.nan).cpu())
+        return hook
+
+    handles = [site.register_forward_hook(record(n, site)) for n, site in chosen.items()]
+    modes = {n: s.quantize for n, s in sites.items()}
+    was_training = model.training
+    try:
+        model.eval()
+        for s in sites.values():
+            s.quantize = False
+        for i, (x, *_) in enumerate(loader):
+            if batches is not None and i >= batches:
+                break
+            model(x.to(device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+        for n, s in sites.items():
+            s.quantize = modes[n]
+    result = {}
+    for name, site in chosen.items():
+        if not samples[name]:
+            raise Ann2SnnError(f"calibration: site {name!r} saw no data")
+        values = torch.cat(samples[name], dim=1)
+        if values.numel() > _QUANTILE_MAX:
+            values = values[:, torch.randperm(values.shape[1], generator=generator)[:_QUANTILE_MAX // values.shape[0]]]
+        values = values.double()
+        q = percentile / 100
+        per_row = torch.nanquantile(values, q, dim=1)
+        layer = torch.nanquantile(values.flatten(), q)
+        if torch.isnan(layer):
+            raise Ann2SnnError(f"calibration: site {name!r} never had a positive input; cannot set its lambda")
+        per_row = torch.where(torch.isnan(per_row), layer, per_row)
+        lam = torch.minimum(per_row.reshape(site.clip.shape).to(site.clip), site.clip)
+        site.clip.copy_(lam)
+        result[name] = lam.detach().clone()
+    return result
+
+
+def spike_regularizer(model: nn.Module) -> Tensor:
+    """sum over sites of the per-sample spike counts popcount(q), averaged over the batch (METHOD 5).
+
+    The loss adds beta times this. Reads the counts the last forward pass recorded
+    (sites with record_spikes=True); differentiable through the surrogate of SpikeCountSurrogate.
+    """
+    counts = [s.spikes for s in activation_sites(model).values()
+              if s.quantize and s.record_spikes and s.spikes is not None]
+    if not counts:
+        return torch.zeros((), device=_first_tensor(model).device)
+    return torch.stack(counts).sum(0).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, loader: Iterable, device: str | torch.device,
+              context: Context = Context()) -> tuple[float, dict[str, float]]:
+    """Accuracy and spikes per image of every quantized site; counts summed over ranks in one place."""
+    sites = {n: s for n, s in activation_sites(model).items() if s.quantize}
+    flags = {n: s.record_spikes for n, s in sites.items()}
+    was_training = model.training
+    device = torch.device(device)
+    totals = torch.zeros(2 + len(sites), dtype=torch.float64, device=device)  # correct, images, spikes...
+    try:
+        model.eval()
+        for s in sites.values():
+            s.record_spikes = True
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            totals[0] += (logits.argmax(1) == y).sum()
+            totals[1] += y.numel()
+            if sites:
+                totals[2:] += torch.stack([s.spikes.double().sum() for s in sites.values()])
+    finally:
+        model.train(was_training)
+        for n, s in sites.items():
+            s.record_spikes = flags[n]
+            s.spikes = None
+    totals = all_reduce_sum(totals, context).tolist()
+    images = max(totals[1], 1)
+    return totals[0] / images, {n: v / images for n, v in zip(sites, totals[2:])}
+
+
+def evaluate_accuracy(model: nn.Module, loader: Iterable, device: str | torch.device) -> tuple[float, float]:
+    """(top-1 accuracy, spikes per image summed over the quantized sites; 0 for a float model)."""
+    accuracy, per_site = _evaluate(model, loader, device)
+    return accuracy, sum(per_site.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialization
+
+
+def load_init(model: nn.Module, path: str | os.PathLike) -> set[str]:
+    """Copy tensors into `model` by state-dict name from a safetensors state dict or the initializers
+    of an ONNX file (torch.onnx.export keeps parameter names unless it folds BN into Conv).
+
+    Every tensor but the sites' lambdas and BN's num_batches_tracked must be present with the
+    model's shape; a per-layer lambda may initialize a per-channel one. Returns the names loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise Ann2SnnError(f"{path}: init file not found")
+    source = onnx_initializers(path) if path.suffix.lower() == ".onnx" else load_tensors(path)[0]
+    state = model.state_dict()
+    clips = {f"{name}.clip" for name in activation_sites(model)}
+    missing = [k for k in state if k not in source and k not in clips and not k.endswith("num_batches_tracked")]
+    if missing:
+        hint = " (an ONNX export in eval mode folds BN into Conv and renames weights; use ann2snn.export)" \
+            if path.suffix.lower() == ".onnx" else ""
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise Ann2SnnError(f"{path}: no tensor for {', '.join(missing[:5])}{more}{hint}")
+    loaded = {}
+    for name, target in state.items():
+        if name not in source:
+            continue
+        value = source[name]
+        if name in clips and value.numel() == 1:
+            value = value.reshape(()).expand(target.shape)
+        if tuple(value.shape) != tuple(target.shape):
+            raise Ann2SnnError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, "
+                               f"the model needs {tuple(target.shape)}")
+        loaded[name] = value
+    with torch.no_grad():
+        for name, value in loaded.items():
+            state[name].copy_(value)  # state_dict() tensors share storage with the parameters
+    return set(loaded)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    model: str = "digits-cnn"
+    data: str = "digits"
+    timesteps: int = 3
+    beta: float = 0.0
+    epochs: int = 40
+    lr: float = 0.05
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    per_channel: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    init: str | None = None           # safetensors state dict or ONNX file to start from
+    workers: int = 0
+    output: str | None = None         # final weights (safetensors); the checkpoint is <output>.ckpt
+    onnx: str | None = None           # also export the final model here (QDQ, or float if float_only)
+    float_only: bool = False          # train the float ANN: clipped ReLU sites with quantize=False
+    resume: bool = False              # continue from <output>.ckpt if it exists
+    calibrate: bool = False           # recalibrate every lambda, also those the init file provides
+    percentile: float = 99.9          # of the activations, for lambdas calibrated from data
+    train_limit: int | None = None    # use only the first N training samples (quick runs)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.output is None else Path(f"{self.output}.ckpt")
+
+
+# Fields a resumed run may change without changing the computation's meaning.
+_RESUME_FREE_FIELDS = frozenset({"resume", "workers", "device", "onnx"})
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    test_accuracy: float
+    spikes_per_image: float
+    spikes_per_site: dict[str, float]
+    seconds: float
+    model: nn.Module = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"history": self.history, "test_accuracy": self.test_accuracy,
+                "spikes_per_image": self.spikes_per_image, "spikes_per_site": self.spikes_per_site,
+                "seconds": self.seconds}
+
+
+def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoader:
+    """The training batches of `epoch`: shuffled by a generator seeded with seed + epoch, so a
+    resumed run sees the same order. (The sampler hook: a sharded loader for DDP goes here.)"""
+    return make_loader(dataset, config.batch_size, shuffle=True, workers=config.workers,
+                       seed=config.seed + epoch, pin_memory=config.device.startswith("cuda"))
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum; no weight decay on the clipping thresholds (it would only shrink lambda)."""
+    clips = [s.clip for s in activation_sites(model).values()]
+    clip_ids = {id(p) for p in clips}
+    weights = [p for p in model.parameters() if id(p) not in clip_ids]
+    return torch.optim.SGD([{"params": weights, "weight_decay": config.weight_decay},
+                            {"params": clips, "weight_decay": 0.0}], lr=config.lr, momentum=config.momentum)
+
+
+def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """The zoo model with its activations made sites (quantizing, or float for float_only)."""
+    import models  # the model zoo is a top-level package beside ann2snn
+
+    model = models.build_model(config.model, classes, in_channels=input_shape[0])
+    model = quantize_model(model, config.timesteps, config.per_channel, input_shape).to(config.device)
+    for site in activation_sites(model).values():
+        site.quantize = not config.float_only
+        site.record_spikes = not config.float_only
+    return model
+
+
+def _initialize(model: nn.Module, config: TrainConfig) -> None:
+    """Load `init`, then calibrate the lambdas it does not provide (all of them with `calibrate`) on
+    the "calib" split (the training images without augmentation)."""
+    loaded = load_init(model, config.init) if config.init else set()
+    pending = [n for n, s in activation_sites(model).items()
+               if config.calibrate or f"{n}.clip" not in loaded or not torch.isfinite(s.clip).all()]
+    if pending:
+        calib = load_dataset(config.data, "calib", seed=config.seed)
+        loader = make_loader(calib, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed)
+        calibrate_clips(model, loader, config.percentile, names=pending)
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in current if k not in _RESUME_FREE_FIELDS and saved.get(k) != current[k])
+    if changed:
+        raise Ann2SnnError(f"{path}: checkpoint of a different run (changed: {', '.join(changed)}); "
+                           "use the same settings or another output path")
+
+
+def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, beta: float, device: torch.device,
+                 bar: tqdm) -> Tensor:
+    """One pass over `loader`; returns this process's sums of loss, ce, spike term, correct, images."""
+    model.train()
+    sites = list(activation_sites(model).values())
+    # Running sums stay on the device: no host synchronization per step.
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for step, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        spikes = spike_regularizer(model)
+        loss = ce + beta * spikes if beta > 0 else ce  # beta = 0: no backward pass through the counts
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            for site in sites:
+                site.clip.clamp_(min=_MIN_CLIP)
+            n = float(y.numel())
+            sums += torch.stack([loss.detach().double() * n, ce.detach().double() * n, spikes.detach().double() * n,
+                                 (logits.argmax(1) == y).sum().double(), torch.tensor(n, device=device).double()])
+        bar.update()
+        if not bar.disable and step % 10 == 0:
+            loss_sum, _, spike_sum, correct, images = sums.tolist()
+            bar.set_postfix(loss=f"{loss_sum / images:.3f}", acc=f"{correct / images:.3f}",
+                            spk=f"{spike_sum / images:.0f}")
+    return sums
+
+
+def train(config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train per `config`; see the module docstring. Returns the history and the final test metrics."""
+    start_time = time.perf_counter()
+    context = Context()  # single process; DistributedDataParallel would take its context from torchrun
+    ckpt_path = config.checkpoint_path
+    if config.resume and ckpt_path is None:
+        raise Ann2SnnError("resume needs an output path: the checkpoint is <output>.ckpt")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    device = torch.device(config.device)
+
+    train_set = load_dataset(config.data, "train", seed=config.seed)
+    if config.train_limit is not None:
+        train_set = Subset(train_set, range(min(config.train_limit, len(train_set))))
+    test_loader = make_loader(load_dataset(config.data, "test", seed=config.seed), config.batch_size,
+                              workers=config.workers)
+    input_shape = dataset_input_shape(train_set)
+    classes = num_classes(train_set)
+
+    resume = load_checkpoint(ckpt_path) if config.resume and ckpt_path.is_file() else None
+    model = _build_model(config, classes, input_shape)
+    if resume is None:
+        _initialize(model, config)
+    else:
+        _check_resumable(resume.config, config, ckpt_path)
+    optimizer = _optimizer(model, config)
+    steps_per_epoch = len(_epoch_loader(train_set, config, 0))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * steps_per_epoch))
+    history: list[dict[str, Any]] = []
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        restore_rng(resume.rng)
+        history = resume.history
+
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=len(history) * steps_per_epoch, disable=not progress,
+               desc="float" if config.float_only else f"QAT T={config.timesteps}", unit="step")
+    per_site: dict[str, float] | None = None
+    for epoch in range(len(history), config.epochs):
+        epoch_start = time.perf_counter()
+        sums = _train_epoch(model, _epoch_loader(train_set, config, epoch), optimizer, scheduler, config.beta,
+                            device, bar)
+        loss_sum, ce_sum, spike_sum, correct, images = all_reduce_sum(sums, context).tolist()
+        test_acc, per_site = _evaluate(model, test_loader, device, context)
+        history.append({
+            "epoch": epoch + 1, "loss": loss_sum / images, "ce": ce_sum / images, "spike_term": spike_sum / images,
+            "train_acc": correct / images, "test_acc": test_acc, "spikes_per_image": sum(per_site.values()),
+            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start})
+        bar.set_postfix(loss=f"{loss_sum / images:.3f}", acc=f"{correct / images:.3f}", test=f"{test_acc:.3f}",
+                        spk=f"{sum(per_site.values()):.0f}")
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, epoch=epoch + 1, config=dataclasses.asdict(config), history=history,
+                            model=model, optimizer=optimizer, scheduler=scheduler)
+    bar.close()
+    if per_site is None:  # nothing left to train (e.g. resuming a finished run): evaluate once
+        test_acc, per_site = _evaluate(model, test_loader, device, context)
+    result = TrainResult(history=history, test_accuracy=test_acc, spikes_per_image=sum(per_site.values()),
+                         spikes_per_site=per_site, seconds=time.perf_counter() - start_time, model=model)
+    if config.output is not None:
+        meta = {"format": "ann2snn-weights", "config": dataclasses.asdict(config), "input_shape": list(input_shape),
+                "num_classes": classes, **result.to_json()}
+        save_tensors(config.output, model.state_dict(), meta)
+    if config.onnx is not None:
+        export_onnx(model, input_shape, config.onnx, qdq=not config.float_only)
+    return result
