@@ -11,6 +11,7 @@ import click
 import ann2snn
 from ann2snn.errors import Ann2SnnError
 from ann2snn.tables import format_table
+from models import MODEL_NAMES
 
 
 def reports_errors(command):
@@ -90,6 +91,51 @@ def demo(timesteps, output_dir, epochs, as_json):
     click.echo("Test accuracy (%) on the 450 held-out digits, and spikes per image of the SNN:")
     click.echo(format_table(rows, ["T", "float ANN", "quantized ANN", "SNN", "same prediction", "spikes/img"]))
     click.echo(f"weights, ONNX exports and .snn files in {output_dir}/")
+
+
+@cli.command()
+@click.option("--model", "model_name", type=click.Choice(MODEL_NAMES), default="digits-cnn", show_default=True)
+@click.option("--data", default="digits", show_default=True, metavar="DATA",
+              help="digits, an .npz with x and y, or an image folder with train/ and val/.")
+@click.option("-T", "timesteps", type=click.IntRange(1, 8), default=3, show_default=True,
+              help="Time steps of the SNN: the sites get L = 2^T - 1 levels.")
+@click.option("--beta", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Weight of the spike regularizer (spikes per image, METHOD.md section 5).")
+@click.option("--epochs", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--per-channel", is_flag=True, help="One lambda per output channel instead of per layer.")
+@click.option("--float", "float_only", is_flag=True, help="Train the float ANN (clipped ReLUs, no quantization).")
+@click.option("--init", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Start from these weights: a safetensors state dict or an ONNX file.")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT's checkpoint (OUTPUT.ckpt).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="The exported ONNX file (QDQ; float with --float); weights go beside it as .safetensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel, float_only, init, resume, device,
+          workers, seed, output, as_json):
+    """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`."""
+    from ann2snn.train import TrainConfig, train as run_training
+
+    weights = str(Path(output).with_suffix(".safetensors"))
+    config = TrainConfig(model=model_name, data=data, timesteps=timesteps, beta=beta, epochs=epochs, lr=lr,
+                         batch_size=batch_size, per_channel=per_channel, float_only=float_only, init=init,
+                         resume=resume, device=device, workers=workers, seed=seed, output=weights, onnx=output)
+    result = run_training(config, progress=not as_json)
+    summary = {"onnx": output, "weights": weights, "checkpoint": weights + ".ckpt", **result.to_json()}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(format_table([{"epoch": h["epoch"], "loss": h["loss"], "train acc": 100 * h["train_acc"],
+                              "test acc": 100 * h["test_acc"], "spikes/img": h["spikes_per_image"]}
+                             for h in result.history[-5:]],
+                            ["epoch", "loss", "train acc", "test acc", "spikes/img"]))
+    click.echo(f"test accuracy {100 * result.test_accuracy:.2f}%, {result.spikes_per_image:.1f} spikes/img; "
+               f"wrote {output} and {weights}")
 
 
 @cli.command()
@@ -233,6 +279,59 @@ def _count_ops(graph: dict) -> dict:
         op = graph["modules"][node["target"]]["type"] if node["op"] == "call_module" else node["target"]
         counts[op] = counts.get(op, 0) + 1
     return counts
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, metavar="DATA",
+              help="digits, an .npz with x and y, or an image folder (its val/ split when it has one).")
+@click.option("--table", "table", default="fp32-45nm", show_default=True, metavar="NAME|FILE",
+              help="Energy table: fp32-45nm or int8-45nm (Horowitz, ISSCC 2014), or your own JSON file.")
+@click.option("--samples", type=click.IntRange(1), default=None,
+              help="Count over the first N images (default: the whole split).")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--mode", type=click.Choice(["evaluate", "simulate"]), default="evaluate", show_default=True,
+              help="evaluate: popcounts of the levels (fast); simulate: time-stepped spike planes (same counts).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--neuron-updates", is_flag=True, help="Add neurons * T * E_neuron_update to the SNN's energy.")
+@click.option("--memory", is_flag=True, help="Add memory traffic: weight reads and neuron state reads/writes.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a plot of per-layer spike rate and energy (e.g. energy.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def energy(model, data, table, samples, batch_size, mode, device, neuron_updates, memory, plot, as_json):
+    """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (METHOD.md 6)."""
+    import torch
+    from torch.utils.data import Subset
+
+    from ann2snn.data import load_dataset, make_loader
+    from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Ann2SnnError(f"--device {device}: no CUDA device is available")
+    energy_table = load_table(table)
+    if neuron_updates:
+        energy_table.require("neuron_update", "--neuron-updates")
+    if memory:
+        energy_table.require("memory_weight", "--memory")
+        energy_table.require("memory_state", "--memory")
+    snn = ann2snn.load_snn(model)
+    dataset = load_dataset(data, split="test")
+    if samples is not None and samples < len(dataset):
+        dataset = Subset(dataset, range(samples))
+    loader = make_loader(dataset, batch_size)
+    counts = count_operations(snn, loader, mode=mode, device=device, progress=not as_json, total=len(loader))
+    report = estimate_energy(counts, energy_table, neuron_updates=neuron_updates, memory=memory)
+    if plot:
+        plot_energy(report, plot)
+    if as_json:
+        click.echo(json.dumps({"model": model, "data": data, **report.to_json(),
+                               **({"plot": plot} if plot else {})}, indent=2))
+        return
+    click.echo(f"{model} on {data}:")
+    click.echo(format_report(report))
+    if plot:
+        click.echo(f"wrote {plot}")
 
 
 def main() -> None:
