@@ -140,7 +140,7 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-T", "timesteps", type=click.IntRange(1, 16), default=None,
+@click.option("-T", "timesteps", type=click.IntRange(1, 8), default=None,
               help="Time steps (default: from the model's QDQ level count).")
 @click.option("--calib", "calib", default=None, metavar="DATA",
               help="Calibration data: digits, an .npz with x and y, or an image folder.")
@@ -304,6 +304,7 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     import torch
     from torch.utils.data import Subset
 
+    from ann2snn import distributed
     from ann2snn.data import load_dataset, make_loader
     from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
 
@@ -315,12 +316,17 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     if memory:
         energy_table.require("memory_weight", "--memory")
         energy_table.require("memory_state", "--memory")
+    context = distributed.init_from_env(device)
+    device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
     dataset = load_dataset(data, split="test")
     if samples is not None and samples < len(dataset):
         dataset = Subset(dataset, range(samples))
-    loader = make_loader(dataset, batch_size)
-    counts = count_operations(snn, loader, mode=mode, device=device, progress=not as_json, total=len(loader))
+    loader = make_loader(distributed.shard(dataset, context), batch_size)
+    counts = count_operations(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
+                              total=len(loader), context=context)
+    if not context.is_main:
+        return
     report = estimate_energy(counts, energy_table, neuron_updates=neuron_updates, memory=memory)
     if plot:
         plot_energy(report, plot)

@@ -125,6 +125,13 @@ class QuantClippedActivation(nn.Module):
         return self.clip / self.levels
 
     def forward(self, z: Tensor) -> Tensor:
+        if self.quantize and z.is_cuda:
+            from kernels import quant_act_fused  # fused forward and backward on the GPU
+
+            value, spikes = quant_act_fused(z, self.clip, self.levels, with_spikes=self.record_spikes)
+            if self.record_spikes:
+                self.spikes = spikes
+            return value
         clip = channel_view(self.clip, z.dim())
         if not self.quantize:
             return torch.minimum(torch.relu(z), clip)

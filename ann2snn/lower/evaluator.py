@@ -11,8 +11,7 @@ from typing import Any
 
 from torch import Tensor, fx, nn
 
-from ..neuron import BitSerialIFNode, fire_levels
-from ..quant import channel_view, popcount_levels
+from ..neuron import BitSerialIFNode
 from .simulator import getattr_path
 
 
@@ -24,12 +23,12 @@ class TimeFoldedNeuron(nn.Module):
         self.neuron = neuron
 
     def forward(self, potential: Tensor) -> tuple[Tensor, Tensor]:
+        from kernels import fire_fused  # not at import: kernels' references import ann2snn
+
         n = self.neuron
-        theta = channel_view(n.theta.to(potential.dtype), potential.dim())
-        offset = channel_view(n.membrane_offset.to(potential.dtype), potential.dim())
-        level = fire_levels(potential + offset, theta, n.levels, n.timesteps)
-        spikes = popcount_levels(level, n.levels).flatten(1).sum(1)
-        return level * theta, spikes
+        # the fused Triton kernel on CUDA, its pure-PyTorch reference elsewhere: the same results
+        out = fire_fused(potential, n.theta, n.membrane_offset, n.levels, n.timesteps, per_channel_counts=False)
+        return out.value, out.sample_spikes
 
 
 def lower_to_evaluator(gm: fx.GraphModule) -> fx.GraphModule:

@@ -9,6 +9,7 @@ from ..neuron import BitSerialIFNode
 from ..quant import QuantClippedActivation
 from .graph_utils import conversion_report, finish, module_of, set_module, site_nodes
 
+MAX_TIMESTEPS = 8
 FLOAT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
 
@@ -28,6 +29,9 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
     for node in site_nodes(gm):
         site: QuantClippedActivation = gm.get_submodule(node.target)
         steps = site.timesteps if timesteps is None else int(timesteps)
+        if steps > MAX_TIMESTEPS:
+            raise UnsupportedModelError(f"site {node.target}: T={steps} exceeds {MAX_TIMESTEPS}, the spike code "
+                                        "of a neuron is one byte")
         if site.levels > 2**steps - 1:
             raise UnsupportedModelError(
                 f"site {node.target} has {site.levels} levels, more than T={steps} steps carry "

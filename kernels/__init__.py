@@ -1,0 +1,29 @@
+"""Fused Triton kernels of ann2snn, each beside its pure-PyTorch reference.
+
+- `fire_fused`: the evaluator's neuron (offset, cap, MSB-first firing, q * theta, spike code and
+  spike counts) in one pass; reference `fire_fused_reference`.
+- `quant_act_fused`: the training activation a(z) with its spike count, forward and backward;
+  reference `quant_act_fused_reference`.
+- `pack_spikes` / `unpack_spikes`: the uint8 spike code <-> binary planes [T, ...].
+
+Each public function runs its kernel where `use_triton(tensor)` is true (a CUDA tensor with triton
+installed, or any tensor under TRITON_INTERPRET=1) and its reference otherwise.
+"""
+from .dispatch import use_triton
+from .neuron import NeuronOutput, fire_fused, fire_fused_triton
+from .neuron_reference import fire_fused_reference, pack_spikes, unpack_spikes
+from .quant_act import quant_act_fused, quant_act_fused_triton
+from .quant_act_reference import quant_act_fused_reference
+
+__all__ = [
+    "NeuronOutput",
+    "fire_fused",
+    "fire_fused_reference",
+    "fire_fused_triton",
+    "pack_spikes",
+    "quant_act_fused",
+    "quant_act_fused_reference",
+    "quant_act_fused_triton",
+    "unpack_spikes",
+    "use_triton",
+]

@@ -1,0 +1,162 @@
+"""The fused neuron of the time-folded evaluator (METHOD.md sections 3 and 7), in one Triton pass.
+
+Per element: V + membrane_offset, the cap at (L + 1/2) theta when L < 2^T - 1, then T steps of
+compare-and-subtract against 2^(T-1-t) theta, MSB first. Each subtraction is exact in floating
+point (Sterbenz), so the level q equals `ann2snn.neuron.fire_levels` bit for bit, and so the
+simulator's spikes for the same potential. Outputs, from the one read of V: q * theta, optionally
+q as uint8 (the bit-packed spike code), and popcount(q) reduced per channel and per sample (a
+tile-level sum, then one atomic add per tile).
+
+The reference is kernels/neuron_reference.py; `fire_fused` falls back to it where Triton does not
+run (see kernels/dispatch.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .device_functions import round_to, tile_sum
+from .dispatch import lazy_jit, use_triton
+from .layout import channel_layout, grid_size, num_warps, tile_shape
+from .neuron_reference import (NeuronOutput, as_channel_tensor, check_neuron_args, fire_fused_reference,
+                               pack_spikes, unpack_spikes)
+
+# triton.language, bound when a kernel is first launched (kernels/dispatch.py: LazyKernel)
+tl = None
+
+__all__ = ["NeuronOutput", "fire_fused", "fire_fused_triton", "pack_spikes", "unpack_spikes"]
+
+
+@lazy_jit
+def _fire_kernel(
+    v_ptr, theta_ptr, offset_ptr,                 # inputs: potential, theta, membrane offset
+    value_ptr, levels_ptr, channel_ptr, sample_ptr,  # outputs
+    N, C, S, stride_n, stride_c, stride_s,        # the [N, C, S] view shared by V, value and levels
+    TIMESTEPS: tl.constexpr,
+    CAP_AT: tl.constexpr,                         # L + 1/2 when the cap applies, else 0.0
+    THETA_PER_CHANNEL: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    OFFSET_PER_CHANNEL: tl.constexpr,
+    WANT_LEVELS: tl.constexpr,
+    WANT_CHANNEL: tl.constexpr,
+    WANT_SAMPLE: tl.constexpr,
+    FP64: tl.constexpr,                           # compute in float64 (float64 potentials), else float32
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    blocks_s = (S + BLOCK_S - 1) // BLOCK_S
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
+    n = (pid // (blocks_s * blocks_c)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = ((pid // blocks_s) % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = (pid % blocks_s) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask_n = n < N
+    mask_c = c < C
+    mask = mask_n[:, None, None] & mask_c[None, :, None] & (s < S)[None, None, :]
+    # int64 batch offset: a whole activation tensor may exceed 2^31 elements
+    offsets = (n.to(tl.int64) * stride_n)[:, None, None] + (c * stride_c)[None, :, None] + (s * stride_s)[None, None, :]
+
+    io = v_ptr.dtype.element_ty
+    compute = tl.float64 if FP64 else tl.float32
+    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(compute)
+    if THETA_PER_CHANNEL:
+        theta = tl.load(theta_ptr + c, mask=mask_c, other=1.0).to(compute)[None, :, None]
+    else:
+        theta = tl.load(theta_ptr).to(compute)
+    # V + offset is rounded to the potential's dtype, as torch's add in the reference
+    if HAS_OFFSET:
+        if OFFSET_PER_CHANNEL:
+            offset = tl.load(offset_ptr + c, mask=mask_c, other=0.0).to(compute)[None, :, None]
+        else:
+            offset = tl.load(offset_ptr).to(compute)
+        v = round_to(v + offset, io)
+    if CAP_AT > 0.0:
+        v = tl.minimum(v, theta * CAP_AT)
+
+    # MSB-first compare and subtract; the threshold halves each step (exact: a power of two)
+    threshold = theta * (2.0 ** (TIMESTEPS - 1))
+    level = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, tl.int32)
+    count = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, tl.int32)
+    for _ in tl.static_range(TIMESTEPS):
+        spike = v >= threshold
+        v = tl.where(spike, v - threshold, v)
+        level = level * 2 + spike.to(tl.int32)
+        count += spike.to(tl.int32)
+        threshold = threshold * 0.5
+
+    tl.store(value_ptr + offsets, round_to(level.to(compute) * theta, io).to(io), mask=mask)
+    if WANT_LEVELS:
+        tl.store(levels_ptr + offsets, level.to(tl.uint8), mask=mask)
+    count = tl.where(mask, count, 0)
+    if WANT_CHANNEL:
+        per_channel = tile_sum(tile_sum(count, 2), 0)
+        tl.atomic_add(channel_ptr + c, per_channel.to(tl.int64), mask=mask_c)
+    if WANT_SAMPLE:
+        per_sample = tile_sum(tile_sum(count, 2), 1)
+        tl.atomic_add(sample_ptr + n, per_sample.to(tl.int64), mask=mask_n)
+
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fire_fused_triton(potential: Tensor, theta: Tensor | float, membrane_offset: Tensor | float | None,
+                      levels: int, timesteps: int, *, want_levels: bool = False,
+                      per_sample_counts: bool = True, per_channel_counts: bool = True) -> NeuronOutput:
+    """`fire_fused` on the Triton kernel, whatever the device (CPU needs TRITON_INTERPRET=1)."""
+    check_neuron_args(potential, levels, timesteps)
+    if potential.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"fire_fused supports {_SUPPORTED_DTYPES}, got {potential.dtype}")
+    layout = channel_layout(potential)
+    theta_t = as_channel_tensor(theta, layout.tensor, "theta").contiguous()
+    offset_t = as_channel_tensor(membrane_offset, layout.tensor, "membrane_offset").contiguous()
+
+    device = potential.device
+    value = layout.empty_like(potential.dtype)
+    codes = layout.empty_like(torch.uint8) if want_levels else None
+    channel = torch.zeros(layout.c, dtype=torch.int64, device=device) if per_channel_counts else None
+    sample = torch.zeros(layout.n, dtype=torch.int64, device=device) if per_sample_counts else None
+    if potential.numel() == 0:
+        return NeuronOutput(value, codes, channel, sample)
+
+    block = tile_shape(layout)
+    # unused outputs get a harmless pointer: the constexpr flags compile their stores away
+    _fire_kernel[(grid_size(layout, block),)](
+        layout.tensor, theta_t, offset_t,
+        value, value if codes is None else codes,
+        value if channel is None else channel, value if sample is None else sample,
+        layout.n, layout.c, layout.s, layout.stride_n, layout.stride_c, layout.stride_s,
+        TIMESTEPS=timesteps,
+        CAP_AT=float(levels) + 0.5 if levels < 2**timesteps - 1 else 0.0,
+        THETA_PER_CHANNEL=theta_t.dim() == 1,
+        HAS_OFFSET=membrane_offset is not None,
+        OFFSET_PER_CHANNEL=offset_t.dim() == 1,
+        WANT_LEVELS=want_levels,
+        WANT_CHANNEL=per_channel_counts,
+        WANT_SAMPLE=per_sample_counts,
+        FP64=potential.dtype == torch.float64,
+        BLOCK_N=block[0], BLOCK_C=block[1], BLOCK_S=block[2],
+        num_warps=num_warps(block), enable_fp_fusion=False,
+    )
+    return NeuronOutput(value, codes, channel, sample)
+
+
+def fire_fused(potential: Tensor, theta: Tensor | float, membrane_offset: Tensor | float | None,
+               levels: int, timesteps: int, *, want_levels: bool = False,
+               per_sample_counts: bool = True, per_channel_counts: bool = True) -> NeuronOutput:
+    """Fire a layer of bit-serial neurons from their potentials in one pass (inference only).
+
+    potential: [N, C, *spatial] or [N, C]; float16, bfloat16, float32 or float64; NCHW-contiguous
+        or channels-last (outputs keep the input's memory format; other layouts are copied first).
+    theta, membrane_offset: scalars or per-channel [C]; cast to the potential's dtype.
+    levels: L (1..2^T - 1); timesteps: T (1..8).
+    Returns NeuronOutput(value, levels, channel_spikes, sample_spikes): see its docstring.
+
+    Runs the Triton kernel where `use_triton` says so, else the reference; a potential that needs
+    a gradient also takes the reference, which autograd can follow.
+    """
+    if use_triton(potential) and not (torch.is_grad_enabled() and potential.requires_grad):
+        return fire_fused_triton(potential, theta, membrane_offset, levels, timesteps, want_levels=want_levels,
+                                 per_sample_counts=per_sample_counts, per_channel_counts=per_channel_counts)
+    return fire_fused_reference(potential, theta, membrane_offset, levels, timesteps, want_levels=want_levels,
+                                per_sample_counts=per_sample_counts, per_channel_counts=per_channel_counts)

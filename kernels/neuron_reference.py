@@ -1,0 +1,91 @@
+"""Pure-PyTorch reference of the fused neuron (kernels/neuron.py), and the bit-packed spike code.
+
+The neuron of the time-folded evaluator (METHOD.md section 7): offset, cap, MSB-first firing,
+q * theta and popcount(q), written with ann2snn's own `fire_levels` and `popcount_levels`, so the
+kernel is checked against exactly what the evaluator and the simulator compute.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ann2snn.neuron import fire_levels
+from ann2snn.quant import channel_view, popcount_levels
+
+
+class NeuronOutput(NamedTuple):
+    """What one fused neuron pass returns.
+
+    value: q * theta in the potential's dtype and memory format (what the next layer consumes).
+    levels: q as uint8, the bit-packed spike code (bit T-1-t = spike at step t), or None.
+    channel_spikes: int64 [C], spikes per channel summed over the batch and space, or None.
+    sample_spikes: int64 [N], spikes per sample summed over channels and space, or None.
+    """
+
+    value: Tensor
+    levels: Tensor | None
+    channel_spikes: Tensor | None
+    sample_spikes: Tensor | None
+
+
+def check_neuron_args(potential: Tensor, levels: int, timesteps: int) -> None:
+    """The limits shared by the kernel and the reference: the code of a level fits one byte."""
+    if not 1 <= timesteps <= 8:
+        raise ValueError(f"timesteps must be in 1..8 (one byte of spike code), got {timesteps}")
+    if not 1 <= levels <= 2**timesteps - 1:
+        raise ValueError(f"levels must be in 1..{2**timesteps - 1} for T={timesteps}, got {levels}")
+    if potential.dim() < 2:
+        raise ValueError(f"expected a potential [N, C, *spatial], got shape {tuple(potential.shape)}")
+    if not potential.is_floating_point():
+        raise TypeError(f"expected a floating-point potential, got {potential.dtype}")
+
+
+def as_channel_tensor(values: Tensor | float | None, like: Tensor, name: str) -> Tensor:
+    """theta or membrane_offset as a scalar or [C] tensor in the potential's dtype and device."""
+    if values is None:
+        values = 0.0
+    t = torch.as_tensor(values, device=like.device).to(like.dtype).reshape(-1)
+    if t.numel() == 1:
+        return t.reshape(())
+    if t.numel() != like.shape[1]:
+        raise ValueError(f"{name} has {t.numel()} values for {like.shape[1]} channels")
+    return t
+
+
+def fire_fused_reference(potential: Tensor, theta: Tensor | float, membrane_offset: Tensor | float | None,
+                         levels: int, timesteps: int, *, want_levels: bool = False,
+                         per_sample_counts: bool = True, per_channel_counts: bool = True) -> NeuronOutput:
+    """The evaluator's neuron in plain torch ops: same results as `kernels.neuron.fire_fused`."""
+    check_neuron_args(potential, levels, timesteps)
+    theta_c = channel_view(as_channel_tensor(theta, potential, "theta"), potential.dim())
+    offset_c = channel_view(as_channel_tensor(membrane_offset, potential, "membrane_offset"), potential.dim())
+    q = fire_levels(potential + offset_c, theta_c, levels, timesteps)
+    value = q * theta_c
+    spikes = popcount_levels(q, levels) if per_sample_counts or per_channel_counts else None
+    spatial = tuple(range(2, potential.dim()))
+    return NeuronOutput(
+        value=value,
+        levels=q.to(torch.uint8) if want_levels else None,
+        channel_spikes=spikes.sum((0,) + spatial) if per_channel_counts else None,
+        sample_spikes=spikes.sum((1,) + spatial) if per_sample_counts else None,
+    )
+
+
+def unpack_spikes(levels: Tensor, timesteps: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """Binary spike planes [T, ...] of bit-packed levels, MSB first: plane t is bit T-1-t."""
+    shifts = torch.arange(timesteps - 1, -1, -1, device=levels.device, dtype=torch.uint8)
+    shifts = shifts.reshape((timesteps,) + (1,) * levels.dim())
+    return ((levels.to(torch.uint8).unsqueeze(0) >> shifts) & 1).to(dtype)
+
+
+def pack_spikes(planes: Tensor) -> Tensor:
+    """The uint8 code of binary spike planes [T, ...] (T <= 8), MSB first: the inverse of unpack."""
+    timesteps = planes.shape[0]
+    if not 1 <= timesteps <= 8:
+        raise ValueError(f"one byte packs 1..8 spike planes, got {timesteps}")
+    code = torch.zeros(planes.shape[1:], dtype=torch.uint8, device=planes.device)
+    for plane in planes:
+        code = (code << 1) | (plane != 0).to(torch.uint8)
+    return code
