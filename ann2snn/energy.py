@@ -1,0 +1,982 @@
+"""Spike, synaptic-operation and energy estimates of a converted SNN (METHOD.md section 6).
+
+    E_ANN = sum over layers of MACs_l * E_MAC  (+ adds of average pools * E_AC)
+    E_SNN = MACs of layers driven by analog values * E_MAC + SOPs * E_AC  (+ optional terms)
+
+Layers are the SNN's convolutions and linear layers, and every average pool fed by spikes (each
+input spike reaches its pooling windows: one accumulate per window). A layer's input is one of
+- spikes: it costs synaptic operations, SOPs = sum over time steps of the input's event map
+  convolved with an all-ones kernel of the layer's weight shape (stride, padding, dilation and
+  groups as in the layer), i.e. every input spike times the number of synapses it reaches; for a
+  linear layer, events * out_features;
+- analog: the input image (direct encoding), or currents of a layer not followed by a neuron:
+  the layer costs its dense MACs, once, as in the ANN;
+- mixed (spikes plus an analog part, e.g. spikes plus the input image): both.
+Events are the binary spike planes of the neurons, carried unchanged through structural ops
+(flatten, reshape, concat, pad, identity, scaling); a residual add of two spike maps carries both
+maps' events; after an average pool, the events are the nonzero entries of the pooled planes.
+Residual additions and BN folded into biases cost nothing (as in SpikingJelly's SynOpCounter);
+average pools fed by analog values are not counted in either network.
+
+Two counting paths, which give identical counts (METHOD.md section 7):
+- mode "simulate": on the time-stepped simulator's Signals (its binary spike planes, [T, N, ...]),
+  by an fx Interpreter that runs the simulator's own per-node rules;
+- mode "evaluate" (fast path): on the time-folded evaluator; a neuron's events are its level map
+  q, whose binary digits are the spike planes, so a layer's SOPs are popcount(q) times a
+  precomputed fan-out map, one extra reduction.
+
+Energy tables are JSON data (`ann2snn/energy_tables/*.json`, or a user's file): per-operation
+energies in pJ, each with its source. Optional terms (off by default): neuron updates,
+neurons * T * E_neuron_update; memory traffic, one weight read per MAC or synaptic op of a weighted
+layer, and per neuron one state read and write per time step (SNN) or once (ANN).
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .distributed import Context, all_reduce_max, all_reduce_sum
+from .errors import Ann2SnnError, UnsupportedModelError
+from .lower.signal import Signal, align_steps
+from .lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
+from .neuron import BitSerialIFNode, fire_levels
+from .quant import channel_view
+
+# ==============================================================================================
+# Energy tables
+
+TABLE_PACKAGE_DIR = "energy_tables"
+DEFAULT_TABLE = "fp32-45nm"
+REQUIRED_ENERGIES = ("mac", "ac")
+OPTIONAL_ENERGIES = ("neuron_update", "memory_weight", "memory_state")
+ENERGY_KEYS = REQUIRED_ENERGIES + OPTIONAL_ENERGIES
+
+
+@dataclass(frozen=True)
+class EnergyCost:
+    """The energy of one operation in pJ, and where the number comes from."""
+    pj: float
+    source: str
+
+
+@dataclass(frozen=True)
+class EnergyTable:
+    """Per-operation energies: mac, ac (required); neuron_update, memory_weight, memory_state."""
+    name: str
+    energies: dict[str, EnergyCost]
+    description: str = ""
+    source: str = ""
+    file: str | None = None  # a user's table file; None for a shipped table
+    primitives: dict[str, EnergyCost] = field(default_factory=dict)
+
+    def pj(self, key: str) -> float:
+        return self.energies[key].pj
+
+    def require(self, key: str, option: str) -> float:
+        if key not in self.energies:
+            where = self.file or self.name
+            raise Ann2SnnError(f"energy table {where} has no {key!r} energy, which {option} needs")
+        return self.energies[key].pj
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"name": self.name, "description": self.description, "source": self.source,
+                               "file": self.file,
+                               "energies": {k: {"pj": v.pj, "source": v.source} for k, v in self.energies.items()}}
+        if self.primitives:
+            out["primitives"] = {k: {"pj": v.pj, "source": v.source} for k, v in self.primitives.items()}
+        return out
+
+
+def available_tables() -> list[str]:
+    """Names of the tables shipped with ann2snn (usable as `--table NAME`)."""
+    folder = resources.files("ann2snn").joinpath(TABLE_PACKAGE_DIR)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def _cost(value: Any, where: str, default_source: str) -> EnergyCost:
+    if isinstance(value, dict):
+        unknown = set(value) - {"pj", "source"}
+        if unknown:
+            raise Ann2SnnError(f"{where}: unknown field {sorted(unknown)[0]!r} (an entry is a number of pJ "
+                               "or {\"pj\": number, \"source\": text})")
+        if "pj" not in value:
+            raise Ann2SnnError(f"{where}: missing \"pj\"")
+        source = value.get("source", default_source)
+        if not isinstance(source, str):
+            raise Ann2SnnError(f"{where}: \"source\" must be text")
+        value = value["pj"]
+    else:
+        source = default_source
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Ann2SnnError(f"{where}: the energy must be a number of pJ, got {json.dumps(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise Ann2SnnError(f"{where}: the energy must be a finite number >= 0 pJ, got {value}")
+    return EnergyCost(float(value), source)
+
+
+def parse_table(data: Any, origin: str, file: str | None = None) -> EnergyTable:
+    """Validate a table's JSON object; every problem is a one-line Ann2SnnError naming `origin`."""
+    if not isinstance(data, dict):
+        raise Ann2SnnError(f"energy table {origin}: expected a JSON object with \"energies\"")
+    energies = data.get("energies")
+    if not isinstance(energies, dict):
+        raise Ann2SnnError(f"energy table {origin}: expected \"energies\": {{\"mac\": pJ, \"ac\": pJ, ...}}")
+    unknown = [k for k in energies if k not in ENERGY_KEYS]
+    if unknown:
+        raise Ann2SnnError(f"energy table {origin}: unknown energy {unknown[0]!r} (known: {', '.join(ENERGY_KEYS)})")
+    missing = [k for k in REQUIRED_ENERGIES if k not in energies]
+    if missing:
+        raise Ann2SnnError(f"energy table {origin}: missing energy {missing[0]!r} (required: "
+                           f"{', '.join(REQUIRED_ENERGIES)})")
+    default_source = data.get("source") if isinstance(data.get("source"), str) else f"energy table {origin}"
+    costs = {k: _cost(v, f"energy table {origin}: energies.{k}", default_source) for k, v in energies.items()}
+    primitives = data.get("primitives", {})
+    if not isinstance(primitives, dict):
+        raise Ann2SnnError(f"energy table {origin}: \"primitives\" must be an object")
+    prims = {k: _cost(v, f"energy table {origin}: primitives.{k}", default_source) for k, v in primitives.items()}
+    name = data.get("name", Path(origin).stem)
+    for key in ("name", "description", "source"):
+        if key in data and not isinstance(data[key], str):
+            raise Ann2SnnError(f"energy table {origin}: {key!r} must be text")
+    return EnergyTable(name=name, energies=costs, description=data.get("description", ""),
+                       source=data.get("source", ""), file=file, primitives=prims)
+
+
+def load_table(spec: str | os.PathLike | None = None) -> EnergyTable:
+    """A shipped table by name (None: the default, fp32-45nm), or a user's JSON file by path."""
+    text = DEFAULT_TABLE if spec is None else os.fspath(spec)
+    if text in available_tables():
+        raw = resources.files("ann2snn").joinpath(TABLE_PACKAGE_DIR, f"{text}.json").read_text(encoding="utf-8")
+        return parse_table(json.loads(raw), text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise Ann2SnnError(f"energy table {text!r}: neither a shipped table ({', '.join(available_tables())}) "
+                           "nor an existing JSON file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise Ann2SnnError(f"energy table {path}: cannot read ({type(err).__name__}: {err})") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise Ann2SnnError(f"energy table {path}: not valid JSON ({err.msg} at line {err.lineno} "
+                           f"column {err.colno})") from None
+    return parse_table(data, str(path), file=str(path))
+
+
+# ==============================================================================================
+# Counting: spikes, synaptic operations, MACs
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_STRUCTURAL_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
+_STRUCTURAL_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze,
+                         torch.cat, torch.concat, F.pad}
+_STRUCTURAL_METHODS = {"view", "reshape", "flatten", "permute", "squeeze", "unsqueeze", "contiguous"}
+_ADD_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub}
+_ADD_METHODS = {"add", "sub"}
+_SCALE_FUNCTIONS = {operator.mul, torch.mul, operator.truediv, torch.div, operator.neg}
+_SCALE_METHODS = {"mul", "div"}
+_POOL_FUNCTIONS = {F.avg_pool1d: "avg_pool1d", F.avg_pool2d: "avg_pool2d",
+                   F.adaptive_avg_pool1d: "adaptive_avg_pool1d", F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
+                   torch.mean: "mean"}
+
+
+@dataclass
+class LayerCounts:
+    """Counts of one layer of the SNN. `neurons` is per image; every other count is a total over
+    the images counted (divide by `OpCounts.images`)."""
+    name: str
+    kind: str             # module type (Conv2d, Linear, AvgPool2d, ...), function name, or "neurons"
+    input: str            # "spikes", "analog", "mixed", or "-" (a row of neurons without a layer)
+    site: str | None      # the neuron layer this layer drives (None: the readout)
+    neurons: int          # spiking neurons of `site` attributed to this row, per image
+    timesteps: int        # T of those neurons
+    spikes: int           # spikes of those neurons
+    input_spikes: int     # events at the layer's input (sum over time steps)
+    synaptic_ops: int     # accumulates driven by input events
+    snn_macs: int         # MACs of the SNN layer (its analog input part: direct encoding)
+    snn_adds: int         # adds of an average pool over an analog input part, in the SNN
+    macs: int             # MACs of the same layer in the ANN (dense, from shapes)
+    ann_adds: int         # adds of an average pool in the ANN
+    weighted: bool        # conv / linear (reads weights), not a pool
+
+
+@dataclass
+class OpCounts:
+    images: int
+    timesteps: int
+    mode: str
+    layers: list[LayerCounts]
+
+
+class _Info:
+    """What rides along with a node's value: its events (spike planes or level maps) and whether
+    an analog (non-spike) part is present."""
+    __slots__ = ("events", "analog", "count")
+
+    def __init__(self, events: Any = None, analog: bool = False) -> None:
+        self.events = events
+        self.analog = analog
+        self.count: Tensor | None = None
+
+
+class _Row:
+    def __init__(self, name: str, kind: str, node: fx.Node, input_kind: str, macs: int, ann_adds: int,
+                 snn_macs: int, snn_adds: int, weighted: bool) -> None:
+        self.name, self.kind, self.node, self.input = name, kind, node, input_kind
+        self.macs, self.ann_adds, self.snn_macs, self.snn_adds, self.weighted = macs, ann_adds, snn_macs, snn_adds, weighted
+        self.input_spikes: Tensor | int = 0
+        self.synaptic_ops: Tensor | int = 0
+
+
+class _NeuronStats:
+    def __init__(self, node: fx.Node, neurons: int, timesteps: int) -> None:
+        self.node, self.neurons, self.timesteps = node, neurons, timesteps
+        self.spikes: Tensor | int = 0
+
+
+def _per_image(shape) -> int:
+    return int(math.prod(shape[1:]))
+
+
+def _shape_of(value: Any) -> torch.Size:
+    return value.shape
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _pair(value: Any, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _adaptive_window_sizes(length: int, out: int | None) -> Tensor:
+    out = length if out is None else int(out)
+    starts = [(i * length) // out for i in range(out)]
+    ends = [-((-(i + 1) * length) // out) for i in range(out)]
+    return torch.tensor([e - s for s, e in zip(starts, ends)], dtype=torch.float64)
+
+
+def _window_sums(kind: str, params: dict, in_shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    """A function [B, C, ...] -> the sum of every pooling window (linear; integer on integers)."""
+    if kind == "avg_pool2d":
+        k, s, p, ceil = params["kernel_size"], params["stride"], params["padding"], params["ceil_mode"]
+        s = k if s is None or (isinstance(s, (list, tuple)) and len(s) == 0) else s
+        return lambda x: F.avg_pool2d(x, k, s, p, ceil, True, 1)
+    if kind == "avg_pool1d":
+        k, s, p, ceil = (_pair(params[n], 1)[0] if params[n] is not None else None
+                         for n in ("kernel_size", "stride", "padding", "ceil_mode"))
+        s = k if s is None else s
+        return lambda x: F.avg_pool2d(x.unsqueeze(-2), (1, k), (1, s), (0, p), bool(ceil), True, 1).squeeze(-2)
+    if kind in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
+        dims = 1 if kind.endswith("1d") else 2
+        out = _pair(params["output_size"], dims)
+        spatial = in_shape[-dims:]
+        sizes = [_adaptive_window_sizes(length, o) for length, o in zip(spatial, out)]
+        size_map = sizes[0] if dims == 1 else sizes[0][:, None] * sizes[1][None, :]
+        pool = F.adaptive_avg_pool1d if dims == 1 else F.adaptive_avg_pool2d
+
+        def adaptive(x: Tensor) -> Tensor:  # mean times window size: integer up to rounding
+            return (pool(x.to(torch.float64), params["output_size"]) * size_map.to(x.device)).to(x.dtype)
+        return adaptive
+    if kind == "mean":
+        dim, keepdim = params["dim"], params["keepdim"]
+        if dim is None:
+            raise UnsupportedModelError("energy: a mean over every dimension (including the batch) has no pooling rule")
+        dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+        if any(d == 0 or d == -len(in_shape) for d in dims):
+            raise UnsupportedModelError("energy: a mean over the batch dimension has no pooling rule")
+        return lambda x: x.sum(dims, keepdim=keepdim)
+    raise UnsupportedModelError(f"energy: no pooling rule for {kind}")
+
+
+def _pool_params(target: Any, args: tuple, kwargs: dict) -> tuple[str, dict]:
+    """(kind, parameters) of an average pool given as a module or a function call."""
+    if isinstance(target, nn.Module):
+        m = target
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)):
+            kind = "avg_pool1d" if isinstance(m, nn.AvgPool1d) else "avg_pool2d"
+            return kind, {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                          "ceil_mode": m.ceil_mode}
+        kind = "adaptive_avg_pool1d" if isinstance(m, nn.AdaptiveAvgPool1d) else "adaptive_avg_pool2d"
+        return kind, {"output_size": m.output_size}
+    kind = _POOL_FUNCTIONS[target]
+    if kind in ("avg_pool1d", "avg_pool2d"):
+        return kind, {"kernel_size": _arg(args, kwargs, 1, "kernel_size", None),
+                      "stride": _arg(args, kwargs, 2, "stride", None),
+                      "padding": _arg(args, kwargs, 3, "padding", 0),
+                      "ceil_mode": _arg(args, kwargs, 4, "ceil_mode", False)}
+    if kind.startswith("adaptive"):
+        return kind, {"output_size": _arg(args, kwargs, 1, "output_size", None)}
+    return kind, {"dim": _arg(args, kwargs, 1, "dim", None), "keepdim": _arg(args, kwargs, 2, "keepdim", False)}
+
+
+def _conv_ones_kernel(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """All-ones kernel of one output channel per group: every output channel of a group reaches the
+    same inputs, so the layer's SOPs are this kernel's count times out_channels / groups."""
+    w = layer.weight
+    return torch.ones((layer.groups,) + tuple(w.shape[1:]), dtype=dtype, device=device)
+
+
+def _conv_fanout(layer: nn.Module, in_shape: tuple[int, ...]) -> Tensor:
+    """Per input element [1, ...] (the same for every channel): how many (output element, output
+    channel) pairs it reaches, as int64. Computed on one channel: the reach of an input position
+    does not depend on its channel, and each reaches out_channels / groups channels."""
+    dims = len(in_shape) - 1
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    with torch.enable_grad():
+        x = torch.ones((1, 1) + tuple(in_shape[1:]), dtype=torch.float64, requires_grad=True)
+        padded, padding = x, layer.padding
+        if layer.padding_mode != "zeros":
+            padded = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = 0
+        kernel = torch.ones((1, 1) + tuple(layer.kernel_size), dtype=torch.float64)
+        y = conv(padded, kernel, None, layer.stride, padding, layer.dilation, 1)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    return torch.round(grad[0] * (layer.out_channels // layer.groups)).to(torch.int64)
+
+
+def _pool_fanout(sums: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]) -> Tensor:
+    """Per input element: the number of pooling windows that contain it (int64)."""
+    with torch.enable_grad():
+        x = torch.ones((1,) + tuple(in_shape), dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(sums(x).sum(), x)
+    return torch.round(grad[0]).to(torch.int64)
+
+
+def _popcount(x: Tensor) -> Tensor:
+    """Ones in the binary code of every element of a uint8 or int32 tensor (SWAR bit counting)."""
+    if x.dtype == torch.uint8:
+        x = x - ((x >> 1) & 0x55)
+        x = (x & 0x33) + ((x >> 2) & 0x33)
+        return (x + (x >> 4)) & 0x0F
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    return (x + (x >> 16)) & 0x3F
+
+
+def _total(counts: Tensor) -> Tensor:
+    """The exact sum of a count tensor, as an int64 scalar (float counts are whole numbers)."""
+    if counts.is_floating_point():
+        return torch.round(counts.sum(dtype=torch.float64)).to(torch.int64)
+    return counts.sum(dtype=torch.int64)
+
+
+def _count_dtype(device: torch.device) -> torch.dtype:
+    # float64 on CPU; on CUDA float32 (counts per element stay far below 2^24, so sums are exact)
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+class _Counter(fx.Interpreter):
+    """Runs the SNN graph by simulation or evaluation and tracks events along every edge."""
+
+    def __init__(self, snn, mode: str) -> None:
+        if mode not in ("simulate", "evaluate"):
+            raise Ann2SnnError(f"unknown counting mode {mode!r} (simulate or evaluate)")
+        super().__init__(snn.graph_module)
+        self.mode = mode
+        self.timesteps = int(snn.timesteps)
+        self.level_dtype = torch.uint8 if self.timesteps <= 8 else torch.int32
+        self.rows: dict[str, _Row] = {}
+        self.neurons: dict[str, _NeuronStats] = {}
+        self.images = 0
+        self._simulated: dict[str, nn.Module] = {}
+        self._levels: dict[str, Tensor] = {}
+        self._fanouts: dict[tuple, Tensor] = {}
+        self.info: dict[fx.Node, _Info] = {}
+
+    # --- running the network: the simulator's rules, or the evaluator's -----------------------
+
+    def placeholder(self, target, args, kwargs):
+        x = super().placeholder(target, args, kwargs)
+        return Signal.analog(x) if self.mode == "simulate" else x
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if self.mode == "simulate":
+            if target not in self._simulated:
+                self._simulated[target] = simulation_module(module)
+            return self._simulated[target](*args, **kwargs)
+        if isinstance(module, BitSerialIFNode):  # as TimeFoldedNeuron, keeping the level map
+            potential = args[0]
+            theta = channel_view(module.theta.to(potential.dtype), potential.dim())
+            offset = channel_view(module.membrane_offset.to(potential.dtype), potential.dim())
+            level = fire_levels(potential + offset, theta, module.levels, module.timesteps)
+            self._levels[target] = level
+            return level * theta
+        return module(*args, **kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if self.mode == "simulate":
+            return simulate_call(target, *args, **kwargs)
+        return target(*args, **kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if self.mode == "simulate":
+            return simulate_method(target, *args, **kwargs)
+        return super().call_method(target, args, kwargs)
+
+    def output(self, target, args, kwargs):
+        return read_out(args[0]) if self.mode == "simulate" else args[0]
+
+    def run_batch(self, x: Tensor) -> Tensor:
+        self.info = {}
+        self.images += int(x.shape[0])
+        try:
+            logits = self.run(x)
+        finally:
+            self.info = {}
+            self._levels = {}
+        return logits
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        info = self._track(n, value)
+        if info is not None:
+            self.info[n] = info
+        for dead in self.user_to_last_uses.get(n, []):
+            self.info.pop(dead, None)
+        return value
+
+    # --- events: representation-specific pieces -------------------------------------------------
+    # simulate: events are planes [T, N, ...] (0/1, or counts where two spike maps were added);
+    # evaluate: events are a list of level maps [N, ...] (int64) whose binary digits are the planes.
+
+    def _count_map(self, info: _Info) -> Tensor:
+        """Events summed over time steps, per input element [N, ...]."""
+        if info.count is None:
+            if self.mode == "simulate":
+                info.count = info.events.sum(0)
+            else:  # popcount(q): the spikes that carry level q
+                info.count = _popcount(info.events[0])
+                for p in info.events[1:]:
+                    info.count = info.count + _popcount(p)
+        return info.count
+
+    def _planes(self, info: _Info) -> Tensor:
+        if self.mode == "simulate":
+            return info.events
+        steps = self.timesteps
+        shifts = torch.tensor(list(range(steps - 1, -1, -1)), dtype=self.level_dtype, device=info.events[0].device)
+        planes = None
+        for p in info.events:
+            bits = (p.unsqueeze(0) >> shifts.view((steps,) + (1,) * p.dim())) & 1
+            planes = bits if planes is None else planes + bits
+        return planes.to(_count_dtype(planes.device))
+
+    def _from_planes(self, planes: Tensor) -> Any:
+        """Events from binary planes [T', N, ...]."""
+        if self.mode == "simulate":
+            return planes
+        steps = planes.shape[0]
+        weights = torch.tensor([2 ** (steps - 1 - t) for t in range(steps)], dtype=torch.int64, device=planes.device)
+        packed = (planes.to(torch.int64) * weights.view((steps,) + (1,) * (planes.dim() - 1))).sum(0)
+        return [packed.to(self.level_dtype)]
+
+    def _combine(self, infos: list[_Info]) -> Any:
+        events = [i.events for i in infos if i.events is not None]
+        if not events:
+            return None
+        if self.mode == "evaluate":
+            return [p for e in events for p in e]
+        out = events[0]
+        for e in events[1:]:
+            out, e = align_steps(out, e)
+            out = out + e
+        return out
+
+    def _proxy(self, node: Any, component: int) -> Any:
+        """What stands in for a node argument when an op is applied to events."""
+        if not isinstance(node, fx.Node):
+            return node
+        value = self.env[node]
+        info = self.info.get(node)
+        if info is None:
+            return value
+        if self.mode == "simulate":
+            if info.events is not None:
+                return Signal(steps=info.events)
+            dtype = value.const.dtype if isinstance(value, Signal) and value.const is not None else (
+                value.steps.dtype if isinstance(value, Signal) else value.dtype)
+            return Signal(const=torch.zeros(_shape_of(value), dtype=dtype, device=self._device(value)))
+        if info.events is not None and component < len(info.events):
+            return info.events[component]
+        return torch.zeros(_shape_of(value), dtype=self.level_dtype, device=self._device(value))
+
+    @staticmethod
+    def _device(value: Any) -> torch.device:
+        if isinstance(value, Signal):
+            return (value.const if value.const is not None else value.steps).device
+        return value.device
+
+    def _structural(self, n: fx.Node, infos: list[_Info]) -> Any:
+        """Apply a structural op (flatten, reshape, concat, pad, ...) to the events."""
+        components = 1 if self.mode == "simulate" else max(len(i.events) for i in infos if i.events is not None)
+        results = []
+        for k in range(components):
+            args = fx.map_arg(n.args, lambda a: self._proxy(a, k))
+            kwargs = fx.map_arg(n.kwargs, lambda a: self._proxy(a, k))
+            if n.op == "call_module":
+                module = self.fetch_attr(n.target)
+                if self.mode == "simulate":
+                    results.append(fold_time(module, args[0].steps))
+                else:
+                    results.append(module(args[0]))
+            elif n.op == "call_function":
+                if n.target is F.pad:  # padding carries no events, whatever the pad value
+                    args, kwargs = (args[0], _arg(args, kwargs, 1, "pad", None)), {}
+                if self.mode == "simulate":
+                    results.append(simulate_call(n.target, *args, **kwargs).steps)
+                else:
+                    results.append(n.target(*args, **kwargs))
+            else:
+                if self.mode == "simulate":
+                    results.append(simulate_method(n.target, *args, **kwargs).steps)
+                else:
+                    results.append(getattr(args[0], n.target)(*args[1:], **kwargs))
+        return results[0] if self.mode == "simulate" else results
+
+    # --- rules ----------------------------------------------------------------------------------
+
+    def _track(self, n: fx.Node, value: Any) -> _Info | None:
+        if n.op == "output" or not isinstance(value, (Tensor, Signal)):
+            return None
+        if n.op in ("placeholder", "get_attr"):
+            return _Info(None, analog=True)
+        infos = [self.info[a] for a in n.all_input_nodes if a in self.info]
+        has_events = any(i.events is not None for i in infos)
+        analog = any(i.analog for i in infos)
+        if n.op == "call_module":
+            module = self.fetch_attr(n.target)
+            if isinstance(module, BitSerialIFNode):
+                return self._neuron(n, module, value)
+            if isinstance(module, LAYERS):
+                return self._layer(n, module, value, infos)
+            if isinstance(module, _AVG_POOL_MODULES):
+                return self._pool(n, module, (), {}, value, infos)
+            if isinstance(module, _STRUCTURAL_MODULES):
+                return _Info(self._structural(n, infos) if has_events else None, analog)
+            if isinstance(module, _NORMS):  # a per-channel scale of the events, and a shift (analog)
+                return _Info(self._combine(infos), True)
+            return _Info(None, True)  # MaxPool and other ops on the potential: analog
+        fn = n.target
+        method = n.op == "call_method"
+        if (method and fn in _STRUCTURAL_METHODS) or (not method and fn in _STRUCTURAL_FUNCTIONS):
+            return _Info(self._structural(n, infos) if has_events else None, analog)
+        constants = [a for a in n.args if not isinstance(a, fx.Node)]
+        if (method and fn in _ADD_METHODS) or (not method and fn in _ADD_FUNCTIONS):
+            return _Info(self._combine(infos), analog or any(isinstance(c, (int, float, Tensor)) for c in constants))
+        if (method and fn in _SCALE_METHODS) or (not method and fn in _SCALE_FUNCTIONS):
+            # a scale (a constant, or a tensor attribute) keeps the events and adds nothing analog
+            scaled = [self.info[a] for a in n.all_input_nodes if a in self.info and a.op != "get_attr"]
+            return _Info(self._combine(scaled), any(i.analog for i in scaled))
+        if (method and fn == "mean") or (not method and fn in _POOL_FUNCTIONS):
+            fetched_args, fetched_kwargs = self.fetch_args_kwargs_from_env(n)
+            return self._pool(n, torch.mean if method else fn, fetched_args, fetched_kwargs, value, infos)
+        if has_events and not self._acts_on_potential(fn, method):
+            raise UnsupportedModelError(f"energy: no rule for counting spikes through {getattr(fn, '__name__', fn)}")
+        return _Info(None, True)
+
+    @staticmethod
+    def _acts_on_potential(fn: Any, method: bool) -> bool:
+        return not method and fn in (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d, torch.clamp, torch.relu,
+                                     F.relu)
+
+    def _neuron(self, n: fx.Node, module: BitSerialIFNode, value: Any) -> _Info:
+        if self.mode == "simulate":
+            info = _Info(value.spikes, analog=False)
+        else:
+            info = _Info([self._levels.pop(n.target).to(self.level_dtype)], analog=False)
+        stats = self.neurons.get(n.name)
+        if stats is None:
+            stats = self.neurons[n.name] = _NeuronStats(n, _per_image(_shape_of(value)), module.timesteps)
+        stats.spikes = stats.spikes + _total(self._count_map(info))
+        return info
+
+    def _input_kind(self, info: _Info | None) -> str:
+        if info is None or info.events is None:
+            return "analog"
+        return "mixed" if info.analog else "spikes"
+
+    def _layer(self, n: fx.Node, layer: nn.Module, value: Any, infos: list[_Info]) -> _Info:
+        source = n.args[0]
+        info = self.info.get(source) if isinstance(source, fx.Node) else None
+        in_shape = tuple(_shape_of(self.env[source]))
+        row = self.rows.get(n.name)
+        if row is None:
+            out = _per_image(_shape_of(value))
+            if isinstance(layer, nn.Linear):
+                macs = out * layer.in_features
+            else:
+                macs = out * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
+            kind = self._input_kind(info)
+            row = self.rows[n.name] = _Row(n.target, type(layer).__name__, n, kind, macs, 0,
+                                           macs if kind != "spikes" else 0, 0, True)
+        if info is not None and info.events is not None:
+            spikes, sops = self._layer_sops(layer, self._count_map(info), in_shape)
+            row.input_spikes = row.input_spikes + spikes
+            row.synaptic_ops = row.synaptic_ops + sops
+        return _Info(None, analog=True)  # currents and bias: not spikes
+
+    def _layer_sops(self, layer: nn.Module, count: Tensor, in_shape: tuple) -> tuple[Tensor, Tensor]:
+        """(input events, synaptic ops) of a layer, from its input's event counts [N, ...]."""
+        if isinstance(layer, nn.Linear):
+            spikes = _total(count)
+            return spikes, spikes * layer.out_features
+        if self.mode == "simulate":
+            # the definition: the event map convolved with an all-ones kernel of the weight's shape
+            dtype = _count_dtype(count.device)
+            occupancy = layer._conv_forward(count.to(dtype), _conv_ones_kernel(layer, dtype, count.device), None)
+            return _total(count), _total(occupancy) * (
+                layer.out_channels // layer.groups)
+        # fast path: popcount map, summed over images and channels, times the fan-out map
+        key = (id(layer), in_shape[1:], count.device)
+        if key not in self._fanouts:
+            self._fanouts[key] = _conv_fanout(layer, in_shape[1:]).to(count.device)
+        positions = count.sum((0, 1), dtype=torch.int64)
+        return positions.sum(), (positions * self._fanouts[key][0]).sum()
+
+    def _pool(self, n: fx.Node, target: Any, args: tuple, kwargs: dict, value: Any, infos: list[_Info]) -> _Info:
+        source = n.args[0]
+        info = self.info.get(source) if isinstance(source, fx.Node) else None
+        analog = info is None or info.analog
+        if info is None or info.events is None:
+            return _Info(None, analog)  # pooling analog values only: not counted
+        in_shape = tuple(_shape_of(self.env[source]))
+        kind, params = _pool_params(target, args, kwargs)
+        sums = _window_sums(kind, params, torch.Size(in_shape))
+        row = self.rows.get(n.name)
+        if row is None:
+            adds = int(_pool_fanout(sums, in_shape[1:]).sum())
+            name = n.target if n.op == "call_module" else n.name
+            kind_name = type(target).__name__ if isinstance(target, nn.Module) else kind
+            input_kind = self._input_kind(info)
+            row = self.rows[n.name] = _Row(name, kind_name, n, input_kind, 0, adds, 0,
+                                           adds if input_kind == "mixed" else 0, False)
+        count = self._count_map(info)
+        row.input_spikes = row.input_spikes + _total(count)
+        if self.mode == "simulate":
+            window_counts = sums(count.to(_count_dtype(count.device)))
+            row.synaptic_ops = row.synaptic_ops + _total(window_counts)
+        else:
+            key = (n.name, in_shape[1:], count.device)
+            if key not in self._fanouts:
+                self._fanouts[key] = _pool_fanout(sums, in_shape[1:]).to(count.device)
+            row.synaptic_ops = row.synaptic_ops + (count * self._fanouts[key]).sum()
+        # the events after the pool: the nonzero entries of each step's pooled plane
+        planes = self._planes(info)
+        pooled = fold_time(lambda s: sums(s), planes.to(_count_dtype(planes.device)))
+        return _Info(self._from_planes((pooled != 0).to(pooled.dtype)), analog)
+
+    # --- the result ------------------------------------------------------------------------------
+
+    def result(self) -> OpCounts:
+        graph_order = {node: i for i, node in enumerate(self.module.graph.nodes)}
+        row_nodes = {row.node: key for key, row in self.rows.items()}
+        layers: list[tuple[int, LayerCounts]] = []
+        assigned: dict[str, _NeuronStats] = {}
+        orphans: list[_NeuronStats] = []
+        for stats in self.neurons.values():
+            drivers = self._drivers(stats.node, row_nodes)
+            if drivers:  # several (a projection shortcut): the layer of most MACs, the main path
+                main = min(drivers, key=lambda d: (-self.rows[row_nodes[d]].macs, graph_order[d]))
+                assigned.setdefault(row_nodes[main], stats)
+            else:
+                orphans.append(stats)
+        sites = {key: self._drives(row.node, row_nodes) for key, row in self.rows.items()}
+        for key, row in self.rows.items():
+            stats = assigned.get(key)
+            site = stats.node.target if stats else sites[key]
+            layers.append((graph_order[row.node], LayerCounts(
+                name=row.name, kind=row.kind, input=row.input, site=site,
+                neurons=stats.neurons if stats else 0, timesteps=stats.timesteps if stats else 0,
+                spikes=int(stats.spikes) if stats else 0, input_spikes=int(row.input_spikes),
+                synaptic_ops=int(row.synaptic_ops), snn_macs=row.snn_macs * self.images,
+                snn_adds=row.snn_adds * self.images, macs=row.macs * self.images,
+                ann_adds=row.ann_adds * self.images, weighted=row.weighted)))
+        for stats in orphans:
+            layers.append((graph_order[stats.node], LayerCounts(
+                name=stats.node.target, kind="neurons", input="-", site=stats.node.target,
+                neurons=stats.neurons, timesteps=stats.timesteps, spikes=int(stats.spikes), input_spikes=0,
+                synaptic_ops=0, snn_macs=0, snn_adds=0, macs=0, ann_adds=0, weighted=False)))
+        return OpCounts(images=self.images, timesteps=self.timesteps, mode=self.mode,
+                        layers=[row for _, row in sorted(layers, key=lambda item: item[0])])
+
+    def _drivers(self, neuron: fx.Node, row_nodes: dict) -> list[fx.Node]:
+        """The layer rows whose output reaches `neuron` without passing another neuron or layer."""
+        found, stack, seen = [], list(neuron.all_input_nodes), set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in row_nodes:
+                found.append(node)
+            elif not (node.op == "call_module" and isinstance(self.fetch_attr(node.target), (BitSerialIFNode,) + LAYERS)):
+                stack.extend(node.all_input_nodes)
+        return found
+
+    def _drives(self, row: fx.Node, row_nodes: dict) -> str | None:
+        """The neuron layer a row's output reaches first (None: the readout)."""
+        stack, seen = list(row.users), set()
+        while stack:
+            node = stack.pop(0)
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.op == "call_module" and isinstance(self.fetch_attr(node.target), BitSerialIFNode):
+                return node.target
+            if node not in row_nodes and not (node.op == "call_module"
+                                              and isinstance(self.fetch_attr(node.target), LAYERS)):
+                stack.extend(node.users)
+        return None
+
+
+class OperationCounter:
+    """Counts spikes, synaptic operations and MACs of an SNN, batch by batch.
+
+    mode "evaluate": the fast path (level maps, popcounts, fan-out maps); "simulate": the
+    time-stepped simulator's binary spike planes. Both give identical counts. Calling the counter
+    on a batch returns the SNN's logits (equal to `snn.evaluate(x)` / `snn.simulate(x)`).
+    """
+
+    def __init__(self, snn, mode: str = "evaluate") -> None:
+        self._counter = _Counter(snn, mode)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        return self._counter.run_batch(x)
+
+    def result(self) -> OpCounts:
+        return self._counter.result()
+
+
+@torch.no_grad()
+def count_operations(snn, batches: Iterable, *, mode: str = "evaluate", device: str | torch.device = "cpu",
+                     progress: bool = False, total: int | None = None, context: Context = Context()) -> OpCounts:
+    """Spikes, SOPs and MACs of `snn` over `batches` of images (or (images, labels) pairs).
+
+    `context` (a `distributed.Context`, under torchrun): each rank passes its shard of the images
+    and the integer counts are summed over ranks, so every rank gets those of one process."""
+    from tqdm import tqdm
+
+    from .evaluation import prepare_for_device
+
+    device = torch.device(device)
+    snn = prepare_for_device(snn.eval(), device)
+    dtype = next(iter(snn.parameters()), torch.zeros(())).dtype
+    counter = OperationCounter(snn, mode)
+    for batch in tqdm(batches, total=total, desc=f"energy ({mode})", unit="batch", disable=not progress):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        counter(x.to(device, dtype=dtype))
+    counts = counter.result()
+    if context.distributed:
+        counts = _sum_over_ranks(counts, context)
+    if counts.images == 0:
+        raise Ann2SnnError("energy: no images to count over (the data set is empty)")
+    return counts
+
+
+# Totals over the images counted (LayerCounts' other fields are per image or structural).
+_SUMMED_FIELDS = ("spikes", "input_spikes", "synaptic_ops", "snn_macs", "snn_adds", "macs", "ann_adds")
+
+
+def _sum_over_ranks(counts: OpCounts, context: Context) -> OpCounts:
+    """The counts of all ranks' shards added up (exact: int64). Every rank must have counted at
+    least one image, so that all of them know the layers."""
+    from dataclasses import replace
+
+    fewest = -all_reduce_max(-float(counts.images), context)
+    if fewest == 0:
+        total = int(all_reduce_sum(torch.tensor([counts.images], dtype=torch.int64), context).item())
+        if total == 0:
+            raise Ann2SnnError("energy: no images to count over (the data set is empty)")
+        raise Ann2SnnError(f"energy: {total} images for {context.world_size} processes leave some with none; "
+                           "use fewer processes or more images")
+    local = torch.tensor([counts.images] + [getattr(layer, f) for layer in counts.layers for f in _SUMMED_FIELDS],
+                         dtype=torch.int64)
+    totals = all_reduce_sum(local, context).tolist()
+    per_layer = len(_SUMMED_FIELDS)
+    layers = [replace(layer, **dict(zip(_SUMMED_FIELDS, totals[1 + i * per_layer:1 + (i + 1) * per_layer])))
+              for i, layer in enumerate(counts.layers)]
+    return replace(counts, images=totals[0], layers=layers)
+
+
+# ==============================================================================================
+# Energy
+
+MEMORY_MODEL = ("one weight read per MAC or synaptic op of a conv/linear layer (memory_weight); per neuron one "
+                "state read and one write per time step in the SNN, once in the ANN (memory_state)")
+NEURON_MODEL = "neurons * T * neuron_update"
+
+
+@dataclass
+class EnergyReport:
+    images: int
+    timesteps: int
+    mode: str
+    table: EnergyTable
+    neuron_updates: bool
+    memory: bool
+    layers: list[dict]
+    total: dict
+
+    @property
+    def terms(self) -> list[str]:
+        """The energy terms included, named."""
+        terms = ["compute (MAC / AC)"]
+        if self.neuron_updates:
+            terms.append(f"neuron updates ({NEURON_MODEL})")
+        if self.memory:
+            terms.append(f"memory ({MEMORY_MODEL})")
+        return terms
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "timesteps": self.timesteps, "mode": self.mode,
+                "table": self.table.to_json(), "terms": self.terms,
+                "options": {"neuron_updates": self.neuron_updates, "memory": self.memory},
+                "layers": self.layers, "total": self.total}
+
+
+def estimate_energy(counts: OpCounts, table: EnergyTable | None = None, *, neuron_updates: bool = False,
+                    memory: bool = False) -> EnergyReport:
+    """Per-layer and total energy per image of the SNN and of the same ANN (METHOD.md section 6)."""
+    table = table or load_table()
+    e_mac, e_ac = table.pj("mac"), table.pj("ac")
+    e_neuron = table.require("neuron_update", "--neuron-updates") if neuron_updates else 0.0
+    e_weight = table.require("memory_weight", "--memory") if memory else 0.0
+    e_state = table.require("memory_state", "--memory") if memory else 0.0
+    images = counts.images
+    rows = []
+    for layer in counts.layers:
+        per: dict[str, Any] = {k: getattr(layer, k) / images for k in ("spikes", "input_spikes", "synaptic_ops")}
+        per.update({k: getattr(layer, k) // images for k in ("snn_macs", "snn_adds", "macs", "ann_adds")})
+        row: dict[str, Any] = {"name": layer.name, "kind": layer.kind, "input": layer.input, "site": layer.site,
+                               "neurons": layer.neurons, "timesteps": layer.timesteps, **per}
+        row["spike_rate"] = per["spikes"] / (layer.neurons * layer.timesteps) if layer.neurons else None
+        snn = per["snn_macs"] * e_mac + (per["synaptic_ops"] + per["snn_adds"]) * e_ac
+        ann = per["macs"] * e_mac + per["ann_adds"] * e_ac
+        if neuron_updates:
+            row["neuron_energy_pj"] = layer.neurons * layer.timesteps * e_neuron
+            snn += row["neuron_energy_pj"]
+        if memory:
+            weight_reads = per["snn_macs"] + per["synaptic_ops"] if layer.weighted else 0.0
+            row["snn_memory_energy_pj"] = weight_reads * e_weight + 2 * layer.neurons * layer.timesteps * e_state
+            row["ann_memory_energy_pj"] = (per["macs"] if layer.weighted else 0.0) * e_weight \
+                + 2 * layer.neurons * e_state
+            snn += row["snn_memory_energy_pj"]
+            ann += row["ann_memory_energy_pj"]
+        row["snn_energy_pj"] = snn
+        row["ann_energy_pj"] = ann
+        rows.append(row)
+    total: dict[str, Any] = {k: sum(r[k] for r in rows) for k in (
+        "neurons", "spikes", "input_spikes", "synaptic_ops", "snn_macs", "snn_adds", "macs", "ann_adds",
+        "snn_energy_pj", "ann_energy_pj")}
+    neuron_steps = sum(r["neurons"] * r["timesteps"] for r in rows)
+    total["spike_rate"] = total["spikes"] / neuron_steps if neuron_steps else None
+    for key in ("neuron_energy_pj", "snn_memory_energy_pj", "ann_memory_energy_pj"):
+        if rows and key in rows[0]:
+            total[key] = sum(r[key] for r in rows)
+    total["ratio"] = total["ann_energy_pj"] / total["snn_energy_pj"] if total["snn_energy_pj"] > 0 else None
+    return EnergyReport(images=images, timesteps=counts.timesteps, mode=counts.mode, table=table,
+                        neuron_updates=neuron_updates, memory=memory, layers=rows, total=total)
+
+
+def energy_report(snn, batches: Iterable, table: EnergyTable | str | os.PathLike | None = None, *,
+                  mode: str = "evaluate", neuron_updates: bool = False, memory: bool = False,
+                  device: str | torch.device = "cpu", progress: bool = False, total: int | None = None) -> EnergyReport:
+    """count_operations, then estimate_energy with `table` (an EnergyTable, a shipped name or a file)."""
+    table = table if isinstance(table, EnergyTable) else load_table(table)
+    counts = count_operations(snn, batches, mode=mode, device=device, progress=progress, total=total)
+    return estimate_energy(counts, table, neuron_updates=neuron_updates, memory=memory)
+
+
+def format_report(report: EnergyReport) -> str:
+    """The report as a readable table (energies in nJ per image)."""
+    from .tables import format_table
+
+    rows = []
+    for r in report.layers:
+        rows.append({"layer": r["name"], "input": r["input"], "neurons": r["neurons"], "spikes": r["spikes"],
+                     "rate": "" if r["spike_rate"] is None else r["spike_rate"], "SOPs": r["synaptic_ops"],
+                     "SNN MACs": r["snn_macs"], "ANN MACs": r["macs"],
+                     "SNN nJ": r["snn_energy_pj"] / 1e3, "ANN nJ": r["ann_energy_pj"] / 1e3})
+    t = report.total
+    rows.append({"layer": "total", "input": "", "neurons": t["neurons"], "spikes": t["spikes"],
+                 "rate": "" if t["spike_rate"] is None else t["spike_rate"], "SOPs": t["synaptic_ops"],
+                 "SNN MACs": t["snn_macs"], "ANN MACs": t["macs"],
+                 "SNN nJ": t["snn_energy_pj"] / 1e3, "ANN nJ": t["ann_energy_pj"] / 1e3})
+    columns = ["layer", "input", "neurons", "spikes", "rate", "SOPs", "SNN MACs", "ANN MACs", "SNN nJ", "ANN nJ"]
+    headers = ["layer", "input", "neurons", "spikes/img", "spikes/neuron/step", "SOPs/img", "SNN MACs/img",
+               "ANN MACs/img", "SNN nJ/img", "ANN nJ/img"]
+    table = report.table
+    lines = [f"energy per image over {report.images} images (T = {report.timesteps}, counted by {report.mode}); "
+             f"table {table.name}: E_MAC = {table.pj('mac'):g} pJ, E_AC = {table.pj('ac'):g} pJ",
+             "terms: " + "; ".join(report.terms),
+             "neurons, spikes: the neuron layer each layer drives; SOPs: accumulates driven by the layer's input "
+             "spikes; SNN MACs: layers driven by analog values (the input image)",
+             format_table(rows, columns, headers)]
+    ratio = t["ratio"]
+    lines.append(f"SNN {t['snn_energy_pj'] / 1e6:.4g} uJ, ANN {t['ann_energy_pj'] / 1e6:.4g} uJ per image: "
+                 + (f"ANN / SNN energy ratio {ratio:.3g}x" if ratio is not None else "ANN / SNN energy ratio undefined"))
+    return "\n".join(lines)
+
+
+def plot_energy(report: EnergyReport, path: str | os.PathLike) -> None:
+    """Per-layer spike rate and energy (SNN vs ANN) as an image, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .artifact import write_atomically
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    names = [r["name"] for r in report.layers]
+    x = list(range(len(names)))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.6 * len(names) + 2), 7), sharex=True)
+    rates = [r["spike_rate"] or 0.0 for r in report.layers]
+    top.bar(x, rates, color="tab:green")
+    top.set_ylabel("spikes / neuron / step\n(neurons each layer drives)")
+    top.set_title(f"{report.images} images, T = {report.timesteps}, table {report.table.name}")
+    width = 0.4
+    bottom.bar([i - width / 2 for i in x], [r["snn_energy_pj"] / 1e3 for r in report.layers], width, label="SNN")
+    bottom.bar([i + width / 2 for i in x], [r["ann_energy_pj"] / 1e3 for r in report.layers], width, label="ANN")
+    bottom.set_ylabel("energy per image (nJ)")
+    if any(r["snn_energy_pj"] > 0 or r["ann_energy_pj"] > 0 for r in report.layers):
+        bottom.set_yscale("log")
+    ratio = report.total["ratio"]
+    bottom.legend(title=f"ANN / SNN = {ratio:.3g}x" if ratio is not None else None)
+    bottom.set_xticks(x)
+    bottom.set_xticklabels(names, rotation=45, ha="right")
+    fig.tight_layout()
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt))
+    except ValueError as err:  # an image format matplotlib does not know
+        raise Ann2SnnError(f"--plot {path}: {str(err).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)
+
+
+__all__ = [
+    "EnergyCost", "EnergyTable", "available_tables", "load_table", "parse_table", "DEFAULT_TABLE",
+    "LayerCounts", "OpCounts", "OperationCounter", "count_operations",
+    "EnergyReport", "estimate_energy", "energy_report", "format_report", "plot_energy",
+]
