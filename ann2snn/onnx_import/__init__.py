@@ -1,0 +1,133 @@
+"""Import an ONNX CNN as a torch.fx GraphModule that the compiler's passes understand.
+
+    gm = load_onnx("model.onnx")          # call_module: nn.Conv2d, nn.BatchNorm2d, nn.Linear, ...,
+    gm, sites = qdq_to_sites(gm)          # QuantDequant -> QuantClippedActivation (sites.py)
+
+The emitted graph uses only the modules and functions listed in CONTRACT_MODULES and
+CONTRACT_FUNCTIONS, constants are get_attr buffers of the root module (so `.double()` converts
+them), dimension 0 is the batch and stays dynamic. Node and module names come from the ONNX node
+names. Every refusal is an UnsupportedModelError with one line that begins with the file's path.
+"""
+from __future__ import annotations
+
+import operator
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import fx, nn
+
+from . import converters  # noqa: F401  (registers the converters)
+from .builder import GraphBuilder, sanitize
+from .modules import QuantDequant
+from .reader import FLOAT_INPUTS, check_finite, graph_inputs, infer_shapes, network_input, read_model
+from .registry import find_converter, supported_op_types
+from ..errors import UnsupportedModelError
+
+# What an imported graph may contain: the passes and the .snn serializer handle exactly these.
+CONTRACT_MODULES = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear, nn.MaxPool1d, nn.MaxPool2d,
+                    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten,
+                    nn.Identity, nn.ReLU, nn.Hardtanh, QuantDequant)
+CONTRACT_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.cat, torch.flatten,
+                      torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze, torch.clamp, torch.relu,
+                      torch.matmul, F.pad, torch.mean)
+
+__all__ = ["load_onnx", "inspect_onnx", "supported_op_types", "QuantDequant", "CONTRACT_MODULES",
+           "CONTRACT_FUNCTIONS"]
+
+
+def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphModule:
+    """The ONNX model as a torch.fx GraphModule in eval mode (see the module docstring)."""
+    model, where, opset = read_model(path_or_model)
+    model = infer_shapes(model, where)
+    data = network_input(model, where)
+    check_finite(model, where)
+    declared = data.dims[0] if isinstance(data.dims[0], int) and data.dims[0] > 0 else None
+    builder = GraphBuilder(where, opset, probe_batch=declared or 1, declared_batch=declared)
+    graph = model.graph
+    builder.used_values = {name for node in graph.node for name in node.input if name}
+    builder.used_values |= {value.name for value in graph.output}
+    for tensor in graph.initializer:
+        builder.env[tensor.name] = numpy_helper.to_array(tensor)
+    dtype = getattr(torch, FLOAT_INPUTS[data.elem_type])
+    probe = torch.zeros((builder.probe_batch, *data.dims[1:]), dtype=dtype)
+    builder.env[data.name] = builder.placeholder(data.name, probe)
+    for node in graph.node:
+        builder.convert(node)
+    unfused = builder.unfused_quantize()
+    if unfused is not None:
+        raise UnsupportedModelError(f"{where}: QuantizeLinear {unfused.node_name!r} is not followed by "
+                                    "DequantizeLinear")
+    builder.output_node([builder.env[v.name] for v in graph.output], [v.name for v in graph.output])
+    gm = fx.GraphModule(builder.root, builder.graph, class_name=sanitize(graph.name, "OnnxGraph"))
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta["onnx"] = {"file": where, "opset": opset, "input": data.name}
+    return gm.eval()
+
+
+def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
+    """A summary of an ONNX file: opset, IR version, input, op counts (supported or not), QDQ pairs."""
+    model, where, opset = read_model(path)
+    inputs = graph_inputs(model)
+    counts = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+                     for node in model.graph.node)
+    ops = {}
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        ops[key] = {"count": counts[key], "supported": find_converter(node.op_type, opset, node.domain) is not None}
+    first = inputs[0] if inputs else None
+    return {
+        "file": where,
+        "ir_version": model.ir_version,
+        "opset": opset,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "input": {"name": first.name, "shape": first.dims,
+                  "dtype": onnx.helper.tensor_dtype_to_string(first.elem_type).removeprefix("TensorProto.")}
+        if first else None,
+        "inputs": len(inputs),
+        "outputs": [v.name for v in model.graph.output],
+        "ops": ops,
+        "all_ops_supported": all(v["supported"] for v in ops.values()),
+        "qdq_pairs": _qdq_pairs(model),
+    }
+
+
+def _qdq_pairs(model: onnx.ModelProto) -> dict:
+    """QuantizeLinear -> DequantizeLinear pairs on activations, keyed by the QuantizeLinear's name."""
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            constants[node.output[0]] = node.attribute[0].t
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    pairs = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        dequantizers = [c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+        if not dequantizers:
+            continue
+
+        def value(position: int) -> list | float | None:
+            if position >= len(node.input) or node.input[position] not in constants:
+                return None
+            array = numpy_helper.to_array(constants[node.input[position]]).astype(np.float64).reshape(-1)
+            return float(array[0]) if array.size == 1 else array.tolist()
+
+        zero = constants.get(node.input[2]) if len(node.input) > 2 else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        pairs[node.name or f"QuantizeLinear_{index}"] = {
+            "input": node.input[0], "dequantize": [d.name for d in dequantizers], "scale": value(1),
+            "zero_point": value(2) if zero is not None else 0.0,
+            "dtype": onnx.helper.tensor_dtype_to_string(zero.data_type).removeprefix("TensorProto.")
+            if zero is not None else "UINT8", "axis": axis}
+    return pairs

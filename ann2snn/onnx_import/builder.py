@@ -1,0 +1,343 @@
+"""Builds the torch.fx graph of an ONNX graph, one node at a time, through the registered converters.
+
+Every ONNX value becomes one of:
+- an `fx.Node`: a tensor that depends on the network input; its dimension 0 is the batch, always
+  (converters refuse what would move it), so the batch size stays dynamic;
+- a `numpy.ndarray`: a constant (initializer, Constant, or a node whose inputs are all constants,
+  folded at import by onnx's reference implementation, so folding follows the spec exactly);
+- a `BatchDependent`: a small integer tensor computed from the batch size, e.g. Shape -> Gather ->
+  Concat before a Reshape; it is evaluated at two probe batch sizes, so a Reshape can tell which
+  entry is the batch (it changes with it) from the static ones (they do not);
+- a `Quantized`: the output of a QuantizeLinear on a tensor, waiting for its DequantizeLinear.
+
+Each emitted node also runs once on a probe tensor at import, so converters know static shapes and
+a node that cannot run fails here, with its ONNX name, not later in a pass.
+"""
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import fx, nn
+
+from ..errors import UnsupportedModelError
+from .registry import get_converter
+
+# Two batch sizes at which batch-dependent shape arithmetic is evaluated.
+BATCH_PROBES = (2, 3)
+
+
+@dataclass
+class BatchDependent:
+    """An integer tensor computed from the batch size: its values at the two BATCH_PROBES."""
+
+    values: tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class Quantized:
+    """A QuantizeLinear on a tensor: becomes a QuantDequant when its DequantizeLinear comes."""
+
+    source: fx.Node
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qmin: int
+    qmax: int
+    axis: int
+    node_name: str
+    fused: dict = field(default_factory=dict)  # (scale, zero point) bytes -> QuantDequant node
+
+
+Value = Any  # fx.Node | np.ndarray | BatchDependent | Quantized | None (an absent optional input)
+
+
+def sanitize(name: str, fallback: str) -> str:
+    """A Python identifier from an ONNX name: '/layer1/conv/Conv' -> 'layer1_conv_Conv'."""
+    text = re.sub(r"\W+", "_", name).strip("_") or fallback
+    if text[0].isdigit() or keyword.iskeyword(text):
+        text = f"n_{text}"
+    return text
+
+
+def attribute_defaults(schema: onnx.defs.OpSchema) -> dict[str, Any]:
+    """The spec's default of every attribute that has one."""
+    defaults = {}
+    for name, attribute in schema.attributes.items():
+        default = attribute.default_value
+        if default.type != onnx.AttributeProto.UNDEFINED:
+            value = helper.get_attribute_value(default)
+            defaults[name] = value.decode() if isinstance(value, bytes) else value
+    return defaults
+
+
+def fold_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """Run `node` on constant inputs with onnx's reference implementation, as opset `opset` defines it."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: value for name, value in zip(node.input, inputs) if name}
+    untyped = onnx.TypeProto()
+    # a model, not the bare node: only a model's opset import selects the op's version
+    graph = helper.make_graph([node], "fold", [helper.make_value_info(name, untyped) for name in feeds],
+                              [helper.make_value_info(name, untyped) for name in node.output if name])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        evaluator = ReferenceEvaluator(model)
+    except RuntimeError:  # no implementation as old as `opset`: the later one computes the same on valid inputs
+        evaluator = ReferenceEvaluator(node)
+    return [np.asarray(v) for v in evaluator.run(None, feeds)]
+
+
+class GraphBuilder:
+    """The fx graph under construction, with its root module of layers and constant buffers."""
+
+    def __init__(self, where: str, opset: int, probe_batch: int, declared_batch: int | None) -> None:
+        self.where = where
+        self.opset = opset
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[str, Value] = {}
+        self.probes: dict[fx.Node, torch.Tensor] = {}
+        self.probe_batch = probe_batch
+        # A file exported with a fixed batch size B0 has constant reshape targets [B0, ...]:
+        # their B0 is read as the (now dynamic) batch size.
+        self.declared_batch = declared_batch
+        self._buffers: dict[int, tuple[np.ndarray, fx.Node]] = {}
+        self._quantized: list[Quantized] = []
+        self.used_values: set[str] = set()
+
+    # --- naming ----------------------------------------------------------------------------
+    def attribute_name(self, base: str) -> str:
+        """An attribute name for the root module that nothing uses yet."""
+        name, index = base, 1
+        while hasattr(self.root, name) or hasattr(nn.Module, name) or hasattr(fx.GraphModule, name):
+            index += 1
+            name = f"{base}_{index}"
+        return name
+
+    # --- emitting nodes --------------------------------------------------------------------
+    def placeholder(self, name: str, probe: torch.Tensor) -> fx.Node:
+        node = self.graph.placeholder(sanitize(name, "input"))
+        self.probes[node] = probe
+        return node
+
+    def buffer(self, array: np.ndarray, base: str) -> fx.Node:
+        """A get_attr node of a constant, registered as a buffer of the root module."""
+        key = id(array)  # the same constant used twice gets one buffer
+        if key in self._buffers:
+            return self._buffers[key][1]
+        tensor = to_torch(array, self.where, base)
+        name = self.attribute_name(sanitize(base, "const"))
+        self.root.register_buffer(name, tensor)
+        node = self.graph.get_attr(name)
+        self.probes[node] = tensor
+        self._buffers[key] = (array, node)  # holding the array keeps its id unique
+        return node
+
+    def call_module(self, module: nn.Module, args: tuple, base: str, onnx_node: onnx.NodeProto) -> fx.Node:
+        name = self.attribute_name(base)
+        self.root.add_module(name, module.eval())
+        node = self.graph.call_module(name, args)
+        return self._probe(node, module, args, {}, onnx_node)
+
+    def call_function(self, fn: Callable, args: tuple, kwargs: dict | None, base: str,
+                      onnx_node: onnx.NodeProto) -> fx.Node:
+        node = self.graph.create_node("call_function", fn, args, kwargs or {}, name=base)
+        return self._probe(node, fn, args, kwargs or {}, onnx_node)
+
+    def _probe(self, node: fx.Node, fn: Callable, args: tuple, kwargs: dict, onnx_node: onnx.NodeProto) -> fx.Node:
+        """Run the new node on the probe values of its inputs (no grad), for static shapes."""
+        node.meta["onnx_node"] = onnx_node.name
+        node.meta["onnx_op"] = onnx_node.op_type
+        real_args, real_kwargs = fx.node.map_arg((args, kwargs), lambda n: self.probes[n])
+        try:
+            with torch.no_grad():
+                self.probes[node] = fn(*real_args, **real_kwargs)
+            node.meta["rank"] = self.probes[node].dim()
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise UnsupportedModelError(
+                f"{self.where}: node {onnx_node.name!r} ({onnx_node.op_type}, opset {self.opset}) cannot run: "
+                f"{first_line(err)}") from None
+        return node
+
+    # --- the ONNX graph --------------------------------------------------------------------
+    def convert(self, node: onnx.NodeProto) -> None:
+        converter = get_converter(node, self.opset, self.where)
+        ctx = NodeContext(self, node)
+        inputs = [self.env.get(name) if name else None for name in node.input]
+        missing = [name for name in node.input if name and name not in self.env]
+        if missing:
+            raise UnsupportedModelError(f"{self.where}: node {node.name!r} ({node.op_type}) reads undefined "
+                                        f"value {missing[0]!r} (the graph is not topologically sorted)")
+        if not any(isinstance(v, (fx.Node, Quantized)) for v in inputs):
+            outputs = ctx.fold(inputs)
+        else:
+            outputs = converter(ctx)
+            ctx.check_attributes_read()
+        for index, name in enumerate(node.output):
+            if not name:
+                continue
+            if index >= len(outputs) or outputs[index] is None:
+                if name in self.used_values:
+                    ctx.fail(f"output {index} ({name!r}) is not supported")
+                continue
+            self.env[name] = outputs[index]
+
+    def quantized(self, value: Quantized) -> Quantized:
+        self._quantized.append(value)
+        return value
+
+    def unfused_quantize(self) -> Quantized | None:
+        """A QuantizeLinear on a tensor that no DequantizeLinear undid, if any."""
+        return next((q for q in self._quantized if not q.fused), None)
+
+    def output_node(self, values: list[Value], names: list[str]) -> None:
+        results = []
+        for name, value in zip(names, values):
+            if isinstance(value, Quantized):
+                raise UnsupportedModelError(
+                    f"{self.where}: QuantizeLinear {value.node_name!r} is not followed by DequantizeLinear "
+                    f"(its integer output {name!r} is a graph output)")
+            if isinstance(value, BatchDependent):
+                raise UnsupportedModelError(f"{self.where}: graph output {name!r} is computed from the batch size")
+            if isinstance(value, np.ndarray):
+                value = self.buffer(value, name)
+            results.append(value)
+        self.graph.output(results[0] if len(results) == 1 else tuple(results))
+
+
+class NodeContext:
+    """What a converter sees of one ONNX node: attributes with the spec's defaults, inputs, and emitters."""
+
+    def __init__(self, builder: GraphBuilder, node: onnx.NodeProto) -> None:
+        self.builder = builder
+        self.node = node
+        self.opset = builder.opset
+        self.op_type = node.op_type
+        self.name = sanitize(node.name, node.op_type.lower())
+        schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=builder.opset, domain=node.domain)
+        self._defaults = attribute_defaults(schema)
+        self._given = {a.name: _decode(helper.get_attribute_value(a)) for a in node.attribute}
+        self._read: set[str] = set()
+
+    # --- errors ----------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        return f"{self.builder.where}: node {self.node.name or '<unnamed>'!r} ({self.op_type}, opset {self.opset})"
+
+    def fail(self, detail: str) -> None:
+        raise UnsupportedModelError(f"{self.where}: {detail}")
+
+    def unsupported(self, attribute: str, value: Any, why: str = "") -> None:
+        self.fail(f"attribute {attribute}={value!r} is not supported" + (f" ({why})" if why else ""))
+
+    # --- attributes ------------------------------------------------------------------------
+    def attr(self, name: str, default: Any = None) -> Any:
+        """The attribute's value, else the spec's default, else `default`."""
+        self._read.add(name)
+        if name in self._given:
+            return self._given[name]
+        return self._defaults.get(name, default)
+
+    def has_attr(self, name: str) -> bool:
+        return name in self._given
+
+    def check_attributes_read(self) -> None:
+        """An attribute the converter never looked at must not change the result: refuse it."""
+        for name, value in self._given.items():
+            if name not in self._read and value != self._defaults.get(name, object()):
+                self.unsupported(name, value, "not read by the converter")
+
+    # --- inputs ----------------------------------------------------------------------------
+    def has_input(self, index: int) -> bool:
+        return index < len(self.node.input) and bool(self.node.input[index])
+
+    def input(self, index: int) -> Value:
+        if not self.has_input(index):
+            return None
+        value = self.builder.env[self.node.input[index]]
+        if isinstance(value, Quantized) and self.op_type != "DequantizeLinear":
+            self.fail(f"QuantizeLinear {value.node_name!r} is not followed by DequantizeLinear "
+                      f"(its integer output feeds {self.op_type})")
+        return value
+
+    def dynamic(self, index: int) -> fx.Node:
+        """Input `index`, which must depend on the network input."""
+        value = self.input(index)
+        if not isinstance(value, fx.Node):
+            self.fail(f"input {index} ({self.node.input[index]!r}) must be the network's data, not a constant")
+        return value
+
+    def constant(self, index: int, what: str = "") -> np.ndarray | None:
+        """Input `index` as a constant array (None when the optional input is absent)."""
+        value = self.input(index)
+        if value is None or isinstance(value, np.ndarray):
+            return value
+        kind = "depends on the batch size" if isinstance(value, BatchDependent) else "is not a constant"
+        self.fail(f"input {index} ({what or self.node.input[index]!r}) {kind}; only constant values are supported")
+
+    def is_dynamic(self, index: int) -> bool:
+        return isinstance(self.input(index), fx.Node)
+
+    def shape(self, value: fx.Node) -> tuple[int, ...]:
+        """The shape of a tensor at the probe batch size (dimension 0 is the batch)."""
+        return tuple(self.builder.probes[value].shape)
+
+    def probe(self, value: fx.Node) -> torch.Tensor:
+        return self.builder.probes[value]
+
+    def output_used(self, index: int) -> bool:
+        return index < len(self.node.output) and self.node.output[index] in self.builder.used_values
+
+    # --- emitters ----------------------------------------------------------------------------
+    def tensor(self, value: fx.Node | np.ndarray, base: str = "") -> fx.Node:
+        """A graph value for an operand: the node itself, or a constant as a get_attr buffer."""
+        if isinstance(value, fx.Node):
+            return value
+        return self.builder.buffer(value, base or f"{self.name}_const")
+
+    def call_module(self, module: nn.Module, *args: Any, suffix: str = "") -> fx.Node:
+        return self.builder.call_module(module, args, self.name + suffix, self.node)
+
+    def call_function(self, fn: Callable, *args: Any, suffix: str = "", **kwargs: Any) -> fx.Node:
+        return self.builder.call_function(fn, args, kwargs, self.name + suffix, self.node)
+
+    def fold(self, inputs: list[Value]) -> list[Value]:
+        """Constant folding of a node whose inputs are all constants (or batch-dependent shapes)."""
+        if not any(isinstance(v, BatchDependent) for v in inputs):
+            return self._fold(inputs)
+        runs = [self._fold([v.values[k] if isinstance(v, BatchDependent) else v for v in inputs]) for k in (0, 1)]
+        return [a if a.shape == b.shape and np.array_equal(a, b) else BatchDependent((a, b)) for a, b in zip(*runs)]
+
+    def _fold(self, inputs: list[np.ndarray | None]) -> list[np.ndarray]:
+        try:
+            return fold_node(self.node, inputs, self.opset)
+        except Exception as err:  # the reference implementation raises many kinds
+            self.fail(f"cannot fold constant inputs: {first_line(err)}")
+
+
+def to_torch(array: np.ndarray, where: str, name: str) -> torch.Tensor:
+    """A constant as a torch tensor (refuses dtypes torch lacks: strings, float8, int4)."""
+    try:
+        return torch.from_numpy(np.array(array, copy=True))
+    except TypeError:
+        raise UnsupportedModelError(
+            f"{where}: constant {name!r} has dtype {array.dtype}, which torch cannot hold") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value

@@ -1,0 +1,97 @@
+"""QuantizeLinear -> DequantizeLinear on the data -> one QuantDequant (a fake quantization).
+
+A DequantizeLinear of a constant (quantized weights and biases) never gets here: the builder folds
+it into a float constant. A QuantizeLinear must be undone by a DequantizeLinear with the same
+scale and zero point; its integer output is used by nothing else.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+
+from ..builder import Quantized, sanitize
+from ..modules import QuantDequant
+from ..registry import add_converter
+from .utils import normalize_axis
+
+# The integer range of each quantized type.
+QUANT_RANGES = {
+    TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127),
+    TensorProto.UINT16: (0, 65535), TensorProto.INT16: (-32768, 32767),
+    TensorProto.UINT4: (0, 15), TensorProto.INT4: (-8, 7),
+}
+if hasattr(TensorProto, "UINT2"):
+    QUANT_RANGES.update({TensorProto.UINT2: (0, 3), TensorProto.INT2: (-2, 1)})
+
+_VERSIONS = (10, 13, 19, 21, 23, 24, 25, 28)
+
+
+def _params(ctx, data_rank: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """scale, zero point (or None) and the normalized axis of a Q or DQ node."""
+    scale = ctx.constant(1, "scale")
+    zero_point = ctx.constant(2, "zero_point")
+    block_size = ctx.attr("block_size", 0)
+    if block_size:
+        ctx.unsupported("block_size", block_size, "blocked quantization of activations")
+    axis = ctx.attr("axis", 1)
+    if scale.size == 1:  # per tensor: the spec ignores axis
+        return scale.reshape(-1), zero_point, 1
+    axis = normalize_axis(ctx, axis, data_rank)
+    if axis == 0:
+        ctx.unsupported("axis", ctx.attr("axis", 1), "per-axis quantization along the batch dimension")
+    return scale.reshape(-1), zero_point, axis
+
+
+def _type_name(dtype: int) -> str:
+    return helper.tensor_dtype_to_string(dtype).removeprefix("TensorProto.")
+
+
+def convert_quantize(ctx) -> list:
+    x = ctx.dynamic(0)
+    shape = ctx.shape(x)
+    scale, zero_point, axis = _params(ctx, len(shape))
+    ctx.attr("saturate")  # float8 only
+    precision = ctx.attr("precision", 0)
+    if zero_point is not None:
+        dtype = helper.np_dtype_to_tensor_dtype(zero_point.dtype)
+    else:
+        dtype = ctx.attr("output_dtype", 0) or TensorProto.UINT8
+    if dtype not in QUANT_RANGES:
+        ctx.fail(f"quantized type {_type_name(dtype)} is not supported (integer types only)")
+    if precision and helper.tensor_dtype_to_np_dtype(precision) != ctx.probe(x).numpy().dtype:
+        ctx.unsupported("precision", _type_name(precision), "a division in another precision than the data's")
+    if scale.size > 1 and scale.size != shape[axis]:
+        ctx.fail(f"{scale.size} scales for dimension {axis} of size {shape[axis]}")
+    zero = np.zeros(scale.shape) if zero_point is None else zero_point.astype(np.float64).reshape(-1)
+    qmin, qmax = QUANT_RANGES[dtype]
+    return [ctx.builder.quantized(Quantized(x, scale, zero, qmin, qmax, axis, ctx.node.name))]
+
+
+def convert_dequantize(ctx) -> list:
+    q = ctx.input(0)
+    if not isinstance(q, Quantized):
+        ctx.fail("DequantizeLinear of the network's data needs a QuantizeLinear before it")
+    scale, zero_point, axis = _params(ctx, len(ctx.shape(q.source)))
+    zero = np.zeros(scale.shape) if zero_point is None else zero_point.astype(np.float64).reshape(-1)
+    output_dtype = ctx.attr("output_dtype", 0)
+    if output_dtype and helper.tensor_dtype_to_np_dtype(output_dtype) != scale.dtype:
+        ctx.unsupported("output_dtype", _type_name(output_dtype), "a type other than the scale's")
+    per_axis = scale.size > 1 or q.scale.size > 1
+    if (scale.size != q.scale.size or not np.array_equal(scale, q.scale) or not np.array_equal(zero, q.zero_point)
+            or (per_axis and axis != q.axis)):
+        ctx.fail(f"scale / zero point / axis differ from those of QuantizeLinear {q.node_name!r}: "
+                 "only a QuantizeLinear -> DequantizeLinear pair that undoes itself is supported")
+    if "node" not in q.fused:  # several DequantizeLinear of one QuantizeLinear share one module
+        dtype = ctx.probe(q.source).dtype
+        module = QuantDequant(torch.from_numpy(scale.copy()).to(dtype), torch.from_numpy(zero).to(dtype),
+                              q.qmin, q.qmax, axis if per_axis else 1)
+        node = ctx.builder.call_module(module, (q.source,), sanitize(q.node_name, "quant_dequant"), ctx.node)
+        node.meta["onnx_nodes"] = [q.node_name, ctx.node.name]
+        q.fused["node"] = node
+    return [q.fused["node"]]
+
+
+for _version in _VERSIONS:
+    add_converter("QuantizeLinear", _version)(convert_quantize)
+    add_converter("DequantizeLinear", _version)(convert_dequantize)

@@ -1,0 +1,190 @@
+"""Pass: QDQ activation sites of an imported graph become QuantClippedActivation (METHOD.md section 1).
+
+A QuantDequant with zero point 0 on a non-negative tensor is a quantized clipped ReLU:
+
+    theta = scale,  lambda = the clip bound c (if c <= qmax * scale) else qmax * scale,
+    L = round(lambda / theta),  clip = L * theta  (so clip / L == scale exactly)
+
+The tensor is non-negative when the QDQ sits behind a ReLU-like op (Relu, Clip(0, c) /
+Hardtanh(0, c), torch.clamp(min=0[, max=c]), or a chain of these with Min(c)); the op and the QDQ
+become one site. An unsigned QDQ with zero point 0 (qmin = 0) is a clipped ReLU by itself, so it
+becomes a site even with nothing before it (onnxruntime's quantizer drops the Relu in front of
+such a QDQ). Standard uint8 QDQ gives L = 255, T = 8.
+
+Rounding: ONNX QuantizeLinear rounds half to even; METHOD.md's q(z) = floor(z / theta + 1/2)
+rounds half up. The two differ only where z / theta is exactly k + 1/2.
+
+A QDQ whose input already lies on its grid (the output of a site or QDQ with the same scale,
+zero point and range, directly or through MaxPool / Flatten / reshapes) is the identity: it is
+removed. Every other QuantDequant stays as it is.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..passes.graph_utils import conversion_report, finish, module_of
+from ..quant import QuantClippedActivation
+from .modules import QuantDequant
+
+# Ops through which values stay on the grid of the quantizer before them.
+_GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity)
+_GRID_PRESERVING_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.permute)
+
+
+def _bound(gm: fx.GraphModule, value: object, rank: int | None, default: float) -> float | Tensor | None:
+    """A clamp bound as a float or a per-channel vector; None when it is neither."""
+    if value is None:
+        return default
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not (isinstance(value, fx.Node) and value.op == "get_attr" and rank is not None):
+        return None
+    tensor = getattr(gm, value.target).detach()
+    if tensor.numel() == 1:
+        return float(tensor.reshape(()))
+    channel = 1 - (rank - tensor.dim())  # numpy broadcasting aligns the trailing dimensions
+    sizes = [size for k, size in enumerate(tensor.shape) if k != channel]
+    if channel < 0 or any(size != 1 for size in sizes):
+        return None  # varies along a spatial dimension
+    return tensor.reshape(-1)
+
+
+def _bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | Tensor, float | Tensor] | None:
+    """(low, high) of a ReLU-like clamp node, else None."""
+    module = module_of(gm, node)
+    if isinstance(module, nn.ReLU):
+        return 0.0, math.inf
+    if isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    if node.op == "call_function" and node.target is torch.relu:
+        return 0.0, math.inf
+    if node.op == "call_function" and node.target is torch.clamp:
+        rank = node.meta.get("rank")
+        low = _bound(gm, node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None), rank, -math.inf)
+        high = _bound(gm, node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None), rank, math.inf)
+        if low is not None and high is not None:
+            return low, high
+    return None
+
+
+def _clamp_chain(gm: fx.GraphModule, qdq: fx.Node) -> tuple[list[fx.Node], float | Tensor, float | Tensor]:
+    """The clamp ops directly before `qdq` (each used only by the next), their combined bounds."""
+    chain, low, high = [], -math.inf, math.inf
+    value = qdq.args[0]
+    while isinstance(value, fx.Node) and len(value.users) == 1:
+        bounds = _bounds(gm, value)
+        if bounds is None:
+            break
+        chain.append(value)
+        low, high = _combine(max, torch.maximum, low, bounds[0]), _combine(min, torch.minimum, high, bounds[1])
+        value = value.args[0]
+    return chain, low, high
+
+
+def _combine(scalar_op, tensor_op, a, b):
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return tensor_op(torch.as_tensor(a), torch.as_tensor(b))
+    return scalar_op(a, b)
+
+
+def _exact_clip(scale: Tensor, levels: int) -> Tensor:
+    """clip = levels * scale, nudged by ulps until clip / levels == scale in the tensor's dtype."""
+    clip = scale * levels
+    for _ in range(8):
+        off = clip / levels - scale
+        if not off.any():
+            break
+        clip = torch.where(off > 0, torch.nextafter(clip, torch.zeros_like(clip)),
+                           torch.where(off < 0, torch.nextafter(clip, torch.full_like(clip, math.inf)), clip))
+    return clip
+
+
+def _grid(gm: fx.GraphModule, node: fx.Node) -> tuple[Tensor, Tensor, int, int] | None:
+    """(scale, zero point, qmin, qmax) of the quantization grid `node`'s values lie on, if known."""
+    while isinstance(node, fx.Node):
+        module = module_of(gm, node)
+        if isinstance(module, QuantDequant):
+            return module.scale, module.zero_point, module.qmin, module.qmax
+        if isinstance(module, QuantClippedActivation):
+            return module.theta().detach().reshape(-1), torch.zeros(1), 0, module.levels
+        if not (isinstance(module, _GRID_PRESERVING_MODULES)
+                or (node.op == "call_function" and node.target in _GRID_PRESERVING_FUNCTIONS)):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _is_redundant(gm: fx.GraphModule, qdq: fx.Node, module: QuantDequant) -> bool:
+    grid = _grid(gm, qdq.args[0])
+    if grid is None or module.per_axis:
+        return False
+    scale, zero_point, qmin, qmax = grid
+    return (scale.numel() == 1 and torch.equal(scale.to(module.scale.dtype), module.scale)
+            and torch.equal(zero_point.reshape(-1).to(module.zero_point.dtype), module.zero_point)
+            and module.qmin <= qmin and qmax <= module.qmax)
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, index = base, 1
+    while hasattr(gm, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
+    """Replace ReLU-like QDQ patterns by QuantClippedActivation sites; return the graph and a report.
+
+    Each report entry: site (module name), scale, levels, clip, channels (0: per layer), sources (the
+    ONNX nodes it replaces) and clip_bound (the Clip / Min bound that set lambda, else None).
+    """
+    report = conversion_report(gm)
+    sites: list[dict] = []
+    for qdq in list(gm.graph.nodes):
+        module = module_of(gm, qdq)
+        if not isinstance(module, QuantDequant):
+            continue
+        if _is_redundant(gm, qdq, module):
+            qdq.replace_all_uses_with(qdq.args[0])
+            gm.graph.erase_node(qdq)
+            report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target})
+            continue
+        if module.zero_point.any() or (module.per_axis and module.axis != 1):
+            continue
+        chain, low, high = _clamp_chain(gm, qdq)
+        if chain and bool(torch.as_tensor(low).ne(0).any()):
+            chain, high = [], math.inf  # not ReLU-like: only the QDQ itself can be the site
+        if not chain and module.qmin != 0:
+            continue
+        scale = module.scale
+        lam_max = module.qmax * scale
+        bound = torch.as_tensor(high, dtype=scale.dtype)
+        if bound.numel() > 1 and (not module.per_axis or bound.numel() != scale.numel()):
+            continue  # per-channel bounds need a per-channel QDQ
+        clip = torch.where(bound <= lam_max, bound, lam_max)
+        levels_per_channel = torch.round(clip / scale)
+        levels = int(levels_per_channel.max().item())
+        if not torch.all(levels_per_channel == levels) or levels < 1:
+            continue  # per-channel clip bounds with different level counts: keep the QDQ
+        channels = scale.numel() if module.per_axis else 0
+        site = QuantClippedActivation(levels=levels, clip=1.0, channels=channels).to(scale.dtype)
+        site.clip.data = _exact_clip(scale if channels else scale.reshape(()), levels)
+        source = chain[-1].args[0] if chain else qdq.args[0]
+        named_after = chain[-1].target if chain and chain[-1].op == "call_module" else qdq.target
+        target = _free_name(gm, f"{named_after}_site")
+        gm.add_submodule(target, site)
+        with gm.graph.inserting_after(qdq):
+            replacement = gm.graph.call_module(target, (source,))
+        replacement.meta.update(qdq.meta)
+        qdq.replace_all_uses_with(replacement)
+        sources = [n.meta.get("onnx_node", n.name) for n in reversed(chain)] + qdq.meta.get("onnx_nodes", [qdq.name])
+        for node in [qdq, *chain]:
+            gm.graph.erase_node(node)
+        entry = {"site": target, "scale": scale.tolist() if channels else scale.item(), "levels": levels,
+                 "clip": site.clip.detach().tolist(), "channels": channels, "sources": sources,
+                 "clip_bound": bound.tolist() if bool((bound <= lam_max).all()) else None}
+        sites.append(entry)
+    return finish(gm), sites
