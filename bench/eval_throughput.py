@@ -1,0 +1,121 @@
+"""Evaluation throughput of a converted SNN against two baselines measured in the same run.
+
+1. the float ANN in PyTorch (the same network with ReLU sites, eval mode);
+2. SpikingJelly 2.0's multi-step simulation of a rate-coded SNN of the same network at the same T
+   (IFNode with soft reset at every site, the input repeated every step, time folded into the
+   batch for the stateless layers as SeqToANNContainer does);
+and ann2snn's SNN run by `evaluate` (time-folded; fused Triton neuron on CUDA) and `simulate`.
+Targets (issue 6): on a GPU, evaluate >= 0.9x the float ANN and >= 5x SpikingJelly; on the CPU,
+evaluate >= 0.7x the float ANN.
+
+    python bench/eval_throughput.py [--model resnet20] [--batch-size 64] [--device cpu|cuda] [-T 4] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+
+import ann2snn
+import models
+from ann2snn.quant import QuantClippedActivation
+
+INPUTS = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
+
+
+class FoldedTime(nn.Module):
+    """A SpikingJelly multi-step neuron inside a network whose other layers see [T * N, ...]."""
+
+    def __init__(self, node: nn.Module, timesteps: int) -> None:
+        super().__init__()
+        self.node, self.timesteps = node, timesteps
+
+    def forward(self, x):
+        return self.node(x.unflatten(0, (self.timesteps, -1))).flatten(0, 1)
+
+
+def spikingjelly_snn(float_model: nn.Module, timesteps: int) -> nn.Module:
+    from spikingjelly.activation_based import neuron
+
+    snn = ann2snn.passes.trace(float_model)
+    for name, module in list(snn.named_modules()):
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):
+            node = neuron.IFNode(v_reset=None, step_mode="m")  # soft reset, rate coding
+            ann2snn.passes.graph_utils.set_module(snn, name, FoldedTime(node, timesteps))
+    return snn
+
+
+def throughput(run, x: torch.Tensor, device: torch.device, seconds: float = 3.0) -> float:
+    """Images per second of `run(x)`, after warm-up, synchronized on CUDA."""
+    with torch.no_grad():
+        for _ in range(2):
+            run(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            run(x)
+            count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return count * x.shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet20", choices=models.MODEL_NAMES)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-T", "--timesteps", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from spikingjelly.activation_based import functional
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    shape = INPUTS.get(args.model, (3, 224, 224))
+    float_model = models.build_model(args.model, num_classes=10 if args.model == "digits-cnn" else 1000).eval()
+    quantized = models.build_model(args.model, num_classes=10 if args.model == "digits-cnn" else 1000,
+                                   activation=lambda c: QuantClippedActivation(levels=2**args.timesteps - 1))
+    quantized.load_state_dict(float_model.state_dict(), strict=False)
+    snn = ann2snn.convert(quantized.eval(), T=args.timesteps).to(device)
+    sj = spikingjelly_snn(float_model, args.timesteps).to(device)
+    float_model = float_model.to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        float_model, sj = float_model.to(memory_format=torch.channels_last), sj.to(memory_format=torch.channels_last)
+        snn = snn.to(memory_format=torch.channels_last)
+    x = torch.rand((args.batch_size, *shape), device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run_sj(inputs):
+        functional.reset_net(sj)
+        return sj(inputs.repeat(args.timesteps, *[1] * (inputs.dim() - 1))).unflatten(0, (args.timesteps, -1)).mean(0)
+
+    rows = {
+        "float ANN": throughput(float_model, x, device, args.seconds),
+        "ann2snn evaluate": throughput(snn.evaluate, x, device, args.seconds),
+        "ann2snn simulate": throughput(snn.simulate, x, device, args.seconds),
+        "SpikingJelly multi-step": throughput(run_sj, x, device, args.seconds),
+    }
+    ratios = {"evaluate / float ANN": rows["ann2snn evaluate"] / rows["float ANN"],
+              "evaluate / SpikingJelly": rows["ann2snn evaluate"] / rows["SpikingJelly multi-step"]}
+    result = {"model": args.model, "device": str(device), "timesteps": args.timesteps,
+              "batch_size": args.batch_size, "images_per_second": rows, "ratios": ratios}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.model}, batch {args.batch_size}, T = {args.timesteps}, on {device}:")
+    for name, value in rows.items():
+        print(f"  {name:26s} {value:10.1f} img/s")
+    for name, value in ratios.items():
+        print(f"  {name:26s} {value:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
