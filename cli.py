@@ -126,6 +126,10 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
                          batch_size=batch_size, per_channel=per_channel, float_only=float_only, init=init,
                          resume=resume, device=device, workers=workers, seed=seed, output=weights, onnx=output)
     result = run_training(config, progress=not as_json)
+    from ann2snn import distributed
+
+    if not distributed.init_from_env(device).is_main:  # under torchrun, process 0 reports
+        return
     summary = {"onnx": output, "weights": weights, "checkpoint": weights + ".ckpt", **result.to_json()}
     if as_json:
         click.echo(json.dumps(summary, indent=2))

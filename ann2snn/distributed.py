@@ -1,4 +1,5 @@
-"""Running under torchrun: process group from the environment, data shards, reductions.
+"""Running under torchrun: process group from the environment, data shards, reductions, and the
+synchronized batch norm of distributed training.
 
 `torchrun --nproc_per_node N -m ann2snn eval|energy|train ...` sets RANK, WORLD_SIZE and
 LOCAL_RANK; without them everything here is the single-process identity.
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 
@@ -29,14 +31,21 @@ class Context:
 
 
 def init_from_env(device: str = "cpu") -> Context:
-    """Join the process group torchrun describes (nccl on GPUs, gloo on CPUs), once."""
+    """Join the process group torchrun describes (nccl on GPUs, gloo on CPUs), once.
+
+    With nccl, each rank's current CUDA device becomes cuda:LOCAL_RANK, so that "cuda" tensors
+    and the collectives of a rank use its own GPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Context()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def local_device(device: str, context: Context) -> str:
@@ -56,6 +65,16 @@ def shard(dataset: Dataset, context: Context) -> Dataset:
     return Subset(dataset, range(context.rank, len(dataset), context.world_size))
 
 
+def barrier(context: Context) -> None:
+    """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
+    if not context.distributed:
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor, context: Context) -> torch.Tensor:
     """The sum over ranks, as a CPU tensor (nccl reduces on the GPU, gloo on the CPU)."""
     if not context.distributed:
@@ -69,5 +88,104 @@ def all_reduce_max(value: float, context: Context) -> float:
     if not context.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Synchronized batch norm (any backend)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of each rank's input is the sum over ranks of
+    the gradients of the output (what torch.distributed.nn.functional.all_reduce computes; that
+    function is deprecated in recent torch, its suggested replacement has no autograd)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def differentiable_all_reduce_sum(tensor: Tensor) -> Tensor:
+    return _AllReduceSum.apply(tensor)
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training-mode statistics are those of the global batch over all ranks.
+
+    torch.nn.SyncBatchNorm runs only on GPUs; this one works with any backend (gloo on CPUs,
+    nccl on GPUs). Each rank sums x and x^2 per channel (in float64) and counts its values; one
+    differentiable all-reduce (its backward sums the gradients over ranks, as
+    torch.distributed.nn.functional.all_reduce does) gives the global mean and biased variance,
+    which normalize x. The running averages are updated exactly as nn.BatchNorm*d does, with the
+    unbiased global variance, so they stay equal on every rank. In eval mode (running
+    statistics), or outside a process group, it is plain batch norm. A rank may hold an empty
+    batch: it contributes zeros to the sums.
+
+    `sync_batch_norm` turns the BatchNorm layers of a model into this class in place (same
+    parameters, buffers and state-dict keys); `unsync_batch_norm` turns them back.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if not bn_training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        count = x.new_full((1,), x.numel() // channels, dtype=torch.float64)
+        local = torch.cat([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64), count])
+        total = differentiable_all_reduce_sum(local)
+        n = total[-1]  # stays on the device: no host synchronization per layer
+        mean = total[:channels] / n
+        var = (total[channels:2 * channels] / n - mean * mean).clamp_min(0)
+
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():
+                unbiased = var * (n / (n - 1).clamp_min(1))
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        inv_std = torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
+        y = (x - mean.to(x.dtype).view(shape)) * inv_std
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def sync_batch_norm(model: nn.Module) -> list[tuple[nn.Module, type]]:
+    """Make every nn.BatchNorm1d/2d/3d of `model` a SyncBatchNorm, in place: the module objects,
+    their parameters, buffers and state-dict keys stay the same, only their forward changes.
+    Returns what `unsync_batch_norm` needs to undo it."""
+    swapped = []
+    for module in model.modules():
+        if type(module) in _BATCH_NORMS:
+            swapped.append((module, type(module)))
+            module.__class__ = SyncBatchNorm
+    return swapped
+
+
+def unsync_batch_norm(swapped: list[tuple[nn.Module, type]]) -> None:
+    """Turn the modules `sync_batch_norm` changed back into their own BatchNorm classes."""
+    for module, cls in swapped:
+        module.__class__ = cls

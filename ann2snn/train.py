@@ -8,6 +8,20 @@
 checkpoints every epoch (no pickle, see `checkpoint.py`) and resumes bit for bit: the shuffle
 order of epoch e comes from a loader generator seeded with seed + e, and the checkpoint holds the
 optimizer, scheduler and random states.
+
+Under torchrun (`torchrun --nproc_per_node W -m ann2snn train ...`, W processes) it trains with
+DistributedDataParallel and computes what one process would, up to float rounding:
+- every rank draws the same global order of epoch e (seed + e) and cuts it into the same global
+  batches of `batch_size`; rank r takes positions r, r + W, r + 2W, ... of each global batch
+  (a rank may get an empty part of a short last batch);
+- each rank's loss is its per-sample sum times W / global batch size, so DDP's gradient average
+  is the gradient of the mean over the global batch, spike regularizer and lambdas included;
+- BatchNorm layers normalize with global batch statistics (`distributed.SyncBatchNorm`, for
+  any backend) while training; their state-dict keys do not change;
+- metrics and the test accuracy (on a sharded test set) are sums over ranks; rank 0 alone writes
+  checkpoints, weights and the ONNX export, the others wait for them at a barrier;
+- random draws differ per rank: torch's generator (dropout) is seeded per rank at the start of
+  every epoch (so a resumed run redraws the same), augmentation streams per rank.
 """
 from __future__ import annotations
 
@@ -25,12 +39,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_tensors, restore_rng, save_checkpoint, save_tensors
 from .data import dataset_input_shape, load_dataset, make_loader, num_classes
-from .distributed import Context, all_reduce_sum
+from .distributed import (Context, all_reduce_sum, barrier, init_from_env, local_device, shard, sync_batch_norm,
+                          unsync_batch_norm)
 from .errors import Ann2SnnError
 from .export import export_onnx, onnx_initializers
 from .quant import QuantClippedActivation, levels_for_timesteps
@@ -41,6 +56,9 @@ _CALIBRATION_SAMPLES = 1 << 20
 _QUANTILE_MAX = 1 << 24
 # lambda is kept above this: a step driving it to zero or below would make theta = lambda / L useless.
 _MIN_CLIP = 1e-4
+# Distributed training: rank r's random streams (augmentation, dropout) are seeded with
+# seed + r * this (+ the epoch where they restart every epoch).
+_RANK_SEED_STRIDE = 1_000_003
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,17 +201,23 @@ def calibrate_clips(model: nn.Module, loader: Iterable, percentile: float = 99.9
     return result
 
 
+def _sample_spikes(model: nn.Module) -> Tensor | None:
+    """Per-sample spike counts summed over the sites the last forward pass recorded; None: no site."""
+    counts = [s.spikes for s in activation_sites(model).values()
+              if s.quantize and s.record_spikes and s.spikes is not None]
+    return torch.stack(counts).sum(0) if counts else None
+
+
 def spike_regularizer(model: nn.Module) -> Tensor:
     """sum over sites of the per-sample spike counts popcount(q), averaged over the batch (METHOD 5).
 
     The loss adds beta times this. Reads the counts the last forward pass recorded
     (sites with record_spikes=True); differentiable through the surrogate of SpikeCountSurrogate.
     """
-    counts = [s.spikes for s in activation_sites(model).values()
-              if s.quantize and s.record_spikes and s.spikes is not None]
-    if not counts:
+    counts = _sample_spikes(model)
+    if counts is None:
         return torch.zeros((), device=_first_tensor(model).device)
-    return torch.stack(counts).sum(0).mean()
+    return counts.mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,11 +352,40 @@ class TrainResult:
                 "seconds": self.seconds}
 
 
-def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoader:
+def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int, context: Context = Context()) -> DataLoader:
     """The training batches of `epoch`: shuffled by a generator seeded with seed + epoch, so a
-    resumed run sees the same order. (The sampler hook: a sharded loader for DDP goes here.)"""
-    return make_loader(dataset, config.batch_size, shuffle=True, workers=config.workers,
-                       seed=config.seed + epoch, pin_memory=config.device.startswith("cuda"))
+    resumed run sees the same order.
+
+    Distributed: the same global batches as one process (the order of the same loader), of which
+    this rank takes positions rank, rank + world_size, ...; every rank has one (possibly empty)
+    batch per global batch. Its workers' seeds differ per rank (rank 0: those of one process).
+    """
+    pin_memory = config.device.startswith("cuda")
+    if not context.distributed:
+        return make_loader(dataset, config.batch_size, shuffle=True, workers=config.workers,
+                           seed=config.seed + epoch, pin_memory=pin_memory)
+    order = make_loader(range(len(dataset)), config.batch_size, shuffle=True, seed=config.seed + epoch)
+    batches = [b.tolist()[context.rank::context.world_size] for b in order]
+    workers_seed = config.seed + epoch + _RANK_SEED_STRIDE * context.rank
+    return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(workers_seed), collate_fn=_CollateOrEmpty(dataset))
+
+
+def _global_batch_sizes(samples: int, batch_size: int) -> list[int]:
+    return [min(batch_size, samples - start) for start in range(0, samples, batch_size)]
+
+
+class _CollateOrEmpty:
+    """default_collate, and for an empty part of a global batch a batch of zero samples (shaped
+    like the data set's first sample) so that the rank still takes part in the step."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __call__(self, batch: list) -> Any:
+        if batch:
+            return default_collate(batch)
+        return [t[:0] for t in default_collate([self.dataset[0]])]
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
@@ -344,12 +397,14 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
                             {"params": clips, "weight_decay": 0.0}], lr=config.lr, momentum=config.momentum)
 
 
-def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """The zoo model with its activations made sites (quantizing, or float for float_only)."""
+def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...],
+                 device: str | torch.device | None = None) -> nn.Module:
+    """The zoo model with its activations made sites (quantizing, or float for float_only), on
+    `device` (default: config.device)."""
     import models  # the model zoo is a top-level package beside ann2snn
 
     model = models.build_model(config.model, classes, in_channels=input_shape[0])
-    model = quantize_model(model, config.timesteps, config.per_channel, input_shape).to(config.device)
+    model = quantize_model(model, config.timesteps, config.per_channel, input_shape).to(device or config.device)
     for site in activation_sites(model).values():
         site.quantize = not config.float_only
         site.record_spikes = not config.float_only
@@ -378,8 +433,13 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> 
 
 def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, beta: float, device: torch.device,
-                 bar: tqdm) -> Tensor:
-    """One pass over `loader`; returns this process's sums of loss, ce, spike term, correct, images."""
+                 bar: tqdm, global_sizes: list[int] | None = None, world_size: int = 1) -> Tensor:
+    """One pass over `loader`; returns this process's sums of loss, ce, spike term, correct, images.
+
+    Distributed (`global_sizes`: the size of each step's global batch; `model` wrapped in DDP):
+    the loss backpropagated is this rank's per-sample sum times world_size / global batch size,
+    which DDP's average over ranks turns into the gradient of the global batch's mean.
+    """
     model.train()
     sites = list(activation_sites(model).values())
     # Running sums stay on the device: no host synchronization per step.
@@ -387,19 +447,29 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
     for step, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
-        ce = F.cross_entropy(logits, y)
-        spikes = spike_regularizer(model)
-        loss = ce + beta * spikes if beta > 0 else ce  # beta = 0: no backward pass through the counts
+        if global_sizes is None:
+            ce = F.cross_entropy(logits, y)
+            spikes = spike_regularizer(model)
+            loss = ce + beta * spikes if beta > 0 else ce  # beta = 0: no backward pass through the counts
+            objective = loss
+        else:  # sums, not means: a rank's part of a short last global batch may be empty
+            ce = F.cross_entropy(logits, y, reduction="sum")
+            counts = _sample_spikes(model)
+            spikes = counts.sum() if counts is not None else torch.zeros((), device=device)
+            loss = ce + beta * spikes if beta > 0 else ce
+            objective = loss * (world_size / global_sizes[step])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
             for site in sites:
                 site.clip.clamp_(min=_MIN_CLIP)
             n = float(y.numel())
-            sums += torch.stack([loss.detach().double() * n, ce.detach().double() * n, spikes.detach().double() * n,
-                                 (logits.argmax(1) == y).sum().double(), torch.tensor(n, device=device).double()])
+            per_sample = n if global_sizes is None else 1.0  # distributed: already sums
+            sums += torch.stack([loss.detach().double() * per_sample, ce.detach().double() * per_sample,
+                                 spikes.detach().double() * per_sample, (logits.argmax(1) == y).sum().double(),
+                                 torch.tensor(n, device=device).double()])
         bar.update()
         if not bar.disable and step % 10 == 0:
             loss_sum, _, spike_sum, correct, images = sums.tolist()
@@ -411,31 +481,35 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     """Train per `config`; see the module docstring. Returns the history and the final test metrics."""
     start_time = time.perf_counter()
-    context = Context()  # single process; DistributedDataParallel would take its context from torchrun
     ckpt_path = config.checkpoint_path
     if config.resume and ckpt_path is None:
         raise Ann2SnnError("resume needs an output path: the checkpoint is <output>.ckpt")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise Ann2SnnError(f"device {config.device}: no CUDA device is available")
+    context = init_from_env(config.device)  # torchrun: DistributedDataParallel; else one process
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    device = torch.device(config.device)
+    device = torch.device(local_device(config.device, context))
 
-    train_set = load_dataset(config.data, "train", seed=config.seed)
+    # Image-folder augmentation: each rank its own random stream (rank 0 that of one process).
+    train_set = load_dataset(config.data, "train", seed=config.seed + _RANK_SEED_STRIDE * context.rank)
     if config.train_limit is not None:
         train_set = Subset(train_set, range(min(config.train_limit, len(train_set))))
-    test_loader = make_loader(load_dataset(config.data, "test", seed=config.seed), config.batch_size,
-                              workers=config.workers)
+    test_loader = make_loader(shard(load_dataset(config.data, "test", seed=config.seed), context),
+                              config.batch_size, workers=config.workers)
     input_shape = dataset_input_shape(train_set)
     classes = num_classes(train_set)
 
     resume = load_checkpoint(ckpt_path) if config.resume and ckpt_path.is_file() else None
-    model = _build_model(config, classes, input_shape)
+    model = _build_model(config, classes, input_shape, device)
     if resume is None:
         _initialize(model, config)
     else:
         _check_resumable(resume.config, config, ckpt_path)
     optimizer = _optimizer(model, config)
-    steps_per_epoch = len(_epoch_loader(train_set, config, 0))
+    global_sizes = _global_batch_sizes(len(train_set), config.batch_size) if context.distributed else None
+    steps_per_epoch = len(global_sizes) if global_sizes is not None else len(_epoch_loader(train_set, config, 0))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * steps_per_epoch))
     history: list[dict[str, Any]] = []
     if resume is not None:
@@ -445,13 +519,23 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         restore_rng(resume.rng)
         history = resume.history
 
-    bar = tqdm(total=config.epochs * steps_per_epoch, initial=len(history) * steps_per_epoch, disable=not progress,
+    trained: nn.Module = model
+    swapped: list = []
+    if context.distributed:  # global batch statistics in BN, gradients averaged over ranks
+        swapped = sync_batch_norm(model)
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=len(history) * steps_per_epoch,
+               disable=not progress or not context.is_main,
                desc="float" if config.float_only else f"QAT T={config.timesteps}", unit="step")
     per_site: dict[str, float] | None = None
     for epoch in range(len(history), config.epochs):
         epoch_start = time.perf_counter()
-        sums = _train_epoch(model, _epoch_loader(train_set, config, epoch), optimizer, scheduler, config.beta,
-                            device, bar)
+        if context.distributed:  # dropout masks: one stream per rank and epoch, the same after a resume
+            torch.manual_seed(config.seed + epoch + _RANK_SEED_STRIDE * context.rank)
+        sums = _train_epoch(trained, _epoch_loader(train_set, config, epoch, context), optimizer, scheduler,
+                            config.beta, device, bar, global_sizes, context.world_size)
         loss_sum, ce_sum, spike_sum, correct, images = all_reduce_sum(sums, context).tolist()
         test_acc, per_site = _evaluate(model, test_loader, device, context)
         history.append({
@@ -461,17 +545,21 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         bar.set_postfix(loss=f"{loss_sum / images:.3f}", acc=f"{correct / images:.3f}", test=f"{test_acc:.3f}",
                         spk=f"{sum(per_site.values()):.0f}")
         if ckpt_path is not None:
-            save_checkpoint(ckpt_path, epoch=epoch + 1, config=dataclasses.asdict(config), history=history,
-                            model=model, optimizer=optimizer, scheduler=scheduler)
+            if context.is_main:
+                save_checkpoint(ckpt_path, epoch=epoch + 1, config=dataclasses.asdict(config), history=history,
+                                model=model, optimizer=optimizer, scheduler=scheduler)
+            barrier(context)
     bar.close()
+    unsync_batch_norm(swapped)  # plain BatchNorm again for the export and the caller
     if per_site is None:  # nothing left to train (e.g. resuming a finished run): evaluate once
         test_acc, per_site = _evaluate(model, test_loader, device, context)
     result = TrainResult(history=history, test_accuracy=test_acc, spikes_per_image=sum(per_site.values()),
                          spikes_per_site=per_site, seconds=time.perf_counter() - start_time, model=model)
-    if config.output is not None:
+    if config.output is not None and context.is_main:
         meta = {"format": "ann2snn-weights", "config": dataclasses.asdict(config), "input_shape": list(input_shape),
                 "num_classes": classes, **result.to_json()}
         save_tensors(config.output, model.state_dict(), meta)
-    if config.onnx is not None:
+    if config.onnx is not None and context.is_main:
         export_onnx(model, input_shape, config.onnx, qdq=not config.float_only)
+    barrier(context)
     return result
