@@ -6,7 +6,7 @@ import os
 from torch import Tensor, fx, nn
 
 from .errors import UnsupportedModelError
-from .passes import (calibrate_sites, float_activations_to_sites, fold_batch_norm, move_max_pool_before_sites,
+from .passes import (float_activations_to_sites, fold_batch_norm, move_max_pool_before_sites,
                      place_neurons, shift_bias, trace)
 from .passes.graph_utils import conversion_report, neuron_nodes, site_nodes
 from .snn import SNN
@@ -65,8 +65,10 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | 
             raise UnsupportedModelError(
                 f"{path}: float activations (Relu/Clip) need calibration data to set their clipping "
                 "thresholds: pass --calib DATA (digits, an .npz with arrays x and y, or an image folder)")
+        from .train import calibrate_clips
+
         gm = float_activations_to_sites(gm, T)
-        calibrate_sites(gm, calib.split(batch_size), percentile)
+        calibrate_clips(gm, [(x,) for x in calib.split(batch_size)], percentile, batches=None)
         kind = "float" if not qdq_sites else "mixed"
     source = {"file": os.path.basename(str(path)), "sha256": file_sha256(path), "kind": kind,
               "calibration_percentile": percentile if kind != "qdq" else None}

@@ -1,23 +1,18 @@
-"""Passes for float source models (METHOD.md section 1, second source of sites).
+"""Pass for float source models (METHOD.md section 1, second source of sites).
 
-Float Relu / Clip(0, c) / Relu6 become activation sites whose lambda is calibrated from data: a
-high percentile of the site's activations (default 99.99), or the clip bound c when smaller.
-This is post-training quantization, so it is lossy: the conversion reports the gap.
+Float Relu / Clip(0, c) / Relu6 become activation sites whose lambda is then calibrated from data
+(ann2snn.train.calibrate_clips): a high percentile of the site's activations, or the clip bound c
+when smaller. This is post-training quantization, so it is lossy: the conversion reports the gap.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
 from ..quant import QuantClippedActivation, levels_for_timesteps
 from .graph_utils import conversion_report, finish, module_of
-
-# Subsample of each site's activations a percentile is taken from: bounds memory on big data.
-_MAX_SAMPLES = 1 << 22
-
 
 def _clip_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """inf for a ReLU, c for Clip(0, c) / ReLU6; None when the node is no ReLU-like site."""
@@ -57,47 +52,3 @@ def float_activations_to_sites(gm: fx.GraphModule, timesteps: int) -> fx.GraphMo
         gm.graph.erase_node(node)
         report["sites"].setdefault(target, {})["source"] = {"kind": "float", "clip_bound": bound}
     return finish(gm)
-
-
-@torch.no_grad()
-def calibrate_sites(model: nn.Module, batches: Iterable[Tensor], percentile: float = 99.99) -> dict[str, float]:
-    """Set every site's lambda to the `percentile` of its input activations (capped at its clip bound).
-
-    Runs `model` on `batches` with the sites unquantized and unclipped. Returns {site: lambda}.
-    """
-    sites = {name: m for name, m in model.named_modules() if isinstance(m, QuantClippedActivation)}
-    bounds = {name: m.clip.detach().clone() for name, m in sites.items()}
-    samples: dict[str, list[Tensor]] = {name: [] for name in sites}
-    generator = torch.Generator().manual_seed(0)
-
-    def record(name: str):
-        def hook(module, inputs, output):
-            values = inputs[0].detach().flatten()
-            values = values[values > 0]
-            if values.numel() > _MAX_SAMPLES:
-                values = values[torch.randint(values.numel(), (_MAX_SAMPLES,), generator=generator)]
-            samples[name].append(values.to(torch.float64).cpu())
-        return hook
-
-    handles = [m.register_forward_hook(record(name)) for name, m in sites.items()]
-    modes = {name: m.quantize for name, m in sites.items()}
-    for m in sites.values():
-        m.quantize = False
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for name, m in sites.items():
-            m.quantize = modes[name]
-    calibrated = {}
-    for name, m in sites.items():
-        values = torch.cat(samples[name]) if samples[name] else torch.zeros(0, dtype=torch.float64)
-        if values.numel() > _MAX_SAMPLES:
-            values = values[torch.randint(values.numel(), (_MAX_SAMPLES,), generator=generator)]
-        high = torch.quantile(values, percentile / 100).item() if values.numel() else 1.0
-        lam = max(min(high, bounds[name].max().item()), 1e-6)
-        m.clip.data.fill_(lam)
-        calibrated[name] = lam
-    return calibrated
