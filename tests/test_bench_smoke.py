@@ -1,0 +1,78 @@
+"""Smoke tests of bench/sparsity.py and bench/peers.py: run with --quick, check the JSON they write."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{Path(script).stem}.json"
+    plot = tmp_path / f"{Path(script).stem}.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out),
+                           "--plot", str(plot)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert plot.is_file() and plot.stat().st_size > 0
+    return json.loads(out.read_text())
+
+
+def assert_percent(value: float) -> None:
+    assert 0.0 <= value <= 100.0, value
+
+
+@pytest.mark.slow
+def test_sparsity_quick(tmp_path: Path) -> None:
+    result = run_bench("sparsity.py", tmp_path)
+    for key in ("benchmark", "accuracy_unit", "recipe", "timesteps", "betas", "float_ann_accuracy", "rows",
+                "recommended", "targets", "seconds"):
+        assert key in result, key
+    assert result["benchmark"] == "sparsity" and result["accuracy_unit"] == "%"
+    assert_percent(result["float_ann_accuracy"])
+    rows = result["rows"]
+    assert rows and 0.0 in result["betas"]
+    for steps in result["timesteps"]:
+        mine = [r for r in rows if r["T"] == steps]
+        assert {r["beta"] for r in mine} == set(result["betas"])
+        base = next(r for r in mine if r["beta"] == 0)
+        assert base["spikes_per_image"] > 0
+        assert base["spike_reduction_pct"] == 0
+        assert sum(r["recommended"] for r in mine) == 1
+    for r in rows:
+        assert_percent(r["snn_accuracy"])
+        assert_percent(r["ann_accuracy"])
+        assert r["spikes_per_image"] >= 0
+        # The conversion is exact: the SNN predicts what the quantized ANN predicts (float32 ties aside).
+        assert r["same_prediction"] >= 0.99 * r["images"]
+    assert {rec["T"] for rec in result["recommended"]} == set(result["timesteps"])
+    for rec in result["recommended"]:
+        assert rec["accuracy_drop"] <= 0.5 + 1e-9
+        assert isinstance(result["targets"]["sparsity"][str(rec["T"])]["met"], bool)
+
+
+@pytest.mark.slow
+def test_peers_quick(tmp_path: Path) -> None:
+    result = run_bench("peers.py", tmp_path)
+    for key in ("benchmark", "accuracy_unit", "recipe", "float_ann_accuracy", "relu_ann_accuracy", "spikingjelly",
+                "rows", "seconds"):
+        assert key in result, key
+    assert result["benchmark"] == "peers" and result["accuracy_unit"] == "%"
+    assert_percent(result["float_ann_accuracy"])
+    assert_percent(result["relu_ann_accuracy"])
+    assert result["spikingjelly"]["version"].startswith("2.")
+    rows = result["rows"]
+    for r in rows:
+        assert_percent(r["accuracy"])
+        assert r["spikes_per_image"] >= 0
+    sj = [r for r in rows if r["converter"] == "spikingjelly"]
+    assert {r["mode"] for r in sj} == {"max", "99.9%", "99.9% ch + half-thr"}
+    for mode in {r["mode"] for r in sj}:
+        longest = max((r for r in sj if r["mode"] == mode), key=lambda r: r["T"])
+        assert longest["spikes_per_image"] > 0
+    ours = [r for r in rows if r["converter"] == "ann2snn"]
+    assert ours and all(r["spikes_per_image"] > 0 for r in ours)
+    assert all(r["same_prediction"] >= 0.99 * r["images"] for r in ours)
