@@ -1,7 +1,7 @@
 """Spike sparsity against accuracy on digits: the spike regularizer's beta swept per T (METHOD.md 5).
 
-One float digits-cnn is trained (float_only); from its weights, for every T and beta, the same
-quantization-aware recipe (same seed, epochs, learning rate) fine-tunes a quantized copy with
+One float digits-cnn is trained (float_only; with `--float relu` plain ReLUs instead); from its
+weights, for every T and beta, the same quantization-aware recipe (same seed, epochs, learning rate) fine-tunes a quantized copy with
 loss = cross_entropy + beta * spikes per image, which ann2snn.convert compiles; the SNN is
 simulated time step by time step on the 450 test images. Reported per (T, beta): the quantized
 ANN's and the SNN's test accuracy (%), how many test images both predict alike, and the SNN's
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -30,17 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
+import models  # noqa: E402
+from ann2snn.checkpoint import save_tensors  # noqa: E402
 from ann2snn.compiler import convert  # noqa: E402
-from ann2snn.data import load_dataset  # noqa: E402
+from ann2snn.data import load_dataset, make_loader  # noqa: E402
 from ann2snn.tables import format_table  # noqa: E402
 from ann2snn.train import TrainConfig, train  # noqa: E402
 
 MAX_ACCURACY_DROP = 0.5       # points, recommended beta against beta = 0
 MIN_SPIKE_REDUCTION = 30.0    # %, recommended beta against beta = 0
 MAX_FLOAT_GAP_T4 = 0.3        # points, SNN at T = 4 below the float ANN
+BATCH_SIZE = 64               # TrainConfig's default
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,35 @@ def train_float(recipe: Recipe, workdir: Path):
                                train_limit=recipe.train_limit, output=str(path)), progress=False)
     log(f"float ANN: {100 * result.test_accuracy:.2f}% ({time.perf_counter() - start:.0f} s)")
     return path, result
+
+
+def train_relu_float(recipe: Recipe, workdir: Path) -> tuple[Path, nn.Module]:
+    """The zoo digits-cnn with plain nn.ReLU activations, trained by `train`'s float recipe; returns
+    (safetensors state dict, model in eval mode)."""
+    start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    train_set = load_dataset("digits", "train", seed=recipe.seed)
+    if recipe.train_limit is not None:
+        train_set = Subset(train_set, range(min(recipe.train_limit, len(train_set))))
+    model = models.build_model("digits-cnn", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.float_lr, momentum=0.9,
+                                weight_decay=recipe.weight_decay)
+    steps = len(make_loader(train_set, BATCH_SIZE, shuffle=True, seed=recipe.seed))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, recipe.float_epochs * steps))
+    model.train()
+    for epoch in range(recipe.float_epochs):
+        for x, y in make_loader(train_set, BATCH_SIZE, shuffle=True, seed=recipe.seed + epoch):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    path = workdir / "digits_float_relu.safetensors"
+    save_tensors(path, model.state_dict(), {"format": "ann2snn-weights", "model": "digits-cnn",
+                                             "activations": "relu", "recipe": recipe.to_json()})
+    log(f"float ANN (ReLU): trained in {time.perf_counter() - start:.0f} s")
+    return path, model
 
 
 def train_qat(recipe: Recipe, init: Path, timesteps: int, beta: float) -> torch.nn.Module:
@@ -171,13 +205,16 @@ def plot(rows: list[dict[str, Any]], float_accuracy: float, path: str) -> None:
         mine = sorted((r for r in rows if r["T"] == steps), key=lambda r: r["beta"])
         xs = [r["spikes_per_image"] for r in mine]
         ys = [r["snn_accuracy"] for r in mine]
-        ax.plot(xs, ys, marker="o", label=f"T = {steps}")
+        line, = ax.plot(xs, ys, marker="o", label=f"T = {steps}")
+        chosen = [r for r in mine if r.get("recommended")]
+        ax.plot([r["spikes_per_image"] for r in chosen], [r["snn_accuracy"] for r in chosen], marker="*",
+                markersize=14, linestyle="none", color=line.get_color())
         for r, xv, yv in zip(mine, xs, ys):
             ax.annotate(f"{r['beta']:g}", (xv, yv), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.axhline(float_accuracy, color="gray", linestyle="--", linewidth=1, label="float ANN")
     ax.set_xlabel("spikes per image")
     ax.set_ylabel("SNN test accuracy (%)")
-    ax.set_title("digits-cnn: spike regularizer (beta annotated)")
+    ax.set_title("digits-cnn: spike regularizer (beta annotated, * recommended)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -185,14 +222,19 @@ def plot(rows: list[dict[str, Any]], float_accuracy: float, path: str) -> None:
     plt.close(fig)
 
 
-def run(timesteps: list[int], betas: list[float], recipe: Recipe) -> dict[str, Any]:
+def run(timesteps: list[int], betas: list[float], recipe: Recipe, float_kind: str = "clipped") -> dict[str, Any]:
     start = time.perf_counter()
     if 0.0 not in betas:
         betas = [0.0] + betas
     x, y = test_tensors()
     with tempfile.TemporaryDirectory(prefix="ann2snn-bench-") as tmp:
-        float_path, float_result = train_float(recipe, Path(tmp))
-        float_accuracy = 100.0 * float_result.test_accuracy
+        if float_kind == "relu":
+            float_path, float_model = train_relu_float(recipe, Path(tmp))
+            with torch.no_grad():
+                float_accuracy = accuracy(float_model(x), y)
+        else:
+            float_path, float_result = train_float(recipe, Path(tmp))
+            float_accuracy = 100.0 * float_result.test_accuracy
         rows = []
         for steps in timesteps:
             for beta in betas:
@@ -210,7 +252,7 @@ def run(timesteps: list[int], betas: list[float], recipe: Recipe) -> dict[str, A
         row["recommended"] = recommended[row["T"]]["beta"] == row["beta"]
     return {
         "benchmark": "sparsity", "dataset": "digits", "model": "digits-cnn", "accuracy_unit": "%",
-        "recipe": recipe.to_json(), "timesteps": timesteps, "betas": betas,
+        "recipe": recipe.to_json(), "timesteps": timesteps, "betas": betas, "float_activations": float_kind,
         "float_ann_accuracy": float_accuracy, "rows": rows,
         "recommended": [recommended[t] for t in sorted(recommended)],
         "targets": check_targets(recommended, rows, float_accuracy),
@@ -223,7 +265,8 @@ def report(result: dict[str, Any]) -> str:
              "spikes": round(r["spikes_per_image"]), "reduction": f"{r['spike_reduction_pct']:.1f}%",
              "rec": "*" if r["recommended"] else "",
              "ann": f"{r['ann_accuracy']:.2f}", "snn": f"{r['snn_accuracy']:.2f}"} for r in result["rows"]]
-    lines = [f"Float ANN (digits-cnn, {result['recipe']['float_epochs']} epochs): "
+    kind = "clipped ReLUs, float_only" if result["float_activations"] == "clipped" else "plain ReLUs"
+    lines = [f"Float ANN (digits-cnn, {kind}, {result['recipe']['float_epochs']} epochs): "
              f"{result['float_ann_accuracy']:.2f}% test accuracy",
              "Test accuracy (%) on the digits test images and spikes per image of the SNN, per (T, beta):",
              format_table(rows, ["T", "beta", "ann", "snn", "same", "spikes", "reduction", "rec"],
@@ -271,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--float-epochs", type=int, default=None, help="epochs of the float ANN")
     p.add_argument("--lr", type=float, default=None, help="QAT learning rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--float", dest="float_kind", choices=("clipped", "relu"), default="clipped",
+                   help="the float ANN QAT starts from: `train(float_only=True)` with trainable clipped ReLUs "
+                        "(default), or plain ReLUs trained by the same recipe (lambdas then calibrated at QAT start)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: fastest for this network, and robust on a busy machine)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -287,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                     train_limit=base.train_limit)
     timesteps = parse_ints(args.timesteps) if not args.quick or args.timesteps != "2,3,4" else [2]
     betas = parse_floats(args.betas) if not args.quick or args.betas != DEFAULT_BETAS else [0.0, 1e-3]
-    result = run(timesteps, betas, recipe)
+    result = run(timesteps, betas, recipe, args.float_kind)
     text = report(result)
     if args.json == "-":
         print(text, file=sys.stderr)
