@@ -106,6 +106,10 @@ def demo(timesteps, output_dir, epochs, as_json):
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--per-channel", is_flag=True, help="One lambda per output channel instead of per layer.")
 @click.option("--float", "float_only", is_flag=True, help="Train the float ANN (clipped ReLUs, no quantization).")
+@click.option("--float-activation", type=click.Choice(["clipped", "plain"]), default="clipped", show_default=True,
+              help="With --float: clipped ReLUs with a trainable lambda, or the model's plain ReLUs.")
+@click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Clip the gradient's global norm (guards against the surrogate's 1/theta blowing up).")
 @click.option("--init", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Start from these weights: a safetensors state dict or an ONNX file.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT's checkpoint (OUTPUT.ckpt).")
@@ -116,14 +120,15 @@ def demo(timesteps, output_dir, epochs, as_json):
               help="The exported ONNX file (QDQ; float with --float); weights go beside it as .safetensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
-def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel, float_only, init, resume, device,
-          workers, seed, output, as_json):
+def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel, float_only, float_activation,
+          max_grad_norm, init, resume, device, workers, seed, output, as_json):
     """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`."""
     from ann2snn.train import TrainConfig, train as run_training
 
     weights = str(Path(output).with_suffix(".safetensors"))
     config = TrainConfig(model=model_name, data=data, timesteps=timesteps, beta=beta, epochs=epochs, lr=lr,
-                         batch_size=batch_size, per_channel=per_channel, float_only=float_only, init=init,
+                         batch_size=batch_size, per_channel=per_channel, float_only=float_only,
+                         float_activation=float_activation, max_grad_norm=max_grad_norm, init=init,
                          resume=resume, device=device, workers=workers, seed=seed, output=weights, onnx=output)
     result = run_training(config, progress=not as_json)
     from ann2snn import distributed

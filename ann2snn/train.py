@@ -315,6 +315,7 @@ class TrainConfig:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    max_grad_norm: float | None = 1.0  # clip the gradient's global norm (None: off); see _train_epoch
     per_channel: bool = False
     device: str = "cpu"
     seed: int = 0
@@ -323,6 +324,7 @@ class TrainConfig:
     output: str | None = None         # final weights (safetensors); the checkpoint is <output>.ckpt
     onnx: str | None = None           # also export the final model here (QDQ, or float if float_only)
     float_only: bool = False          # train the float ANN: clipped ReLU sites with quantize=False
+    float_activation: str = "clipped"  # float_only: "clipped" (trainable lambda) or "plain" (the zoo's ReLUs)
     resume: bool = False              # continue from <output>.ckpt if it exists
     calibrate: bool = False           # recalibrate every lambda, also those the init file provides
     percentile: float = 99.9          # of the activations, for lambdas calibrated from data
@@ -332,6 +334,8 @@ class TrainConfig:
     def checkpoint_path(self) -> Path | None:
         return None if self.output is None else Path(f"{self.output}.ckpt")
 
+
+FLOAT_ACTIVATIONS = ("clipped", "plain")
 
 # Fields a resumed run may change without changing the computation's meaning.
 _RESUME_FREE_FIELDS = frozenset({"resume", "workers", "device", "onnx"})
@@ -400,10 +404,17 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
 def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...],
                  device: str | torch.device | None = None) -> nn.Module:
     """The zoo model with its activations made sites (quantizing, or float for float_only), on
-    `device` (default: config.device)."""
+    `device` (default: config.device); for float_only with float_activation "plain", the zoo model
+    as it is (ReLU / ReLU6, no trainable clip: what rate-coding converters such as SpikingJelly's take)."""
     import models  # the model zoo is a top-level package beside ann2snn
 
     model = models.build_model(config.model, classes, in_channels=input_shape[0])
+    if config.float_activation not in FLOAT_ACTIVATIONS:
+        raise Ann2SnnError(f"float_activation {config.float_activation!r}: expected one of {', '.join(FLOAT_ACTIVATIONS)}")
+    if config.float_activation == "plain":
+        if not config.float_only:
+            raise Ann2SnnError("float_activation 'plain' trains a float ANN: it needs float_only")
+        return model.to(device or config.device)
     model = quantize_model(model, config.timesteps, config.per_channel, input_shape).to(device or config.device)
     for site in activation_sites(model).values():
         site.quantize = not config.float_only
@@ -432,9 +443,14 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> 
 
 
 def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, beta: float, device: torch.device,
-                 bar: tqdm, global_sizes: list[int] | None = None, world_size: int = 1) -> Tensor:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, beta: float, max_grad_norm: float | None,
+                 device: torch.device, bar: tqdm, global_sizes: list[int] | None = None,
+                 world_size: int = 1) -> Tensor:
     """One pass over `loader`; returns this process's sums of loss, ce, spike term, correct, images.
+
+    The gradient's global norm is clipped to `max_grad_norm`: the regularizer's surrogate grows as
+    1/theta, and a site whose lambda shrinks behind a batch norm (its scale is free there) can
+    otherwise take one huge step that throws lambda far off and kills the site.
 
     Distributed (`global_sizes`: the size of each step's global batch; `model` wrapped in DDP):
     the loss backpropagated is this rank's per-sample sum times world_size / global batch size,
@@ -460,6 +476,8 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
             objective = loss * (world_size / global_sizes[step])
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
@@ -535,7 +553,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         if context.distributed:  # dropout masks: one stream per rank and epoch, the same after a resume
             torch.manual_seed(config.seed + epoch + _RANK_SEED_STRIDE * context.rank)
         sums = _train_epoch(trained, _epoch_loader(train_set, config, epoch, context), optimizer, scheduler,
-                            config.beta, device, bar, global_sizes, context.world_size)
+                            config.beta, config.max_grad_norm, device, bar, global_sizes, context.world_size)
         loss_sum, ce_sum, spike_sum, correct, images = all_reduce_sum(sums, context).tolist()
         test_acc, per_site = _evaluate(model, test_loader, device, context)
         history.append({

@@ -1,14 +1,16 @@
 """Spike sparsity against accuracy on digits: the spike regularizer's beta swept per T (METHOD.md 5).
 
-One float digits-cnn is trained (float_only; with `--float relu` plain ReLUs instead); from its
-weights, for every T and beta, the same quantization-aware recipe (same seed, epochs, learning rate) fine-tunes a quantized copy with
-loss = cross_entropy + beta * spikes per image, which ann2snn.convert compiles; the SNN is
-simulated time step by time step on the 450 test images. Reported per (T, beta): the quantized
-ANN's and the SNN's test accuracy (%), how many test images both predict alike, and the SNN's
-spikes per image. Per T the recommended beta is the one with the fewest spikes whose SNN accuracy
-is at most 0.5 points below beta = 0.
+Per seed, one float digits-cnn is trained (float_only; with `--float relu` plain ReLUs instead);
+from its weights, for every T and beta, the same quantization-aware recipe (same seed, epochs,
+learning rate) fine-tunes a quantized copy with loss = cross_entropy + beta * spikes per image,
+which ann2snn.convert compiles; the SNN is simulated time step by time step on the 450 test
+images. Reported per (T, beta), as means over the seeds (0, 1, 2 by default; one test image is
+0.22 points, so one seed's differences of a few tenths are noise): the quantized ANN's and the
+SNN's test accuracy (%) with the SNN's standard deviation over the seeds, how many test images
+both predict alike, and the SNN's spikes per image. Per T the recommended beta is the one with
+the fewest spikes whose mean SNN accuracy is at most 0.5 points below beta = 0.
 
-    python bench/sparsity.py                                   # table
+    python bench/sparsity.py                                   # table (3 seeds, 2 at a time)
     python bench/sparsity.py --json out.json --plot out.png    # also JSON and a plot
     python bench/sparsity.py --json                            # JSON on stdout, table on stderr
     python bench/sparsity.py --quick                           # tiny settings (smoke test)
@@ -20,7 +22,10 @@ points of the float ANN trained with the same recipe.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -29,23 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
-import models  # noqa: E402
-from ann2snn.checkpoint import save_tensors  # noqa: E402
 from ann2snn.compiler import convert  # noqa: E402
-from ann2snn.data import load_dataset, make_loader  # noqa: E402
+from ann2snn.data import load_dataset  # noqa: E402
 from ann2snn.tables import format_table  # noqa: E402
 from ann2snn.train import TrainConfig, train  # noqa: E402
 
 MAX_ACCURACY_DROP = 0.5       # points, recommended beta against beta = 0
 MIN_SPIKE_REDUCTION = 30.0    # %, recommended beta against beta = 0
 MAX_FLOAT_GAP_T4 = 0.3        # points, SNN at T = 4 below the float ANN
-BATCH_SIZE = 64               # TrainConfig's default
 
 
 @dataclass(frozen=True)
@@ -95,32 +95,15 @@ def train_float(recipe: Recipe, workdir: Path):
 
 
 def train_relu_float(recipe: Recipe, workdir: Path) -> tuple[Path, nn.Module]:
-    """The zoo digits-cnn with plain nn.ReLU activations, trained by `train`'s float recipe; returns
-    (safetensors state dict, model in eval mode)."""
-    start = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    train_set = load_dataset("digits", "train", seed=recipe.seed)
-    if recipe.train_limit is not None:
-        train_set = Subset(train_set, range(min(recipe.train_limit, len(train_set))))
-    model = models.build_model("digits-cnn", 10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.float_lr, momentum=0.9,
-                                weight_decay=recipe.weight_decay)
-    steps = len(make_loader(train_set, BATCH_SIZE, shuffle=True, seed=recipe.seed))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, recipe.float_epochs * steps))
-    model.train()
-    for epoch in range(recipe.float_epochs):
-        for x, y in make_loader(train_set, BATCH_SIZE, shuffle=True, seed=recipe.seed + epoch):
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    model.eval()
+    """The zoo digits-cnn with its plain nn.ReLU activations, trained by the float recipe (`train` with
+    float_activation="plain"); returns (safetensors state dict, model on the CPU in eval mode)."""
     path = workdir / "digits_float_relu.safetensors"
-    save_tensors(path, model.state_dict(), {"format": "ann2snn-weights", "model": "digits-cnn",
-                                             "activations": "relu", "recipe": recipe.to_json()})
-    log(f"float ANN (ReLU): trained in {time.perf_counter() - start:.0f} s")
-    return path, model
+    start = time.perf_counter()
+    result = train(TrainConfig(model="digits-cnn", data="digits", float_only=True, float_activation="plain",
+                               epochs=recipe.float_epochs, lr=recipe.float_lr, weight_decay=recipe.weight_decay,
+                               seed=recipe.seed, train_limit=recipe.train_limit, output=str(path)), progress=False)
+    log(f"float ANN (ReLU): {100 * result.test_accuracy:.2f}% ({time.perf_counter() - start:.0f} s)")
+    return path, result.model.cpu().eval()
 
 
 def train_qat(recipe: Recipe, init: Path, timesteps: int, beta: float) -> torch.nn.Module:
@@ -206,6 +189,8 @@ def plot(rows: list[dict[str, Any]], float_accuracy: float, path: str) -> None:
         xs = [r["spikes_per_image"] for r in mine]
         ys = [r["snn_accuracy"] for r in mine]
         line, = ax.plot(xs, ys, marker="o", label=f"T = {steps}")
+        ax.errorbar(xs, ys, yerr=[r["snn_accuracy_std"] for r in mine], linestyle="none", color=line.get_color(),
+                    capsize=2, linewidth=0.8)
         chosen = [r for r in mine if r.get("recommended")]
         ax.plot([r["spikes_per_image"] for r in chosen], [r["snn_accuracy"] for r in chosen], marker="*",
                 markersize=14, linestyle="none", color=line.get_color())
@@ -214,7 +199,7 @@ def plot(rows: list[dict[str, Any]], float_accuracy: float, path: str) -> None:
     ax.axhline(float_accuracy, color="gray", linestyle="--", linewidth=1, label="float ANN")
     ax.set_xlabel("spikes per image")
     ax.set_ylabel("SNN test accuracy (%)")
-    ax.set_title("digits-cnn: spike regularizer (beta annotated, * recommended)")
+    ax.set_title("digits-cnn: spike regularizer (beta annotated, * recommended; mean and std over seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -222,10 +207,10 @@ def plot(rows: list[dict[str, Any]], float_accuracy: float, path: str) -> None:
     plt.close(fig)
 
 
-def run(timesteps: list[int], betas: list[float], recipe: Recipe, float_kind: str = "clipped") -> dict[str, Any]:
-    start = time.perf_counter()
-    if 0.0 not in betas:
-        betas = [0.0] + betas
+def run_seed(timesteps: list[int], betas: list[float], recipe: Recipe, float_kind: str = "clipped",
+             threads: int = 1) -> dict[str, Any]:
+    """One seed: the float ANN, then QAT and the simulated SNN for every (T, beta)."""
+    torch.set_num_threads(threads)
     x, y = test_tensors()
     with tempfile.TemporaryDirectory(prefix="ann2snn-bench-") as tmp:
         if float_kind == "relu":
@@ -240,11 +225,51 @@ def run(timesteps: list[int], betas: list[float], recipe: Recipe, float_kind: st
             for beta in betas:
                 t0 = time.perf_counter()
                 model = train_qat(recipe, float_path, steps, beta)
-                row = {"T": steps, "beta": beta, **snn_metrics(model, steps, x, y),
+                row = {"T": steps, "beta": beta, "seed": recipe.seed, **snn_metrics(model, steps, x, y),
                        "seconds": time.perf_counter() - t0}
                 rows.append(row)
-                log(f"T={steps} beta={beta:g}: SNN {row['snn_accuracy']:.2f}%, "
+                log(f"seed={recipe.seed} T={steps} beta={beta:g}: SNN {row['snn_accuracy']:.2f}%, "
                     f"{row['spikes_per_image']:.0f} spikes/img ({row['seconds']:.0f} s)")
+    return {"seed": recipe.seed, "float_ann_accuracy": float_accuracy, "rows": rows}
+
+
+def mean_over_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (T, beta): accuracies and spikes averaged over the seeds (with the SNN accuracy's
+    standard deviation), prediction agreement summed, and every seed's own figures."""
+    merged = []
+    for first in runs[0]["rows"]:
+        mine = [next(r for r in run["rows"] if r["T"] == first["T"] and r["beta"] == first["beta"]) for run in runs]
+        snn = torch.tensor([r["snn_accuracy"] for r in mine], dtype=torch.float64)
+        merged.append({
+            "T": first["T"], "beta": first["beta"], "seeds": len(mine),
+            "ann_accuracy": sum(r["ann_accuracy"] for r in mine) / len(mine),
+            "snn_accuracy": snn.mean().item(),
+            "snn_accuracy_std": snn.std().item() if len(mine) > 1 else 0.0,
+            "same_prediction": sum(r["same_prediction"] for r in mine),
+            "images": sum(r["images"] for r in mine),
+            "spikes_per_image": sum(r["spikes_per_image"] for r in mine) / len(mine),
+            "per_seed": [{k: r[k] for k in ("seed", "ann_accuracy", "snn_accuracy", "spikes_per_image",
+                                             "same_prediction", "spikes_per_site", "seconds")} for r in mine],
+        })
+    return merged
+
+
+def run(timesteps: list[int], betas: list[float], recipe: Recipe, float_kind: str = "clipped",
+        seeds: list[int] | None = None, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+    """Every seed's sweep (`jobs` seeds at a time, each in its own process), averaged over the seeds."""
+    start = time.perf_counter()
+    if 0.0 not in betas:
+        betas = [0.0] + betas
+    seeds = seeds or [recipe.seed]
+    recipes = [dataclasses.replace(recipe, seed=seed) for seed in seeds]
+    if jobs > 1 and len(seeds) > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(seeds)), mp_context=context) as pool:
+            runs = list(pool.map(run_seed, *zip(*[(timesteps, betas, r, float_kind, threads) for r in recipes])))
+    else:
+        runs = [run_seed(timesteps, betas, r, float_kind, threads) for r in recipes]
+    rows = mean_over_seeds(runs)
+    float_accuracy = sum(r["float_ann_accuracy"] for r in runs) / len(runs)
     recommended = recommend(rows)
     for row in rows:
         base = next(r for r in rows if r["T"] == row["T"] and r["beta"] == 0)
@@ -252,9 +277,10 @@ def run(timesteps: list[int], betas: list[float], recipe: Recipe, float_kind: st
         row["recommended"] = recommended[row["T"]]["beta"] == row["beta"]
     return {
         "benchmark": "sparsity", "dataset": "digits", "model": "digits-cnn", "accuracy_unit": "%",
-        "recipe": recipe.to_json(), "timesteps": timesteps, "betas": betas, "float_activations": float_kind,
-        "float_ann_accuracy": float_accuracy, "rows": rows,
-        "recommended": [recommended[t] for t in sorted(recommended)],
+        "recipe": {**recipe.to_json(), "seed": None}, "seeds": seeds, "timesteps": timesteps, "betas": betas,
+        "float_activations": float_kind, "float_ann_accuracy": float_accuracy,
+        "float_ann_accuracy_per_seed": {str(r["seed"]): r["float_ann_accuracy"] for r in runs},
+        "rows": rows, "recommended": [recommended[t] for t in sorted(recommended)],
         "targets": check_targets(recommended, rows, float_accuracy),
         "seconds": time.perf_counter() - start,
     }
@@ -264,13 +290,16 @@ def report(result: dict[str, Any]) -> str:
     rows = [{**r, "same": f"{r['same_prediction']}/{r['images']}", "beta": f"{r['beta']:g}",
              "spikes": round(r["spikes_per_image"]), "reduction": f"{r['spike_reduction_pct']:.1f}%",
              "rec": "*" if r["recommended"] else "",
-             "ann": f"{r['ann_accuracy']:.2f}", "snn": f"{r['snn_accuracy']:.2f}"} for r in result["rows"]]
+             "ann": f"{r['ann_accuracy']:.2f}", "snn": f"{r['snn_accuracy']:.2f}",
+             "std": f"{r['snn_accuracy_std']:.2f}"} for r in result["rows"]]
+    seeds = ",".join(map(str, result["seeds"]))
     kind = "clipped ReLUs, float_only" if result["float_activations"] == "clipped" else "plain ReLUs"
     lines = [f"Float ANN (digits-cnn, {kind}, {result['recipe']['float_epochs']} epochs): "
-             f"{result['float_ann_accuracy']:.2f}% test accuracy",
-             "Test accuracy (%) on the digits test images and spikes per image of the SNN, per (T, beta):",
-             format_table(rows, ["T", "beta", "ann", "snn", "same", "spikes", "reduction", "rec"],
-                          ["T", "beta", "quantized ANN", "SNN", "same prediction", "spikes/img",
+             f"{result['float_ann_accuracy']:.2f}% test accuracy (mean over seeds {seeds})",
+             f"Test accuracy (%) on the digits test images and spikes per image of the SNN, per (T, beta), "
+             f"mean over seeds {seeds} (std: the SNN accuracy's standard deviation over them):",
+             format_table(rows, ["T", "beta", "ann", "snn", "std", "same", "spikes", "reduction", "rec"],
+                          ["T", "beta", "quantized ANN", "SNN", "std", "same prediction", "spikes/img",
                            "vs beta=0", "recommended"]),
              "",
              f"Recommended beta per T (fewest spikes, SNN accuracy at most {MAX_ACCURACY_DROP} points below beta=0):"]
@@ -313,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="QAT epochs per run")
     p.add_argument("--float-epochs", type=int, default=None, help="epochs of the float ANN")
     p.add_argument("--lr", type=float, default=None, help="QAT learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; results are their means (default 0,1,2)")
+    p.add_argument("--jobs", type=int, default=2, help="seeds run at a time, each in its own process (default 2)")
     p.add_argument("--float", dest="float_kind", choices=("clipped", "relu"), default="clipped",
                    help="the float ANN QAT starts from: `train(float_only=True)` with trainable clipped ReLUs "
                         "(default), or plain ReLUs trained by the same recipe (lambdas then calibrated at QAT start)")
@@ -323,17 +353,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the results as JSON to PATH (no PATH: stdout, and the table to stderr)")
     p.add_argument("--plot", metavar="PATH", help="plot SNN accuracy against spikes per image (PNG)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny settings for a smoke test: T=2, betas 0 and 1e-3, 256 training images, 1-2 epochs")
+                   help="tiny settings for a smoke test: T=2, betas 0 and 1e-3, seed 0, 256 training images, 1-2 epochs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     base = QUICK if args.quick else Recipe()
     recipe = Recipe(float_epochs=args.float_epochs or base.float_epochs, float_lr=base.float_lr,
-                    epochs=args.epochs or base.epochs, lr=args.lr or base.lr, seed=args.seed,
-                    train_limit=base.train_limit)
+                    epochs=args.epochs or base.epochs, lr=args.lr or base.lr, train_limit=base.train_limit)
+    seeds = parse_ints(args.seeds) if not args.quick or args.seeds != "0,1,2" else [0]
     timesteps = parse_ints(args.timesteps) if not args.quick or args.timesteps != "2,3,4" else [2]
     betas = parse_floats(args.betas) if not args.quick or args.betas != DEFAULT_BETAS else [0.0, 1e-3]
-    result = run(timesteps, betas, recipe, args.float_kind)
+    result = run(timesteps, betas, recipe, args.float_kind, seeds, args.jobs, args.threads)
     text = report(result)
     if args.json == "-":
         print(text, file=sys.stderr)

@@ -86,6 +86,29 @@ def test_float_file_needs_calibration_data_then_converts(tmp_path):
     assert (tmp_path / "float.snn").exists()
 
 
+@pytest.mark.parametrize("kind", ["qat", "plain-float"])
+def test_train_exports_onnx_that_convert_compiles(kind, tmp_path):
+    """`ann2snn train` writes ONNX, weights and a checkpoint; `convert` compiles the export (a QDQ
+    file as it is, a plain-ReLU float file with calibration data) and verifies it against onnxruntime."""
+    onnx_path = tmp_path / f"{kind}.onnx"
+    flags = ["-T", "2", "--beta", "1e-4"] if kind == "qat" else ["--float", "--float-activation", "plain"]
+    done = run_cli("train", "--epochs", "2", *flags, "-o", str(onnx_path), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert len(summary["history"]) == 2 and summary["test_accuracy"] > 0.5
+    assert (summary["spikes_per_image"] > 0) == (kind == "qat")
+    for path in (onnx_path, tmp_path / f"{kind}.safetensors", tmp_path / f"{kind}.safetensors.ckpt"):
+        assert path.is_file(), path
+    calib = [] if kind == "qat" else ["--calib", "digits"]
+    converted = run_cli("convert", str(onnx_path), "-T", "2", *calib, "--json")
+    assert converted.returncode == 0, converted.stderr
+    report = json.loads(converted.stdout)
+    assert report["verify"]["passed"]
+    if kind == "qat":  # the SNN equals the quantized ANN; a float file's reference is the float ANN
+        assert report["verify"]["agreement"] == 1.0
+    assert (tmp_path / f"{kind}.snn").is_file()
+
+
 def _unsupported_op(path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])

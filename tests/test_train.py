@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 import models
-from ann2snn.checkpoint import load_checkpoint, load_tensors
+from ann2snn.checkpoint import load_checkpoint, load_tensors, save_tensors
 from ann2snn.data import load_dataset
 from ann2snn.errors import Ann2SnnError
 from ann2snn.export import export_onnx
@@ -206,3 +206,32 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert again.test_accuracy == fresh.test_accuracy and len(again.history) == 4
     with pytest.raises(Ann2SnnError, match="changed: lr"):
         train(TrainConfig(**{**RUN, "lr": 0.1}, output=str(output), resume=True), progress=False)
+
+
+# --- safeguards and float variants ------------------------------------------------------------
+
+def test_gradient_norm_is_clipped(tmp_path):
+    """The first SGD step moves the parameters by lr times the gradient, clipped to max_grad_norm."""
+    torch.manual_seed(0)
+    start = tmp_path / "start.safetensors"
+    save_tensors(start, models.build_model("digits-cnn", 10).state_dict(), {"format": "ann2snn-weights"})
+    base = models.build_model("digits-cnn", 10)
+    load_init(base, start)
+    moved = {}
+    for clip in (1e-3, None):
+        config = TrainConfig(float_only=True, float_activation="plain", epochs=1, train_limit=64, lr=1.0,
+                             weight_decay=0.0, max_grad_norm=clip, init=str(start))
+        model = train(config, progress=False).model
+        moved[clip] = torch.sqrt(sum(((p - q.detach()) ** 2).sum() for p, q in
+                                     zip(model.parameters(), base.parameters()))).item()
+    assert moved[1e-3] == pytest.approx(1e-3, rel=1e-3)
+    assert moved[None] > 10 * moved[1e-3]
+
+
+def test_plain_float_training_keeps_the_models_relus():
+    result = train(TrainConfig(float_only=True, float_activation="plain", epochs=1, train_limit=128), progress=False)
+    assert not activation_sites(result.model)
+    assert sum(isinstance(m, nn.ReLU) for m in result.model.modules()) == 3
+    assert result.spikes_per_image == 0
+    with pytest.raises(Ann2SnnError, match="needs float_only"):
+        train(TrainConfig(float_activation="plain", epochs=1, train_limit=64), progress=False)
