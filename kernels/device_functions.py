@@ -37,3 +37,25 @@ def round_to(x, dtype: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(dtype).to(x.dtype)
+
+
+@lazy_jit
+def channel_tile(N, C, S, stride_n, stride_c, stride_s,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's tile of an [N, C, S] view (kernels/layout.py): the sample and channel indices,
+    their masks, the tile's mask and its element offsets.
+
+    Programs run S fastest, then C, then N. The batch offset is int64: a whole activation tensor
+    may exceed 2^31 elements.
+    """
+    pid = tl.program_id(0)
+    blocks_s = (S + BLOCK_S - 1) // BLOCK_S
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
+    n = (pid // (blocks_s * blocks_c)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = ((pid // blocks_s) % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = (pid % blocks_s) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask_n = n < N
+    mask_c = c < C
+    mask = mask_n[:, None, None] & mask_c[None, :, None] & (s < S)[None, None, :]
+    offsets = (n.to(tl.int64) * stride_n)[:, None, None] + (c * stride_c)[None, :, None] + (s * stride_s)[None, None, :]
+    return n, c, mask_n, mask_c, mask, offsets

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .device_functions import round_to, tile_sum
+from .device_functions import channel_tile, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .layout import channel_layout, grid_size, num_warps, tile_shape
 from .neuron_reference import (NeuronOutput, as_channel_tensor, check_neuron_args, fire_fused_reference,
@@ -45,17 +45,8 @@ def _fire_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    blocks_s = (S + BLOCK_S - 1) // BLOCK_S
-    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
-    n = (pid // (blocks_s * blocks_c)) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = ((pid // blocks_s) % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = (pid % blocks_s) * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask_n = n < N
-    mask_c = c < C
-    mask = mask_n[:, None, None] & mask_c[None, :, None] & (s < S)[None, None, :]
-    # int64 batch offset: a whole activation tensor may exceed 2^31 elements
-    offsets = (n.to(tl.int64) * stride_n)[:, None, None] + (c * stride_c)[None, :, None] + (s * stride_s)[None, None, :]
+    n, c, mask_n, mask_c, mask, offsets = channel_tile(N, C, S, stride_n, stride_c, stride_s,
+                                                       BLOCK_N, BLOCK_C, BLOCK_S)
 
     io = v_ptr.dtype.element_ty
     compute = tl.float64 if FP64 else tl.float32
