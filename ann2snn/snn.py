@@ -2,13 +2,27 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
 
 from .lower import lower_to_evaluator, lower_to_simulator
 from .passes.graph_utils import neuron_nodes
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 convolutions in IEEE float32 while inside: cuDNN's default is TF32 on Ampere and later
+    GPUs, which rounds the inputs to 10 mantissa bits and so moves potentials across firing
+    thresholds; the SNN must compute what its quantized ANN computes. (Matmuls are IEEE by default.)"""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 class SNNOutput(NamedTuple):
@@ -50,12 +64,14 @@ class SNN(nn.Module):
     @torch.no_grad()
     def simulate(self, x: Tensor) -> SNNOutput:
         """Time-stepped simulation over [T, N, ...] binary spike planes."""
-        return SNNOutput(*self._lowered_graph("simulate")(x))
+        with ieee_float32():
+            return SNNOutput(*self._lowered_graph("simulate")(x))
 
     @torch.no_grad()
     def evaluate(self, x: Tensor) -> SNNOutput:
         """Time-folded evaluation: the same logits and spike counts at about the ANN's cost."""
-        return SNNOutput(*self._lowered_graph("evaluate")(x))
+        with ieee_float32():
+            return SNNOutput(*self._lowered_graph("evaluate")(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.evaluate(x).logits

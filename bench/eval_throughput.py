@@ -6,7 +6,8 @@
    batch for the stateless layers as SeqToANNContainer does);
 and ann2snn's SNN run by `evaluate` (time-folded; fused Triton neuron on CUDA) and `simulate`.
 Targets (issue 6): on a GPU, evaluate >= 0.9x the float ANN and >= 5x SpikingJelly; on the CPU,
-evaluate >= 0.7x the float ANN.
+evaluate >= 0.7x the float ANN. Every network runs with IEEE float32 convolutions
+(`ann2snn.snn.ieee_float32`, which the SNN needs to stay exact; cuDNN's default would be TF32).
 
     python bench/eval_throughput.py [--model resnet20] [--batch-size 64] [--device cpu|cuda] [-T 4] [--json]
 """
@@ -22,6 +23,7 @@ from torch import nn
 import ann2snn
 import models
 from ann2snn.quant import QuantClippedActivation
+from ann2snn.snn import ieee_float32
 
 INPUTS = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
 
@@ -97,12 +99,13 @@ def main() -> None:
         functional.reset_net(sj)
         return sj(inputs.repeat(args.timesteps, *[1] * (inputs.dim() - 1))).unflatten(0, (args.timesteps, -1)).mean(0)
 
-    rows = {
-        "float ANN": throughput(float_model, x, device, args.seconds),
-        "ann2snn evaluate": throughput(snn.evaluate, x, device, args.seconds),
-        "ann2snn simulate": throughput(snn.simulate, x, device, args.seconds),
-        "SpikingJelly multi-step": throughput(run_sj, x, device, args.seconds),
-    }
+    with ieee_float32():
+        rows = {
+            "float ANN": throughput(float_model, x, device, args.seconds),
+            "ann2snn evaluate": throughput(snn.evaluate, x, device, args.seconds),
+            "ann2snn simulate": throughput(snn.simulate, x, device, args.seconds),
+            "SpikingJelly multi-step": throughput(run_sj, x, device, args.seconds),
+        }
     ratios = {"evaluate / float ANN": rows["ann2snn evaluate"] / rows["float ANN"],
               "evaluate / SpikingJelly": rows["ann2snn evaluate"] / rows["SpikingJelly multi-step"]}
     result = {"model": args.model, "device": str(device), "timesteps": args.timesteps,

@@ -108,3 +108,19 @@ def test_float32_levels_differ_by_at_most_one_and_rarely():
             mismatched += int((diff > 0).sum())
             total += diff.numel()
     assert mismatched / total <= FLOAT32_MISMATCH_BOUND, (mismatched, total)
+
+
+def test_snn_runs_convolutions_in_ieee_float32():
+    """cuDNN's TF32 default would round conv inputs to 10 mantissa bits on a GPU and move potentials
+    across thresholds: simulate and evaluate switch it off while they run, and restore it."""
+    model, x = build({"blocks": ["conv"], "timesteps": 3, "per_channel": False, "head": "gap", "seed": 0},
+                     torch.float32)
+    snn = ann2snn.convert(model.eval(), T=3)
+    seen = []
+    for conv in (m for m in snn.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    assert torch.backends.cudnn.allow_tf32
+    snn.simulate(x)
+    snn.evaluate(x)
+    assert seen and not any(seen)
+    assert torch.backends.cudnn.allow_tf32
