@@ -108,8 +108,8 @@ def demo(timesteps, output_dir, epochs, as_json):
 @click.option("--float", "float_only", is_flag=True, help="Train the float ANN (clipped ReLUs, no quantization).")
 @click.option("--float-activation", type=click.Choice(["clipped", "plain"]), default="clipped", show_default=True,
               help="With --float: clipped ReLUs with a trainable lambda, or the model's plain ReLUs.")
-@click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
-              help="Clip the gradient's global norm (guards against the surrogate's 1/theta blowing up).")
+@click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), default=None,
+              help="Clip the gradient's global norm to this before each step (default: no clipping).")
 @click.option("--init", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Start from these weights: a safetensors state dict or an ONNX file.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT's checkpoint (OUTPUT.ckpt).")

@@ -64,8 +64,11 @@ class SpikeCountSurrogate(torch.autograd.Function):
     """Exact spike count popcount(q(z)) forward; surrogate gradient backward (METHOD.md section 5).
 
     popcount is piecewise constant in q, so its gradient is replaced by a constant slope of one
-    spike per level (the mean of the per-bit gradients), times the straight-through dq/dz = 1/theta
-    on [0, lambda]. The count gets no gradient with respect to lambda.
+    spike per level (the mean of the per-bit gradients), times the straight-through derivatives of
+    q = z / theta on [0, lambda]: 1/theta for z and -z/theta^2 for theta. With both, scaling z and
+    theta together leaves the count's gradient neutral: the regularizer can only lower z relative
+    to theta. (With z's term alone, a site behind a batch norm, whose scale is free, lets training
+    shrink z and lambda together while the push on z grows as 1/theta, until the site dies.)
     """
 
     @staticmethod
@@ -75,10 +78,14 @@ class SpikeCountSurrogate(torch.autograd.Function):
         return popcount_levels(quantize_levels(z, theta, levels), levels).to(z.dtype)
 
     @staticmethod
-    def backward(ctx, grad_count: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad_count: Tensor) -> tuple[Tensor, Tensor | None, None]:
         z, theta = ctx.saved_tensors
         inside = (z >= 0) & (z <= theta * ctx.levels)
-        return grad_count * inside.to(z.dtype) / theta, None, None
+        grad_q = grad_count * inside.to(z.dtype)
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            grad_theta = (-grad_q * (z / theta) / theta).sum_to_size(theta.shape)
+        return grad_q / theta, grad_theta, None
 
 
 def spike_count(z: Tensor, theta: Tensor, levels: int) -> Tensor:
@@ -137,7 +144,7 @@ class QuantClippedActivation(nn.Module):
             return torch.minimum(torch.relu(z), clip)
         theta = clip / self.levels
         if self.record_spikes:
-            self.spikes = spike_count(z, theta.detach(), self.levels).flatten(1).sum(1)
+            self.spikes = spike_count(z, theta, self.levels).flatten(1).sum(1)
         scaled = z / theta + 0.5
         # Straight-through floor: forward floor, backward identity.
         q = scaled + (torch.floor(scaled) - scaled).detach()

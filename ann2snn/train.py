@@ -315,7 +315,7 @@ class TrainConfig:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    max_grad_norm: float | None = 1.0  # clip the gradient's global norm (None: off); see _train_epoch
+    max_grad_norm: float | None = None  # clip the gradient's global norm (None: off); see _train_epoch
     per_channel: bool = False
     device: str = "cpu"
     seed: int = 0
@@ -448,9 +448,8 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
                  world_size: int = 1) -> Tensor:
     """One pass over `loader`; returns this process's sums of loss, ce, spike term, correct, images.
 
-    The gradient's global norm is clipped to `max_grad_norm`: the regularizer's surrogate grows as
-    1/theta, and a site whose lambda shrinks behind a batch norm (its scale is free there) can
-    otherwise take one huge step that throws lambda far off and kills the site.
+    `max_grad_norm` (None: off) clips the gradient's global norm before each step, a guard against
+    single huge steps (the surrogate's gradient to z grows as 1/theta where lambda is small).
 
     Distributed (`global_sizes`: the size of each step's global batch; `model` wrapped in DDP):
     the loss backpropagated is this rank's per-sample sum times world_size / global batch size,

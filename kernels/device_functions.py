@@ -59,3 +59,24 @@ def channel_tile(N, C, S, stride_n, stride_c, stride_s,
     mask = mask_n[:, None, None] & mask_c[None, :, None] & (s < S)[None, None, :]
     offsets = (n.to(tl.int64) * stride_n)[:, None, None] + (c * stride_c)[None, :, None] + (s * stride_s)[None, None, :]
     return n, c, mask_n, mask_c, mask, offsets
+
+
+@lazy_jit
+def load_per_channel(ptr, c, mask_c, PER_CHANNEL: tl.constexpr, compute: tl.constexpr, other: tl.constexpr):
+    """A scalar, or a per-channel vector at channels `c` shaped [1, BLOCK_C, 1] to broadcast over a
+    tile; loaded in the `compute` dtype (masked-off channels read `other`)."""
+    if PER_CHANNEL:
+        return tl.load(ptr + c, mask=mask_c, other=other).to(compute)[None, :, None]
+    else:
+        return tl.load(ptr).to(compute)
+
+
+@lazy_jit
+def ratio_and_level(z, theta, work: tl.constexpr, FP64: tl.constexpr):
+    """z / theta and floor(z / theta + 1/2) (not yet clamped), each rounded like torch computes them
+    in `work`; IEEE division, as triton's `/` is approximate in float32."""
+    if FP64:
+        ratio = z / theta
+    else:
+        ratio = round_to(tl.math.div_rn(z, theta), work)
+    return ratio, tl.floor(round_to(ratio + 0.5, work))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .device_functions import channel_tile, round_to, tile_sum
+from .device_functions import channel_tile, load_per_channel, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .layout import channel_layout, grid_size, num_warps, tile_shape
 from .neuron_reference import (NeuronOutput, as_channel_tensor, check_neuron_args, fire_fused_reference,
@@ -51,16 +51,10 @@ def _fire_kernel(
     io = v_ptr.dtype.element_ty
     compute = tl.float64 if FP64 else tl.float32
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(compute)
-    if THETA_PER_CHANNEL:
-        theta = tl.load(theta_ptr + c, mask=mask_c, other=1.0).to(compute)[None, :, None]
-    else:
-        theta = tl.load(theta_ptr).to(compute)
+    theta = load_per_channel(theta_ptr, c, mask_c, THETA_PER_CHANNEL, compute, 1.0)
     # V + offset is rounded to the potential's dtype, as torch's add in the reference
     if HAS_OFFSET:
-        if OFFSET_PER_CHANNEL:
-            offset = tl.load(offset_ptr + c, mask=mask_c, other=0.0).to(compute)[None, :, None]
-        else:
-            offset = tl.load(offset_ptr).to(compute)
+        offset = load_per_channel(offset_ptr, c, mask_c, OFFSET_PER_CHANNEL, compute, 0.0)
         v = round_to(v + offset, io)
     if CAP_AT > 0.0:
         v = tl.minimum(v, theta * CAP_AT)

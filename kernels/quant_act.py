@@ -3,11 +3,13 @@
 Forward, one pass over z: a(z) = clamp(floor(z / theta + 1/2), 0, L) * theta and, on request,
 the spikes per sample, sum of popcount(q). Backward, one pass over z and the incoming gradients:
 - z: the straight-through floor passes the gradient where floor(z / theta + 1/2) lies in [0, L]
-  (the clamp's own rule), plus the spike-count surrogate grad_count * [0 <= z <= lambda] / theta;
+  (the clamp's own rule), plus the spike-count surrogate grad_count * [0 <= z <= lambda] / theta
+  (ann2snn.quant.SpikeCountSurrogate);
 - lambda = L theta: theta is used twice, as the scale of the output (gradient clamp(q)) and as
   the divisor of z / theta (gradient -g_q z / theta^2); inside [0, L] the two give the QCFS
-  (q - z / theta), above it 1 (times L / L), below it 0. Reduced over batch and space per tile,
-  then by one float64 atomic add per tile and channel; the count gets no gradient to lambda.
+  (q - z / theta), above it 1 (times L / L), below it 0; the count's surrogate adds
+  -grad_count z / theta^2 on [0, lambda]. Reduced over batch and space per tile, then by one
+  float64 atomic add per tile and channel.
 Every value is rounded in the dtype torch computes in, so the result equals the autograd of
 `QuantClippedActivation.forward` (kernels/quant_act_reference.py) up to float rounding of the
 lambda reduction. One case differs by backend in torch itself: a float16/bfloat16 z with a
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from ann2snn.quant import channel_view
 
-from .device_functions import channel_tile, round_to, tile_sum
+from .device_functions import channel_tile, load_per_channel, ratio_and_level, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .layout import ChannelLayout, channel_layout, grid_size, num_warps, tile_shape
 from .quant_act_reference import quant_act_fused_reference
@@ -51,16 +53,8 @@ def _quant_act_forward_kernel(
     compute = tl.float64 if FP64 else tl.float32
     work = theta_ptr.dtype.element_ty         # the dtype of torch's z / theta
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(compute)
-    if THETA_PER_CHANNEL:
-        theta = tl.load(theta_ptr + c, mask=mask_c, other=1.0).to(compute)[None, :, None]
-    else:
-        theta = tl.load(theta_ptr).to(compute)
-    # IEEE division (triton's `/` is approximate in float32), each result rounded like torch's
-    if FP64:
-        ratio = z / theta
-    else:
-        ratio = round_to(tl.math.div_rn(z, theta), work)
-    level = tl.floor(round_to(ratio + 0.5, work))
+    theta = load_per_channel(theta_ptr, c, mask_c, THETA_PER_CHANNEL, compute, 1.0)
+    ratio, level = ratio_and_level(z, theta, work, FP64)
     level = tl.minimum(tl.maximum(level, 0.0), LEVELS)
     tl.store(value_ptr + offsets, round_to(level * theta, work).to(work), mask=mask)
 
@@ -95,17 +89,15 @@ def _quant_act_backward_kernel(
     compute = tl.float64 if FP64 else tl.float32
     work = theta_ptr.dtype.element_ty
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(compute)
-    if THETA_PER_CHANNEL:
-        theta = tl.load(theta_ptr + c, mask=mask_c, other=1.0).to(compute)[None, :, None]
-    else:
-        theta = tl.load(theta_ptr).to(compute)
-    if FP64:
-        ratio = z / theta
-    else:
-        ratio = round_to(tl.math.div_rn(z, theta), work)
-    level = tl.floor(round_to(ratio + 0.5, work))
+    theta = load_per_channel(theta_ptr, c, mask_c, THETA_PER_CHANNEL, compute, 1.0)
+    ratio, level = ratio_and_level(z, theta, work, FP64)
 
     grad_z = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, compute)
+    grad_theta = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, compute)
+    if FP64:
+        dratio_dtheta = ratio / theta
+    else:
+        dratio_dtheta = tl.math.div_rn(ratio, theta)
     if HAS_GRAD_VALUE:
         g = tl.load(grad_value_ptr + offsets, mask=mask, other=0.0).to(compute)
         # value = clamp(q) * theta: the clamp passes its gradient where q lies in [0, L]
@@ -115,27 +107,26 @@ def _quant_act_backward_kernel(
             grad_z = g_level / theta
         else:
             grad_z = tl.math.div_rn(g_level, theta)
-        if WANT_GRAD_THETA:
-            # theta as the output's scale, and as the divisor of z / theta
-            if FP64:
-                dratio_dtheta = ratio / theta
-            else:
-                dratio_dtheta = tl.math.div_rn(ratio, theta)
-            grad_theta = g * tl.minimum(tl.maximum(level, 0.0), LEVELS) - g_level * dratio_dtheta
-            grad_theta = tl.where(mask, grad_theta, 0.0)
-            if THETA_PER_CHANNEL:
-                per_channel = tile_sum(tile_sum(grad_theta, 2), 0)
-                tl.atomic_add(grad_theta_ptr + c, per_channel.to(tl.float64), mask=mask_c)
-            else:
-                tl.atomic_add(grad_theta_ptr, tile_sum(tile_sum(tile_sum(grad_theta, 2), 1), 0).to(tl.float64))
+        # theta as the output's scale, and as the divisor of z / theta
+        grad_theta = g * tl.minimum(tl.maximum(level, 0.0), LEVELS) - g_level * dratio_dtheta
     if HAS_GRAD_SPIKES:
-        # SpikeCountSurrogate: one spike per level, dq/dz = 1 / theta on [0, lambda]
+        # SpikeCountSurrogate: one spike per level, times dq/dz = 1 / theta and dq/dtheta = -z / theta^2
+        # on [0, lambda]
         g_count = tl.load(grad_spikes_ptr + n, mask=mask_n, other=0.0).to(compute)[:, None, None]
         counted = (z >= 0.0) & (z <= round_to(theta * LEVELS, work))
+        g_q = tl.where(counted, g_count, 0.0)
         if FP64:
-            grad_z += tl.where(counted, g_count, 0.0) / theta
+            grad_z += g_q / theta
         else:
-            grad_z += tl.math.div_rn(tl.where(counted, g_count, 0.0), theta)
+            grad_z += tl.math.div_rn(g_q, theta)
+        grad_theta -= g_q * dratio_dtheta
+    if WANT_GRAD_THETA:
+        grad_theta = tl.where(mask, grad_theta, 0.0)
+        if THETA_PER_CHANNEL:
+            per_channel = tile_sum(tile_sum(grad_theta, 2), 0)
+            tl.atomic_add(grad_theta_ptr + c, per_channel.to(tl.float64), mask=mask_c)
+        else:
+            tl.atomic_add(grad_theta_ptr, tile_sum(tile_sum(tile_sum(grad_theta, 2), 1), 0).to(tl.float64))
     if WANT_GRAD_Z:
         out = grad_z_ptr.dtype.element_ty
         tl.store(grad_z_ptr + offsets, round_to(grad_z, out).to(out), mask=mask)
@@ -178,7 +169,7 @@ class QuantActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value: Tensor | None, grad_spikes: Tensor | None = None):
         z, theta = ctx.saved_tensors
-        want_z, want_clip = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and grad_value is not None
+        want_z, want_clip = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not want_z and not want_clip:
             return None, None, None, None
         layout = channel_layout(z)

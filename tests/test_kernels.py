@@ -274,7 +274,8 @@ def test_quant_act_fused_equals_reference_autograd(device: torch.device, levels:
 
 
 def test_quant_act_fused_spike_gradient_alone(device: torch.device) -> None:
-    """A loss on the spike count alone: the surrogate's gradient to z, no gradient to lambda."""
+    """A loss on the spike count alone: the surrogate's gradients to z (up: more spikes) and to
+    lambda (down: a coarser step fires less), and scaling z and lambda together is neutral."""
     gen = torch.Generator().manual_seed(11)
     clip = _clip(True, 5, gen).to(device)
     z = _activations((3, 5, 7, 9), clip.cpu(), 15, gen).to(device)
@@ -284,10 +285,14 @@ def test_quant_act_fused_spike_gradient_alone(device: torch.device) -> None:
         cc = clip.clone().requires_grad_()
         _, spikes = fn(zz, cc, 15, with_spikes=True)
         spikes.sum().backward()
-        assert cc.grad is None
-        grads.append(zz.grad.cpu())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0)
-    assert grads[0].abs().sum() > 0
+        grads.append((zz.grad.cpu(), cc.grad.cpu()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+    grad_z, grad_clip = grads[1]
+    assert (grad_z >= 0).all() and grad_z.sum() > 0 and (grad_clip <= 0).all() and grad_clip.sum() < 0
+    # d/ds count(s z, s lambda) at s = 1 is sum(z grad_z) + sum(lambda grad_lambda) = 0
+    scale_derivative = (z.cpu() * grad_z).sum() + (clip.cpu() * grad_clip).sum()
+    assert abs(scale_derivative.item()) <= 1e-4 * (z.cpu() * grad_z).abs().sum().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -366,11 +371,13 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
                         {"z_ptr": "*fp32", "theta_ptr": "*fp32", "value_ptr": "*fp32", "spikes_ptr": "*i64"},
                         dict(LEVELS=15, LEVEL_BITS=4, THETA_PER_CHANNEL=per_channel, WITH_SPIKES=True, FP64=False,
                              **blocks))
-        compile_for_gpu(_quant_act_backward_kernel,
-                        {"z_ptr": "*fp32", "theta_ptr": "*fp32", "grad_value_ptr": "*fp32",
-                         "grad_spikes_ptr": "*fp32", "grad_z_ptr": "*fp32", "grad_theta_ptr": "*fp64"},
-                        dict(LEVELS=15, THETA_PER_CHANNEL=per_channel, HAS_GRAD_VALUE=True, HAS_GRAD_SPIKES=True,
-                             WANT_GRAD_Z=True, WANT_GRAD_THETA=True, FP64=False, **blocks))
+        for has_value, has_spikes in ((True, True), (True, False), (False, True)):
+            compile_for_gpu(_quant_act_backward_kernel,
+                            {"z_ptr": "*fp32", "theta_ptr": "*fp32", "grad_value_ptr": "*fp32",
+                             "grad_spikes_ptr": "*fp32", "grad_z_ptr": "*fp32", "grad_theta_ptr": "*fp64"},
+                            dict(LEVELS=15, THETA_PER_CHANNEL=per_channel, HAS_GRAD_VALUE=has_value,
+                                 HAS_GRAD_SPIKES=has_spikes, WANT_GRAD_Z=True, WANT_GRAD_THETA=True, FP64=False,
+                                 **blocks))
     print("compiled")
 """)
 
