@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -36,6 +36,39 @@ def prepare_for_device(snn: SNN, device: torch.device) -> SNN:
     return snn
 
 
+def device_batches(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                   dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) on `device`, images in `dtype` (channels_last on CUDA).
+
+    On CUDA the copy of batch i + 1 is issued on a side stream before batch i is handed out, so
+    with pinned host memory it overlaps batch i's compute; the compute stream waits for the copy
+    before it reads the batch, and no call here waits on the host.
+    """
+    def load(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.to(device, dtype=dtype, non_blocking=True)
+        if device.type == "cuda" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(device, non_blocking=True)
+
+    if device.type != "cuda":
+        yield from (load(x, y) for x, y in batches)
+        return
+    copy_stream = torch.cuda.Stream(device)
+    compute_stream = torch.cuda.current_stream(device)
+    pending = None
+    for x, y in batches:
+        with torch.cuda.stream(copy_stream):
+            loaded = load(x, y)
+        if pending is not None:
+            yield pending
+        compute_stream.wait_stream(copy_stream)
+        for t in loaded:  # the caching allocator must not reuse their memory before the compute is done
+            t.record_stream(compute_stream)
+        pending = loaded
+    if pending is not None:
+        yield pending
+
+
 @torch.no_grad()
 def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: str = "evaluate",
                  device: str | torch.device = "cpu", progress: bool = True, total: int | None = None,
@@ -55,11 +88,8 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
     spikes: dict[str, Tensor] = {}
     images = 0
     start = time.perf_counter()
-    for x, y in tqdm(batches, total=total, desc=f"{mode} on {device.type}", unit="batch", disable=not progress):
-        x = x.to(device, dtype=dtype, non_blocking=True)
-        if device.type == "cuda" and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+    progress_bar = tqdm(batches, total=total, desc=f"{mode} on {device.type}", unit="batch", disable=not progress)
+    for x, y in device_batches(progress_bar, device, dtype):
         logits, counts = run(x)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum()

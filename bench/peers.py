@@ -13,8 +13,9 @@ scalers, thresholds from the calibration data), in three modes:
 and each SNN runs multi-step for T = 1, 2, 4, 8, 16, 32: the analog image is the input current
 of every step, the output is the mean of the T steps' logits, and the spikes are the IF neurons'
 outputs summed over neurons and steps. ann2snn fine-tunes the same float weights
-quantization-aware for T = 1..4 (beta = 0; lambdas calibrated from the float activations at
-start), converts them and simulates the bit-serial SNN.
+quantization-aware for T = 1..4 (lambdas calibrated from the float activations at start), without
+the spike regularizer (beta = 0) and with it (`--betas`, default 0 and 1e-4), converts them and
+simulates the bit-serial SNN.
 
 The float network has plain nn.ReLU activations, because `RateCodingRecipe` converts only
 nn.ReLU modules: it is trained here by the recipe of `ann2snn.train.train` (SGD with momentum
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import os
 import sys
 import tempfile
@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # run from a c
 
 from ann2snn.data import load_dataset, make_loader  # noqa: E402
 from ann2snn.tables import format_table  # noqa: E402
-from sparsity import QUICK, Recipe, accuracy, log, snn_metrics, test_tensors, train_qat, train_relu_float  # noqa: E402
+from sparsity import (QUICK, Recipe, accuracy, emit, log, snn_metrics, test_tensors, train_qat,  # noqa: E402
+                      train_relu_float)
 
 SJ_MODES: dict[str, dict[str, Any]] = {
     "max": {"mode": "max"},
@@ -67,6 +68,7 @@ SJ_MODES: dict[str, dict[str, Any]] = {
 }
 SJ_TIMESTEPS = (1, 2, 4, 8, 16, 32)
 ANN2SNN_TIMESTEPS = (1, 2, 3, 4)
+ANN2SNN_BETAS = (0.0, 1e-4)
 
 
 def import_spikingjelly_converter() -> tuple[Any, Any, dict[str, Any]]:
@@ -119,7 +121,8 @@ def run_rate_coded(snn: nn.Module, x: torch.Tensor, y: torch.Tensor, timesteps: 
     return {"accuracy": accuracy(logits, y), "spikes_per_image": total.item() / len(y), "neuron_layers": len(nodes)}
 
 
-def run(sj_timesteps: list[int], ann2snn_timesteps: list[int], recipe: Recipe, calib_batches: int | None) -> dict[str, Any]:
+def run(sj_timesteps: list[int], ann2snn_timesteps: list[int], recipe: Recipe, calib_batches: int | None,
+        betas: tuple[float, ...] = ANN2SNN_BETAS) -> dict[str, Any]:
     start = time.perf_counter()
     FXConverter, RateCodingRecipe, sj_note = import_spikingjelly_converter()
     x, y = test_tensors()
@@ -144,16 +147,18 @@ def run(sj_timesteps: list[int], ann2snn_timesteps: list[int], recipe: Recipe, c
                 log(f"SpikingJelly {label} T={steps}: {row['accuracy']:.2f}%, {row['spikes_per_image']:.0f} spikes/img")
             log(f"  ({time.perf_counter() - t0:.0f} s)")
 
-        for steps in ann2snn_timesteps:
-            t0 = time.perf_counter()
-            metrics = snn_metrics(train_qat(recipe, float_path, steps, 0.0), steps, x, y)
-            rows.append({"method": "ann2snn (bit-serial, QAT beta=0)", "converter": "ann2snn", "mode": "bit-serial",
-                         "T": steps, "accuracy": metrics["snn_accuracy"],
-                         "spikes_per_image": metrics["spikes_per_image"],
-                         "quantized_ann_accuracy": metrics["ann_accuracy"],
-                         "same_prediction": metrics["same_prediction"], "images": metrics["images"]})
-            log(f"ann2snn T={steps}: {metrics['snn_accuracy']:.2f}%, {metrics['spikes_per_image']:.0f} spikes/img "
-                f"({time.perf_counter() - t0:.0f} s)")
+        for beta in betas:
+            method = f"ann2snn (bit-serial, QAT beta={beta:g})"
+            for steps in ann2snn_timesteps:
+                t0 = time.perf_counter()
+                metrics = snn_metrics(train_qat(recipe, float_path, steps, beta), steps, x, y)
+                rows.append({"method": method, "converter": "ann2snn", "mode": "bit-serial", "beta": beta,
+                             "T": steps, "accuracy": metrics["snn_accuracy"],
+                             "spikes_per_image": metrics["spikes_per_image"],
+                             "quantized_ann_accuracy": metrics["ann_accuracy"],
+                             "same_prediction": metrics["same_prediction"], "images": metrics["images"]})
+                log(f"{method} T={steps}: {metrics['snn_accuracy']:.2f}%, {metrics['spikes_per_image']:.0f} "
+                    f"spikes/img ({time.perf_counter() - t0:.0f} s)")
     return {
         "benchmark": "peers", "dataset": "digits", "model": "digits-cnn", "accuracy_unit": "%",
         "recipe": recipe.to_json(), "float_ann_accuracy": float_accuracy, "float_activations": "relu",
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="T values for SpikingJelly (default 1,2,4,8,16,32)")
     p.add_argument("--timesteps", default=",".join(map(str, ANN2SNN_TIMESTEPS)),
                    help="T values for ann2snn (default 1,2,3,4)")
+    p.add_argument("--betas", default=",".join(f"{b:g}" for b in ANN2SNN_BETAS),
+                   help="spike-regularizer weights of the ann2snn runs (default 0,0.0001)")
     p.add_argument("--epochs", type=int, default=None, help="QAT epochs of the ann2snn runs")
     p.add_argument("--float-epochs", type=int, default=None, help="epochs of the float ANN")
     p.add_argument("--lr", type=float, default=None, help="QAT learning rate")
@@ -245,16 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         sj_t = sj_t if args.sj_timesteps != ",".join(map(str, SJ_TIMESTEPS)) else [1, 4]
         ours_t = ours_t if args.timesteps != ",".join(map(str, ANN2SNN_TIMESTEPS)) else [1, 2]
-    result = run(sj_t, ours_t, recipe, calib_batches=4 if args.quick else None)
-    text = report(result)
-    if args.json == "-":
-        print(text, file=sys.stderr)
-        print(json.dumps(result, indent=2))
-    else:
-        print(text)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    betas = tuple(float(v) for v in args.betas.split(","))
+    result = run(sj_t, ours_t, recipe, calib_batches=4 if args.quick else None, betas=betas)
+    emit(result, report(result), args.json)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(result, args.plot)

@@ -322,6 +322,19 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def emit(result: dict[str, Any], text: str, json_path: str | None) -> None:
+    """The table on stdout, and the JSON at `json_path`; with json_path "-" the JSON on stdout and
+    the table on stderr."""
+    if json_path == "-":
+        print(text, file=sys.stderr)
+        print(json.dumps(result, indent=2))
+        return
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def parse_floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -330,7 +343,7 @@ def parse_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-DEFAULT_BETAS = "0,1e-5,2e-5,5e-5,1e-4,2e-4,5e-4"
+DEFAULT_BETAS = "0,1e-5,3e-5,1e-4,3e-4,1e-3,3e-3"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,15 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     timesteps = parse_ints(args.timesteps) if not args.quick or args.timesteps != "2,3,4" else [2]
     betas = parse_floats(args.betas) if not args.quick or args.betas != DEFAULT_BETAS else [0.0, 1e-3]
     result = run(timesteps, betas, recipe, args.float_kind, seeds, args.jobs, args.threads)
-    text = report(result)
-    if args.json == "-":
-        print(text, file=sys.stderr)
-        print(json.dumps(result, indent=2))
-    else:
-        print(text)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, report(result), args.json)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(result["rows"], result["float_ann_accuracy"], args.plot)

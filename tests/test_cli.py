@@ -109,6 +109,53 @@ def test_train_exports_onnx_that_convert_compiles(kind, tmp_path):
     assert (tmp_path / f"{kind}.snn").is_file()
 
 
+def test_eval_on_an_image_folder_matches_a_direct_evaluation(tmp_path):
+    """`ann2snn eval` on an ImageNet-style folder (val/<class>/*.jpg, resized to 256 and cropped to
+    224): the JSON fields, top-1/top-5 as computed directly from the SNN, both modes alike."""
+    from PIL import Image
+
+    from ann2snn.data import load_dataset
+    from ann2snn.quant import QuantClippedActivation
+
+    generator = torch.Generator().manual_seed(3)
+    for label in ("cat", "dog", "fox"):
+        folder = tmp_path / "images" / "val" / label
+        folder.mkdir(parents=True)
+        for i in range(2):
+            pixels = (torch.rand(240, 300, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    torch.manual_seed(0)
+    model = models.build_model("resnet20", 3, activation=lambda c: QuantClippedActivation(levels=3, clip=1.0))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            randomize_batch_norm(m, generator)
+    snn_path = tmp_path / "r20.snn"
+    ann2snn.convert(model.eval(), T=2).save(snn_path)
+
+    data = load_dataset(tmp_path / "images", "test")
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    direct = ann2snn.load_snn(snn_path).evaluate(x)
+    results = {}
+    for mode in ("evaluate", "simulate"):
+        done = run_cli("eval", str(snn_path), "--data", str(tmp_path / "images"), "--batch-size", "4",
+                       "--mode", mode, "--json")
+        assert done.returncode == 0, done.stderr
+        results[mode] = json.loads(done.stdout)
+    got = results["evaluate"]
+    assert {"top1", "top5", "images", "spikes_per_image", "images_per_second", "mode", "device"} <= set(got)
+    assert got["images"] == 6 and got["mode"] == "evaluate" and got["device"] == "cpu"
+    assert got["top1"] == (direct.logits.argmax(1) == y).double().mean().item()
+    assert got["top5"] == 1.0  # three classes
+    spikes = {name: count.double().mean().item() for name, count in direct.spikes.items()}
+    # float32 convolutions of a batch of 4 and one of 6 round differently: a level at a threshold may flip
+    assert got["layer_spikes_per_image"] == pytest.approx(spikes, rel=1e-4) and got["spikes_per_image"] > 0
+    assert got["images_per_second"] > 0
+    for key in ("top1", "top5", "images"):
+        assert results["simulate"][key] == got[key], key
+    assert results["simulate"]["layer_spikes_per_image"] == pytest.approx(got["layer_spikes_per_image"], rel=1e-4)
+
+
 def _unsupported_op(path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
