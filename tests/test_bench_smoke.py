@@ -75,3 +75,15 @@ def test_peers_quick(tmp_path: Path) -> None:
     ours = [r for r in rows if r["converter"] == "ann2snn"]
     assert ours and all(r["spikes_per_image"] > 0 for r in ours)
     assert all(r["same_prediction"] >= 0.99 * r["images"] for r in ours)
+
+
+def test_profile_eval_reports_operator_shares() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_eval.py"), "--model", "digits-cnn",
+                           "--batch-size", "8", "-T", "2", "--steps", "1", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    shares = [r["share"] for r in result["ops"]]
+    assert result["device"] == "cpu" and shares == sorted(shares, reverse=True)
+    assert 0 < sum(shares) <= 1 + 1e-9
+    assert any("conv" in r["op"] for r in result["ops"])
