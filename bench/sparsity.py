@@ -199,7 +199,7 @@ def plot(rows: list[dict[str, Any]], float_accuracy: float, path: str) -> None:
     ax.axhline(float_accuracy, color="gray", linestyle="--", linewidth=1, label="float ANN")
     ax.set_xlabel("spikes per image")
     ax.set_ylabel("SNN test accuracy (%)")
-    ax.set_title("digits-cnn: spike regularizer (beta annotated, * recommended; mean and std over seeds)")
+    ax.set_title("digits-cnn: beta annotated, * recommended (mean, std over seeds)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
