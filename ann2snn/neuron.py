@@ -61,8 +61,8 @@ def fire_levels(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -
     if potential.dtype == torch.float64:
         return decode_levels(fire_msb_first(potential, theta, levels, timesteps))
     top = min(levels, 2**timesteps - 1)
-    quotient = potential.to(torch.float64) / theta.to(torch.float64)
-    return torch.clamp(torch.floor(quotient), 0, top).to(potential.dtype)
+    quotient = potential.to(torch.float64)  # a new tensor: the in-place steps below save allocations
+    return quotient.div_(theta.to(torch.float64)).floor_().clamp_(0, top).to(potential.dtype)
 
 
 class BitSerialIFNode(base.MemoryModule):

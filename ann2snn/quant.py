@@ -44,20 +44,18 @@ def quantize_levels(z: Tensor, theta: Tensor, levels: int) -> Tensor:
 
 
 def popcount_levels(q: Tensor, levels: int) -> Tensor:
-    """Spikes that carry level q: the ones of its binary code (level 8 costs one spike, 7 three)."""
-    table = _popcount_table(levels, q.device)
-    return table[q.to(torch.int64)]
+    """Spikes that carry level q: the ones of its binary code (level 8 costs one spike, 7 three).
 
-
-_POPCOUNT_TABLES: dict[tuple[int, str], Tensor] = {}
-
-
-def _popcount_table(levels: int, device: torch.device) -> Tensor:
-    """popcount of 0..L as a lookup table: one gather instead of a loop over bits."""
-    key = (levels, str(device))
-    if key not in _POPCOUNT_TABLES:
-        _POPCOUNT_TABLES[key] = torch.tensor([bin(k).count("1") for k in range(levels + 1)], device=device)
-    return _POPCOUNT_TABLES[key]
+    q holds integer levels 0..L; the counts come in q's dtype, by Legendre's formula
+    popcount(q) = q - sum_{k >= 1} floor(q / 2^k), in floating point (an integer q in float64).
+    Every step is exact (q <= 255; scaling by 2^-k and floor are exact), and a few elementwise
+    passes cost a CPU several times less than a table lookup (a gather).
+    """
+    values = q if q.is_floating_point() else q.to(torch.float64)
+    count = values.clone()
+    for k in range(1, max(1, int(levels).bit_length())):
+        count -= torch.floor(values * 2.0**-k)
+    return count.to(q.dtype)
 
 
 class SpikeCountSurrogate(torch.autograd.Function):

@@ -65,11 +65,15 @@ def fire_fused_reference(potential: Tensor, theta: Tensor | float, membrane_offs
     value = q * theta_c
     spikes = popcount_levels(q, levels) if per_sample_counts or per_channel_counts else None
     spatial = tuple(range(2, potential.dim()))
+
+    def total(dims: tuple[int, ...]) -> Tensor:  # summed in float64: exact, where float32 stops at 2^24
+        return spikes.sum(dims, dtype=torch.float64).to(torch.int64)
+
     return NeuronOutput(
         value=value,
         levels=q.to(torch.uint8) if want_levels else None,
-        channel_spikes=spikes.sum((0,) + spatial) if per_channel_counts else None,
-        sample_spikes=spikes.sum((1,) + spatial) if per_sample_counts else None,
+        channel_spikes=total((0,) + spatial) if per_channel_counts else None,
+        sample_spikes=total((1,) + spatial) if per_sample_counts else None,
     )
 
 

@@ -332,6 +332,12 @@ def test_output_monitor_records_spike_planes_of_every_neuron():
 def test_popcount_counts_ones_of_the_binary_code():
     q = torch.tensor([0, 1, 2, 3, 7, 8, 15, 128, 255, 170])
     assert popcount_levels(q, 255).tolist() == [0, 1, 1, 2, 3, 1, 4, 1, 8, 4]
+    # Legendre's formula in floating point is exact for every level of every T, in every dtype
+    for levels in (1, 3, 7, 15, 31, 63, 127, 255, 5, 100):
+        expected = [bin(k).count("1") for k in range(levels + 1)]
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64):
+            counts = popcount_levels(torch.arange(levels + 1).to(dtype), levels)
+            assert counts.dtype == dtype and counts.tolist() == expected, (levels, dtype)
     # fired spike trains of levels q have exactly popcount(q) ones
     theta = torch.tensor(0.1, dtype=torch.float64)
     v = (q.to(torch.float64) + 0.5) * theta
