@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,20 +52,31 @@ def spikingjelly_snn(float_model: nn.Module, timesteps: int) -> nn.Module:
     return snn
 
 
-def throughput(run, x: torch.Tensor, device: torch.device, seconds: float = 3.0) -> float:
-    """Images per second of `run(x)`, after warm-up, synchronized on CUDA."""
-    with torch.no_grad():
-        for _ in range(2):
-            run(x)
+def throughput(runs: dict[str, Callable], x: torch.Tensor, device: torch.device, seconds: float = 3.0,
+               rounds: int = 5) -> dict[str, float]:
+    """Images per second of each `run(x)`: after a warm-up, `rounds` rounds that time every run in
+    turn for seconds / rounds each (synchronized on CUDA); the median round per run. Interleaving
+    spreads a noisy machine's slow spells over all runs instead of one."""
+    def timed(run: Callable, budget: float) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
+        while count == 0 or time.perf_counter() - start < budget:
             run(x)
             count += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         return count * x.shape[0] / (time.perf_counter() - start)
+
+    with torch.no_grad():
+        for run in runs.values():
+            for _ in range(2):
+                run(x)
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                samples[name].append(timed(run, seconds / rounds))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -72,7 +85,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-T", "--timesteps", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per network")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from spikingjelly.activation_based import functional
@@ -100,12 +114,9 @@ def main() -> None:
         return sj(inputs.repeat(args.timesteps, *[1] * (inputs.dim() - 1))).unflatten(0, (args.timesteps, -1)).mean(0)
 
     with ieee_float32():
-        rows = {
-            "float ANN": throughput(float_model, x, device, args.seconds),
-            "ann2snn evaluate": throughput(snn.evaluate, x, device, args.seconds),
-            "ann2snn simulate": throughput(snn.simulate, x, device, args.seconds),
-            "SpikingJelly multi-step": throughput(run_sj, x, device, args.seconds),
-        }
+        rows = throughput({"float ANN": float_model, "ann2snn evaluate": snn.evaluate,
+                           "ann2snn simulate": snn.simulate, "SpikingJelly multi-step": run_sj},
+                          x, device, args.seconds, args.rounds)
     ratios = {"evaluate / float ANN": rows["ann2snn evaluate"] / rows["float ANN"],
               "evaluate / SpikingJelly": rows["ann2snn evaluate"] / rows["SpikingJelly multi-step"]}
     result = {"model": args.model, "device": str(device), "timesteps": args.timesteps,

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of the fused neuron (kernels/neuron.py), and the bit-packed spike code.
 
 The neuron of the time-folded evaluator (METHOD.md section 7): offset, cap, MSB-first firing,
-q * theta and popcount(q), written with ann2snn's own `fire_levels` and `popcount_levels`, so the
+q * theta and popcount(q), written with ann2snn's own `fire_levels` and `popcount_sum_`, so the
 kernel is checked against exactly what the evaluator and the simulator compute.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ann2snn.neuron import fire_levels
-from ann2snn.quant import channel_view, popcount_levels
+from ann2snn.quant import channel_view, popcount_sum_
 
 
 class NeuronOutput(NamedTuple):
@@ -60,21 +60,18 @@ def fire_fused_reference(potential: Tensor, theta: Tensor | float, membrane_offs
     """The evaluator's neuron in plain torch ops: same results as `kernels.neuron.fire_fused`."""
     check_neuron_args(potential, levels, timesteps)
     theta_c = channel_view(as_channel_tensor(theta, potential, "theta"), potential.dim())
-    offset_c = channel_view(as_channel_tensor(membrane_offset, potential, "membrane_offset"), potential.dim())
-    q = fire_levels(potential + offset_c, theta_c, levels, timesteps)
+    offset = as_channel_tensor(membrane_offset, potential, "membrane_offset")
+    if bool(offset.any()):  # adding zeros changes nothing (-0 aside): skip the pass
+        potential = potential + channel_view(offset, potential.dim())
+    q = fire_levels(potential, theta_c, levels, timesteps)
     value = q * theta_c
-    spikes = popcount_levels(q, levels) if per_sample_counts or per_channel_counts else None
+    codes = q.to(torch.uint8) if want_levels else None
     spatial = tuple(range(2, potential.dim()))
-
-    def total(dims: tuple[int, ...]) -> Tensor:  # summed in float64: exact, where float32 stops at 2^24
-        return spikes.sum(dims, dtype=torch.float64).to(torch.int64)
-
-    return NeuronOutput(
-        value=value,
-        levels=q.to(torch.uint8) if want_levels else None,
-        channel_spikes=total((0,) + spatial) if per_channel_counts else None,
-        sample_spikes=total((1,) + spatial) if per_sample_counts else None,
-    )
+    # the counts consume q in place: the last count may have it
+    channel = popcount_sum_(q.clone() if per_sample_counts else q, levels, (0,) + spatial) \
+        if per_channel_counts else None
+    sample = popcount_sum_(q, levels, (1,) + spatial) if per_sample_counts else None
+    return NeuronOutput(value=value, levels=codes, channel_spikes=channel, sample_spikes=sample)
 
 
 def unpack_spikes(levels: Tensor, timesteps: int, dtype: torch.dtype = torch.uint8) -> Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 import ann2snn
 from ann2snn.neuron import (BitSerialIFNode, cap_potential, decode_levels, fire_levels, fire_msb_first,
                             step_thresholds)
-from ann2snn.quant import QuantClippedActivation, channel_view, popcount_levels
+from ann2snn.quant import QuantClippedActivation, channel_view, popcount_levels, popcount_sum_
 
 TIMESTEPS = list(range(1, 9))
 
@@ -327,6 +327,15 @@ def test_output_monitor_records_spike_planes_of_every_neuron():
     assert ev.spikes.keys() == out.spikes.keys()
     for name in out.spikes:
         assert torch.equal(ev.spikes[name], out.spikes[name])
+
+
+@pytest.mark.parametrize("levels, length", [(15, 1000), (255, 70_000)])  # float32 sums; float64 past 2^24
+def test_popcount_sum_equals_integer_popcounts(levels, length):
+    q = torch.randint(0, levels + 1, (2, 3, length), generator=torch.Generator().manual_seed(levels))
+    table = torch.tensor([bin(k).count("1") for k in range(levels + 1)])
+    for dims in ((1, 2), (0, 2)):
+        got = popcount_sum_(q.float(), levels, dims)
+        assert got.dtype == torch.int64 and torch.equal(got, table[q].sum(dims))
 
 
 def test_popcount_counts_ones_of_the_binary_code():
