@@ -4,7 +4,9 @@
 2. SpikingJelly 2.0's multi-step simulation of a rate-coded SNN of the same network at the same T
    (IFNode with soft reset at every site, the input repeated every step, time folded into the
    batch for the stateless layers as SeqToANNContainer does);
-and ann2snn's SNN run by `evaluate` (time-folded; fused Triton neuron on CUDA) and `simulate`.
+and ann2snn's SNN run by `evaluate` (time-folded; the fused neuron in Triton on CUDA, in C on the CPU)
+and `simulate`.
+On the CPU it also times evaluate with the neuron's PyTorch reference instead of its C kernel.
 Targets (issue 6): on a GPU, evaluate >= 0.9x the float ANN and >= 5x SpikingJelly; on the CPU,
 evaluate >= 0.7x the float ANN. Every network runs with IEEE float32 convolutions
 (`ann2snn.snn.ieee_float32`, which the SNN needs to stay exact; cuDNN's default would be TF32).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -50,6 +53,21 @@ def spikingjelly_snn(float_model: nn.Module, timesteps: int) -> nn.Module:
             node = neuron.IFNode(v_reset=None, step_mode="m")  # soft reset, rate coding
             ann2snn.passes.graph_utils.set_module(snn, name, FoldedTime(node, timesteps))
     return snn
+
+
+def without_native_neuron(run: Callable) -> Callable:
+    """`run` with the C neuron switched off (ANN2SNN_NATIVE=0): fire_fused takes its reference."""
+    def reference_run(x: torch.Tensor):
+        before = os.environ.get("ANN2SNN_NATIVE")
+        os.environ["ANN2SNN_NATIVE"] = "0"
+        try:
+            return run(x)
+        finally:
+            if before is None:
+                del os.environ["ANN2SNN_NATIVE"]
+            else:
+                os.environ["ANN2SNN_NATIVE"] = before
+    return reference_run
 
 
 def throughput(runs: dict[str, Callable], x: torch.Tensor, device: torch.device, seconds: float = 3.0,
@@ -113,12 +131,16 @@ def main() -> None:
         functional.reset_net(sj)
         return sj(inputs.repeat(args.timesteps, *[1] * (inputs.dim() - 1))).unflatten(0, (args.timesteps, -1)).mean(0)
 
+    runs = {"float ANN": float_model, "ann2snn evaluate": snn.evaluate}
+    if device.type == "cpu":   # what the C neuron gains over its PyTorch reference
+        runs["evaluate, PyTorch neuron"] = without_native_neuron(snn.evaluate)
+    runs.update({"ann2snn simulate": snn.simulate, "SpikingJelly multi-step": run_sj})
     with ieee_float32():
-        rows = throughput({"float ANN": float_model, "ann2snn evaluate": snn.evaluate,
-                           "ann2snn simulate": snn.simulate, "SpikingJelly multi-step": run_sj},
-                          x, device, args.seconds, args.rounds)
+        rows = throughput(runs, x, device, args.seconds, args.rounds)
     ratios = {"evaluate / float ANN": rows["ann2snn evaluate"] / rows["float ANN"],
               "evaluate / SpikingJelly": rows["ann2snn evaluate"] / rows["SpikingJelly multi-step"]}
+    if device.type == "cpu":
+        ratios["PyTorch neuron / float ANN"] = rows["evaluate, PyTorch neuron"] / rows["float ANN"]
     result = {"model": args.model, "device": str(device), "timesteps": args.timesteps,
               "batch_size": args.batch_size, "images_per_second": rows, "ratios": ratios}
     if args.json:

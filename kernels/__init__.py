@@ -1,4 +1,4 @@
-"""Fused Triton kernels of ann2snn, each beside its pure-PyTorch reference.
+"""Fused Triton kernels of ann2snn, each beside its pure-PyTorch reference, and the neuron in C.
 
 - `fire_fused`: the evaluator's neuron (offset, cap, MSB-first firing, q * theta, spike code and
   spike counts) in one pass; reference `fire_fused_reference`.
@@ -7,9 +7,12 @@
 - `pack_spikes` / `unpack_spikes`: the uint8 spike code <-> binary planes [T, ...].
 
 Each public function runs its kernel where `use_triton(tensor)` is true (a CUDA tensor with triton
-installed, or any tensor under TRITON_INTERPRET=1) and its reference otherwise.
+installed, or any tensor under TRITON_INTERPRET=1) and its reference otherwise; `fire_fused` runs
+float32 CPU potentials through `fire_fused_native`, the same neuron in C (kernels/neuron_cpu.c,
+compiled at first use by kernels/native.py).
 """
 from .dispatch import use_triton
+from .native import fire_fused_native
 from .neuron import NeuronOutput, fire_fused, fire_fused_triton
 from .neuron_reference import fire_fused_reference, pack_spikes, unpack_spikes
 from .quant_act import quant_act_fused, quant_act_fused_triton
@@ -18,6 +21,7 @@ from .quant_act_reference import quant_act_fused_reference
 __all__ = [
     "NeuronOutput",
     "fire_fused",
+    "fire_fused_native",
     "fire_fused_reference",
     "fire_fused_triton",
     "pack_spikes",

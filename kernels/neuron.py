@@ -7,8 +7,9 @@ simulator's spikes for the same potential. Outputs, from the one read of V: q * 
 q as uint8 (the bit-packed spike code), and popcount(q) reduced per channel and per sample (a
 tile-level sum, then one atomic add per tile).
 
-The reference is kernels/neuron_reference.py; `fire_fused` falls back to it where Triton does not
-run (see kernels/dispatch.py).
+The reference is kernels/neuron_reference.py. Where Triton does not run (kernels/dispatch.py),
+`fire_fused` takes the same neuron in C for float32 CPU potentials (kernels/native.py), else the
+reference.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from .device_functions import channel_tile, load_per_channel, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .layout import channel_layout, grid_size, num_warps, tile_shape
+from .native import fire_fused_native, native_neuron_supports
 from .neuron_reference import (NeuronOutput, as_channel_tensor, check_neuron_args, fire_fused_reference,
                                pack_spikes, unpack_spikes)
 
@@ -137,11 +139,16 @@ def fire_fused(potential: Tensor, theta: Tensor | float, membrane_offset: Tensor
     levels: L (1..2^T - 1); timesteps: T (1..8).
     Returns NeuronOutput(value, levels, channel_spikes, sample_spikes): see its docstring.
 
-    Runs the Triton kernel where `use_triton` says so, else the reference; a potential that needs
-    a gradient also takes the reference, which autograd can follow.
+    Runs the Triton kernel where `use_triton` says so, the C kernel (kernels/native.py) on float32
+    CPU potentials, else the reference; a potential that needs a gradient also takes the
+    reference, which autograd can follow.
     """
-    if use_triton(potential) and not (torch.is_grad_enabled() and potential.requires_grad):
-        return fire_fused_triton(potential, theta, membrane_offset, levels, timesteps, want_levels=want_levels,
-                                 per_sample_counts=per_sample_counts, per_channel_counts=per_channel_counts)
-    return fire_fused_reference(potential, theta, membrane_offset, levels, timesteps, want_levels=want_levels,
-                                per_sample_counts=per_sample_counts, per_channel_counts=per_channel_counts)
+    arguments = dict(want_levels=want_levels, per_sample_counts=per_sample_counts,
+                     per_channel_counts=per_channel_counts)
+    if torch.is_grad_enabled() and potential.requires_grad:
+        return fire_fused_reference(potential, theta, membrane_offset, levels, timesteps, **arguments)
+    if use_triton(potential):
+        return fire_fused_triton(potential, theta, membrane_offset, levels, timesteps, **arguments)
+    if native_neuron_supports(potential):
+        return fire_fused_native(potential, theta, membrane_offset, levels, timesteps, **arguments)
+    return fire_fused_reference(potential, theta, membrane_offset, levels, timesteps, **arguments)

@@ -1,4 +1,4 @@
-"""Smoke tests of bench/sparsity.py and bench/peers.py: run with --quick, check the JSON they write."""
+"""Smoke tests of the benchmarks in bench/: run them small, check the JSON they write."""
 from __future__ import annotations
 
 import json
@@ -87,3 +87,18 @@ def test_profile_eval_reports_operator_shares() -> None:
     assert result["device"] == "cpu" and shares == sorted(shares, reverse=True)
     assert 0 < sum(shares) <= 1 + 1e-9
     assert any("conv" in r["op"] for r in result["ops"])
+    # the C neuron shows up in the profile under its own name (its ctypes call is no aten op)
+    assert any(r["op"] == "ann2snn::fire_fused_native" for r in result["ops"])
+
+
+def test_eval_throughput_times_every_run() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "eval_throughput.py"), "--model", "digits-cnn",
+                           "--device", "cpu", "--batch-size", "8", "-T", "2", "--seconds", "0.2", "--rounds", "1",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    rates = result["images_per_second"]
+    assert set(rates) == {"float ANN", "ann2snn evaluate", "evaluate, PyTorch neuron", "ann2snn simulate",
+                          "SpikingJelly multi-step"}
+    assert all(rate > 0 for rate in rates.values())
+    assert result["ratios"]["evaluate / float ANN"] == rates["ann2snn evaluate"] / rates["float ANN"]

@@ -10,6 +10,9 @@ run the compiled kernels; without, the kernels are still compiled for sm_90 (in 
   evaluator's fire_levels / popcount_levels) and to the simulator's spike trains, for T = 1..8,
   per-layer and per-channel theta, full and capped L, potentials on and next to thresholds,
   2-D and 4-D, channels-last, sizes off the block sizes, every float dtype.
+- the C kernel of kernels/native.py (float32 on the CPU) passes the same fused-neuron tests, over
+  many work items and threads too; fire_fused takes it on the CPU; its build is cached, and a
+  failing or missing compiler falls back to the reference with a warning.
 - quant_act_fused: value and spikes exactly equal, gradients of z and lambda within 1e-6
   (relative) of the autograd of QuantClippedActivation with and without the spike surrogate.
 """
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
@@ -31,24 +35,49 @@ from ann2snn.neuron import fire_msb_first
 from ann2snn.quant import channel_view
 from kernels import (fire_fused, fire_fused_reference, fire_fused_triton, pack_spikes, quant_act_fused,
                      quant_act_fused_reference, quant_act_fused_triton, unpack_spikes, use_triton)
+from kernels.native import fire_fused_native, native_neuron_available
 
 CUDA = torch.cuda.is_available()
 TRITON = importlib.util.find_spec("triton") is not None
 
 
-@pytest.fixture(params=[
+TRITON_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not TRITON, reason="triton is not installed")),
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA or not TRITON, reason="no CUDA device")),
-])
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """The device a kernel test runs on; the CPU runs the kernels in Triton's interpreter."""
-    if request.param == "cpu":
+]
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
+                                                          reason="no C compiler"))
+
+
+def _triton_device(name: str, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """The device a Triton kernel test runs on; the CPU runs the kernels in Triton's interpreter."""
+    if name == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    dev = torch.device(request.param)
+    dev = torch.device(name)
     assert use_triton(torch.empty(0, device=dev)), "the kernel path must be the one under test"
     return dev
+
+
+@pytest.fixture(params=TRITON_DEVICES)
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    return _triton_device(request.param, monkeypatch)
+
+
+class FireBackend(NamedTuple):
+    device: torch.device
+    fire: Callable[..., kernels.NeuronOutput]
+
+
+@pytest.fixture(params=TRITON_DEVICES + [NATIVE])
+def fire_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> FireBackend:
+    """A fused-neuron kernel under test: Triton (interpreted on the CPU, compiled on CUDA) or the
+    C kernel of kernels/native.py on the CPU."""
+    if request.param == "native":
+        assert native_neuron_available(), "kernels/neuron_cpu.c must build where a C compiler is"
+        return FireBackend(torch.device("cpu"), fire_fused_native)
+    return FireBackend(_triton_device(request.param, monkeypatch), fire_fused_triton)
 
 
 def _shape_for(layout: str) -> tuple[int, ...]:
@@ -112,7 +141,9 @@ def _assert_same_neuron_output(got: kernels.NeuronOutput, want: kernels.NeuronOu
 @pytest.mark.parametrize("capped", [False, True], ids=["L=2^T-1", "L<2^T-1"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["layer", "channel"])
 @pytest.mark.parametrize("timesteps", range(1, 9))
-def test_fire_fused_equals_reference(device: torch.device, timesteps: int, per_channel: bool, capped: bool) -> None:
+def test_fire_fused_equals_reference(fire_backend: FireBackend, timesteps: int, per_channel: bool,
+                                     capped: bool) -> None:
+    device = fire_backend.device
     if capped and timesteps == 1:
         pytest.skip("T = 1 has no level count below 2^T - 1")
     levels = 2**timesteps - 3 if capped else 2**timesteps - 1   # odd: what a QDQ source gives
@@ -124,7 +155,7 @@ def test_fire_fused_equals_reference(device: torch.device, timesteps: int, per_c
         offset = _offset(offset_kind, shape[1], theta)
         if isinstance(offset, torch.Tensor):
             offset = offset.to(device)
-        got = fire_fused_triton(v, theta.to(device), offset, levels, timesteps, want_levels=True)
+        got = fire_backend.fire(v, theta.to(device), offset, levels, timesteps, want_levels=True)
         want = fire_fused_reference(v, theta.to(device), offset, levels, timesteps, want_levels=True)
         _assert_same_neuron_output(got, want)
         assert int(got.levels.max()) <= levels
@@ -146,14 +177,15 @@ def test_fire_fused_other_dtypes(device: torch.device, dtype: torch.dtype) -> No
             _assert_same_neuron_output(got, want)
 
 
-def test_fire_fused_spikes_are_the_simulators(device: torch.device) -> None:
+def test_fire_fused_spikes_are_the_simulators(fire_backend: FireBackend) -> None:
     """The uint8 levels unpack to the spike trains of compare-and-subtract firing, step by step."""
+    device = fire_backend.device
     gen = torch.Generator().manual_seed(3)
     timesteps, levels = 5, 29
     theta = _theta(True, 6, gen)
     v = _potentials((4, 6, 3, 5), theta, timesteps, torch.float32, gen)
     offset = theta / 2
-    out = fire_fused_triton(v.to(device), theta.to(device), offset.to(device), levels, timesteps, want_levels=True)
+    out = fire_backend.fire(v.to(device), theta.to(device), offset.to(device), levels, timesteps, want_levels=True)
     spikes = fire_msb_first(v + channel_view(offset, 4), channel_view(theta, 4), levels, timesteps)
     assert torch.equal(unpack_spikes(out.levels.cpu(), timesteps), spikes.to(torch.uint8))
     per_step = spikes.to(torch.int64)
@@ -161,33 +193,122 @@ def test_fire_fused_spikes_are_the_simulators(device: torch.device) -> None:
     assert torch.equal(out.sample_spikes.cpu(), per_step.sum((0, 2, 3, 4)))
 
 
-def test_fire_fused_optional_outputs(device: torch.device) -> None:
+def test_fire_fused_optional_outputs(fire_backend: FireBackend) -> None:
+    device, fire = fire_backend
     gen = torch.Generator().manual_seed(5)
     theta = _theta(False, 4, gen)
     v = _potentials((2, 4, 3, 3), theta, 4, torch.float32, gen).to(device)
     want = fire_fused_reference(v, theta, None, 15, 4, want_levels=True)
-    bare = fire_fused_triton(v, theta, None, 15, 4, per_sample_counts=False, per_channel_counts=False)
+    bare = fire(v, theta, None, 15, 4, per_sample_counts=False, per_channel_counts=False)
     assert bare.levels is None and bare.channel_spikes is None and bare.sample_spikes is None
     assert torch.equal(bare.value.cpu(), want.value.cpu())
-    only_samples = fire_fused_triton(v, theta, None, 15, 4, per_channel_counts=False)
+    only_samples = fire(v, theta, None, 15, 4, per_channel_counts=False)
     assert only_samples.channel_spikes is None
     assert torch.equal(only_samples.sample_spikes.cpu(), want.sample_spikes.cpu())
     # a layout that is neither NCHW nor channels-last is copied, never misread
     strided = v.transpose(2, 3)
-    _assert_same_neuron_output(fire_fused_triton(strided, theta, 0.05, 15, 4, want_levels=True),
+    _assert_same_neuron_output(fire(strided, theta, 0.05, 15, 4, want_levels=True),
                                fire_fused_reference(strided, theta, 0.05, 15, 4, want_levels=True))
 
 
 def test_fire_fused_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("ANN2SNN_NATIVE", "0")
     v = torch.randn(2, 3, 4, 4)
-    assert not use_triton(v)
+    assert not use_triton(v) and not native_neuron_available()
     got = fire_fused(v, torch.tensor(0.25), None, 7, 3, want_levels=True)
     _assert_same_neuron_output(got, fire_fused_reference(v, torch.tensor(0.25), None, 7, 3, want_levels=True))
     with pytest.raises(ValueError, match="timesteps"):
         fire_fused(v, 0.25, None, 7, 9)
     with pytest.raises(ValueError, match="levels"):
         fire_fused(v, 0.25, None, 8, 3)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_neuron_on_layers_of_many_work_items(threads: int) -> None:
+    """The C kernel splits a layer into work items over threads, rows over S (NCHW) or flat runs
+    of channel rows (channels-last, [N, C]); every split gives the reference's outputs."""
+    gen = torch.Generator().manual_seed(17 + threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, layout in [((5, 7, 40, 40), "nchw"), ((3, 16, 30, 30), "channels_last"),
+                              ((3, 70, 9, 11), "channels_last"), ((300, 37), "2d"), ((4, 1, 50, 50), "nchw"),
+                              ((4, 5, 1, 1), "channels_last"), ((0, 5, 3, 3), "nchw")]:
+            theta = _theta(True, shape[1], gen)
+            v = _in_layout(_potentials(shape, theta, 4, torch.float32, gen), layout)
+            for offset in (None, theta / 2):
+                got = fire_fused_native(v, theta, offset, 13, 4, want_levels=True)
+                _assert_same_neuron_output(got, fire_fused_reference(v, theta, offset, 13, 4, want_levels=True))
+                assert got.value.stride() == v.stride() and got.levels.stride() == v.stride()
+        # dense, but neither NCHW nor channels-last (C, N outermost): fired from a copy
+        permuted = _potentials((6, 4, 5, 5), _theta(False, 4, gen), 4, torch.float32, gen).transpose(0, 1)
+        _assert_same_neuron_output(fire_fused_native(permuted, 0.3125, None, 15, 4, want_levels=True),
+                                   fire_fused_reference(permuted, 0.3125, None, 15, 4, want_levels=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+def test_fire_fused_takes_the_native_kernel_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On float32 CPU potentials fire_fused runs the C kernel (the reference, made to fail, is
+    never called); other dtypes, autograd and ANN2SNN_NATIVE=0 take the reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+
+    def reference(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return fire_fused_reference(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.neuron, "fire_fused_reference", reference)
+    v = torch.randn(2, 3, 4, 4)
+    _assert_same_neuron_output(fire_fused(v, 0.25, None, 7, 3, want_levels=True),
+                               fire_fused_reference(v, 0.25, None, 7, 3, want_levels=True))
+    assert calls == []
+    fire_fused(v.double(), 0.25, None, 7, 3)
+    fire_fused(v.clone().requires_grad_(), 0.25, None, 7, 3)
+    monkeypatch.setenv("ANN2SNN_NATIVE", "0")
+    fire_fused(v, 0.25, None, 7, 3)
+    assert calls == [torch.float64, torch.float32, torch.float32]
+    with pytest.raises(TypeError, match="float32"):
+        fire_fused_native(v.half(), 0.25, None, 7, 3)
+
+
+_NATIVE_SCRIPT = """
+import warnings, torch
+from kernels import fire_fused, fire_fused_reference
+from kernels.native import native_neuron_available
+v = torch.randn(3, 4, 5, 5)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = fire_fused(v, 0.25, None, 15, 4, want_levels=True)
+want = fire_fused_reference(v, 0.25, None, 15, 4, want_levels=True)
+assert all(torch.equal(a, b) for a, b in zip(out, want))
+print(native_neuron_available(), "|".join(str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_native_neuron_build_cache_and_fallbacks(tmp_path: Path) -> None:
+    """In fresh processes: the first use builds the library into the cache, the next reuses it;
+    a failing or missing compiler gives one warning and the reference's results."""
+    def run(**env: str) -> str:
+        full = {**os.environ, "ANN2SNN_CACHE": str(tmp_path / "cache"), **env}
+        full.pop("TRITON_INTERPRET", None)
+        done = subprocess.run([sys.executable, "-c", _NATIVE_SCRIPT], capture_output=True, text=True, env=full,
+                              cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run(CC="cc") == "True"
+    built = sorted((tmp_path / "cache" / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"   # no partial build left beside it
+    stamp = built[0].stat().st_mtime_ns
+    assert run(CC="cc") == "True" and built[0].stat().st_mtime_ns == stamp
+    failed = run(CC="false", ANN2SNN_CACHE=str(tmp_path / "other"))
+    assert failed.startswith("False building kernels/neuron_cpu.c failed")
+    assert run(CC="no-such-compiler") == "False no C compiler (set CC): the CPU neuron runs its slower PyTorch reference"
 
 
 @pytest.mark.parametrize("timesteps", [1, 3, 8])

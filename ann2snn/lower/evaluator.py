@@ -26,7 +26,7 @@ class TimeFoldedNeuron(nn.Module):
         from kernels import fire_fused  # not at import: kernels' references import ann2snn
 
         n = self.neuron
-        # the fused Triton kernel on CUDA, its pure-PyTorch reference elsewhere: the same results
+        # the fused neuron in Triton on CUDA, in C on float32 CPU tensors, else its reference: same results
         out = fire_fused(potential, n.theta, n.membrane_offset, n.levels, n.timesteps, per_channel_counts=False)
         return out.value, out.sample_spikes
 

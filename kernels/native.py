@@ -1,0 +1,157 @@
+"""The fused neuron on the CPU: kernels/neuron_cpu.c, compiled at first use and called via ctypes.
+
+On a CPU the reference's torch ops take a dozen passes over a layer's potentials; the C kernel
+takes one (and OpenMP's threads), which is what brings time-folded evaluation near the float
+ANN's speed. It is built with the machine's C compiler (`$CC`, else cc) into a cache folder
+(`$ANN2SNN_CACHE`, else ~/.cache/ann2snn), keyed by the source, the flags, the compiler and the
+CPU, and written atomically, so concurrent first uses are safe. Without a compiler, or with
+ANN2SNN_NATIVE=0, `native_neuron_available()` is False and fire_fused takes the reference.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .layout import channel_layout
+from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args
+
+SOURCE = Path(__file__).with_name("neuron_cpu.c")
+# -march=native: the cache key carries the CPU's identity, so a shared cache never hands a build
+# to a CPU that lacks its instructions. -ffp-contract=off: no fused multiply-add (exactness).
+# Neurons per work item of the C kernel: enough to amortize a dispatch and fill
+# the vector lanes, few enough to give every thread many items.
+ITEM_NEURONS = 4096
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU model and its feature flags (Linux), else the arch."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ANN2SNN_CACHE") or Path.home() / ".cache" / "ann2snn"
+    return Path(root) / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, flags, compiler and CPU: from the cache, else compiled."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
+    target = _cache_dir() / f"neuron_cpu-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                check=False)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
+        os.replace(partial, target)   # atomic: a concurrent build loses nothing but time
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (no compiler, or the build failed: warned once)."""
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("no C compiler (set CC): the CPU neuron runs its slower PyTorch reference", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(f"building kernels/neuron_cpu.c failed ({error}): the CPU neuron runs its slower "
+                      "PyTorch reference", RuntimeWarning, stacklevel=3)
+        return None
+    fire = library.ann2snn_fire_f32
+    fire.restype = ctypes.c_int
+    fire.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int64]
+                     + [ctypes.c_int] * 3)
+    return library
+
+
+def native_neuron_enabled() -> bool:
+    """False when ANN2SNN_NATIVE is 0 / false / no / off (read at every call)."""
+    return os.environ.get("ANN2SNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def native_neuron_available() -> bool:
+    """Whether the C kernel is enabled and built (building it at the first call)."""
+    return native_neuron_enabled() and _library() is not None
+
+
+def native_neuron_supports(potential: Tensor) -> bool:
+    """Whether `fire_fused` can send this potential to the C kernel: float32 on the CPU, no autograd."""
+    return (potential.device.type == "cpu" and potential.dtype == torch.float32
+            and not (torch.is_grad_enabled() and potential.requires_grad) and native_neuron_available())
+
+
+def fire_fused_native(potential: Tensor, theta: Tensor | float, membrane_offset: Tensor | float | None,
+                      levels: int, timesteps: int, *, want_levels: bool = False,
+                      per_sample_counts: bool = True, per_channel_counts: bool = True) -> NeuronOutput:
+    """`fire_fused` on the C kernel (float32 CPU potentials; see native_neuron_supports)."""
+    check_neuron_args(potential, levels, timesteps)
+    library = _library()
+    if library is None:
+        raise RuntimeError("the native CPU neuron could not be built (see the warning when it was first tried)")
+    if potential.device.type != "cpu" or potential.dtype != torch.float32:
+        raise TypeError(f"the native neuron takes float32 CPU potentials, got {potential.dtype} on {potential.device}")
+    layout = channel_layout(potential)
+    # rows along the unit-stride axis; with both unit-stride (S = 1), along the longer one
+    rows_over_c = layout.stride_c == 1 and (layout.stride_s != 1 or layout.c > layout.s)
+    if layout.stride_s != 1 and not (rows_over_c and layout.stride_s == layout.c):
+        layout = channel_layout(potential.contiguous())   # dense, but neither NCHW nor channels-last
+        rows_over_c = False
+    run = layout.c if rows_over_c else layout.s    # neurons per row
+    rows_per_item = max(1, ITEM_NEURONS // run)
+    # theta and the offset as [C] arrays (rows over S read one per row); rows over C fire runs of
+    # rows_per_item positions with per-element theta, so they get that many copies end to end
+    theta_c = as_channel_tensor(theta, layout.tensor, "theta").expand(layout.c)
+    offset_c = as_channel_tensor(membrane_offset, layout.tensor, "membrane_offset").expand(layout.c)
+    copies = rows_per_item if rows_over_c else 1
+    if copies > 1:
+        theta_c, offset_c = theta_c.repeat(copies), offset_c.repeat(copies)
+    theta_c, offset_c = theta_c.contiguous(), offset_c.contiguous()
+    tile = copies * layout.c
+    value = layout.empty_like(torch.float32)
+    codes = layout.empty_like(torch.uint8) if want_levels else None
+    threads = max(1, torch.get_num_threads())
+    scratch = torch.zeros(threads, layout.n + tile, dtype=torch.int64)
+    if potential.numel():
+        with torch.profiler.record_function("ann2snn::fire_fused_native"):   # ctypes calls are no aten ops
+            library.ann2snn_fire_f32(
+                layout.tensor.data_ptr(), theta_c.data_ptr(), offset_c.data_ptr(), value.data_ptr(),
+                codes.data_ptr() if codes is not None else None, scratch.data_ptr(),
+                layout.n, layout.c, layout.s, layout.stride_n, layout.stride_c, layout.stride_s,
+                int(rows_over_c), rows_per_item, timesteps, levels, threads)
+    counts = scratch.sum(0)
+    return NeuronOutput(value=value, levels=codes,
+                        channel_spikes=counts[layout.n:].view(copies, layout.c).sum(0) if per_channel_counts else None,
+                        sample_spikes=counts[:layout.n] if per_sample_counts else None)
