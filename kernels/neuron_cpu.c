@@ -30,12 +30,14 @@ INLINE int popcount_byte(int x) {
 /* Fire `rows` rows of `len` adjacent neurons, row r at v + r * row_stride, of one sample.
  * Rows over S (THETA_PER_ELEMENT 0): row r is channel r; theta, offset and channel_spikes start
  * at the first row's channel. Rows over C (THETA_PER_ELEMENT 1): element i is channel i.
- * Adds each channel's spikes to channel_spikes and returns the sample's. T and THETA_PER_ELEMENT
- * are literals at every call site, so the firing loop unrolls and the element loop vectorizes. */
+ * Adds each channel's spikes to channel_spikes and returns the sample's. T, THETA_PER_ELEMENT and
+ * WANT_CODES are literals at every call site, so the firing loop unrolls and the element loop
+ * vectorizes in the lanes of float32 (a uint8 store in the loop would widen it to 64 lanes with
+ * AVX-512, longer than many rows). */
 INLINE int64_t fire_rows(const float *restrict v, const float *restrict theta, const float *restrict offset,
                          float *restrict value, uint8_t *restrict codes, int64_t *restrict channel_spikes,
-                         int64_t rows, int64_t row_stride, int64_t len, const int THETA_PER_ELEMENT, const int T,
-                         int levels) {
+                         int64_t rows, int64_t row_stride, int64_t len, const int THETA_PER_ELEMENT,
+                         const int WANT_CODES, const int T, int levels) {
     int64_t sample_spikes = 0;
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict v_row = v + r * row_stride;
@@ -55,7 +57,7 @@ INLINE int64_t fire_rows(const float *restrict v, const float *restrict theta, c
             }
             level = level < levels ? level : levels;
             value_row[i] = (float)level * th;
-            if (codes)
+            if (WANT_CODES)
                 codes[r * row_stride + i] = (uint8_t)level;
             const int spikes = popcount_byte(level);
             if (THETA_PER_ELEMENT)
@@ -69,24 +71,25 @@ INLINE int64_t fire_rows(const float *restrict v, const float *restrict theta, c
     return sample_spikes;
 }
 
-/* fire_rows with T and THETA_PER_ELEMENT as literals: the OpenMP region passes its variables
- * through a struct, where a constant would no longer be one. */
+/* fire_rows with T, THETA_PER_ELEMENT and WANT_CODES as literals: the OpenMP region passes its
+ * variables through a struct, where a constant would no longer be one. */
 static int64_t fire_rows_dispatch(const float *v, const float *theta, const float *offset, float *value,
                                   uint8_t *codes, int64_t *channel_spikes, int64_t rows, int64_t row_stride,
                                   int64_t len, int theta_per_element, int T, int levels) {
-#define FIRE_ROWS_CASE(T)                                                                                   \
-    case T:                                                                                                 \
-        return theta_per_element                                                                            \
-                   ? fire_rows(v, theta, offset, value, codes, channel_spikes, rows, row_stride, len, 1, T, \
-                               levels)                                                                      \
-                   : fire_rows(v, theta, offset, value, codes, channel_spikes, rows, row_stride, len, 0, T, \
-                               levels);
+#define FIRE_ROWS(PER_ELEMENT, WANT_CODES, T) \
+    fire_rows(v, theta, offset, value, codes, channel_spikes, rows, row_stride, len, PER_ELEMENT, WANT_CODES, T, levels)
+#define FIRE_ROWS_CASE(T)                                                     \
+    case T:                                                                   \
+        if (theta_per_element)                                                \
+            return codes ? FIRE_ROWS(1, 1, T) : FIRE_ROWS(1, 0, T);           \
+        return codes ? FIRE_ROWS(0, 1, T) : FIRE_ROWS(0, 0, T);
     switch (T) {
         FIRE_ROWS_CASE(1) FIRE_ROWS_CASE(2) FIRE_ROWS_CASE(3) FIRE_ROWS_CASE(4)
         FIRE_ROWS_CASE(5) FIRE_ROWS_CASE(6) FIRE_ROWS_CASE(7) FIRE_ROWS_CASE(8)
     }
     return 0;
 #undef FIRE_ROWS_CASE
+#undef FIRE_ROWS
 }
 
 /* theta and offset: [C] float32 for rows over S; for rows over C, `rows_per_item` copies of
