@@ -6,6 +6,7 @@ LOCAL_RANK; without them everything here is the single-process identity.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -45,7 +46,15 @@ def init_from_env(device: str = "cpu") -> Context:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        # left to interpreter teardown, the group's threads can be destroyed while still joinable
+        # (std::terminate, "terminate called without an active exception"): leave it first
+        atexit.register(_leave_process_group)
     return Context(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str, context: Context) -> str:

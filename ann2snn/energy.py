@@ -36,7 +36,7 @@ import json
 import math
 import operator
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -49,8 +49,7 @@ from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import Ann2SnnError, UnsupportedModelError
 from .lower.signal import Signal, align_steps
 from .lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
-from .neuron import BitSerialIFNode, fire_levels
-from .quant import channel_view
+from .neuron import BitSerialIFNode
 
 # ==============================================================================================
 # Energy tables
@@ -413,13 +412,13 @@ class _Counter(fx.Interpreter):
             if target not in self._simulated:
                 self._simulated[target] = simulation_module(module)
             return self._simulated[target](*args, **kwargs)
-        if isinstance(module, BitSerialIFNode):  # as TimeFoldedNeuron, keeping the level map
-            potential = args[0]
-            theta = channel_view(module.theta.to(potential.dtype), potential.dim())
-            offset = channel_view(module.membrane_offset.to(potential.dtype), potential.dim())
-            level = fire_levels(potential + offset, theta, module.levels, module.timesteps)
-            self._levels[target] = level
-            return level * theta
+        if isinstance(module, BitSerialIFNode):  # TimeFoldedNeuron's fused neuron, keeping the level map
+            from kernels import fire_fused  # not at import: kernels' references import ann2snn
+
+            out = fire_fused(args[0], module.theta, module.membrane_offset, module.levels, module.timesteps,
+                             want_levels=True, per_sample_counts=False, per_channel_counts=False)
+            self._levels[target] = out.levels
+            return out.value
         return module(*args, **kwargs)
 
     def call_function(self, target, args, kwargs):
