@@ -210,9 +210,9 @@ class ImageFolderDataset(Dataset):
 
     `train=True` applies the random resized crop (scale 0.08-1, ratio 3/4-4/3) and a random
     horizontal flip; otherwise resize the shorter side to `resize_size` and center crop
-    `image_size`. The random stream is a `random.Random` seeded with `seed`; inside a DataLoader
-    worker it is reseeded once from the worker's seed, so workers draw different crops and a
-    seeded loader is reproducible.
+    `image_size`. The random stream is a `random.Random` seeded with `seed` (and by `reseed`, which
+    the trainer calls every epoch); inside a DataLoader worker it is reseeded once from the
+    worker's seed, so workers draw different crops and a seeded loader is reproducible.
     """
 
     def __init__(
@@ -249,6 +249,10 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation stream of the main process (workers draw from their own)."""
+        self._rng = random.Random(seed)
 
     def _random(self) -> random.Random:
         info = torch.utils.data.get_worker_info()

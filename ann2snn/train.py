@@ -6,8 +6,9 @@
 
 `train(TrainConfig(...))` runs SGD with momentum and a per-step cosine learning-rate schedule,
 checkpoints every epoch (no pickle, see `checkpoint.py`) and resumes bit for bit: the shuffle
-order of epoch e comes from a loader generator seeded with seed + e, and the checkpoint holds the
-optimizer, scheduler and random states.
+order of epoch e comes from a loader generator seeded with seed + e (as do the augmentation
+streams of an image folder, in workers or not), and the checkpoint holds the optimizer, scheduler
+and random states.
 
 Under torchrun (`torchrun --nproc_per_node W -m ann2snn train ...`, W processes) it trains with
 DistributedDataParallel and computes what one process would, up to float rounding:
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_tensors, restore_rng, save_checkpoint, save_tensors
-from .data import dataset_input_shape, load_dataset, make_loader, num_classes
+from .data import ImageFolderDataset, dataset_input_shape, load_dataset, make_loader, num_classes
 from .distributed import (Context, all_reduce_sum, barrier, init_from_env, local_device, shard, sync_batch_norm,
                           unsync_batch_norm)
 from .errors import Ann2SnnError
@@ -365,14 +366,24 @@ def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int, context: Co
     batch per global batch. Its workers' seeds differ per rank (rank 0: those of one process).
     """
     pin_memory = config.device.startswith("cuda")
+    workers_seed = config.seed + epoch + _RANK_SEED_STRIDE * context.rank
+    _reseed_augmentation(dataset, workers_seed)
     if not context.distributed:
         return make_loader(dataset, config.batch_size, shuffle=True, workers=config.workers,
                            seed=config.seed + epoch, pin_memory=pin_memory)
     order = make_loader(range(len(dataset)), config.batch_size, shuffle=True, seed=config.seed + epoch)
     batches = [b.tolist()[context.rank::context.world_size] for b in order]
-    workers_seed = config.seed + epoch + _RANK_SEED_STRIDE * context.rank
     return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(workers_seed), collate_fn=_CollateOrEmpty(dataset))
+
+
+def _reseed_augmentation(dataset: Dataset, seed: int) -> None:
+    """Restart a data set's own augmentation stream (used without workers) from `seed`, so that a
+    resumed run draws what an uninterrupted one draws in the same epoch."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, ImageFolderDataset):
+        dataset.reseed(seed)
 
 
 def _global_batch_sizes(samples: int, batch_size: int) -> list[int]:

@@ -21,8 +21,8 @@ from ann2snn.data import load_dataset
 from ann2snn.errors import Ann2SnnError
 from ann2snn.export import export_onnx
 from ann2snn.quant import QuantClippedActivation, popcount_levels, quantize_levels
-from ann2snn.train import (TrainConfig, activation_sites, calibrate_clips, evaluate_accuracy, load_init,
-                           quantize_model, spike_regularizer, train)
+from ann2snn.train import (TrainConfig, _epoch_loader, activation_sites, calibrate_clips, evaluate_accuracy,
+                           load_init, quantize_model, spike_regularizer, train)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,3 +235,30 @@ def test_plain_float_training_keeps_the_models_relus():
     assert result.spikes_per_image == 0
     with pytest.raises(Ann2SnnError, match="needs float_only"):
         train(TrainConfig(float_activation="plain", epochs=1, train_limit=64), progress=False)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_folder_augmentation_of_an_epoch_does_not_depend_on_earlier_epochs(tmp_path, workers):
+    """Epoch e's random crops and flips come from seed + e, in the main process or in workers: a
+    resumed run (which starts at epoch e) draws what an uninterrupted run draws there."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        for k in range(3):
+            folder = tmp_path / "imgs" / "train" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = torch.randint(0, 256, (24, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{k}.png")
+    dataset = load_dataset(str(tmp_path / "imgs"), "train", image_size=16, resize_size=20)
+    config = TrainConfig(data=str(tmp_path / "imgs"), batch_size=4, workers=workers, seed=3)
+
+    def epoch_batches(epoch):
+        return [x for x, _ in _epoch_loader(dataset, config, epoch)]
+
+    uninterrupted = [epoch_batches(0), epoch_batches(1)]
+    resumed = epoch_batches(1)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[1], resumed))
+    # the augmentation is random: another epoch draws other crops of the same images (a sum over
+    # the epoch, which the shuffle order does not change)
+    assert torch.cat(uninterrupted[0]).sum() != torch.cat(uninterrupted[1]).sum()
