@@ -27,12 +27,17 @@ from .layout import channel_layout
 from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args
 
 SOURCE = Path(__file__).with_name("neuron_cpu.c")
-# -march=native: the cache key carries the CPU's identity, so a shared cache never hands a build
-# to a CPU that lacks its instructions. -ffp-contract=off: no fused multiply-add (exactness).
-# Neurons per work item of the C kernel: enough to amortize a dispatch and fill
-# the vector lanes, few enough to give every thread many items.
+# Compiler flags, tried in order. -march=native: the cache key carries the CPU's identity, so a
+# shared cache never hands a build to a CPU that lacks its instructions. -ffp-contract=off: no
+# fused multiply-add (exactness). The second set (one thread, generic instructions) is for
+# compilers without OpenMP or -march=native, such as Apple's clang.
+FLAG_SETS = (
+    ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11"),
+    ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"),
+)
+# Neurons per work item of the C kernel: enough to amortize a dispatch and fill the vector lanes,
+# few enough to give every thread many items.
 ITEM_NEURONS = 4096
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 
 def _cpu_identity() -> str:
@@ -54,10 +59,10 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The shared library for this source, flags, compiler and CPU: from the cache, else compiled."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_identity()]).encode())
     target = _cache_dir() / f"neuron_cpu-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -65,7 +70,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
                                 check=False)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
@@ -84,10 +89,15 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn("no C compiler (set CC): the CPU neuron runs its slower PyTorch reference", RuntimeWarning,
                       stacklevel=3)
         return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError) as error:
-        warnings.warn(f"building kernels/neuron_cpu.c failed ({error}): the CPU neuron runs its slower "
+    errors = []
+    for flags in FLAG_SETS:
+        try:
+            library = ctypes.CDLL(str(_build(compiler, flags)))
+            break
+        except (OSError, RuntimeError) as error:
+            errors.append(error)
+    else:
+        warnings.warn(f"building kernels/neuron_cpu.c failed ({errors[0]}): the CPU neuron runs its slower "
                       "PyTorch reference", RuntimeWarning, stacklevel=3)
         return None
     fire = library.ann2snn_fire_f32

@@ -292,7 +292,8 @@ print(native_neuron_available(), "|".join(str(w.message) for w in caught))
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_native_neuron_build_cache_and_fallbacks(tmp_path: Path) -> None:
     """In fresh processes: the first use builds the library into the cache, the next reuses it;
-    a failing or missing compiler gives one warning and the reference's results."""
+    a compiler without OpenMP builds it single-threaded; a failing or missing compiler gives one
+    warning and the reference's results."""
     def run(**env: str) -> str:
         full = {**os.environ, "ANN2SNN_CACHE": str(tmp_path / "cache"), **env}
         full.pop("TRITON_INTERPRET", None)
@@ -306,6 +307,11 @@ def test_native_neuron_build_cache_and_fallbacks(tmp_path: Path) -> None:
     assert len(built) == 1 and built[0].suffix == ".so"   # no partial build left beside it
     stamp = built[0].stat().st_mtime_ns
     assert run(CC="cc") == "True" and built[0].stat().st_mtime_ns == stamp
+    # a compiler without OpenMP (Apple's clang): the single-threaded build
+    no_openmp = tmp_path / "cc-without-openmp"
+    no_openmp.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    no_openmp.chmod(0o755)
+    assert run(CC=str(no_openmp), ANN2SNN_CACHE=str(tmp_path / "serial")) == "True"
     failed = run(CC="false", ANN2SNN_CACHE=str(tmp_path / "other"))
     assert failed.startswith("False building kernels/neuron_cpu.c failed")
     assert run(CC="no-such-compiler") == "False no C compiler (set CC): the CPU neuron runs its slower PyTorch reference"
