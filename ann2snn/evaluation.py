@@ -29,10 +29,15 @@ class EvalResult:
 
 
 def prepare_for_device(snn: SNN, device: torch.device) -> SNN:
-    """Move the SNN; on CUDA use channels_last, which convolutions there run faster in."""
+    """Move the SNN; on CUDA use channels_last, which convolutions there run faster in; on the CPU
+    load (or build) the C neuron now, so that its first use is not in a timed loop."""
     snn = snn.to(device)
     if device.type == "cuda":
         snn = snn.to(memory_format=torch.channels_last)
+    else:
+        from kernels.native import native_neuron_available  # not at import: kernels import ann2snn
+
+        native_neuron_available()
     return snn
 
 
