@@ -156,11 +156,13 @@ def fire_fused_native(potential: Tensor, theta: Tensor | float, membrane_offset:
     scratch = torch.zeros(threads, layout.n + tile, dtype=torch.int64)
     if potential.numel():
         with torch.profiler.record_function("ann2snn::fire_fused_native"):   # ctypes calls are no aten ops
-            library.ann2snn_fire_f32(
+            status = library.ann2snn_fire_f32(
                 layout.tensor.data_ptr(), theta_c.data_ptr(), offset_c.data_ptr(), value.data_ptr(),
                 codes.data_ptr() if codes is not None else None, scratch.data_ptr(),
                 layout.n, layout.c, layout.s, layout.stride_n, layout.stride_c, layout.stride_s,
                 int(rows_over_c), rows_per_item, timesteps, levels, threads)
+        if status != 0:
+            raise ValueError(f"kernels/neuron_cpu.c refused T={timesteps}")
     counts = scratch.sum(0)
     return NeuronOutput(value=value, levels=codes,
                         channel_spikes=counts[layout.n:].view(copies, layout.c).sum(0) if per_channel_counts else None,

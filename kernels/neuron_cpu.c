@@ -28,9 +28,10 @@ INLINE int popcount_byte(int x) {
 }
 
 /* Fire `rows` rows of `len` adjacent neurons, row r at v + r * row_stride, of one sample.
- * Rows over S (THETA_PER_ELEMENT 0): row r is channel r; theta, offset and channel_spikes start
- * at the first row's channel. Rows over C (THETA_PER_ELEMENT 1): element i is channel i.
- * Adds each channel's spikes to channel_spikes and returns the sample's. T, THETA_PER_ELEMENT and
+ * THETA_PER_ELEMENT 0 (rows over S): row r is channel r; theta, offset and channel_spikes start
+ * at the first row's channel. THETA_PER_ELEMENT 1 (a flat run over positions and channels):
+ * element i reads theta[i] and offset[i] and adds its spikes to channel_spikes[i], arrays the
+ * caller lays out per element of the run. Returns the spikes of all rows. T, THETA_PER_ELEMENT and
  * WANT_CODES are literals at every call site, so the firing loop unrolls and the element loop
  * vectorizes in the lanes of float32 (a uint8 store in the loop would widen it to 64 lanes with
  * AVX-512, longer than many rows). */
@@ -94,7 +95,7 @@ static int64_t fire_rows_dispatch(const float *v, const float *theta, const floa
 
 /* theta and offset: [C] float32 for rows over S; for rows over C, `rows_per_item` copies of
  * them end to end (each work item is then one flat run of neurons with per-element theta).
- * scratch: [threads, N + T_len] int64, zeros, where T_len is C (rows over S) or rows_per_item * C
+ * scratch: [threads, N + tile] int64, zeros, where tile is C (rows over S) or rows_per_item * C
  * (rows over C: spikes per element of the run, which the caller folds into channels).
  * codes may be null. Returns 0, or 1 for a T outside 1..8. */
 int ann2snn_fire_f32(const float *v, const float *theta, const float *offset, float *value, uint8_t *codes,
