@@ -7,20 +7,22 @@ them in the interpreter. See kernels/dispatch.py.
 """
 from __future__ import annotations
 
-from .dispatch import lazy_jit
+from .dispatch import SumCombine, lazy_jit
 
 # triton.language, bound when a kernel is first launched (kernels/dispatch.py: LazyKernel)
 tl = None
 
 
+@SumCombine
+def sum_combine(a, b):
+    return a + b
+
+
 @lazy_jit
 def tile_sum(x, axis: tl.constexpr):
-    """x summed over one axis of a tile: tl.sum without its dtype promotion.
-
-    It reduces with the combine function of tl.sum itself, which Triton's interpreter recognises
-    and sums with numpy (any other combine function runs element by element in Python).
-    """
-    return tl.reduce(x, axis, tl.standard._sum_combine)
+    """x summed over one axis of a tile: tl.sum without its dtype promotion (kernels/dispatch.py:
+    SumCombine says which combine function each mode gets)."""
+    return tl.reduce(x, axis, sum_combine)
 
 
 @lazy_jit

@@ -68,6 +68,24 @@ class LazyKernel:
         return self.in_mode(interpret_mode())[grid]
 
 
+class SumCombine(LazyKernel):
+    """The combine function of a sum, `a + b`, for `tl.reduce`.
+
+    Compiled, it is this package's own `triton.jit` function: triton.language's `_sum_combine` is
+    decorated in the mode of triton's import, and an interpreted one cannot be compiled (a process
+    whose first kernel ran in the interpreter could then compile no sum). Interpreted, it is
+    triton.language's own, which the interpreter recognises and sums with numpy instead of element
+    by element in Python.
+    """
+
+    def in_mode(self, interpret: bool) -> Any:
+        if interpret:
+            import triton
+
+            return triton.language.standard._sum_combine
+        return super().in_mode(False)
+
+
 def lazy_jit(fn: Callable[..., Any]) -> LazyKernel:
     """Decorator: like `triton.jit`, with the interpreter mode chosen per launch (see LazyKernel)."""
     return LazyKernel(fn)
