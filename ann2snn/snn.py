@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .lower import lower_to_evaluator, lower_to_simulator
+from .lower.cuda_graph import CudaGraphRunner
 from .passes.graph_utils import neuron_nodes
 
 
@@ -46,6 +47,7 @@ class SNN(nn.Module):
         self.report = report or {"sites": {}, "rewrites": []}
         self.source = source or {}
         self._lowered: dict[str, fx.GraphModule] = {}
+        self._graphed: CudaGraphRunner | None = None
 
     @property
     def site_names(self) -> list[str]:
@@ -53,6 +55,7 @@ class SNN(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._lowered.clear()  # lowered graphs hold references to tensors that fn replaces
+        self._graphed = None
         return super()._apply(fn, recurse)
 
     def _lowered_graph(self, mode: str) -> fx.GraphModule:
@@ -68,9 +71,16 @@ class SNN(nn.Module):
             return SNNOutput(*self._lowered_graph("simulate")(x))
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor) -> SNNOutput:
-        """Time-folded evaluation: the same logits and spike counts at about the ANN's cost."""
+    def evaluate(self, x: Tensor, cuda_graph: bool = True) -> SNNOutput:
+        """Time-folded evaluation: the same logits and spike counts at about the ANN's cost.
+
+        On CUDA it replays a CUDA graph captured at the first batch of each shape (`cuda_graph`,
+        lower/cuda_graph.py): the same kernels without a launch from Python per layer."""
         with ieee_float32():
+            if cuda_graph and x.is_cuda:
+                if self._graphed is None:
+                    self._graphed = CudaGraphRunner(self._lowered_graph("evaluate"))
+                return SNNOutput(*self._graphed(x))
             return SNNOutput(*self._lowered_graph("evaluate")(x))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 
 import ann2snn
 import models
+from ann2snn.lower.cuda_graph import CudaGraphRunner
 from ann2snn.quant import QuantClippedActivation
 from ann2snn.snn import ieee_float32
 
@@ -134,6 +135,9 @@ def main() -> None:
     runs = {"float ANN": float_model, "ann2snn evaluate": snn.evaluate}
     if device.type == "cpu":   # what the C neuron gains over its PyTorch reference
         runs["evaluate, PyTorch neuron"] = without_native_neuron(snn.evaluate)
+    else:   # what the CUDA graph gains, and the float ANN replayed the same way
+        runs["evaluate, no CUDA graph"] = lambda inputs: snn.evaluate(inputs, cuda_graph=False)
+        runs["float ANN, CUDA graph"] = CudaGraphRunner(float_model)
     runs.update({"ann2snn simulate": snn.simulate, "SpikingJelly multi-step": run_sj})
     with ieee_float32():
         rows = throughput(runs, x, device, args.seconds, args.rounds)
@@ -141,6 +145,9 @@ def main() -> None:
               "evaluate / SpikingJelly": rows["ann2snn evaluate"] / rows["SpikingJelly multi-step"]}
     if device.type == "cpu":
         ratios["PyTorch neuron / float ANN"] = rows["evaluate, PyTorch neuron"] / rows["float ANN"]
+    else:
+        ratios["no graph / float ANN"] = rows["evaluate, no CUDA graph"] / rows["float ANN"]
+        ratios["both graphed"] = rows["ann2snn evaluate"] / rows["float ANN, CUDA graph"]
     result = {"model": args.model, "device": str(device), "timesteps": args.timesteps,
               "batch_size": args.batch_size, "images_per_second": rows, "ratios": ratios}
     if args.json:

@@ -1,7 +1,8 @@
 """Memory bandwidth of the fused neuron (kernels.fire_fused) against a plain copy of the same size.
 
 The neuron is memory-bound: it reads the potential V once and writes q * theta (and, on request,
-the uint8 spike code); the spike counts are a few bytes. Its useful bandwidth is those bytes per
+the uint8 spike code); the spike counts are a few bytes. Each case asks for what the evaluator
+asks for (spikes per sample), one also for spikes per channel. Its useful bandwidth is those bytes per
 second; the ceiling is what the device reaches copying a tensor of the same size
 (`y.copy_(x)`, which reads and writes it once). The ratio should be at least 0.7 on a GPU.
 
@@ -42,6 +43,7 @@ class Case:
     dtype: torch.dtype
     channels_last: bool
     want_levels: bool
+    channel_counts: bool = False   # the evaluator asks for spikes per sample only
 
 
 @dataclass
@@ -64,6 +66,7 @@ def cases(device: torch.device) -> list[Case]:
     return [
         Case("conv 56x56", (batch, 64, 56, 56), torch.float32, False, False),
         Case("conv 56x56 +levels", (batch, 64, 56, 56), torch.float32, False, True),
+        Case("conv 56x56 +per-channel", (batch, 64, 56, 56), torch.float32, False, False, True),
         Case("conv 56x56 NHWC", (batch, 64, 56, 56), torch.float32, True, False),
         Case("conv 7x7", (batch, 512, 7, 7), torch.float32, False, False),
         Case("conv 28x28 fp16", (batch, 128, 28, 28), torch.float16, False, False),
@@ -108,7 +111,8 @@ def run_case(case: Case, device: torch.device, timesteps: int, warmup: int, repe
         implementation = "C" if case.dtype == torch.float32 and native_neuron_available() else "torch reference"
 
     def neuron() -> object:
-        return fire(v, theta, offset, levels, timesteps, want_levels=case.want_levels)
+        return fire(v, theta, offset, levels, timesteps, want_levels=case.want_levels,
+                    per_channel_counts=case.channel_counts)
 
     copy_dst = torch.empty_like(v)
     neuron_ms = _time_ms(neuron, device, warmup, repeat)
@@ -128,13 +132,13 @@ def run_case(case: Case, device: torch.device, timesteps: int, warmup: int, repe
 def print_table(results: list[Result], device_name: str) -> None:
     print(f"fused neuron bandwidth on {device_name}; "
           f"ratio = neuron GB/s / copy GB/s, target >= {TARGET_RATIO} on a GPU")
-    header = (f"{'case':<22} {'shape':<20} {'dtype':<9} {'kernel':<15} {'ms':>9} {'neuron GB/s':>12} "
+    header = (f"{'case':<24} {'shape':<20} {'dtype':<9} {'kernel':<15} {'ms':>9} {'neuron GB/s':>12} "
               f"{'copy GB/s':>10} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
         shape = "x".join(map(str, r.shape))
-        print(f"{r.case:<22} {shape:<20} {r.dtype:<9} {r.implementation:<15} {r.neuron_ms:>9.3f} {r.neuron_gbps:>12.2f} "
+        print(f"{r.case:<24} {shape:<20} {r.dtype:<9} {r.implementation:<15} {r.neuron_ms:>9.3f} {r.neuron_gbps:>12.2f} "
               f"{r.copy_gbps:>10.2f} {r.ratio:>6.2f}")
 
 

@@ -43,12 +43,12 @@ def round_to(x, dtype: tl.constexpr):
 
 @lazy_jit
 def channel_tile(N, C, S, stride_n, stride_c, stride_s,
-                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, WIDE: tl.constexpr):
     """This program's tile of an [N, C, S] view (kernels/layout.py): the sample and channel indices,
     their masks, the tile's mask and its element offsets.
 
-    Programs run S fastest, then C, then N. The batch offset is int64: a whole activation tensor
-    may exceed 2^31 elements.
+    Programs run S fastest, then C, then N. The batch offset is int64 when the tensor has 2^31
+    elements or more (WIDE), else int32: 64-bit address arithmetic per element costs bandwidth.
     """
     pid = tl.program_id(0)
     blocks_s = (S + BLOCK_S - 1) // BLOCK_S
@@ -59,7 +59,11 @@ def channel_tile(N, C, S, stride_n, stride_c, stride_s,
     mask_n = n < N
     mask_c = c < C
     mask = mask_n[:, None, None] & mask_c[None, :, None] & (s < S)[None, None, :]
-    offsets = (n.to(tl.int64) * stride_n)[:, None, None] + (c * stride_c)[None, :, None] + (s * stride_s)[None, None, :]
+    if WIDE:
+        n_offsets = n.to(tl.int64) * stride_n
+    else:
+        n_offsets = n * stride_n
+    offsets = n_offsets[:, None, None] + (c * stride_c)[None, :, None] + (s * stride_s)[None, None, :]
     return n, c, mask_n, mask_c, mask, offsets
 
 

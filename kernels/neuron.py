@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .device_functions import channel_tile, load_per_channel, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
-from .layout import channel_layout, grid_size, num_warps, tile_shape
+from .layout import channel_layout, tile_launch
 from .native import fire_fused_native, native_neuron_supports
 from .neuron_reference import (NeuronOutput, as_channel_tensor, check_neuron_args, fire_fused_reference,
                                pack_spikes, unpack_spikes)
@@ -46,9 +46,10 @@ def _fire_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    WIDE: tl.constexpr,                           # int64 element offsets
 ):
     n, c, mask_n, mask_c, mask, offsets = channel_tile(N, C, S, stride_n, stride_c, stride_s,
-                                                       BLOCK_N, BLOCK_C, BLOCK_S)
+                                                       BLOCK_N, BLOCK_C, BLOCK_S, WIDE)
 
     io = v_ptr.dtype.element_ty
     compute = tl.float64 if FP64 else tl.float32
@@ -76,12 +77,14 @@ def _fire_kernel(
     if WANT_LEVELS:
         tl.store(levels_ptr + offsets, level.to(tl.uint8), mask=mask)
     count = tl.where(mask, count, 0)
+    # relaxed atomics: the counts are read only after the kernel ends, and the default (acq_rel)
+    # fences each program's stores before its add
     if WANT_CHANNEL:
         per_channel = tile_sum(tile_sum(count, 2), 0)
-        tl.atomic_add(channel_ptr + c, per_channel.to(tl.int64), mask=mask_c)
+        tl.atomic_add(channel_ptr + c, per_channel.to(tl.int64), mask=mask_c, sem="relaxed")
     if WANT_SAMPLE:
         per_sample = tile_sum(tile_sum(count, 2), 1)
-        tl.atomic_add(sample_ptr + n, per_sample.to(tl.int64), mask=mask_n)
+        tl.atomic_add(sample_ptr + n, per_sample.to(tl.int64), mask=mask_n, sem="relaxed")
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -106,13 +109,13 @@ def fire_fused_triton(potential: Tensor, theta: Tensor | float, membrane_offset:
     if potential.numel() == 0:
         return NeuronOutput(value, codes, channel, sample)
 
-    block = tile_shape(layout)
+    grid, view, tile = tile_launch(layout)
     # unused outputs get a harmless pointer: the constexpr flags compile their stores away
-    _fire_kernel[(grid_size(layout, block),)](
+    _fire_kernel[grid](
         layout.tensor, theta_t, offset_t,
         value, value if codes is None else codes,
         value if channel is None else channel, value if sample is None else sample,
-        layout.n, layout.c, layout.s, layout.stride_n, layout.stride_c, layout.stride_s,
+        *view,
         TIMESTEPS=timesteps,
         CAP_AT=float(levels) + 0.5 if levels < 2**timesteps - 1 else 0.0,
         THETA_PER_CHANNEL=theta_t.dim() == 1,
@@ -122,8 +125,7 @@ def fire_fused_triton(potential: Tensor, theta: Tensor | float, membrane_offset:
         WANT_CHANNEL=per_channel_counts,
         WANT_SAMPLE=per_sample_counts,
         FP64=potential.dtype == torch.float64,
-        BLOCK_N=block[0], BLOCK_C=block[1], BLOCK_S=block[2],
-        num_warps=num_warps(block), enable_fp_fusion=False,
+        **tile,
     )
     return NeuronOutput(value, codes, channel, sample)
 

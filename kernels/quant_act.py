@@ -25,7 +25,7 @@ from ann2snn.quant import channel_view
 
 from .device_functions import channel_tile, load_per_channel, ratio_and_level, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
-from .layout import ChannelLayout, channel_layout, grid_size, num_warps, tile_shape
+from .layout import channel_layout, tile_launch
 from .quant_act_reference import quant_act_fused_reference
 
 # triton.language, bound when a kernel is first launched (kernels/dispatch.py: LazyKernel)
@@ -46,9 +46,10 @@ def _quant_act_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    WIDE: tl.constexpr,                       # int64 element offsets
 ):
     n, c, mask_n, mask_c, mask, offsets = channel_tile(N, C, S, stride_n, stride_c, stride_s,
-                                                       BLOCK_N, BLOCK_C, BLOCK_S)
+                                                       BLOCK_N, BLOCK_C, BLOCK_S, WIDE)
 
     compute = tl.float64 if FP64 else tl.float32
     work = theta_ptr.dtype.element_ty         # the dtype of torch's z / theta
@@ -64,7 +65,7 @@ def _quant_act_forward_kernel(
         for bit in tl.static_range(LEVEL_BITS):
             spikes += (code >> bit) & 1
         per_sample = tile_sum(tile_sum(spikes, 2), 1)
-        tl.atomic_add(spikes_ptr + n, per_sample.to(tl.int64), mask=mask_n)
+        tl.atomic_add(spikes_ptr + n, per_sample.to(tl.int64), mask=mask_n, sem="relaxed")
 
 
 @lazy_jit
@@ -82,9 +83,10 @@ def _quant_act_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    WIDE: tl.constexpr,                       # int64 element offsets
 ):
     n, c, mask_n, mask_c, mask, offsets = channel_tile(N, C, S, stride_n, stride_c, stride_s,
-                                                       BLOCK_N, BLOCK_C, BLOCK_S)
+                                                       BLOCK_N, BLOCK_C, BLOCK_S, WIDE)
 
     compute = tl.float64 if FP64 else tl.float32
     work = theta_ptr.dtype.element_ty
@@ -124,17 +126,13 @@ def _quant_act_backward_kernel(
         grad_theta = tl.where(mask, grad_theta, 0.0)
         if THETA_PER_CHANNEL:
             per_channel = tile_sum(tile_sum(grad_theta, 2), 0)
-            tl.atomic_add(grad_theta_ptr + c, per_channel.to(tl.float64), mask=mask_c)
+            tl.atomic_add(grad_theta_ptr + c, per_channel.to(tl.float64), mask=mask_c, sem="relaxed")
         else:
-            tl.atomic_add(grad_theta_ptr, tile_sum(tile_sum(tile_sum(grad_theta, 2), 1), 0).to(tl.float64))
+            tl.atomic_add(grad_theta_ptr, tile_sum(tile_sum(tile_sum(grad_theta, 2), 1), 0).to(tl.float64),
+                          sem="relaxed")
     if WANT_GRAD_Z:
         out = grad_z_ptr.dtype.element_ty
         tl.store(grad_z_ptr + offsets, round_to(grad_z, out).to(out), mask=mask)
-
-
-def _launch_shape(layout: ChannelLayout) -> tuple[tuple[int], tuple[int, int, int], int]:
-    block = tile_shape(layout)
-    return (grid_size(layout, block),), block, num_warps(block)
 
 
 class QuantActFunction(torch.autograd.Function):
@@ -149,14 +147,14 @@ class QuantActFunction(torch.autograd.Function):
         theta = theta.to(work).contiguous()
         value = layout.empty_like(work)
         spikes = torch.zeros(layout.n, dtype=torch.int64, device=z.device) if with_spikes else None
-        grid, block, warps = _launch_shape(layout)
+        grid, view, tile = tile_launch(layout)
         if z.numel():
             _quant_act_forward_kernel[grid](
                 layout.tensor, theta, value, value if spikes is None else spikes,
-                layout.n, layout.c, layout.s, layout.stride_n, layout.stride_c, layout.stride_s,
+                *view,
                 LEVELS=levels, LEVEL_BITS=levels.bit_length(), THETA_PER_CHANNEL=theta.numel() > 1,
                 WITH_SPIKES=with_spikes, FP64=work == torch.float64,
-                BLOCK_N=block[0], BLOCK_C=block[1], BLOCK_S=block[2], num_warps=warps, enable_fp_fusion=False,
+                **tile,
             )
         ctx.save_for_backward(layout.tensor, theta)
         ctx.levels = levels
@@ -181,16 +179,16 @@ class QuantActFunction(torch.autograd.Function):
             grad_spikes = grad_spikes.contiguous()
         grad_z = layout.empty_like(z.dtype) if want_z else None
         grad_theta = torch.zeros(theta.numel(), dtype=torch.float64, device=z.device) if want_clip else None
-        grid, block, warps = _launch_shape(layout)
+        grid, view, tile = tile_launch(layout)
         if z.numel():
             _quant_act_backward_kernel[grid](
                 z, theta, z if grad_value is None else grad_value, z if grad_spikes is None else grad_spikes,
                 z if grad_z is None else grad_z, z if grad_theta is None else grad_theta,
-                layout.n, layout.c, layout.s, layout.stride_n, layout.stride_c, layout.stride_s,
+                *view,
                 LEVELS=ctx.levels, THETA_PER_CHANNEL=theta.numel() > 1,
                 HAS_GRAD_VALUE=grad_value is not None, HAS_GRAD_SPIKES=grad_spikes is not None,
                 WANT_GRAD_Z=want_z, WANT_GRAD_THETA=want_clip, FP64=theta.dtype == torch.float64,
-                BLOCK_N=block[0], BLOCK_C=block[1], BLOCK_S=block[2], num_warps=warps, enable_fp_fusion=False,
+                **tile,
             )
         grad_clip = None
         if want_clip:

@@ -211,6 +211,18 @@ def test_fire_fused_optional_outputs(fire_backend: FireBackend) -> None:
                                fire_fused_reference(strided, theta, 0.05, 15, 4, want_levels=True))
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_fire_fused_wide_offsets(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int64 offsets of tensors of 2^31 elements or more, forced on a small one."""
+    dev = _triton_device(device, monkeypatch)
+    monkeypatch.setattr(kernels.layout, "wide_offsets", lambda layout: True)
+    gen = torch.Generator().manual_seed(8)
+    theta = _theta(True, 6, gen)
+    v = _potentials((3, 6, 5, 7), theta, 5, torch.float32, gen)
+    _assert_same_neuron_output(fire_fused_triton(v.to(dev), theta.to(dev), theta.to(dev) / 2, 31, 5, want_levels=True),
+                               fire_fused_reference(v, theta, theta / 2, 31, 5, want_levels=True))
+
+
 def test_fire_fused_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("ANN2SNN_NATIVE", "0")
@@ -484,7 +496,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
     from kernels.quant_act import _quant_act_backward_kernel, _quant_act_forward_kernel
 
     view = {name: "i32" for name in ("N", "C", "S", "stride_n", "stride_c", "stride_s")}
-    blocks = dict(BLOCK_N=1, BLOCK_C=16, BLOCK_S=256)
+    blocks = dict(BLOCK_N=1, BLOCK_C=16, BLOCK_S=256, WIDE=False)
 
     def compile_for_gpu(kernel, pointers, constants):
         signature = {**pointers, **view, **{name: "constexpr" for name in constants}}
@@ -499,7 +511,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
                          "levels_ptr": "*u8", "channel_ptr": "*i64", "sample_ptr": "*i64"},
                         dict(TIMESTEPS=8, CAP_AT=253.5, THETA_PER_CHANNEL=True, HAS_OFFSET=True,
                              OFFSET_PER_CHANNEL=True, WANT_LEVELS=True, WANT_CHANNEL=True, WANT_SAMPLE=True,
-                             FP64=fp64, **blocks))
+                             FP64=fp64, **{**blocks, "WIDE": fp64}))
     for per_channel in (False, True):
         compile_for_gpu(_quant_act_forward_kernel,
                         {"z_ptr": "*fp32", "theta_ptr": "*fp32", "value_ptr": "*fp32", "spikes_ptr": "*i64"},
