@@ -216,11 +216,12 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
 def inspect(path, as_json):
     """Summarize an .onnx or .snn file: ops (supported or not) and activation sites."""
     if path.endswith(".snn"):
-        from ann2snn.artifact import read_metadata
+        from ann2snn.artifact import load_snn, read_metadata
 
+        load_snn(path)   # the whole file checked, as eval would load it
         meta = read_metadata(path)
         summary = {"kind": "snn", "timesteps": meta["timesteps"], "ann2snn_version": meta["ann2snn_version"],
-                   "source": meta["source"], "sites": meta["report"]["sites"],
+                   "source": meta["source"], "sites": meta["report"].get("sites", {}),
                    "ops": _count_ops(meta["graph"])}
     else:
         from ann2snn.onnx_import import inspect_onnx

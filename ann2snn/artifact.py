@@ -1,15 +1,21 @@
 """The .snn artifact: one safetensors file; the graph description is JSON in its metadata.
 
-Loading runs no code from the file: module types and functions come from the allow-lists below,
-tensors from safetensors, everything else is JSON.
+Loading runs no code from the file, by construction: torch.fx turns the graph into Python source,
+so every name that reaches that source is checked to be a plain identifier (node names, placeholder
+and keyword names) or a dotted path of identifiers naming a declared module or a stored tensor;
+module types, functions, methods, attributes and dtypes come from the allow-lists below; constants
+are JSON numbers, strings (which fx writes with repr), booleans and null; tensors come from
+safetensors.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import keyword
 import math
 import operator
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +28,8 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import ArtifactError
-from .neuron import BitSerialIFNode
+from .neuron import MAX_TIMESTEPS, BitSerialIFNode
+from .quant import QuantDequant
 from .snn import SNN
 
 FORMAT = "ann2snn-snn"
@@ -51,13 +58,9 @@ MODULE_FIELDS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Dropout: ("p",),
 }
 # ann2snn's own modules rebuild from `artifact_config()` / `from_artifact_config()`.
-CUSTOM_MODULES: dict[str, type[nn.Module]] = {"BitSerialIFNode": BitSerialIFNode}
-
-
-def register_module(cls: type[nn.Module]) -> type[nn.Module]:
-    """Allow an ann2snn module with artifact_config / from_artifact_config in artifacts."""
-    CUSTOM_MODULES[cls.__name__] = cls
-    return cls
+# Listed here, not registered by whoever defines them: what a fresh interpreter may load must not
+# depend on what happens to be imported.
+CUSTOM_MODULES: dict[str, type[nn.Module]] = {"BitSerialIFNode": BitSerialIFNode, "QuantDequant": QuantDequant}
 
 
 FUNCTIONS: dict[str, Callable] = {
@@ -76,6 +79,37 @@ FUNCTIONS: dict[str, Callable] = {
 _FUNCTION_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
 METHODS = frozenset({"view", "reshape", "flatten", "size", "permute", "squeeze", "unsqueeze", "mean",
                      "contiguous", "add", "sub", "mul", "div", "dim"})
+# what `getattr(tensor, name)` may read
+ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+    torch.int32, torch.int64, torch.bool)}
+NODE_OPS = frozenset({"placeholder", "get_attr", "call_module", "call_function", "call_method", "output"})
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}\Z")
+_INDEX = re.compile(r"[0-9]{1,9}\Z")
+
+
+def _shown(value: Any) -> str:
+    """A value of the file, quoted on one line and cut short, for an error message."""
+    text = json.dumps(value) if isinstance(value, str) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + '..."'
+
+
+def _identifier(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.match(value) or keyword.iskeyword(value):
+        raise ArtifactError(f"{what} {_shown(value)} is not a plain identifier")
+    return value
+
+
+def _dotted_path(value: Any, what: str) -> str:
+    """A path of submodules: identifiers, or indices into a Sequential (fx writes those as
+    getattr(m, "0"))."""
+    if not isinstance(value, str) or not value:
+        raise ArtifactError(f"{what} {_shown(value)} is not a dotted path of identifiers")
+    for part in value.split("."):
+        if not (_IDENTIFIER.match(part) or _INDEX.match(part)) or keyword.iskeyword(part):
+            raise ArtifactError(f"{what} {_shown(value)} is not a dotted path of identifiers")
+    return value
 
 
 # --- values inside node arguments -----------------------------------------------------------
@@ -101,24 +135,27 @@ def _encode(value: Any) -> Any:
 
 
 def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
+    """A node argument from its JSON form; anything but the tags below and JSON scalars is refused."""
     if isinstance(value, list):
         return [_decode(v, nodes) for v in value]
-    if not isinstance(value, dict):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ArtifactError(f"a node argument {_shown(value)} is not a value of the format")
     (kind, body), = value.items()
-    if kind == "node":
+    if kind == "node" and isinstance(body, str) and body in nodes:
         return nodes[body]
-    if kind == "tuple":
-        return tuple(_decode(v, nodes) for v in body)
-    if kind == "dict":
-        return {k: _decode(v, nodes) for k, v in body.items()}
-    if kind == "slice":
-        return slice(*(_decode(v, nodes) for v in body))
-    if kind == "float":
+    if kind in ("tuple", "slice") and isinstance(body, list) and (kind == "tuple" or len(body) == 3):
+        items = [_decode(v, nodes) for v in body]
+        return tuple(items) if kind == "tuple" else slice(*items)
+    if kind == "dict" and isinstance(body, dict):
+        return {_identifier(k, "a dict key"): _decode(v, nodes) for k, v in body.items()}
+    if kind == "float" and body in ("nan", "inf", "-inf"):
         return float(body)
-    if kind == "dtype":
-        return getattr(torch, body)
-    raise ArtifactError(f"unknown value tag {kind!r} in the graph description")
+    if kind == "dtype" and body in DTYPES:
+        return DTYPES[body]
+    raise ArtifactError(f"a node argument {_shown(kind)}: {_shown(body)} is not a value of the format "
+                        "(an earlier node, tuple, slice, dict, float or dtype)")
 
 
 # --- modules --------------------------------------------------------------------------------
@@ -134,16 +171,28 @@ def _module_entry(module: nn.Module) -> dict:
     raise ArtifactError(f"cannot save module type {type(module).__name__}")
 
 
-def _build_module(entry: dict) -> nn.Module:
-    name, config = entry["type"], entry["config"]
-    if name.startswith("nn."):
-        cls = next((c for c in MODULE_FIELDS if c.__name__ == name[3:]), None)
-        if cls is None:
-            raise ArtifactError(f"module type {name} is not allowed in an artifact")
+def _plain(value: Any) -> bool:
+    """A JSON scalar, or a list of them: all a module's configuration may hold."""
+    if isinstance(value, list):
+        return all(v is None or isinstance(v, (bool, int, float, str)) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _build_module(target: str, entry: Any) -> nn.Module:
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise ArtifactError(f"module {target}: the entry has no type and config")
+    name, config = entry.get("type"), entry["config"]
+    cls = next((c for c in MODULE_FIELDS if f"nn.{c.__name__}" == name), None) or CUSTOM_MODULES.get(name)
+    if cls is None:
+        raise ArtifactError(f"module {target}: type {_shown(name)} is not allowed in an artifact")
+    if not all(isinstance(k, str) and _plain(v) for k, v in config.items()):
+        raise ArtifactError(f"module {target}: its config holds something other than numbers, strings and lists")
+    if cls in MODULE_FIELDS:
+        unknown = set(config) - set(MODULE_FIELDS[cls]) - {"bias"}
+        if unknown:
+            raise ArtifactError(f"module {target}: {name} takes no {_shown(sorted(unknown)[0])}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-    if name not in CUSTOM_MODULES:
-        raise ArtifactError(f"module type {name} is not allowed in an artifact")
-    return CUSTOM_MODULES[name].from_artifact_config(config)
+    return cls.from_artifact_config(config)
 
 
 # --- graph ----------------------------------------------------------------------------------
@@ -166,27 +215,62 @@ def describe_graph(gm: fx.GraphModule) -> dict:
     return {"nodes": nodes, "modules": modules}
 
 
+def _node_target(op: str, target: Any, args: tuple, modules: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    """The checked target of a node: what fx will write into the generated source."""
+    if op == "placeholder":
+        return _identifier(target, "the input name")
+    if op == "output":
+        if target != "output":
+            raise ArtifactError(f"the output node's target {_shown(target)} is not 'output'")
+        return target
+    if op == "get_attr":
+        if _dotted_path(target, "the tensor") not in tensors:
+            raise ArtifactError(f"the tensor {target} is not in the file")
+        return target
+    if op == "call_module":
+        if _dotted_path(target, "the module") not in modules:
+            raise ArtifactError(f"the module {target} is called but not declared")
+        return target
+    if op == "call_method":
+        if target not in METHODS:
+            raise ArtifactError(f"method {_shown(target)} is not allowed in an artifact")
+        return target
+    if not isinstance(target, str) or target not in FUNCTIONS:
+        raise ArtifactError(f"function {_shown(target)} is not allowed in an artifact")
+    if FUNCTIONS[target] is getattr and (len(args) != 2 or args[1] not in ATTRIBUTES):
+        raise ArtifactError(f"getattr may read only {', '.join(sorted(ATTRIBUTES))}, "
+                            f"not {_shown(args[1] if len(args) == 2 else args)}")
+    return FUNCTIONS[target]
+
+
 def build_graph(description: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The SNN graph of a JSON description, every name and value checked (module docstring)."""
+    if not isinstance(description, dict) or not isinstance(description.get("modules"), dict) \
+            or not isinstance(description.get("nodes"), list):
+        raise ArtifactError("the graph description has no modules and nodes")
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     root: dict[str, Any] = {}
-    for target, entry in description["modules"].items():
-        root[target] = _build_module(entry)
+    with torch.device("meta"):   # sizes come from the file: allocate nothing until the tensors arrive
+        for target, entry in description["modules"].items():
+            root[_dotted_path(target, "the module name")] = _build_module(target, entry)
     for spec in description["nodes"]:
-        op, target = spec["op"], spec["target"]
-        if op == "call_function":
-            if target not in FUNCTIONS:
-                raise ArtifactError(f"function {target} is not allowed in an artifact")
-            target = FUNCTIONS[target]
-        elif op == "call_method" and target not in METHODS:
-            raise ArtifactError(f"method {target} is not allowed in an artifact")
-        elif op == "get_attr":
+        if not isinstance(spec, dict) or set(spec) != {"name", "op", "target", "args", "kwargs"}:
+            raise ArtifactError(f"a node {_shown(spec)} lacks name, op, target, args or kwargs")
+        name, op = _identifier(spec["name"], "the node name"), spec["op"]
+        if name in nodes:
+            raise ArtifactError(f"two nodes are named {name}")
+        if op not in NODE_OPS:
+            raise ArtifactError(f"node {name}: unknown node kind {_shown(op)}")
+        args, kwargs = _decode(spec["args"], nodes), _decode(spec["kwargs"], nodes)
+        if not isinstance(args, (list, tuple)) or not isinstance(spec["kwargs"], dict) \
+                or set(spec["kwargs"]) != {"dict"}:
+            raise ArtifactError(f"node {name}: args must be a list and kwargs a dict")
+        args = tuple(args)
+        target = _node_target(op, spec["target"], args, description["modules"], tensors)
+        if op == "get_attr":
             root[target] = tensors[target]
-        elif op not in ("placeholder", "call_module", "output"):
-            raise ArtifactError(f"unknown node kind {op!r}")
-        args = _decode(spec["args"], nodes)
-        kwargs = _decode(spec["kwargs"], nodes)
-        nodes[spec["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=spec["name"])
+        nodes[name] = graph.create_node(op, target, args, kwargs, name=name)
     if not any(n.op == "output" for n in graph.nodes):
         raise ArtifactError("the graph description has no output node")
     gm = fx.GraphModule(root, graph, "SNN")
@@ -195,7 +279,22 @@ def build_graph(description: dict, tensors: dict[str, torch.Tensor]) -> fx.Graph
     if missing:
         raise ArtifactError(f"the artifact lacks tensors {sorted(missing)[:5]}")
     gm.load_state_dict(state, strict=True, assign=True)  # keep the saved dtype
+    _check_dtypes(gm)
     return gm
+
+
+def _check_dtypes(gm: fx.GraphModule) -> None:
+    """One floating-point dtype for every tensor (BN's step counter aside): what `save` writes; and
+    none left on the meta device the modules were built on (a tensor the file does not hold)."""
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        if t.is_meta:
+            raise ArtifactError(f"the artifact lacks tensor {name}")
+    dtypes = {name: t.dtype for name, t in gm.state_dict().items() if not name.endswith("num_batches_tracked")}
+    floating = {d for d in dtypes.values() if d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    if len(set(dtypes.values())) > 1 or len(floating) != len(set(dtypes.values())):
+        name = next(n for n, d in dtypes.items() if d != next(iter(dtypes.values())) or d not in floating)
+        raise ArtifactError(f"tensor {name} is {str(dtypes[name]).removeprefix('torch.')}: an SNN's tensors "
+                            "share one floating-point dtype")
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -248,6 +347,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path}: the graph description is not JSON ({err})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: the graph description is nested too deeply") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path}: the graph description is not a JSON object")
     if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
@@ -265,11 +366,18 @@ def load_snn(path: str | os.PathLike) -> SNN:
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: truncated or corrupt tensors ({str(err).splitlines()[0]})") from None
     try:
+        timesteps = meta["timesteps"]
+        if type(timesteps) is not int or not 1 <= timesteps <= MAX_TIMESTEPS:
+            raise ArtifactError(f"timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {_shown(timesteps)}")
+        if not isinstance(meta["report"], dict) or not isinstance(meta["source"], dict):
+            raise ArtifactError("report and source must be JSON objects")
         gm = build_graph(meta["graph"], tensors)
-        return SNN(gm, meta["timesteps"], report=meta["report"],
+        return SNN(gm, timesteps, report=meta["report"],
                    source={**meta["source"], "ann2snn_version": meta["ann2snn_version"]})
     except ArtifactError as err:
         raise ArtifactError(f"{path}: {err}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+    except RecursionError:
+        raise ArtifactError(f"{path}: the graph description is nested too deeply") from None
+    except Exception as err:   # anything else the description makes fx or a module constructor raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ArtifactError(f"{path}: broken graph description ({message})") from None

@@ -65,6 +65,10 @@ def fire_levels(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -
     return quotient.div_(theta.to(torch.float64)).floor_().clamp_(0, top).to(potential.dtype)
 
 
+# The most time steps a neuron may have: the evaluator's spike code of a level is one byte.
+MAX_TIMESTEPS = 8
+
+
 class BitSerialIFNode(base.MemoryModule):
     """Bit-serial IF neuron, multi-step: integrates an input window, then fires T steps MSB first.
 
@@ -97,7 +101,12 @@ class BitSerialIFNode(base.MemoryModule):
     @classmethod
     def from_artifact_config(cls, config: dict) -> "BitSerialIFNode":
         # theta and membrane_offset arrive with the state dict
-        return cls(torch.zeros(config["theta_shape"]), config["levels"], config["timesteps"],
+        timesteps, levels = config["timesteps"], config["levels"]
+        if type(timesteps) is not int or not 1 <= timesteps <= MAX_TIMESTEPS:
+            raise ValueError(f"timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {timesteps!r}")
+        if type(levels) is not int or not 1 <= levels <= 2**timesteps - 1:
+            raise ValueError(f"levels must be an integer in 1..{2**timesteps - 1} for T={timesteps}, got {levels!r}")
+        return cls(torch.zeros(config["theta_shape"]), levels, timesteps,
                    torch.zeros(config["membrane_offset_shape"]))
 
     def supported_step_mode(self) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from ann2snn.errors import UnsupportedModelError
 from ann2snn.onnx_import import CONTRACT_FUNCTIONS, CONTRACT_MODULES, inspect_onnx, load_onnx
-from ann2snn.onnx_import.modules import QuantDequant
+from ann2snn.quant import QuantDequant
 from ann2snn.onnx_import.registry import find_converter, get_converter
 from ann2snn.onnx_import.sites import qdq_to_sites
 from ann2snn.quant import QuantClippedActivation

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from . import converters  # noqa: F401  (registers the converters)
 from .builder import GraphBuilder, sanitize
-from .modules import QuantDequant
+from ..quant import QuantDequant
 from .reader import FLOAT_INPUTS, check_finite, graph_inputs, infer_shapes, network_input, read_model
 from .registry import find_converter, supported_op_types
 from ..errors import UnsupportedModelError

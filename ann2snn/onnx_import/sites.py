@@ -27,7 +27,7 @@ from torch import Tensor, fx, nn
 
 from ..passes.graph_utils import conversion_report, finish, module_of
 from ..quant import QuantClippedActivation
-from .modules import QuantDequant
+from ..quant import QuantDequant
 
 # Ops through which values stay on the grid of the quantizer before them.
 _GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity)

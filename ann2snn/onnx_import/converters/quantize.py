@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..builder import Quantized, sanitize
-from ..modules import QuantDequant
+from ...quant import QuantDequant
 from ..registry import add_converter
 from .utils import normalize_axis
 
