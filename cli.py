@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import warnings
 from functools import wraps
 from pathlib import Path
 
@@ -10,21 +12,50 @@ import click
 
 import ann2snn
 from ann2snn.errors import Ann2SnnError
+from ann2snn.paths import check_device, check_output
 from ann2snn.tables import format_table
 from models import MODEL_NAMES
 
 
+# Exit codes, one meaning each (README, `ann2snn --help`).
+EXIT_VERIFICATION_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 3
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: newlines in a path or a name are shown escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def reports_errors(command):
-    """Bad input: one line on stderr and exit code 2, no traceback (unless --debug)."""
+    """Bad input: one line on stderr and exit code 2; an internal error: one line asking for a bug
+    report and exit code 3. No traceback unless --debug, and warnings raised on the way to an error
+    are dropped so that the error is the only line."""
     @wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except Ann2SnnError as err:
-            if click.get_current_context().find_root().params.get("debug"):
+        debug = click.get_current_context().find_root().params.get("debug")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                result = command(*args, **kwargs)
+            except Ann2SnnError as err:
+                if debug:
+                    raise
+                click.echo(f"ann2snn: error: {_one_line(str(err))}", err=True)
+                sys.exit(EXIT_BAD_INPUT)
+            except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
                 raise
-            click.echo(f"ann2snn: error: {err}", err=True)
-            sys.exit(2)
+            except Exception as err:
+                if debug:
+                    raise
+                click.echo(f"ann2snn: error: internal error, please report it with the command that caused it "
+                           f"(--debug shows the traceback): {type(err).__name__}: "
+                           f"{_one_line(str(err).strip().splitlines()[0] if str(err).strip() else '')}", err=True)
+                sys.exit(EXIT_INTERNAL_ERROR)
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        return result
     return wrapper
 
 
@@ -32,7 +63,11 @@ def reports_errors(command):
 @click.version_option(ann2snn.__version__, prog_name="ann2snn")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
-    """Compile trained ANNs into error-free, ultra-low-latency bit-serial spiking neural networks."""
+    """Compile trained ANNs into error-free, ultra-low-latency bit-serial spiking neural networks.
+
+    Exit codes: 0 success; 1 the conversion was built but failed verification (nothing written);
+    2 bad input or usage (one line naming the file and the problem); 3 an internal error.
+    """
 
 
 def _load_inputs(data: str, split: str, samples: int, seed: int = 0):
@@ -126,6 +161,9 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
     from ann2snn.train import TrainConfig, train as run_training
 
     weights = str(Path(output).with_suffix(".safetensors"))
+    check_device(device)
+    for written in (output, weights, weights + ".ckpt"):
+        check_output(written, data, init)
     config = TrainConfig(model=model_name, data=data, timesteps=timesteps, beta=beta, epochs=epochs, lr=lr,
                          batch_size=batch_size, per_channel=per_channel, float_only=float_only,
                          float_activation=float_activation, max_grad_norm=max_grad_norm, init=init,
@@ -171,6 +209,7 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
     from ann2snn.onnx_import import inspect_onnx
     from ann2snn.verify import onnxruntime_logits, verify_snn
 
+    out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
     calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
     snn = convert_onnx(model, timesteps, calib_x, percentile=percentile)
     result = {"model": model, "timesteps": snn.timesteps, "source": snn.source,
@@ -186,7 +225,6 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
         check = verify_snn(snn, x, onnxruntime_logits(model, x), reference, exact=exact)
         result["verify"] = check.to_json()
-    out = Path(output) if output else Path(model).with_suffix(".snn")
     if not verify or result["verify"]["passed"]:
         snn.save(out)
         result["output"] = str(out)
@@ -206,7 +244,7 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
                        f"{'PASSED' if v['passed'] else 'FAILED'}")
         click.echo(f"wrote {out}" if "output" in result else "no output written: verification failed")
     if verify and not result["verify"]["passed"]:
-        sys.exit(1)
+        sys.exit(EXIT_VERIFICATION_FAILED)
 
 
 @cli.command()
@@ -254,14 +292,11 @@ def inspect(path, as_json):
 @reports_errors
 def eval_command(model, data, batch_size, workers, device, mode, as_json):
     """Top-1/top-5 accuracy, spikes per image per layer and images per second of an .snn on DATA."""
-    import torch
-
     from ann2snn import distributed
     from ann2snn.data import load_dataset, make_loader
     from ann2snn.evaluation import evaluate_snn
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Ann2SnnError(f"--device {device}: no CUDA device is available")
+    check_device(device)
     context = distributed.init_from_env(device)
     device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
@@ -311,15 +346,15 @@ def _count_ops(graph: dict) -> dict:
 @reports_errors
 def energy(model, data, table, samples, batch_size, mode, device, neuron_updates, memory, plot, as_json):
     """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (METHOD.md 6)."""
-    import torch
     from torch.utils.data import Subset
 
     from ann2snn import distributed
     from ann2snn.data import load_dataset, make_loader
     from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Ann2SnnError(f"--device {device}: no CUDA device is available")
+    check_device(device)
+    if plot:
+        check_output(plot, model, table)
     energy_table = load_table(table)
     if neuron_updates:
         energy_table.require("neuron_update", "--neuron-updates")
@@ -351,6 +386,8 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so that an interrupted write removes its temporary file
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cli(prog_name="ann2snn")
 
 
