@@ -385,9 +385,13 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
         click.echo(f"wrote {plot}")
 
 
+def exit_on_signal(signum: int, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C (SystemExit 143), so an interrupted write removes its temporary file."""
+    sys.exit(128 + signum)
+
+
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so that an interrupted write removes its temporary file
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, exit_on_signal)
     cli(prog_name="ann2snn")
 
 

@@ -9,6 +9,7 @@ safetensors.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import keyword
@@ -299,11 +300,28 @@ def _check_dtypes(gm: fx.GraphModule) -> None:
 
 # --- files ----------------------------------------------------------------------------------
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of earlier writes of `path` whose process is gone (killed by SIGKILL,
+    which no handler sees). Their names carry the writer's process id."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:   # a live process of another user
+            pass
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file beside `path`, then rename: no half-written outputs."""
+    """Write through a temporary file beside `path`, then rename: no half-written outputs, and an
+    interrupted write (an exception, Ctrl-C, SIGTERM through the CLI) leaves no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -369,8 +387,12 @@ def load_snn(path: str | os.PathLike) -> SNN:
         timesteps = meta["timesteps"]
         if type(timesteps) is not int or not 1 <= timesteps <= MAX_TIMESTEPS:
             raise ArtifactError(f"timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {_shown(timesteps)}")
-        if not isinstance(meta["report"], dict) or not isinstance(meta["source"], dict):
-            raise ArtifactError("report and source must be JSON objects")
+        report = meta["report"]
+        if not isinstance(report, dict) or not isinstance(meta["source"], dict) \
+                or not isinstance(report.get("sites", {}), dict) \
+                or not all(isinstance(v, dict) for v in report.get("sites", {}).values()) \
+                or not isinstance(report.get("rewrites", []), list):
+            raise ArtifactError("report and source must be JSON objects, the report's sites an object of objects")
         gm = build_graph(meta["graph"], tensors)
         return SNN(gm, timesteps, report=meta["report"],
                    source={**meta["source"], "ann2snn_version": meta["ann2snn_version"]})

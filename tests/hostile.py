@@ -50,3 +50,9 @@ def assert_refused(result: Result, *fragments: str, code: int = 2, before: dict[
     if before is not None:
         assert snapshot(*folders) == before, "a refused command created or changed a file"
     return line
+
+
+def assert_usage_error(result: Result, fragment: str) -> None:
+    """Click refused the command line itself (its own format: usage, hint, `Error:` line), code 2."""
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr and "Error: " in result.stderr and fragment in result.stderr
