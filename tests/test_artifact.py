@@ -17,6 +17,7 @@ import ann2snn.artifact as artifact
 from ann2snn.errors import ArtifactError
 from ann2snn.neuron import BitSerialIFNode
 from ann2snn.quant import QuantClippedActivation
+from test_onnx_import import qdq_model  # noqa: F401 (a fixture)
 
 
 def site(levels: int, clip, channels: int = 0) -> QuantClippedActivation:
@@ -333,3 +334,32 @@ def test_save_into_a_new_folder_and_overwrite(tmp_path):
     snn.save(path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["net.snn"]
     assert torch.equal(ann2snn.load_snn(path).evaluate(x).logits, snn.evaluate(x).logits)
+
+
+def test_a_fresh_interpreter_loads_artifacts_of_every_kind(tmp_path, qdq_model):
+    """No module type an artifact may hold depends on what was imported before (the QDQ importer's
+    QuantDequant used to register itself on import, so only the CLI could load QDQ artifacts)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ann2snn.compiler import convert_onnx
+    from ann2snn.export import export_onnx
+    from ann2snn.quant import QuantDequant
+    from test_cli import digits_model
+
+    paths = []
+    snn = convert_onnx(qdq_model)   # onnxruntime's quantize_static: the input keeps a QDQ pair
+    assert any(isinstance(m, QuantDequant) for m in snn.modules()), "the QDQ artifact must hold a QuantDequant"
+    paths.append(tmp_path / "qdq.snn")
+    snn.save(paths[-1])
+    float_onnx = tmp_path / "float.onnx"
+    export_onnx(digits_model(quantize=False), (1, 8, 8), float_onnx, qdq=False)
+    convert_onnx(float_onnx, T=3, calib=torch.rand(16, 1, 8, 8)).save(tmp_path / "float.snn")
+    paths.append(tmp_path / "float.snn")
+    make_snn(torch.float32)[0].save(tmp_path / "zoo.snn")
+    paths.append(tmp_path / "zoo.snn")
+    script = "import sys, ann2snn\nfor p in sys.argv[1:]:\n    ann2snn.load_snn(p)\nprint('loaded', len(sys.argv) - 1)"
+    done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "loaded 3", done.stderr
