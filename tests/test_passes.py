@@ -608,3 +608,20 @@ def test_unsupported_function_raises_from_the_simulator():
     snn = ann2snn.convert(model)
     with pytest.raises(UnsupportedModelError, match="sigmoid"):
         snn.simulate(image())
+
+
+@pytest.mark.parametrize("broken", ["not_quantizing", "lambda_inf", "lambda_nan", "lambda_zero"])
+def test_convert_refuses_sites_that_cannot_convert_exactly(broken):
+    """A site that does not quantize would make the SNN differ from the model, and lambda = inf
+    (an uncalibrated site) gives non-finite logits: both are refused with the site's name."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), QuantClippedActivation(levels=7, clip=1.0), nn.Flatten(),
+                          nn.Linear(2 * 6 * 6, 3))
+    site = model[1]
+    if broken == "not_quantizing":
+        site.quantize = False
+    else:
+        site.clip.data.fill_({"lambda_inf": float("inf"), "lambda_nan": float("nan"), "lambda_zero": 0.0}[broken])
+    with pytest.raises(UnsupportedModelError, match="site 1 "):
+        ann2snn.convert(model)
+    site.quantize, site.clip.data = True, torch.tensor(1.0)
+    ann2snn.convert(model)   # the same model, repaired, converts

@@ -28,6 +28,12 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
     report = conversion_report(gm)
     for node in site_nodes(gm):
         site: QuantClippedActivation = gm.get_submodule(node.target)
+        if not site.quantize:
+            raise UnsupportedModelError(f"site {node.target} does not quantize (a plain clipped ReLU): an SNN "
+                                        "computes only quantized levels; fine-tune it with quantization first")
+        if not bool(torch.isfinite(site.clip).all()) or not bool((site.clip > 0).all()):
+            raise UnsupportedModelError(f"site {node.target} has lambda {site.clip.detach().tolist()}: it must be "
+                                        "finite and positive (calibrate the site first)")
         steps = site.timesteps if timesteps is None else int(timesteps)
         if steps > MAX_TIMESTEPS:
             raise UnsupportedModelError(f"site {node.target}: T={steps} exceeds {MAX_TIMESTEPS}, the spike code "
