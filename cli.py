@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import warnings
@@ -21,6 +22,21 @@ from models import MODEL_NAMES
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3
+
+
+def strict_json(value) -> str:
+    """`value` as strict JSON (RFC 8259): a float that is not finite (a float site's clip bound of
+    inf, say) becomes null instead of Python's Infinity / NaN tokens, which JSON parsers refuse."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, allow_nan=False, default=str)
 
 
 def _one_line(text: str) -> str:
@@ -121,7 +137,7 @@ def demo(timesteps, output_dir, epochs, as_json):
 
     rows = run_demo(tuple(timesteps), output_dir, float_epochs=epochs, qat_epochs=epochs, progress=not as_json)
     if as_json:
-        click.echo(json.dumps({"rows": rows, "output_dir": output_dir}, indent=2))
+        click.echo(strict_json({"rows": rows, "output_dir": output_dir}))
         return
     click.echo("Test accuracy (%) on the 450 held-out digits, and spikes per image of the SNN:")
     click.echo(format_table(rows, ["T", "float ANN", "quantized ANN", "SNN", "same prediction", "spikes/img"]))
@@ -175,7 +191,7 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
         return
     summary = {"onnx": output, "weights": weights, "checkpoint": weights + ".ckpt", **result.to_json()}
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(strict_json(summary))
         return
     click.echo(format_table([{"epoch": h["epoch"], "loss": h["loss"], "train acc": 100 * h["train_acc"],
                               "test acc": 100 * h["test_acc"], "spikes/img": h["spikes_per_image"]}
@@ -229,7 +245,7 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         snn.save(out)
         result["output"] = str(out)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(strict_json(result))
     else:
         click.echo(f"{model}: {len(result['sites'])} activation sites, T = {snn.timesteps}, "
                    f"source {snn.source['kind']}")
@@ -266,7 +282,7 @@ def inspect(path, as_json):
 
         summary = {"kind": "onnx", **inspect_onnx(path)}
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(strict_json(summary))
         return
     for key, value in summary.items():
         if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
@@ -307,7 +323,7 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
     if not context.is_main:
         return
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(strict_json(result.to_json()))
         return
     rows = [{"layer": name, "spikes/img": count} for name, count in result.layer_spikes_per_image.items()]
     click.echo(format_table(rows, ["layer", "spikes/img"]))
@@ -376,8 +392,8 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     if plot:
         plot_energy(report, plot)
     if as_json:
-        click.echo(json.dumps({"model": model, "data": data, **report.to_json(),
-                               **({"plot": plot} if plot else {})}, indent=2))
+        click.echo(strict_json({"model": model, "data": data, **report.to_json(),
+                               **({"plot": plot} if plot else {})}))
         return
     click.echo(f"{model} on {data}:")
     click.echo(format_report(report))

@@ -81,9 +81,14 @@ def test_float_file_needs_calibration_data_then_converts(tmp_path):
     assert not (tmp_path / "float.snn").exists()
     done = run_cli("convert", str(path), "-T", "3", "--calib", "digits", "--json")
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = json.loads(done.stdout, parse_constant=strict_json_refuses)   # no Infinity / NaN tokens
     assert report["verify"]["reference"].startswith("onnxruntime (float")
+    assert [site["source"]["clip_bound"] for site in report["sites"]] == [None] * 3   # Relu: no bound
     assert (tmp_path / "float.snn").exists()
+
+
+def strict_json_refuses(token: str):
+    raise AssertionError(f"{token} is not JSON")
 
 
 @pytest.mark.parametrize("kind", ["qat", "plain-float"])
