@@ -219,14 +219,16 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
 @reports_errors
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_samples, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
-    import torch
-
     from ann2snn.compiler import convert_onnx
-    from ann2snn.onnx_import import inspect_onnx
-    from ann2snn.verify import onnxruntime_logits, verify_snn
+    from ann2snn.verify import onnxruntime_logits, random_inputs, verify_snn
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
     calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
+    if calib:
+        from ann2snn.data import check_input_shape
+        from ann2snn.onnx_import import inspect_onnx
+
+        check_input_shape(calib, tuple(calib_x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
     snn = convert_onnx(model, timesteps, calib_x, percentile=percentile)
     result = {"model": model, "timesteps": snn.timesteps, "source": snn.source,
               "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
@@ -235,8 +237,7 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         if calib_x is not None:
             x = calib_x[:verify_samples]
         else:
-            shape = inspect_onnx(model)["input"]["shape"][1:]
-            x = torch.rand((verify_samples, *shape), generator=torch.Generator().manual_seed(0))
+            x = random_inputs(model, verify_samples)
         exact = snn.source["kind"] == "qdq"
         reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
         check = verify_snn(snn, x, onnxruntime_logits(model, x), reference, exact=exact)

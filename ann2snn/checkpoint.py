@@ -44,7 +44,21 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise Ann2SnnError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
-    return tensors, json.loads(raw)
+    return tensors, _metadata(path, raw)
+
+
+def _metadata(path: str | os.PathLike, raw: str) -> dict[str, Any]:
+    """The JSON object under the "ann2snn" metadata key; any other JSON, or none, is refused
+    (RecursionError: JSON nested thousands deep)."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        reason = f"{err.msg} at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) \
+            else type(err).__name__
+        raise Ann2SnnError(f"{path}: its \"ann2snn\" metadata is not valid JSON ({reason})") from None
+    if not isinstance(meta, dict):
+        raise Ann2SnnError(f"{path}: its \"ann2snn\" metadata must be a JSON object, found {type(meta).__name__}")
+    return meta
 
 
 @dataclass
@@ -129,9 +143,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
         if cuda:
             rng["cuda"] = [tensors[k] for k in cuda]
+        # the types the trainer relies on before it restores anything (it compares config, counts history)
+        if not (type(meta["epoch"]) is int and isinstance(meta["config"], dict) and isinstance(meta["history"], list)
+                and all(isinstance(h, dict) for h in meta["history"])):
+            raise TypeError("epoch must be an integer, config an object, history a list of objects")
         return Checkpoint(
             epoch=meta["epoch"], config=meta["config"], history=meta["history"], model=model,
             optimizer={"state": state, "param_groups": meta["optimizer"]["param_groups"]},
             scheduler=meta["scheduler"], rng=rng)
-    except (KeyError, ValueError) as err:
+    # a hostile file's metadata can have any JSON shape: a list where a dict belongs, ...
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
         raise Ann2SnnError(f"{path}: incomplete training checkpoint ({type(err).__name__}: {err})") from None

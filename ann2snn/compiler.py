@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor, fx, nn
 
 from .errors import UnsupportedModelError
@@ -13,12 +14,20 @@ from .snn import SNN
 
 
 def compile_graph(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphModule:
-    """fold BN -> shift bias -> move MaxPool before sites -> place neurons."""
+    """fold BN -> shift bias -> move MaxPool before sites -> place neurons, on `gm` itself.
+
+    The passes compute in float64 and the result is cast back to gm's dtype once, at the end: a
+    float32 SNN is then exactly the float32 rounding of the float64 SNN, which the exactness gate
+    (ann2snn/gate.py) proves exact for the source, and no folded weight or shifted bias is rounded
+    twice.
+    """
     if not site_nodes(gm):
         raise UnsupportedModelError("the model has no quantized activation site (QuantClippedActivation or QDQ)")
+    dtype = next((t.dtype for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()), torch.float32)
+    gm = gm.double()
     for graph_pass in (fold_batch_norm, shift_bias, move_max_pool_before_sites):
         gm = graph_pass(gm)
-    return place_neurons(gm, timesteps)
+    return place_neurons(gm, timesteps).to(dtype)
 
 
 def convert(model: nn.Module, T: int | None = None, *, source: dict | None = None) -> SNN:
@@ -54,6 +63,9 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | 
     from .onnx_import.sites import qdq_to_sites
 
     gm, qdq_sites = qdq_to_sites(load_onnx(path))
+    _check_one_output(path, gm)
+    _check_any_batch(path, gm)
+    calib = _calibration_inputs(path, gm, calib)
     report = conversion_report(gm)
     for entry in qdq_sites:
         report["sites"].setdefault(entry["site"], {})["source"] = {"kind": "qdq", **entry}
@@ -72,5 +84,43 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | 
         kind = "float" if not qdq_sites else "mixed"
     source = {"file": os.path.basename(str(path)), "sha256": file_sha256(path), "kind": kind,
               "calibration_percentile": percentile if kind != "qdq" else None}
-    snn_graph = compile_graph(gm, T)
+    try:
+        snn_graph = compile_graph(gm, T)
+    except UnsupportedModelError as err:  # the passes know graphs, not files: name the file
+        raise UnsupportedModelError(f"{path}: {err}") from None
     return SNN(snn_graph, _timesteps(snn_graph), report=conversion_report(snn_graph), source=source)
+
+
+def _check_one_output(path: str | os.PathLike, gm: fx.GraphModule) -> None:
+    """An SNN computes one tensor, the logits."""
+    outputs = gm.meta["onnx"]["outputs"]
+    if len(outputs) != 1:
+        raise UnsupportedModelError(f"{path}: the model has {len(outputs)} outputs "
+                                    f"({', '.join(map(repr, outputs)) or 'none'}); an SNN has one, the logits")
+
+
+def _check_any_batch(path: str | os.PathLike, gm: fx.GraphModule) -> None:
+    """An SNN takes any batch size: a constant shaped like a file's fixed batch would pin it."""
+    nodes = gm.meta["onnx"]["fixed_batch_nodes"]
+    if nodes:
+        raise UnsupportedModelError(
+            f"{path}: node {nodes[0]} fits the file's fixed batch size {gm.meta['onnx']['input_shape'][0]} "
+            "only, an SNN takes any batch size")
+
+
+def _calibration_inputs(path: str | os.PathLike, gm: fx.GraphModule, calib: Tensor | None) -> Tensor | None:
+    """`calib` in the model's dtype, refused when its samples do not have the model's input shape
+    or hold NaN / Inf (which would calibrate every lambda to NaN and still pass verification)."""
+    if calib is None:
+        return None
+    meta = gm.meta["onnx"]
+    expected = list(meta["input_shape"][1:])
+    if list(calib.shape[1:]) != expected:
+        raise UnsupportedModelError(
+            f"{path}: the calibration samples have shape {list(calib.shape[1:])}; the model's input "
+            f"{meta['input']!r} takes {expected} per sample")
+    if calib.is_floating_point() and not bool(torch.isfinite(calib).all()):
+        sample = int(torch.nonzero(~torch.isfinite(calib))[0, 0])
+        kind = "NaN" if bool(torch.isnan(calib).any()) else "Inf"
+        raise UnsupportedModelError(f"{path}: the calibration inputs x hold {kind} (first in sample {sample})")
+    return calib.to(meta["dtype"])

@@ -21,7 +21,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
+# Labels are class indices and a model gets one logit per class: a label of 10**9 in a hostile file
+# would make training build a 10**9-way classifier. More than ImageNet-21k's 21,841 classes.
+MAX_CLASSES = 100_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,11 +48,12 @@ DIGITS_SPLIT_SEED = 0
 class ArrayDataset(Dataset):
     """In-memory (x, y) pairs: x float32 [N, C, H, W], y int64 [N]."""
 
-    def __init__(self, x: Tensor, y: Tensor, num_classes: int, name: str = "") -> None:
+    def __init__(self, x: Tensor, y: Tensor, num_classes: int, name: str = "", source: str | None = None) -> None:
         self.x = x
         self.y = y
         self.num_classes = int(num_classes)
         self.name = name
+        self.source = source if source is not None else name  # what error messages name: the file
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -76,32 +80,54 @@ def _load_digits(split: str) -> ArrayDataset:
         x, y, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=y)
     xs, ys = (x_test, y_test) if split == "test" else (x_train, y_train)
     return ArrayDataset(torch.from_numpy(np.ascontiguousarray(xs)).unsqueeze(1),
-                        torch.from_numpy(np.ascontiguousarray(ys)), 10, name=f"digits:{split}")
+                        torch.from_numpy(np.ascontiguousarray(ys)), 10, name=f"digits:{split}", source="digits")
 
 
 def _array_pair(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> tuple[Tensor, Tensor]:
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise DataError(f"{path}: array {xname!r} has non-numeric dtype {x.dtype}")
+    x = _images(path, x, xname)
+    y = _labels(path, np.asarray(y), yname)
+    if len(y) != len(x):
+        raise DataError(f"{path}: {xname!r} has {len(x)} samples but {yname!r} has {len(y)}")
+    return x, y
+
+
+def _images(path: Path, x: np.ndarray, name: str) -> Tensor:
+    """x as float32 (N, C, H, W), every value finite: a NaN or Inf image would give NaN logits,
+    which argmax turns into a silently wrong accuracy."""
+    # complex is a numpy number, but casting it to float32 drops the imaginary part
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{path}: array {name!r} must hold real numbers, found dtype {x.dtype}")
     if x.ndim == 3:  # (N, H, W): one channel
         x = x[:, None]
     if x.ndim != 4:
-        raise DataError(f"{path}: array {xname!r} must have shape (N, C, H, W), got {tuple(x.shape)}")
-    y = np.asarray(y)
+        raise DataError(f"{path}: array {name!r} must have shape (N, C, H, W) or (N, H, W), found {tuple(x.shape)}")
+    if x.size == 0:
+        raise DataError(f"{path}: array {name!r} is empty (shape {tuple(x.shape)})")
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if not bool(torch.isfinite(images).all()):  # after the cast: float64 values beyond float32 become inf
+        bad = torch.nonzero(~torch.isfinite(images))[0].tolist()
+        raise DataError(f"{path}: array {name!r} must be finite in float32, found {images[tuple(bad)].item()} "
+                        f"at index {tuple(bad)}")
+    return images
+
+
+def _labels(path: Path, y: np.ndarray, name: str) -> Tensor:
+    """y as int64 (N,) class indices in 0..MAX_CLASSES - 1."""
     if y.ndim != 1:
-        raise DataError(f"{path}: array {yname!r} must have shape (N,), got {tuple(y.shape)}")
-    if len(y) != len(x):
-        raise DataError(f"{path}: {xname!r} has {len(x)} samples but {yname!r} has {len(y)}")
-    if len(x) == 0:
-        raise DataError(f"{path}: array {xname!r} is empty")
+        raise DataError(f"{path}: array {name!r} must have shape (N,), found {tuple(y.shape)}")
+    if len(y) == 0:
+        raise DataError(f"{path}: array {name!r} is empty")
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DataError(f"{path}: labels {yname!r} must be integers, got non-integral {y.dtype} values")
-    elif not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: labels {yname!r} must be integers, got dtype {y.dtype}")
-    y = y.astype(np.int64)
+            raise DataError(f"{path}: labels {name!r} must be integers, found non-integral {y.dtype} values")
+    elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise DataError(f"{path}: labels {name!r} must be integers, found dtype {y.dtype}")
+    # compared before the cast: 2**63 as uint64 or 1e30 as float would wrap or saturate in int64
     if y.min() < 0:
-        raise DataError(f"{path}: labels {yname!r} must be >= 0, got {int(y.min())}")
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y)
+        raise DataError(f"{path}: labels {name!r} must be class indices >= 0, found {y.min()}")
+    if y.max() >= MAX_CLASSES:
+        raise DataError(f"{path}: labels {name!r} must be class indices below {MAX_CLASSES}, found {y.max()}")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def _load_npz(path: Path, split: str) -> ArrayDataset:
@@ -124,7 +150,7 @@ def _load_npz(path: Path, split: str) -> ArrayDataset:
     else:
         raise DataError(f"{path}: .npz needs arrays 'x' and 'y' (or x_train, y_train, x_test, y_test); "
                         f"found {', '.join(sorted(arrays)) or 'none'}")
-    return ArrayDataset(x, y, classes, name=f"{path}:{split}")
+    return ArrayDataset(x, y, classes, name=f"{path}:{split}", source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,8 +227,42 @@ def to_normalized_tensor(image: Any, mean: tuple[float, ...] = IMAGENET_MEAN,
 # Image folders
 
 
+class ImageReadError(DataError):
+    """An image that cannot be decoded, also when a DataLoader worker process decodes it.
+
+    torch's DataLoader re-raises a worker's exception in the main process as
+    `type(message=text)` when the type has a `message` attribute, with the worker's whole traceback
+    in `text`; this type keeps only its own message from it, so the CLI still prints one line.
+    """
+
+    message = True  # the attribute torch's ExceptionWrapper.reraise looks for
+
+    def __init__(self, text: str = "", *, message: str | None = None) -> None:
+        if message is not None:
+            text = _original_message(message, type(self))
+        super().__init__(text)
+
+
+def _original_message(traceback_text: str, kind: type) -> str:
+    """The message of a `kind` exception from its formatted traceback, whose last line is
+    `module.Kind: message` (the message may itself hold newlines, e.g. from a file name)."""
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    if marker not in traceback_text:
+        return traceback_text.strip().splitlines()[-1]
+    return traceback_text.split(marker, 1)[1].removesuffix("\n")
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder` sorted by name; DataError when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as err:
+        raise DataError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+
+
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    return [entry.name for entry in _entries(folder) if entry.is_dir() and not entry.name.startswith(".")]
 
 
 class ImageFolderDataset(Dataset):
@@ -262,14 +322,16 @@ class ImageFolderDataset(Dataset):
         return self._rng
 
     def load_image(self, path: Path) -> Any:
-        """The image at `path` as RGB; DataError when Pillow cannot read it."""
-        from PIL import Image, UnidentifiedImageError
+        """The image at `path` as RGB; ImageReadError when Pillow cannot read or decode it."""
+        from PIL import Image
 
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            raise DataError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
+        # Decoders of damaged files raise more than OSError (SyntaxError, struct.error, zlib.error,
+        # EOFError, ...): whatever decoding one file raises is that file's problem.
+        except Exception as err:
+            raise ImageReadError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         path, label = self.samples[index]
@@ -284,6 +346,7 @@ class ImageFolderDataset(Dataset):
             if rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
         else:
+            _check_resized_area(path, image.size, self.resize_size)
             image = center_crop(resize_shorter(image, self.resize_size), self.image_size)
         return to_normalized_tensor(image), torch.tensor(label, dtype=torch.int64)
 
@@ -291,6 +354,44 @@ class ImageFolderDataset(Dataset):
         mode = "train" if self.train else "eval"
         return (f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.num_classes} classes, "
                 f"{mode} transform {self.image_size}/{self.resize_size})")
+
+
+def _check_resized_area(path: Path, size: tuple[int, int], shorter: int) -> None:
+    """Refuse an image whose aspect ratio would blow up when its shorter side is resized: a tiny
+    1 x 100000 PNG would become a 256 x 25.6M image (20 GB) before the center crop."""
+    from PIL import Image
+
+    w, h = size
+    area = shorter * shorter * max(w, h) / max(min(w, h), 1)
+    if Image.MAX_IMAGE_PIXELS is not None and area > Image.MAX_IMAGE_PIXELS:
+        raise ImageReadError(f"{path}: a {w} x {h} image resized to {shorter} pixels on its shorter side would have "
+                             f"{area:.3g} pixels, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, sorted, following links; refuses a link loop (it would list
+    the same images again and again) and an image name that is not a regular file (a FIFO would
+    block the reader forever, a dangling link fails late)."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        stat = current.stat()
+        if (stat.st_dev, stat.st_ino) in seen:
+            raise DataError(f"{current}: this folder is reached a second time through a link (a link loop?)")
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders = []
+        for entry in _entries(current):
+            path = Path(entry.path)
+            if entry.is_dir():
+                subfolders.append(path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if not entry.is_file():
+                    raise DataError(f"{path}: not a regular file (a broken link, a FIFO or a device?)")
+                found.append(path)
+        pending.extend(reversed(subfolders))
+    return found
 
 
 def _load_image_folder(root: Path, split: str, seed: int, image_size: int, resize_size: int) -> ImageFolderDataset:
@@ -313,13 +414,7 @@ def _load_image_folder(root: Path, split: str, seed: int, image_size: int, resiz
     if not classes:
         raise DataError(f"{folder}: no class sub-folders (expected one folder of images per class)")
     index = {name: i for i, name in enumerate(classes)}
-    samples: list[tuple[Path, int]] = []
-    for name in _class_dirs(folder):
-        for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((Path(dirpath) / filename, index[name]))
+    samples = [(path, index[name]) for name in _class_dirs(folder) for path in _image_files(folder / name)]
     if not samples:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
     return ImageFolderDataset(folder, classes, samples, train=split == "train", image_size=image_size,
@@ -350,6 +445,8 @@ def load_dataset(
         return _load_image_folder(path, split, seed, image_size, resize_size)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory (expected 'digits', an .npz file or an image folder)")
+    if not path.is_file():  # a FIFO would block the reader forever, a device never end
+        raise DataError(f"{path}: not a regular file or folder (expected 'digits', an .npz file or an image folder)")
     if path.suffix.lower() == ".npz":
         return _load_npz(path, split)
     raise DataError(f"{path}: unsupported data set (expected 'digits', an .npz file or an image folder)")
@@ -373,6 +470,40 @@ def dataset_input_shape(dataset: Dataset) -> tuple[int, ...]:
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("empty data set: no input shape")
     return tuple(dataset[0][0].shape)
+
+
+def dataset_source(dataset: Dataset) -> str:
+    """What error messages about `dataset` name: its file or folder ("digits" for digits)."""
+    inner = _unwrap(dataset)
+    source = getattr(inner, "source", None) or getattr(inner, "root", None)
+    return str(source) if source is not None else type(inner).__name__
+
+
+def check_input_shape(data: str | os.PathLike, found: Sequence[int], expected: Sequence[int | str | None]) -> None:
+    """Refuse samples of shape `found` (C, H, W) from `data` for a model whose input, without the
+    batch dimension, is `expected` (a name or None: a free dimension), before anything runs on them.
+
+    For `ann2snn convert --calib` (cli.py), after loading the calibration inputs:
+    `check_input_shape(calib, tuple(calib_x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])`.
+    """
+    found, expected = tuple(int(d) for d in found), tuple(expected)
+    fits = len(found) == len(expected) and all(
+        not isinstance(e, int) or e <= 0 or e == f for f, e in zip(found, expected))
+    if not fits:
+        shown = "(" + ", ".join(str(e) if isinstance(e, int) and e > 0 else "any" for e in expected) + ")"
+        raise DataError(f"{data}: the model takes samples of shape {shown}, found samples of shape {found}")
+
+
+def largest_label(dataset: Dataset) -> int | None:
+    """The largest label of the data set behind `dataset` (all of it, also under a Subset, so
+    that every process of a sharded run refuses the same data); None when it has no labels."""
+    inner = _unwrap(dataset)
+    labels = getattr(inner, "y", None)
+    if labels is None:
+        labels = getattr(inner, "targets", None)
+    if labels is None or len(labels) == 0:
+        return None
+    return int(max(labels)) if isinstance(labels, list) else int(labels.max())
 
 
 def num_classes(dataset: Dataset) -> int:
@@ -412,7 +543,8 @@ def make_loader(
 
 
 __all__ = [
-    "ArrayDataset", "ImageFolderDataset", "load_dataset", "dataset_input_shape", "num_classes", "make_loader",
+    "ArrayDataset", "ImageFolderDataset", "ImageReadError", "load_dataset", "dataset_input_shape", "dataset_source",
+    "check_input_shape", "largest_label", "num_classes", "make_loader", "MAX_CLASSES",
     "resize_shorter", "center_crop", "random_resized_crop_box", "to_normalized_tensor",
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS",
 ]

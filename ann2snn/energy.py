@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.utils.data import Dataset
 
 from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import Ann2SnnError, UnsupportedModelError
@@ -118,15 +119,25 @@ def _cost(value: Any, where: str, default_source: str) -> EnergyCost:
         source = default_source
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Ann2SnnError(f"{where}: the energy must be a number of pJ, got {json.dumps(value)}")
+    if isinstance(value, int) and abs(value) > 1e300:  # a JSON integer of hundreds of digits: no float holds it
+        raise Ann2SnnError(f"{where}: the energy must be a finite number >= 0 pJ, got an integer of "
+                           f"{len(str(abs(value)))} digits")
     if not math.isfinite(value) or value < 0:
         raise Ann2SnnError(f"{where}: the energy must be a finite number >= 0 pJ, got {value}")
     return EnergyCost(float(value), source)
+
+
+TABLE_FIELDS = ("name", "description", "source", "energies", "primitives")
 
 
 def parse_table(data: Any, origin: str, file: str | None = None) -> EnergyTable:
     """Validate a table's JSON object; every problem is a one-line Ann2SnnError naming `origin`."""
     if not isinstance(data, dict):
         raise Ann2SnnError(f"energy table {origin}: expected a JSON object with \"energies\"")
+    unknown_fields = [k for k in data if k not in TABLE_FIELDS]
+    if unknown_fields:  # a misspelt field ("primitive", "energy") would otherwise be ignored
+        raise Ann2SnnError(f"energy table {origin}: unknown field {json.dumps(unknown_fields[0])} "
+                           f"(known: {', '.join(TABLE_FIELDS)})")
     energies = data.get("energies")
     if not isinstance(energies, dict):
         raise Ann2SnnError(f"energy table {origin}: expected \"energies\": {{\"mac\": pJ, \"ac\": pJ, ...}}")
@@ -161,16 +172,46 @@ def load_table(spec: str | os.PathLike | None = None) -> EnergyTable:
     if not path.exists():
         raise Ann2SnnError(f"energy table {text!r}: neither a shipped table ({', '.join(available_tables())}) "
                            "nor an existing JSON file")
+    return parse_table(_read_json(path), str(path), file=str(path))
+
+
+# A table is a few kB: a larger file is not one (and /dev/zero would never end).
+_MAX_TABLE_BYTES = 1 << 20
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value of a user's table file; one-line Ann2SnnError for a file that is not a
+    regular file (a FIFO blocks the reader), too large, not UTF-8, or not JSON, and for JSON nested
+    thousands deep (RecursionError), numbers of more than 4300 digits (ValueError) and repeated keys
+    (the last would silently win)."""
+    if not path.is_file():
+        raise Ann2SnnError(f"energy table {path}: not a regular file")
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise Ann2SnnError(f"energy table {path}: cannot read ({type(err).__name__}: {err})") from None
+        with path.open("rb") as f:
+            data = f.read(_MAX_TABLE_BYTES + 1)
+    except OSError as err:
+        raise Ann2SnnError(f"energy table {path}: cannot read ({err.strerror or err})") from None
+    if len(data) > _MAX_TABLE_BYTES:
+        raise Ann2SnnError(f"energy table {path}: larger than {_MAX_TABLE_BYTES} bytes; a table is a small JSON file")
     try:
-        data = json.loads(raw)
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as err:
+        raise Ann2SnnError(f"energy table {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise Ann2SnnError(f"energy table {path}: not valid JSON ({err.msg} at line {err.lineno} "
                            f"column {err.colno})") from None
-    return parse_table(data, str(path), file=str(path))
+    except (ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+        raise Ann2SnnError(f"energy table {path}: not valid JSON ({reason})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"key {json.dumps(key)} appears twice in one object")
+        obj[key] = value
+    return obj
 
 
 # ==============================================================================================
@@ -775,13 +816,16 @@ def count_operations(snn, batches: Iterable, *, mode: str = "evaluate", device: 
     and the integer counts are summed over ranks, so every rank gets those of one process."""
     from tqdm import tqdm
 
-    from .evaluation import prepare_for_device
+    from .evaluation import PROGRESS_DELAY_S, check_data_fits, prepare_for_device
 
     device = torch.device(device)
+    if isinstance(getattr(batches, "dataset", None), Dataset):  # a DataLoader: refuse data that does not fit first
+        check_data_fits(snn, batches.dataset, labels=False)
     snn = prepare_for_device(snn.eval(), device)
     dtype = next(iter(snn.parameters()), torch.zeros(())).dtype
     counter = OperationCounter(snn, mode)
-    for batch in tqdm(batches, total=total, desc=f"energy ({mode})", unit="batch", disable=not progress):
+    for batch in tqdm(batches, total=total, desc=f"energy ({mode})", unit="batch", disable=not progress,
+                      delay=PROGRESS_DELAY_S):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         counter(x.to(device, dtype=dtype))
     counts = counter.result()

@@ -1,16 +1,28 @@
 """Data-set evaluation of a converted SNN: accuracy, spikes per image, throughput."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx, nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .data import dataset_input_shape, dataset_source, largest_label
 from .distributed import Context, all_reduce_max, all_reduce_sum
+from .errors import DataError
+from .neuron import BitSerialIFNode
 from .snn import SNN
+
+# Progress bars show up after this many seconds: a run refused on its first batches (bad data)
+# leaves its one error line alone on stderr, not under a bar.
+PROGRESS_DELAY_S = 1.0
+# Square input sizes tried, after the data's own, to name the shape a model takes when the data's
+# does not fit: small ones (digits, CIFAR) one by one, then common image sizes.
+_PROBE_SIDES = tuple(range(1, 65)) + (96, 112, 128, 160, 192, 224, 227, 256, 299, 320, 384, 448, 512)
 
 
 @dataclass
@@ -26,6 +38,85 @@ class EvalResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+class _ShapeProbe(fx.Interpreter):
+    """Runs the SNN graph on meta tensors (shapes only, no arithmetic). A neuron's levels have the
+    shape of its potential, so a neuron passes its input through."""
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        if isinstance(self.fetch_attr(target), BitSerialIFNode):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+
+def _on_meta(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose tensors live on the meta device (no memory, no copying of data)."""
+    memo: dict[int, Any] = {}
+    for tensor in module.parameters():
+        memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
+    for tensor in module.buffers():
+        memo[id(tensor)] = torch.empty_like(tensor, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _logit_count(graph: fx.GraphModule, sample_shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+    """The number of logits the graph computes for one sample of `sample_shape`; None when the graph
+    cannot take such a sample."""
+    try:
+        with torch.no_grad():
+            logits = _ShapeProbe(graph).run(torch.empty((1, *sample_shape), dtype=dtype, device="meta"))
+        return int(logits.shape[1])
+    except Exception:  # shape errors are RuntimeErrors, ValueErrors, IndexErrors, ... from any op
+        return None
+
+
+def _accepted_shape(graph: fx.GraphModule, found: tuple[int, ...], dtype: torch.dtype) -> tuple[int, ...] | None:
+    """A sample shape the graph takes, as near to `found` as the probes get: the input channels of
+    its first convolution, with the found size, else with the first square size that fits."""
+    modules = [graph.get_submodule(n.target) for n in graph.graph.nodes if n.op == "call_module"]
+    convs = [m for m in modules if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    channels = [convs[0].in_channels] if convs else []
+    candidates = [(c, *found[1:]) for c in channels + [found[0]]]
+    if len(found) == 3:
+        candidates += [(c, side, side) for c in channels + [found[0]] for side in _PROBE_SIDES]
+    return next((shape for shape in candidates if _logit_count(graph, shape, dtype) is not None), None)
+
+
+def _takes(snn: SNN, sample_shape: tuple[int, ...]) -> int | None:
+    """The number of logits for one sample of `sample_shape`, run for real on a zero image: the check
+    of a meta probe that failed (an op may have no meta kernel). None: the SNN cannot take it."""
+    param = next(snn.parameters(), torch.zeros(()))
+    try:
+        zeros = torch.zeros((1, *sample_shape), dtype=param.dtype, device=param.device)
+        return int(snn.evaluate(zeros).logits.shape[1])
+    except Exception:
+        return None
+
+
+def check_data_fits(snn: SNN, dataset: Dataset, labels: bool = True) -> None:
+    """Refuse, before the run, a data set whose samples the SNN cannot take (naming the shape it
+    takes and the shape found) or, with `labels`, whose labels reach past its logits (such a label
+    can never be predicted: the accuracy would be silently wrong)."""
+    if len(dataset) == 0:  # type: ignore[arg-type]  # nothing will run (e.g. an empty shard)
+        return
+    source = dataset_source(dataset)
+    found = dataset_input_shape(dataset)
+    dtype = next(snn.parameters(), torch.zeros(())).dtype
+    graph = _on_meta(snn.graph_module)
+    logits = _logit_count(graph, found, dtype)
+    if logits is None:
+        logits = _takes(snn, found)
+    if logits is None:
+        expected = _accepted_shape(graph, found, dtype)
+        if expected is None:
+            raise DataError(f"{source}: the model cannot take samples of shape {found}")
+        raise DataError(f"{source}: the model takes samples of shape {expected} (C, H, W), "
+                        f"found samples of shape {found}")
+    top = largest_label(dataset) if labels else None
+    if top is not None and top >= logits:
+        raise DataError(f"{source}: labels go up to {top}, but the model has {logits} classes "
+                        f"(labels 0 to {logits - 1})")
 
 
 def prepare_for_device(snn: SNN, device: torch.device) -> SNN:
@@ -85,6 +176,8 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
     single-process run.
     """
     device = torch.device(device)
+    if isinstance(getattr(batches, "dataset", None), Dataset):  # a DataLoader: check its data set first
+        check_data_fits(snn, batches.dataset)
     snn = prepare_for_device(snn, device)
     run = snn.simulate if mode == "simulate" else snn.evaluate
     dtype = next(snn.parameters()).dtype
@@ -93,7 +186,8 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
     spikes: dict[str, Tensor] = {}
     images = 0
     start = time.perf_counter()
-    progress_bar = tqdm(batches, total=total, desc=f"{mode} on {device.type}", unit="batch", disable=not progress)
+    progress_bar = tqdm(batches, total=total, desc=f"{mode} on {device.type}", unit="batch", disable=not progress,
+                        delay=PROGRESS_DELAY_S)
     for x, y in device_batches(progress_bar, device, dtype):
         logits, counts = run(x)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

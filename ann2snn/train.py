@@ -43,11 +43,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_tensors, restore_rng, save_checkpoint, save_tensors
-from .data import ImageFolderDataset, dataset_input_shape, load_dataset, make_loader, num_classes
+from .checkpoint import Checkpoint, load_checkpoint, load_tensors, restore_rng, save_checkpoint, save_tensors
+from .data import ImageFolderDataset, dataset_input_shape, dataset_source, load_dataset, make_loader, num_classes
 from .distributed import (Context, all_reduce_sum, barrier, init_from_env, local_device, shard, sync_batch_norm,
                           unsync_batch_norm)
-from .errors import Ann2SnnError
+from .errors import Ann2SnnError, DataError
+from .evaluation import PROGRESS_DELAY_S
 from .export import export_onnx, onnx_initializers
 from .quant import QuantClippedActivation, levels_for_timesteps
 
@@ -277,6 +278,7 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> set[str]:
         raise Ann2SnnError(f"{path}: init file not found")
     source = onnx_initializers(path) if path.suffix.lower() == ".onnx" else load_tensors(path)[0]
     state = model.state_dict()
+    _check_init_tensors(path, source, state)
     clips = {f"{name}.clip" for name in activation_sites(model)}
     missing = [k for k in state if k not in source and k not in clips and not k.endswith("num_batches_tracked")]
     if missing:
@@ -299,6 +301,40 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> set[str]:
         for name, value in loaded.items():
             state[name].copy_(value)  # state_dict() tensors share storage with the parameters
     return set(loaded)
+
+
+def _check_init_tensors(path: Path, source: dict[str, Tensor], state: dict[str, Tensor]) -> None:
+    """Refuse init tensors that copy_ would silently turn into garbage: a complex, boolean or integer
+    tensor for a floating one (copy_ drops the imaginary part, casts True to 1.0), and NaN or Inf
+    in weights (a lambda may be inf: calibration sets it)."""
+    for name, target in state.items():
+        value = source.get(name)
+        if value is None or not target.is_floating_point():
+            continue
+        if not value.is_floating_point():
+            raise Ann2SnnError(f"{path}: tensor {name!r} has dtype {str(value.dtype).removeprefix('torch.')}, "
+                               f"the model needs a floating dtype ({str(target.dtype).removeprefix('torch.')})")
+        finite = value.isfinite() | (value == math.inf) if name.endswith(".clip") else value.isfinite()
+        if not bool(finite.all()):
+            raise Ann2SnnError(f"{path}: tensor {name!r} holds NaN or infinite values")
+
+
+def _check_data_fits(config: TrainConfig, source: str, input_shape: tuple[int, ...], classes: int) -> None:
+    """Refuse, before any work, data whose samples the zoo model cannot take (a digits-cnn built for
+    8x8 images given 16x16 ones fails in its classifier): one forward pass on the meta device,
+    which allocates nothing and computes nothing."""
+    import models
+
+    try:
+        with torch.device("meta"):
+            model = models.build_model(config.model, classes, in_channels=input_shape[0])
+            model.eval()(torch.empty((1, *input_shape)))
+    except Ann2SnnError:
+        raise
+    except Exception:  # shape errors come as RuntimeError, ValueError, ... from any layer
+        expected = (input_shape[0], *models.default_input_shape(config.model)[1:])
+        raise DataError(f"{source}: the model {config.model} takes samples of shape {expected} (C, H, W), "
+                        f"found samples of shape {tuple(input_shape)}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +489,25 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> 
                            "use the same settings or another output path")
 
 
+def _restore(resume: Checkpoint, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Load a checkpoint's states; a damaged or edited checkpoint whose config still matches (tensors
+    of other shapes, optimizer or random states of another form) is refused in one line."""
+    state = model.state_dict()
+    for name, value in resume.model.items():
+        if name in state and tuple(value.shape) != tuple(state[name].shape):
+            raise Ann2SnnError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, "
+                               f"the model needs {tuple(state[name].shape)}")
+    try:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        restore_rng(resume.rng)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise Ann2SnnError(f"{path}: cannot restore the training checkpoint ({type(err).__name__}: {first})") from None
+
+
 def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, beta: float, max_grad_norm: float | None,
                  device: torch.device, bar: tqdm, global_sizes: list[int] | None = None,
@@ -528,6 +583,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                               config.batch_size, workers=config.workers)
     input_shape = dataset_input_shape(train_set)
     classes = num_classes(train_set)
+    _check_data_fits(config, dataset_source(train_set), input_shape, classes)
 
     resume = load_checkpoint(ckpt_path) if config.resume and ckpt_path.is_file() else None
     model = _build_model(config, classes, input_shape, device)
@@ -541,10 +597,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * steps_per_epoch))
     history: list[dict[str, Any]] = []
     if resume is not None:
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        restore_rng(resume.rng)
+        _restore(resume, ckpt_path, model, optimizer, scheduler)
         history = resume.history
 
     trained: nn.Module = model
@@ -556,7 +609,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=len(history) * steps_per_epoch,
                disable=not progress or not context.is_main,
-               desc="float" if config.float_only else f"QAT T={config.timesteps}", unit="step")
+               desc="float" if config.float_only else f"QAT T={config.timesteps}", unit="step",
+               delay=PROGRESS_DELAY_S)  # a bad image in the first batches: its error line alone
     per_site: dict[str, float] | None = None
     for epoch in range(len(history), config.epochs):
         epoch_start = time.perf_counter()

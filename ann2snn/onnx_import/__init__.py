@@ -24,7 +24,8 @@ from torch import fx, nn
 from . import converters  # noqa: F401  (registers the converters)
 from .builder import GraphBuilder, sanitize
 from ..quant import QuantDequant
-from .reader import FLOAT_INPUTS, check_finite, graph_inputs, infer_shapes, network_input, read_model
+from .reader import (FLOAT_INPUTS, check_finite, graph_inputs, infer_shapes, network_input, probe_shape,
+                     read_model, type_name)
 from .registry import find_converter, supported_op_types
 from ..errors import UnsupportedModelError
 
@@ -54,7 +55,7 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphMod
     for tensor in graph.initializer:
         builder.env[tensor.name] = numpy_helper.to_array(tensor)
     dtype = getattr(torch, FLOAT_INPUTS[data.elem_type])
-    probe = torch.zeros((builder.probe_batch, *data.dims[1:]), dtype=dtype)
+    probe = torch.zeros(probe_shape(data, builder.probe_batch, where), dtype=dtype)
     builder.env[data.name] = builder.placeholder(data.name, probe)
     for node in graph.node:
         builder.convert(node)
@@ -68,7 +69,9 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphMod
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    gm.meta["onnx"] = {"file": where, "opset": opset, "input": data.name}
+    gm.meta["onnx"] = {"file": where, "opset": opset, "input": data.name, "input_shape": data.dims,
+                       "dtype": dtype, "outputs": [v.name for v in graph.output],
+                       "fixed_batch_nodes": builder.fixed_batch_nodes}
     return gm.eval()
 
 
@@ -89,7 +92,7 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
         "opset": opset,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "input": {"name": first.name, "shape": first.dims,
-                  "dtype": onnx.helper.tensor_dtype_to_string(first.elem_type).removeprefix("TensorProto.")}
+                  "dtype": first.type_name}
         if first else None,
         "inputs": len(inputs),
         "outputs": [v.name for v in model.graph.output],
@@ -120,14 +123,19 @@ def _qdq_pairs(model: onnx.ModelProto) -> dict:
         def value(position: int) -> list | float | None:
             if position >= len(node.input) or node.input[position] not in constants:
                 return None
-            array = numpy_helper.to_array(constants[node.input[position]]).astype(np.float64).reshape(-1)
+            try:  # a summary: a scale that is no number (a string tensor) is shown as unknown, not refused
+                array = numpy_helper.to_array(constants[node.input[position]]).astype(np.float64).reshape(-1)
+            except (ValueError, TypeError):
+                return None
+            if array.size == 0:
+                return None
             return float(array[0]) if array.size == 1 else array.tolist()
 
         zero = constants.get(node.input[2]) if len(node.input) > 2 else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         pairs[node.name or f"QuantizeLinear_{index}"] = {
-            "input": node.input[0], "dequantize": [d.name for d in dequantizers], "scale": value(1),
+            # the names as one string: the CLI summarizes a list as a numeric range
+            "input": node.input[0], "dequantize": ", ".join(d.name for d in dequantizers), "scale": value(1),
             "zero_point": value(2) if zero is not None else 0.0,
-            "dtype": onnx.helper.tensor_dtype_to_string(zero.data_type).removeprefix("TensorProto.")
-            if zero is not None else "UINT8", "axis": axis}
+            "dtype": type_name(zero.data_type) if zero is not None else "UINT8", "axis": axis}
     return pairs

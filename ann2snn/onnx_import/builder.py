@@ -110,6 +110,7 @@ class GraphBuilder:
         self._buffers: dict[int, tuple[np.ndarray, fx.Node]] = {}
         self._quantized: list[Quantized] = []
         self.used_values: set[str] = set()
+        self.fixed_batch_nodes: list[str] = []  # nodes whose constants fit the declared batch only
 
     # --- naming ----------------------------------------------------------------------------
     def attribute_name(self, base: str) -> str:

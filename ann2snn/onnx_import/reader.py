@@ -5,6 +5,7 @@ parsed by hand.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -14,22 +15,39 @@ import onnx.checker
 import onnx.defs
 import onnx.external_data_helper
 import onnx.shape_inference
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import TensorProto, numpy_helper
 
 from ..errors import UnsupportedModelError
 from .builder import first_line
 
 MIN_OPSET = 11
+# The importer runs every node once on a zero tensor of the input's shape (builder.py): an input
+# larger than this (256 MiB of float32; ImageNet's 3 x 224 x 224 is 150,528) is refused before
+# that tensor is allocated, since a layer's output is often many times the input.
+MAX_PROBE_ELEMENTS = 2**26
 FLOAT_INPUTS = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16"}
 _FLOAT_TENSORS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+# Integer types that the protobuf stores widened in int32_data: the range each must fit.
+_SMALL_INTEGERS = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767),
+                   TensorProto.UINT16: (0, 65535)}
 
 
 @dataclass
 class NetworkInput:
     name: str
     dims: list[int | str | None]  # an int, a symbolic name, or None (unknown)
-    elem_type: int
+    elem_type: int                # 0 (UNDEFINED) for what is not a tensor
+    type_name: str                # FLOAT, DOUBLE, ...; sequence_type, map_type, ... for what is not a tensor
+
+
+def type_name(data_type: int) -> str:
+    """An ONNX element type as messages show it: FLOAT, UINT8, ... (a number onnx does not know as is)."""
+    try:
+        return onnx.helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.")
+    except (KeyError, ValueError):
+        return f"type {data_type}"
 
 
 def describe(path_or_model: str | os.PathLike | onnx.ModelProto) -> str:
@@ -52,6 +70,7 @@ def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx
         model, base_dir = _parse(path, where), os.path.dirname(os.path.abspath(path))
     if not model.HasField("graph") or model.ir_version == 0:
         raise UnsupportedModelError(f"{where}: not an ONNX model (it has no graph or no IR version)")
+    check_utf8(model, where)
     opset = default_opset(model, where)  # before the checker, whose message for an odd opset is vaguer
     _load_external_data(model, base_dir, where)
     try:
@@ -65,6 +84,7 @@ def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx
             onnx.checker.check_model(os.fspath(path_or_model))
         except onnx.checker.ValidationError as err2:
             raise UnsupportedModelError(f"{where}: the ONNX checker rejects the model: {first_line(err2)}") from None
+    check_tensors(model, where)
     return model, where, opset
 
 
@@ -77,6 +97,21 @@ def _parse(path: str, where: str) -> onnx.ModelProto:
         # an ONNX file starts with its IR version (protobuf field 1, varint: byte 0x08)
         kind = "a truncated or corrupt ONNX file" if head == b"\x08" else "not an ONNX file"
         raise UnsupportedModelError(f"{where}: {kind} (protobuf parse error: {first_line(err)})") from None
+
+
+def check_utf8(message: Message, where: str, field_path: str = "model") -> None:
+    """Every string field is UTF-8, as protobuf requires. onnx's parser hands an invalid one over
+    as bytes, which every later name lookup or message would trip on."""
+    for field, value in message.ListFields():
+        # `label` is gone from protobuf 6's descriptors, `is_repeated` new in them
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        items = value if repeated else [value]
+        for index, item in enumerate(items):
+            at = f"{field_path}.{field.name}" + (f"[{index}]" if repeated else "")
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                check_utf8(item, where, at)
+            elif field.type == FieldDescriptor.TYPE_STRING and isinstance(item, bytes):
+                raise UnsupportedModelError(f"{where}: {at} is not valid UTF-8: {item!r}")
 
 
 def _tensors(model: onnx.ModelProto):
@@ -116,6 +151,9 @@ def default_opset(model: onnx.ModelProto, where: str) -> int:
     versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     if not versions:
         raise UnsupportedModelError(f"{where}: the model imports no default-domain (ai.onnx) opset")
+    if len(versions) > 1:  # the checker accepts it; which one applies is anyone's guess
+        raise UnsupportedModelError(f"{where}: the model imports the default domain (ai.onnx) {len(versions)} "
+                                    f"times, as opsets {', '.join(map(str, versions))}; it must name one opset")
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= versions[0] <= newest:
         raise UnsupportedModelError(f"{where}: opset {versions[0]} is not supported (supported: {MIN_OPSET}..{newest})")
@@ -124,7 +162,7 @@ def default_opset(model: onnx.ModelProto, where: str) -> int:
 
 def infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:
         raise UnsupportedModelError(f"{where}: ONNX shape inference fails: {first_line(err)}") from None
 
@@ -136,9 +174,12 @@ def graph_inputs(model: onnx.ModelProto) -> list[NetworkInput]:
     for value in model.graph.input:
         if value.name in initializers:
             continue
+        kind = value.type.WhichOneof("value")
         tensor_type = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-        inputs.append(NetworkInput(value.name, dims, tensor_type.elem_type))
+        elem_type = tensor_type.elem_type if kind == "tensor_type" else 0
+        inputs.append(NetworkInput(value.name, dims, elem_type,
+                                   type_name(elem_type) if kind == "tensor_type" else str(kind)))
     return inputs
 
 
@@ -150,18 +191,55 @@ def network_input(model: onnx.ModelProto, where: str) -> NetworkInput:
         raise UnsupportedModelError(f"{where}: expected exactly one graph input (besides initializers), "
                                     f"found {len(inputs)}: {names}")
     value = inputs[0]
+    if value.elem_type not in FLOAT_INPUTS:
+        raise UnsupportedModelError(f"{where}: input {value.name!r} has type {value.type_name}; a float tensor "
+                                    f"({', '.join(type_name(t) for t in FLOAT_INPUTS)}) is needed")
     if not 2 <= len(value.dims) <= 4:
         raise UnsupportedModelError(f"{where}: input {value.name!r} has rank {len(value.dims)}; supported ranks "
                                     "are 2 to 4 ([N, features], [N, C, L], [N, C, H, W])")
-    if value.elem_type not in FLOAT_INPUTS:
-        raise UnsupportedModelError(f"{where}: input {value.name!r} has type "
-                                    f"{onnx.helper.tensor_dtype_to_string(value.elem_type)}; a float input is needed")
-    dynamic = [(i, d) for i, d in enumerate(value.dims) if i > 0 and (not isinstance(d, int) or d <= 0)]
-    if dynamic:
-        axis, dim = dynamic[0]
-        raise UnsupportedModelError(f"{where}: input {value.name!r} has a dynamic dimension {axis} ({dim!r}); "
-                                    "only the batch dimension (0) may be dynamic")
+    shape = format_dims(value.dims)
+    for axis, dim in enumerate(value.dims[1:], start=1):  # a batch of 0 is read as a dynamic batch
+        if isinstance(dim, int) and dim <= 0:  # a dim_value of 0 is a size, not "unknown"
+            raise UnsupportedModelError(f"{where}: input {value.name!r} {shape} has size {dim} in dimension "
+                                        f"{axis}; every dimension needs a positive size")
+        if not isinstance(dim, int):
+            raise UnsupportedModelError(f"{where}: input {value.name!r} {shape} has a dynamic dimension {axis} "
+                                        f"({dim!r}); only the batch dimension (0) may be dynamic")
     return value
+
+
+def format_dims(dims: list[int | str | None]) -> str:
+    """An input shape as messages show it: [N, 3, 224, 224] (a symbolic or unknown dimension by name)."""
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in dims) + "]"
+
+
+def probe_shape(value: NetworkInput, batch: int, where: str) -> tuple[int, ...]:
+    """The shape of the importer's probe tensor, refused before allocation when it is too large."""
+    shape = (batch, *value.dims[1:])
+    if math.prod(shape) > MAX_PROBE_ELEMENTS:
+        raise UnsupportedModelError(
+            f"{where}: input {value.name!r} {format_dims(value.dims)} is too large: {math.prod(shape):,} elements "
+            f"per {'batch' if batch > 1 else 'sample'}, more than the {MAX_PROBE_ELEMENTS:,} the importer handles")
+    return shape
+
+
+def check_tensors(model: onnx.ModelProto, where: str) -> None:
+    """Every initializer and Constant tensor holds as many values as its dims say, and its small
+    integers fit its type: numpy_helper would wrap a uint8 zero point of 300 silently to 44."""
+    for tensor in _tensors(model):
+        try:
+            numpy_helper.to_array(tensor)
+        except (ValueError, TypeError, KeyError) as err:  # KeyError: a data type onnx does not know
+            raise UnsupportedModelError(f"{where}: tensor {tensor.name or '<constant>'!r} of shape "
+                                        f"{list(tensor.dims)} is corrupt: {first_line(err)}") from None
+        if tensor.data_type in _SMALL_INTEGERS and tensor.int32_data:
+            low, high = _SMALL_INTEGERS[tensor.data_type]
+            values = np.asarray(tensor.int32_data)
+            bad = values[(values < low) | (values > high)]
+            if bad.size:
+                raise UnsupportedModelError(
+                    f"{where}: tensor {tensor.name or '<constant>'!r} of type {type_name(tensor.data_type)} "
+                    f"holds {int(bad[0])}, outside its range {low}..{high}")
 
 
 def check_finite(model: onnx.ModelProto, where: str) -> None:

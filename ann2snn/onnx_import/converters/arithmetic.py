@@ -5,6 +5,7 @@ import operator
 from typing import Callable
 
 from ..registry import add_converter
+from .utils import check_batch_broadcast
 
 
 def _binary(ctx, fn: Callable) -> list:
@@ -16,6 +17,8 @@ def _binary(ctx, fn: Callable) -> list:
     for i, rank in enumerate(ranks):
         if rank > data_rank or (ctx.is_dynamic(i) and rank != data_rank):
             ctx.fail(f"operand ranks {ranks} broadcast across the batch dimension")
+        if not ctx.is_dynamic(i):
+            check_batch_broadcast(ctx, operands[i], data_rank)
     if not ctx.is_dynamic(0) or not ctx.is_dynamic(1):
         ctx.constant(0 if not ctx.is_dynamic(0) else 1)  # refuses batch-dependent operands
     return [ctx.call_function(fn, *(ctx.tensor(v) for v in operands))]

@@ -1,6 +1,7 @@
 """BatchNormalization (inference) -> nn.BatchNorm1d / nn.BatchNorm2d in eval mode with running stats."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,8 @@ def convert_batch_norm(ctx) -> list:
     if any(ctx.output_used(i) for i in (1, 2)):
         ctx.fail("the running mean / variance outputs (training mode) are not supported")
     momentum = ctx.attr("momentum")  # only matters in training
+    if not np.all(var + ctx.attr("epsilon") > 0):  # sqrt of a negative variance: NaN everywhere after it
+        ctx.fail(f"var + epsilon must be positive; found {float(np.min(var + ctx.attr('epsilon'))):g}")
     rank = len(ctx.shape(x))
     if rank not in _NORMS:
         ctx.fail(f"a rank-{rank} input is not supported")

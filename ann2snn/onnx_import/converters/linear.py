@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..registry import add_converter
+from .utils import check_batch_broadcast
 
 
 def _linear(ctx, x, weight: np.ndarray, bias: np.ndarray | None) -> object:
@@ -37,7 +38,8 @@ def convert_gemm(ctx) -> list:
     c = beta * c
     if c.size in (1, out) and (c.ndim < 2 or c.shape[0] == 1):
         return [_linear(ctx, a, weight, np.broadcast_to(c.reshape(-1), (out,)).copy())]
-    # C varies along the batch: add it as a constant after the layer.
+    # C varies along a fixed batch: add it as a constant after the layer.
+    check_batch_broadcast(ctx, c, 2)
     y = _linear(ctx, a, weight, None)
     return [ctx.call_function(operator.add, y, ctx.tensor(c), suffix="_bias")]
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import add_converter
-from .utils import axes_argument, ints, normalize_axis, refuse_batch_move, torch_pad
+from .utils import axes_argument, check_padded_size, ints, normalize_axis, refuse_batch_move, torch_pad
 
 
 @add_converter("Identity", 1)
@@ -62,6 +62,7 @@ def convert_pad(ctx) -> list:
         pairs[axis] = (pads[k], pads[k + len(axes)])
     if pairs[0] != (0, 0):
         refuse_batch_move(ctx, f"padding dimension 0 by {pairs[0]}")
+    check_padded_size(ctx, ctx.shape(x)[1:], pairs[1:])
     fill = 0.0 if value is None or value.size == 0 else float(np.asarray(value).reshape(-1)[0])
     return [ctx.call_function(F.pad, x, torch_pad(pairs[1:]), value=fill)]
 

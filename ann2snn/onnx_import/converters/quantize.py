@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from ..builder import Quantized, sanitize
 from ...quant import QuantDequant
+from ..reader import type_name
 from ..registry import add_converter
 from .utils import normalize_axis
 
@@ -35,6 +36,7 @@ def _params(ctx, data_rank: int) -> tuple[np.ndarray, np.ndarray | None, int]:
     if block_size:
         ctx.unsupported("block_size", block_size, "blocked quantization of activations")
     axis = ctx.attr("axis", 1)
+    _check_scale(ctx, scale, zero_point)
     if scale.size == 1:  # per tensor: the spec ignores axis
         return scale.reshape(-1), zero_point, 1
     axis = normalize_axis(ctx, axis, data_rank)
@@ -43,8 +45,30 @@ def _params(ctx, data_rank: int) -> tuple[np.ndarray, np.ndarray | None, int]:
     return scale.reshape(-1), zero_point, axis
 
 
-def _type_name(dtype: int) -> str:
-    return helper.tensor_dtype_to_string(dtype).removeprefix("TensorProto.")
+def _check_scale(ctx, scale: np.ndarray, zero_point: np.ndarray | None) -> None:
+    """A step must be positive and finite: x / 0 is inf or NaN, a negative step mirrors the grid,
+    and the sites read theta = scale."""
+    if scale.dtype.kind != "f":
+        ctx.fail(f"scale has dtype {scale.dtype}; a float is needed")
+    if scale.ndim > 1:
+        ctx.fail(f"scale has shape {list(scale.shape)}; a scalar or one per channel (1-D) is needed")
+    values = np.asarray(scale, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        ctx.fail("scale is empty")
+    bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
+    if bad.size:
+        where = f"scale[{bad[0]}]" if values.size > 1 else "scale"
+        ctx.fail(f"{where} is {values[bad[0]]:g}; a quantization step must be positive and finite")
+    if zero_point is not None and zero_point.size != values.size:
+        ctx.fail(f"{zero_point.size} zero points for {values.size} scales")
+
+
+def _numpy_type(ctx, attribute: str, data_type: int) -> np.dtype:
+    """The numpy dtype of a data-type attribute (refused when onnx knows no such type)."""
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+    except (KeyError, TypeError):
+        ctx.unsupported(attribute, data_type, "not an ONNX data type")
 
 
 def convert_quantize(ctx) -> list:
@@ -58,13 +82,17 @@ def convert_quantize(ctx) -> list:
     else:
         dtype = ctx.attr("output_dtype", 0) or TensorProto.UINT8
     if dtype not in QUANT_RANGES:
-        ctx.fail(f"quantized type {_type_name(dtype)} is not supported (integer types only)")
-    if precision and helper.tensor_dtype_to_np_dtype(precision) != ctx.probe(x).numpy().dtype:
-        ctx.unsupported("precision", _type_name(precision), "a division in another precision than the data's")
+        ctx.fail(f"quantized type {type_name(dtype)} is not supported (integer types only)")
+    if precision and _numpy_type(ctx, "precision", precision) != ctx.probe(x).numpy().dtype:
+        ctx.unsupported("precision", type_name(precision), "a division in another precision than the data's")
     if scale.size > 1 and scale.size != shape[axis]:
         ctx.fail(f"{scale.size} scales for dimension {axis} of size {shape[axis]}")
     zero = np.zeros(scale.shape) if zero_point is None else zero_point.astype(np.float64).reshape(-1)
     qmin, qmax = QUANT_RANGES[dtype]
+    with np.errstate(over="ignore"):  # the largest level must be a number in the data's precision
+        top = scale.astype(ctx.probe(x).numpy().dtype) * max(-qmin, qmax)
+    if not np.all(np.isfinite(top)):
+        ctx.fail(f"scale {float(scale.max()):g} times {max(-qmin, qmax)} levels overflows {ctx.probe(x).dtype}")
     return [ctx.builder.quantized(Quantized(x, scale, zero, qmin, qmax, axis, ctx.node.name))]
 
 
@@ -75,8 +103,8 @@ def convert_dequantize(ctx) -> list:
     scale, zero_point, axis = _params(ctx, len(ctx.shape(q.source)))
     zero = np.zeros(scale.shape) if zero_point is None else zero_point.astype(np.float64).reshape(-1)
     output_dtype = ctx.attr("output_dtype", 0)
-    if output_dtype and helper.tensor_dtype_to_np_dtype(output_dtype) != scale.dtype:
-        ctx.unsupported("output_dtype", _type_name(output_dtype), "a type other than the scale's")
+    if output_dtype and _numpy_type(ctx, "output_dtype", output_dtype) != scale.dtype:
+        ctx.unsupported("output_dtype", type_name(output_dtype), "a type other than the scale's")
     per_axis = scale.size > 1 or q.scale.size > 1
     if (scale.size != q.scale.size or not np.array_equal(scale, q.scale) or not np.array_equal(zero, q.zero_point)
             or (per_axis and axis != q.axis)):

@@ -58,6 +58,15 @@ def _resolve(in_shape: tuple[int, ...], target: np.ndarray, allowzero: int) -> t
     return tuple(out) if math.prod(out) == total else None
 
 
+def _check_target(ctx, target: list[int]) -> None:
+    """What the spec allows in a Reshape target: sizes, 0 (copy), and one -1 (inferred)."""
+    bad = [v for v in target if v < -1]
+    if bad:
+        ctx.fail(f"shape {target} holds {bad[0]}; the only negative size allowed is -1 (inferred)")
+    if target.count(-1) > 1:
+        ctx.fail(f"shape {target} holds -1 {target.count(-1)} times; only one size can be inferred")
+
+
 @add_converter("Reshape", 5)
 @add_converter("Reshape", 13)
 @add_converter("Reshape", 14)
@@ -79,6 +88,8 @@ def convert_reshape(ctx) -> list:
         targets = (target, target)
         if target.size and target[0] == ctx.builder.declared_batch:  # a fixed-batch export's batch
             targets = tuple(np.concatenate([[b], target[1:]]) for b in BATCH_PROBES)
+    for t in targets:
+        _check_target(ctx, ints(t))
     static = ctx.shape(x)[1:]
     outs = [_resolve((b, *static), t, allowzero) for b, t in zip(BATCH_PROBES, targets)]
     if None in outs or any(out[0] != b for out, b in zip(outs, BATCH_PROBES)) or outs[0][1:] != outs[1][1:]:

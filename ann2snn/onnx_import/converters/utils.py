@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..reader import MAX_PROBE_ELEMENTS
+
 Pairs = list[tuple[int, int]]  # (begin, end) padding of each spatial dimension
 
 
@@ -32,7 +34,16 @@ def spatial_padding(ctx, in_spatial: Sequence[int], kernel: Sequence[int], strid
         ctx.unsupported("auto_pad", auto_pad)
     if any(p < 0 for pair in pairs for p in pair):
         ctx.unsupported("pads", pads, "negative padding")
+    check_padded_size(ctx, in_spatial, pairs)
     return pairs
+
+
+def check_padded_size(ctx, sizes: Sequence[int], pairs: Pairs) -> None:
+    """Refuse, before the probe allocates it, padding that makes a tensor absurdly large."""
+    padded = math.prod(size + begin + end for size, (begin, end) in zip(sizes, pairs))
+    if padded > MAX_PROBE_ELEMENTS:
+        ctx.fail(f"padding {[list(p) for p in pairs]} makes {padded:,} elements, more than the "
+                 f"{MAX_PROBE_ELEMENTS:,} the importer handles")
 
 
 def native_padding(pairs: Pairs, limits: Sequence[float] | None = None) -> tuple[int, ...] | None:
@@ -69,3 +80,15 @@ def axes_argument(ctx, rank: int) -> list[int] | None:
 
 def refuse_batch_move(ctx, detail: str) -> None:
     ctx.fail(f"{detail} moves the batch dimension (dimension 0 must stay the batch)")
+
+
+def check_batch_broadcast(ctx, constant: np.ndarray, data_rank: int) -> None:
+    """A constant operand of the data's rank needs size 1 in dimension 0, else it would broadcast
+    the batch: a probe at batch 1 would silently grow to its B rows. The one exception, a file's
+    fixed batch size B0, is recorded: such a graph runs at B0 only, which convert refuses."""
+    if not (isinstance(constant, np.ndarray) and constant.ndim == data_rank and constant.shape[0] != 1):
+        return
+    if constant.shape[0] != ctx.builder.declared_batch:
+        ctx.fail(f"a constant of shape {list(constant.shape)} broadcasts across the batch dimension "
+                 "(its dimension 0 must be 1)")
+    ctx.builder.fixed_batch_nodes.append(f"{ctx.node.name or ctx.op_type!r} (constant {list(constant.shape)})")
