@@ -85,14 +85,19 @@ def test_simulator_and_evaluator_agree(spec):
 FLOAT32_MISMATCH_BOUND = 2e-5
 
 
-def test_float32_levels_differ_by_at_most_one_and_rarely():
-    mismatched = total = 0
-    for seed in range(300):
+def seeded_float32_networks(count: int = 300):
+    """(seed, model, x, snn) for `count` seeded float32 networks over every block kind and T."""
+    for seed in range(count):
         blocks = [BLOCKS[(seed * 7 + k) % len(BLOCKS)] for k in range(1 + seed % 5)]
         spec = {"blocks": blocks, "timesteps": 1 + seed % 8, "per_channel": bool(seed % 2), "head": "gap",
                 "seed": seed}
         model, x = build(spec, torch.float32)
-        snn = ann2snn.convert(model, T=spec["timesteps"])
+        yield seed, model, x, ann2snn.convert(model, T=spec["timesteps"])
+
+
+def test_float32_levels_differ_by_at_most_one_and_rarely():
+    mismatched = total = 0
+    for seed, model, x, snn in seeded_float32_networks():
         ann, ratios, _ = expected_levels(model, snn, x)
         snn_levels, _ = snn_site_levels(snn, x)
         first_mismatch = True
@@ -137,12 +142,7 @@ def test_float32_simulation_and_evaluation_differ_rarely():
     once over the levels), so a potential at a rounding boundary can fire one level apart."""
     differing = spikes = 0
     worst_logit = 0.0
-    for seed in range(300):
-        blocks = [BLOCKS[(seed * 7 + k) % len(BLOCKS)] for k in range(1 + seed % 5)]
-        spec = {"blocks": blocks, "timesteps": 1 + seed % 8, "per_channel": bool(seed % 2), "head": "gap",
-                "seed": seed}
-        model, x = build(spec, torch.float32)
-        snn = ann2snn.convert(model, T=spec["timesteps"])
+    for seed, model, x, snn in seeded_float32_networks():
         simulated, evaluated = snn.simulate(x), snn.evaluate(x)
         for name, count in simulated.spikes.items():
             differing += int((count - evaluated.spikes[name]).abs().sum())
