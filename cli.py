@@ -87,19 +87,43 @@ def cli(debug: bool) -> None:
 
 
 def _load_inputs(data: str, split: str, samples: int, seed: int = 0):
-    from ann2snn.data import load_dataset, make_loader
-
-    dataset = load_dataset(data, split=split, seed=seed)
-    xs, ys, count = [], [], 0
-    for x, y in make_loader(dataset, batch_size=min(samples, 256)):
-        xs.append(x)
-        ys.append(y)
-        count += x.shape[0]
-        if count >= samples:
-            break
+    """`samples` (images, labels) of DATA drawn at random with `seed`, across its classes."""
     import torch
 
-    return torch.cat(xs)[:samples], torch.cat(ys)[:samples]
+    from ann2snn.data import draw, load_dataset, make_loader
+
+    batches = list(make_loader(draw(load_dataset(data, split=split, seed=seed), samples, seed),
+                               batch_size=min(samples, 256)))
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def _verification_inputs(model: str, verify_data: str | None, calib: str | None, calib_x, samples: int):
+    """Real inputs where there are any (--verify-data, else the calibration data), else noise,
+    with a description of which."""
+    from ann2snn.data import check_input_shape
+    from ann2snn.onnx_import import inspect_onnx
+    from ann2snn.verify import random_inputs
+
+    if verify_data:
+        x = _load_inputs(verify_data, "test", samples)[0]
+        check_input_shape(verify_data, tuple(x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
+        return x, f"{len(x)} inputs of {verify_data}"
+    if calib_x is not None:
+        return calib_x[:samples], f"{min(samples, len(calib_x))} calibration inputs of {calib}"
+    return random_inputs(model, samples), f"{samples} inputs of uniform noise (no --verify-data or --calib)"
+
+
+def _verify_line(v: dict) -> str:
+    """The verification in words: the exactness gate, then the comparison with onnxruntime."""
+    gate = v["exact"]
+    exact = (f"exactness gate on {gate['samples']} inputs: {gate['levels_compared']:,} levels at "
+             f"{len(gate['sites'])} sites equal to the quantized source's: "
+             f"{'yes' if gate['passed'] else 'NO (' + '; '.join(gate['problems'][:2]) + ')'}")
+    comparison = (f"{v['reference']}: prediction agreement {100 * v['agreement']:.2f}%, max |logit difference| "
+                  f"{v['max_abs_logit_diff']:.3g}")
+    if v["lossy"]:
+        comparison += " (post-training quantization of a float model: lossy, not part of the gate)"
+    return f"verified on {v['inputs']}\n{exact}\n{comparison}\n{'PASSED' if v['passed'] else 'FAILED'}"
 
 
 def _site_rows(snn: ann2snn.SNN) -> list[dict]:
@@ -214,13 +238,19 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
               help="Output .snn file (default: MODEL with suffix .snn).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the SNN with onnxruntime's run of MODEL.")
-@click.option("--verify-samples", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--verify-data", default=None, metavar="DATA",
+              help="Inputs for verification (default: the --calib data; with neither, uniform noise).")
+@click.option("--verify-samples", type=click.IntRange(1), default=64, show_default=True,
+              help="Verification inputs, drawn at random across classes.")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
+              help="A float source: fail below this prediction agreement with onnxruntime's float run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
-def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_samples, as_json):
+def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
+            min_agreement, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
-    from ann2snn.compiler import convert_onnx
-    from ann2snn.verify import onnxruntime_logits, random_inputs, verify_snn
+    from ann2snn.compiler import compile_source, quantized_onnx
+    from ann2snn.verify import onnxruntime_logits, verify_snn
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
     calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
@@ -229,18 +259,17 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         from ann2snn.onnx_import import inspect_onnx
 
         check_input_shape(calib, tuple(calib_x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
-    snn = convert_onnx(model, timesteps, calib_x, percentile=percentile)
+    source_graph, source = quantized_onnx(model, timesteps, calib_x, percentile=percentile)
+    snn = compile_source(model, source_graph, source, timesteps)
     result = {"model": model, "timesteps": snn.timesteps, "source": snn.source,
               "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
               "rewrites": snn.report["rewrites"]}
     if verify:
-        if calib_x is not None:
-            x = calib_x[:verify_samples]
-        else:
-            x = random_inputs(model, verify_samples)
+        x, inputs = _verification_inputs(model, verify_data, calib, calib_x, verify_samples)
         exact = snn.source["kind"] == "qdq"
         reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
-        check = verify_snn(snn, x, onnxruntime_logits(model, x), reference, exact=exact)
+        check = verify_snn(snn, source_graph, x, onnxruntime_logits(model, x), reference, inputs=inputs, exact=exact,
+                           min_agreement=None if min_agreement is None else min_agreement / 100)
         result["verify"] = check.to_json()
     if not verify or result["verify"]["passed"]:
         snn.save(out)
@@ -254,13 +283,48 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         for rewrite in snn.report["rewrites"]:
             click.echo("rewrite: " + ", ".join(f"{k}={v}" for k, v in rewrite.items()))
         if verify:
-            v = result["verify"]
-            click.echo(f"verify against {v['reference']} on {v['samples']} inputs: prediction agreement "
-                       f"{100 * v['agreement']:.2f}%, max |logit difference| {v['max_abs_logit_diff']:.3g}, "
-                       f"simulation = evaluation: {v['simulate_matches_evaluate']}  "
-                       f"{'PASSED' if v['passed'] else 'FAILED'}")
+            click.echo(_verify_line(result["verify"]))
         click.echo(f"wrote {out}" if "output" in result else "no output written: verification failed")
     if verify and not result["verify"]["passed"]:
+        sys.exit(EXIT_VERIFICATION_FAILED)
+
+
+@cli.command(name="verify")
+@click.argument("snn_path", metavar="MODEL.snn", type=click.Path(dir_okay=False))
+@click.option("--against", "source_path", required=True, type=click.Path(dir_okay=False), metavar="SOURCE.onnx",
+              help="The ONNX file MODEL.snn was converted from.")
+@click.option("--data", "data", default=None, metavar="DATA",
+              help="Inputs: digits, an .npz with x and y, or an image folder (default: uniform noise).")
+@click.option("--samples", type=click.IntRange(1), default=64, show_default=True,
+              help="Inputs drawn from DATA (at random, across classes).")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
+              help="A float source: fail below this prediction agreement with onnxruntime's float run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def verify_command(snn_path, source_path, data, samples, min_agreement, as_json):
+    """Prove an existing .snn exact for its source (exit 0), or show where it is not (exit 1)."""
+    from ann2snn.artifact import file_sha256
+    from ann2snn.compiler import quantized_onnx
+    from ann2snn.verify import onnxruntime_logits, verify_snn
+
+    snn = ann2snn.load_snn(snn_path)
+    if snn.source.get("sha256") not in (None, file_sha256(source_path)):
+        raise Ann2SnnError(f"{snn_path}: converted from a file with another SHA-256 than {source_path} "
+                           f"({snn.source.get('file')})")
+    clips = {site: entry["lambda"] for site, entry in snn.report["sites"].items() if "lambda" in entry}
+    steps = {entry.get("timesteps") for entry in snn.report["sites"].values()}
+    source_graph, source = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips)
+    x, inputs = _verification_inputs(source_path, data, None, None, samples)
+    exact = source["kind"] == "qdq"
+    reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
+    check = verify_snn(snn, source_graph, x, onnxruntime_logits(source_path, x), reference, inputs=inputs,
+                       exact=exact, min_agreement=None if min_agreement is None else min_agreement / 100)
+    if as_json:
+        click.echo(strict_json({"model": snn_path, "against": source_path, **check.to_json()}))
+    else:
+        click.echo(f"{snn_path} against {source_path}:")
+        click.echo(_verify_line(check.to_json()))
+    if not check.passed:
         sys.exit(EXIT_VERIFICATION_FAILED)
 
 
@@ -363,10 +427,8 @@ def _count_ops(graph: dict) -> dict:
 @reports_errors
 def energy(model, data, table, samples, batch_size, mode, device, neuron_updates, memory, plot, as_json):
     """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (METHOD.md 6)."""
-    from torch.utils.data import Subset
-
     from ann2snn import distributed
-    from ann2snn.data import load_dataset, make_loader
+    from ann2snn.data import draw, load_dataset, make_loader
     from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
 
     check_device(device)
@@ -381,9 +443,7 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     context = distributed.init_from_env(device)
     device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
-    dataset = load_dataset(data, split="test")
-    if samples is not None and samples < len(dataset):
-        dataset = Subset(dataset, range(samples))
+    dataset = draw(load_dataset(data, split="test"), samples)   # at random, across classes
     loader = make_loader(distributed.shard(dataset, context), batch_size)
     counts = count_operations(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
                               total=len(loader), context=context)

@@ -1,6 +1,7 @@
 """convert(): the compiler pipeline from a quantized ANN to an SNN, as a sequence of passes."""
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -50,13 +51,16 @@ def _has_float_activations(gm: fx.GraphModule) -> bool:
     return any(_clip_bound(gm, node) is not None for node in gm.graph.nodes)
 
 
-def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
-                 percentile: float = 99.99, batch_size: int = 64) -> SNN:
-    """Import an ONNX file and convert it.
+def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
+                   percentile: float = 99.99, batch_size: int = 64,
+                   clips: dict[str, list[float] | float] | None = None) -> tuple[fx.GraphModule, dict]:
+    """The quantized source of an ONNX file, the ANN its SNN must compute exactly: the imported
+    graph with QuantClippedActivation sites (QDQ pairs keep their scale and level count; uint8
+    gives T = 8), and the source's description.
 
-    QDQ activation sites keep their scale and level count (uint8 gives T = 8). Float Relu / Clip /
-    Relu6 sites need `T` and calibration inputs `calib`: lambda is the `percentile` of each site's
-    activations there.
+    Float Relu / Clip / Relu6 sites need `T`, and lambda: from `clips` (site -> lambda, as an
+    artifact's report records them) or else calibrated as the `percentile` of each site's
+    activations on `calib`.
     """
     from .artifact import file_sha256
     from .onnx_import import load_onnx
@@ -73,22 +77,46 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | 
     if _has_float_activations(gm):
         if T is None:
             raise UnsupportedModelError(f"{path}: the model has float activations (Relu/Clip): pass -T N")
-        if calib is None:
+        if calib is None and clips is None:
             raise UnsupportedModelError(
                 f"{path}: float activations (Relu/Clip) need calibration data to set their clipping "
                 "thresholds: pass --calib DATA (digits, an .npz with arrays x and y, or an image folder)")
-        from .train import calibrate_clips
-
         gm = float_activations_to_sites(gm, T)
-        calibrate_clips(gm, [(x,) for x in calib.split(batch_size)], percentile, batches=None)
+        if clips is not None:
+            _set_clips(path, gm, clips)
+        else:
+            from .train import calibrate_clips
+
+            calibrate_clips(gm, [(x,) for x in calib.split(batch_size)], percentile, batches=None)
         kind = "float" if not qdq_sites else "mixed"
     source = {"file": os.path.basename(str(path)), "sha256": file_sha256(path), "kind": kind,
               "calibration_percentile": percentile if kind != "qdq" else None}
+    return gm, source
+
+
+def _set_clips(path: str | os.PathLike, gm: fx.GraphModule, clips: dict) -> None:
+    for node in site_nodes(gm):
+        site = gm.get_submodule(node.target)
+        if node.target not in clips:
+            raise UnsupportedModelError(f"{path}: no lambda recorded for site {node.target}")
+        site.clip.data = torch.as_tensor(clips[node.target], dtype=site.clip.dtype).reshape(site.clip.shape)
+
+
+def compile_source(path: str | os.PathLike, source_graph: fx.GraphModule, source: dict,
+                   T: int | None = None) -> SNN:
+    """The SNN of a quantized source (`quantized_onnx`); the source graph is left as it was."""
     try:
-        snn_graph = compile_graph(gm, T)
+        snn_graph = compile_graph(copy.deepcopy(source_graph), T)
     except UnsupportedModelError as err:  # the passes know graphs, not files: name the file
         raise UnsupportedModelError(f"{path}: {err}") from None
     return SNN(snn_graph, _timesteps(snn_graph), report=conversion_report(snn_graph), source=source)
+
+
+def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
+                 percentile: float = 99.99, batch_size: int = 64) -> SNN:
+    """Import an ONNX file and convert it: `quantized_onnx`, then `compile_source`."""
+    source_graph, source = quantized_onnx(path, T, calib, percentile, batch_size)
+    return compile_source(path, source_graph, source, T)
 
 
 def _check_one_output(path: str | os.PathLike, gm: fx.GraphModule) -> None:

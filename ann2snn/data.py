@@ -520,6 +520,17 @@ def num_classes(dataset: Dataset) -> int:
     return 1 + int(max(int(v) for v in labels))
 
 
+def draw(dataset: Dataset, samples: int | None, seed: int = 0) -> Dataset:
+    """`samples` items of `dataset` drawn at random with `seed` (all of it when None or more): an
+    image folder lists its images class by class, so its first N are one class, not a sample."""
+    from torch.utils.data import Subset
+
+    if samples is None or samples >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(order[:samples].tolist()))
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

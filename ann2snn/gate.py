@@ -18,6 +18,7 @@ site (METHOD.md section 3) is applied to the source's levels too: max commutes w
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -126,8 +127,10 @@ def _compare_with_reference(snn: SNN, reference: SNN, problems: list[str]) -> in
     """Check 2: the SNN given is `reference` (float64) in the SNN's dtype. Returns tensors compared."""
     from .artifact import describe_graph
 
-    if describe_graph(snn.graph_module) != describe_graph(reference.graph_module) \
-            or snn.timesteps != reference.timesteps:
+    def described(gm) -> str:   # as saved: tuples and lists alike
+        return json.dumps(describe_graph(gm), sort_keys=True)
+
+    if described(snn.graph_module) != described(reference.graph_module) or snn.timesteps != reference.timesteps:
         problems.append("the SNN's graph is not what the compiler makes of the source")
         return 0
     mine, theirs = snn.graph_module.state_dict(), reference.graph_module.state_dict()

@@ -1,7 +1,6 @@
 """Verification of a converted SNN against a reference executor (onnxruntime or the source model)."""
 from __future__ import annotations
 
-import copy
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -22,13 +21,20 @@ MAX_VERIFY_ELEMENTS = 2**28
 VERIFY_BATCH = 256
 
 
+# The exactness gate runs the float64 simulation: on this many of the verification inputs.
+GATE_SAMPLES = 16
+
+
 @dataclass
 class Verification:
     reference: str           # what the SNN was compared with
+    inputs: str              # what the inputs were: calibration or verification data, or noise
     samples: int
-    agreement: float         # fraction of inputs with the same top-1 prediction
+    agreement: float         # fraction of inputs with the same top-1 prediction as the reference
     max_abs_logit_diff: float
-    simulate_matches_evaluate: bool  # the time-stepped and time-folded SNN agree on the first inputs
+    simulate_matches_evaluate: bool  # the time-stepped and time-folded SNN agree (in float64)
+    exact: dict              # the exactness gate against the quantized source (ann2snn/gate.py)
+    lossy: bool              # a float source: the reference is the float ANN, agreement is not a gate
     passed: bool
 
     def to_json(self) -> dict:
@@ -91,32 +97,25 @@ def random_inputs(path: str | os.PathLike, samples: int, seed: int = 0) -> Tenso
     return torch.rand((samples, *shape), generator=torch.Generator().manual_seed(seed))
 
 
-def simulation_matches_evaluation(snn: SNN, x: Tensor) -> bool:
-    """The two ways of running the SNN give the same logits and spike counts (in float64, where
-    float32's different summation order cannot move a level)."""
-    snn64 = copy.deepcopy(snn).double()
-    x64 = x.double()
-    simulated, evaluated = snn64.simulate(x64), snn64.evaluate(x64)
-    scale = evaluated.logits.abs().max().item() + 1.0
-    return bool((simulated.logits - evaluated.logits).abs().max().item() <= 1e-9 * scale and all(
-        torch.equal(simulated.spikes[k], evaluated.spikes[k]) for k in simulated.spikes))
+def verify_snn(snn: SNN, source_graph: torch.nn.Module, x: Tensor, reference_logits: Tensor, reference: str, *,
+               inputs: str, exact: bool, min_agreement: float | None = None) -> Verification:
+    """The SNN against its quantized source (the exactness gate, on the first GATE_SAMPLES inputs)
+    and against a reference's logits on `x` (onnxruntime's run of the file).
 
-
-def verify_snn(snn: SNN, x: Tensor, reference_logits: Tensor, reference: str, *, exact: bool,
-               simulate_samples: int = 1) -> Verification:
-    """Compare the SNN's logits on `x` with a reference's.
-
-    exact: the reference is the quantized model itself (a QDQ file), so the SNN must equal it up to
-    float rounding: the same predictions and logits within a small tolerance; otherwise (a float
-    source) the comparison only reports the gap.
+    exact: the reference is the quantized model itself (a QDQ file), so the SNN must also agree
+    with it: the same predictions and logits within a small tolerance. Otherwise (a float source,
+    post-training quantization) agreement is reported and is a gate only with `min_agreement`.
     """
+    from .gate import check_exact
+
     x = x.to(_dtype(snn))  # a float64 or float16 file converts to an SNN of its own dtype
-    sim_ok = simulation_matches_evaluation(snn, x[:simulate_samples])
+    gate = check_exact(source_graph, snn, x[:GATE_SAMPLES])
     # compared in float64, one row of logits per sample, whatever the output's rank and dtype
     logits = torch.cat([snn.evaluate(chunk).logits for chunk in x.split(VERIFY_BATCH)]).double().reshape(len(x), -1)
     reference_logits = reference_logits.double().reshape(len(reference_logits), -1)
     if logits.shape != reference_logits.shape:  # a wrong conversion, not a rounding difference
-        return Verification(reference, int(x.shape[0]), 0.0, math.inf, sim_ok, False)
+        return Verification(reference, inputs, int(x.shape[0]), 0.0, math.inf, gate.evaluation_matches_simulation,
+                            gate.to_json(), not exact, False)
     agreement = (logits.argmax(1) == reference_logits.argmax(1)).double().mean().item()
     max_diff = (logits - reference_logits).abs().max().item()
     # onnxruntime and PyTorch accumulate float32 in different orders, so a level at a rounding
@@ -126,8 +125,13 @@ def verify_snn(snn: SNN, x: Tensor, reference_logits: Tensor, reference: str, *,
     tolerance = LOGIT_TOLERANCE * (reference_logits.abs().max().item() + 1.0)
     # NaN logits agree with anything under argmax and compare False with everything: never a pass
     finite = bool(torch.isfinite(logits).all() and torch.isfinite(reference_logits).all())
-    passed = finite and sim_ok and (not exact or (agreement == 1.0 and max_diff <= tolerance))
-    return Verification(reference, int(x.shape[0]), agreement, max_diff, sim_ok, passed)
+    if exact:
+        agrees = agreement == 1.0 and max_diff <= tolerance
+    else:
+        agrees = min_agreement is None or agreement >= min_agreement
+    passed = finite and gate.passed and agrees
+    return Verification(reference, inputs, int(x.shape[0]), agreement, max_diff, gate.evaluation_matches_simulation,
+                        gate.to_json(), not exact, passed)
 
 
 def _dtype(snn: SNN) -> torch.dtype:

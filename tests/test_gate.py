@@ -24,6 +24,7 @@ from ann2snn.gate import check_exact
 from ann2snn.neuron import BitSerialIFNode
 from ann2snn.quant import QuantClippedActivation
 from test_artifact import make_snn
+from test_onnx_import import qdq_model  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["float32", "float64"])
@@ -138,3 +139,15 @@ def test_a_broken_compiler_fails(correct, broken, monkeypatch):
     made = ann2snn.convert(model)
     gate = check_exact(model, made, x)
     assert not gate.passed and gate.problems
+
+
+def test_quantize_static_file_passes(qdq_model):
+    """onnxruntime's quantize_static output (uint8 activations, int8 weights, a QDQ input)."""
+    from ann2snn.compiler import compile_source, quantized_onnx
+
+    source_graph, source = quantized_onnx(qdq_model)
+    snn = compile_source(qdq_model, source_graph, source)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    gate = check_exact(source_graph, snn, x)
+    assert gate.passed, gate.problems
+    assert gate.levels_compared > 1000

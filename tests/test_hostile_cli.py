@@ -202,8 +202,8 @@ def test_exit_code_1_when_verification_fails_and_nothing_is_written(files, tmp_p
 
     real = verify.verify_snn
 
-    def failing(snn, x, reference_logits, reference, exact):
-        return real(snn, x, -reference_logits, reference, exact=exact)   # a reference that disagrees
+    def failing(snn, source_graph, x, reference_logits, *args, **kwargs):
+        return real(snn, source_graph, x, -reference_logits, *args, **kwargs)   # a reference that disagrees
 
     monkeypatch.setattr(verify, "verify_snn", failing)
     out = tmp_path / "out.snn"
@@ -219,7 +219,7 @@ def test_exit_code_3_for_an_internal_error_with_one_line(files, tmp_path, monkey
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(compiler, "convert_onnx", broken)
+    monkeypatch.setattr(compiler, "quantized_onnx", broken)
     result = invoke("convert", files["onnx"], "--no-verify", "-o", tmp_path / "out.snn")
     assert result.exit_code == 3
     lines = result.stderr.strip().splitlines()
@@ -239,7 +239,7 @@ def test_warnings_before_an_error_are_dropped(files, monkeypatch):
         warnings.warn("a torch warning on the way")
         raise UnsupportedModelError(f"{path}: refused")
 
-    monkeypatch.setattr(compiler, "convert_onnx", warns_then_refuses)
+    monkeypatch.setattr(compiler, "quantized_onnx", warns_then_refuses)
     assert_refused(invoke("convert", files["onnx"], "-o", files["folder"] / "never-written.snn"), "refused")
 
 
