@@ -113,6 +113,21 @@ def _verification_inputs(model: str, verify_data: str | None, calib: str | None,
     return random_inputs(model, samples), f"{samples} inputs of uniform noise (no --verify-data or --calib)"
 
 
+min_agreement_option = click.option(
+    "--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
+    help="A float source: fail below this prediction agreement with onnxruntime's float run.")
+
+
+def _verify(path: str, snn, source_graph, source: dict, x, inputs: str, min_agreement: float | None):
+    """The exactness gate and onnxruntime's run of `path`, as ann2snn.verify.verify_snn does them."""
+    from ann2snn.verify import onnxruntime_logits, verify_snn
+
+    exact = source["kind"] == "qdq"
+    reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
+    return verify_snn(snn, source_graph, x, onnxruntime_logits(path, x), reference, inputs=inputs, exact=exact,
+                      min_agreement=None if min_agreement is None else min_agreement / 100)
+
+
 def _verify_line(v: dict) -> str:
     """The verification in words: the exactness gate, then the comparison with onnxruntime."""
     gate = v["exact"]
@@ -242,15 +257,13 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
               help="Inputs for verification (default: the --calib data; with neither, uniform noise).")
 @click.option("--verify-samples", type=click.IntRange(1), default=64, show_default=True,
               help="Verification inputs, drawn at random across classes.")
-@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
-              help="A float source: fail below this prediction agreement with onnxruntime's float run.")
+@min_agreement_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
             min_agreement, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
     from ann2snn.compiler import compile_source, quantized_onnx
-    from ann2snn.verify import onnxruntime_logits, verify_snn
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
     calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
@@ -266,11 +279,7 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
               "rewrites": snn.report["rewrites"]}
     if verify:
         x, inputs = _verification_inputs(model, verify_data, calib, calib_x, verify_samples)
-        exact = snn.source["kind"] == "qdq"
-        reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
-        check = verify_snn(snn, source_graph, x, onnxruntime_logits(model, x), reference, inputs=inputs, exact=exact,
-                           min_agreement=None if min_agreement is None else min_agreement / 100)
-        result["verify"] = check.to_json()
+        result["verify"] = _verify(model, snn, source_graph, source, x, inputs, min_agreement).to_json()
     if not verify or result["verify"]["passed"]:
         snn.save(out)
         result["output"] = str(out)
@@ -297,15 +306,13 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
               help="Inputs: digits, an .npz with x and y, or an image folder (default: uniform noise).")
 @click.option("--samples", type=click.IntRange(1), default=64, show_default=True,
               help="Inputs drawn from DATA (at random, across classes).")
-@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
-              help="A float source: fail below this prediction agreement with onnxruntime's float run.")
+@min_agreement_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
 def verify_command(snn_path, source_path, data, samples, min_agreement, as_json):
     """Prove an existing .snn exact for its source (exit 0), or show where it is not (exit 1)."""
     from ann2snn.artifact import file_sha256
     from ann2snn.compiler import quantized_onnx
-    from ann2snn.verify import onnxruntime_logits, verify_snn
 
     snn = ann2snn.load_snn(snn_path)
     if snn.source.get("sha256") not in (None, file_sha256(source_path)):
@@ -315,10 +322,7 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
     steps = {entry.get("timesteps") for entry in snn.report["sites"].values()}
     source_graph, source = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips)
     x, inputs = _verification_inputs(source_path, data, None, None, samples)
-    exact = source["kind"] == "qdq"
-    reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
-    check = verify_snn(snn, source_graph, x, onnxruntime_logits(source_path, x), reference, inputs=inputs,
-                       exact=exact, min_agreement=None if min_agreement is None else min_agreement / 100)
+    check = _verify(source_path, snn, source_graph, source, x, inputs, min_agreement)
     if as_json:
         click.echo(strict_json({"model": snn_path, "against": source_path, **check.to_json()}))
     else:

@@ -24,7 +24,7 @@ from ann2snn.gate import check_exact
 from ann2snn.neuron import BitSerialIFNode
 from ann2snn.quant import QuantClippedActivation
 from test_artifact import make_snn
-from test_onnx_import import qdq_model  # noqa: F401 (a fixture)
+from test_onnx_import import qdq_model  # noqa: F401,F811 (a fixture)
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["float32", "float64"])
