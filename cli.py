@@ -118,13 +118,10 @@ min_agreement_option = click.option(
     help="A float source: fail below this prediction agreement with onnxruntime's float run.")
 
 
-def _verify(path: str, snn, source_graph, source: dict, x, inputs: str, min_agreement: float | None):
-    """The exactness gate and onnxruntime's run of `path`, as ann2snn.verify.verify_snn does them."""
-    from ann2snn.verify import onnxruntime_logits, verify_snn
+def _verify(path: str, snn, source_graph, x, inputs: str, min_agreement: float | None):
+    from ann2snn.verify import verify_snn
 
-    exact = source["kind"] == "qdq"
-    reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
-    return verify_snn(snn, source_graph, x, onnxruntime_logits(path, x), reference, inputs=inputs, exact=exact,
+    return verify_snn(path, snn, source_graph, x, inputs=inputs,
                       min_agreement=None if min_agreement is None else min_agreement / 100)
 
 
@@ -136,6 +133,11 @@ def _verify_line(v: dict) -> str:
              f"{'yes' if gate['passed'] else 'NO (' + '; '.join(gate['problems'][:2]) + ')'}")
     comparison = (f"{v['reference']}: prediction agreement {100 * v['agreement']:.2f}%, max |logit difference| "
                   f"{v['max_abs_logit_diff']:.3g}")
+    if v["levels"] is not None:
+        t = v["levels"]["totals"]
+        comparison += (f"; levels: {t['compared']:,} compared, {t['equal']:,} equal, {t['ties']} ties, "
+                       f"{t['near_boundary']} near a boundary, {t['downstream']} downstream of one, "
+                       f"{t['unexplained']} unexplained")
     if v["lossy"]:
         comparison += " (post-training quantization of a float model: lossy, not part of the gate)"
     return f"verified on {v['inputs']}\n{exact}\n{comparison}\n{'PASSED' if v['passed'] else 'FAILED'}"
@@ -279,7 +281,7 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
               "rewrites": snn.report["rewrites"]}
     if verify:
         x, inputs = _verification_inputs(model, verify_data, calib, calib_x, verify_samples)
-        result["verify"] = _verify(model, snn, source_graph, source, x, inputs, min_agreement).to_json()
+        result["verify"] = _verify(model, snn, source_graph, x, inputs, min_agreement).to_json()
     if not verify or result["verify"]["passed"]:
         snn.save(out)
         result["output"] = str(out)
@@ -320,9 +322,9 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
                            f"({snn.source.get('file')})")
     clips = {site: entry["lambda"] for site, entry in snn.report["sites"].items() if "lambda" in entry}
     steps = {entry.get("timesteps") for entry in snn.report["sites"].values()}
-    source_graph, source = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips)
+    source_graph, _ = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips)
     x, inputs = _verification_inputs(source_path, data, None, None, samples)
-    check = _verify(source_path, snn, source_graph, source, x, inputs, min_agreement)
+    check = _verify(source_path, snn, source_graph, x, inputs, min_agreement)
     if as_json:
         click.echo(strict_json({"model": snn_path, "against": source_path, **check.to_json()}))
     else:

@@ -144,11 +144,13 @@ def onnx_initializers(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
-def onnxruntime_session(path: str | os.PathLike) -> "onnxruntime.InferenceSession":  # noqa: F821
-    """A CPU onnxruntime session that computes the QDQ graph as written (no int8 weight rewriting)."""
+def onnxruntime_session(path: str | os.PathLike | bytes) -> "onnxruntime.InferenceSession":  # noqa: F821
+    """A CPU onnxruntime session that computes the QDQ graph as written (no int8 weight rewriting);
+    `path` may also be a serialized model."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -84,13 +84,13 @@ def _source_levels(source: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tens
         out / channel_view(site.theta().detach().to(out.dtype), out.dim())), x)
 
 
-def _snn_levels(snn: SNN, x: Tensor) -> tuple[SNNOutput, dict[str, Tensor]]:
+def snn_levels(snn: SNN, x: Tensor) -> tuple[SNNOutput, dict[str, Tensor]]:
     """The simulation's output and the level each neuron fires (its decoded spike train)."""
     neurons = {name: m for name, m in snn.graph_module.named_modules() if isinstance(m, BitSerialIFNode)}
     return _run_recording(snn.simulate, neurons, lambda neuron, out: decode_levels(out), x)
 
 
-def _pool_moved_sites(source: nn.Module, snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:
+def pool_moved_sites(source: nn.Module, snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:
     """Source levels of sites whose MaxPool the compiler moved before them, pooled like the SNN."""
     pooled = dict(levels)
     for rewrite in snn.report.get("rewrites", []):
@@ -156,8 +156,8 @@ def check_exact(source: nn.Module, snn: SNN, x: Tensor) -> ExactGate:
     problems: list[str] = []
     x64 = x.double()
     source_logits, source_levels = _source_levels(source64, x64)
-    simulated, snn_levels = _snn_levels(reference, x64)
-    sites = _compare_levels(snn_levels, _pool_moved_sites(source64, reference, source_levels), problems)
+    simulated, fired = snn_levels(reference, x64)
+    sites = _compare_levels(fired, pool_moved_sites(source64, reference, source_levels), problems)
     logit_difference = _relative(simulated.logits, source_logits)
     if not logit_difference <= LOGIT_RELATIVE_TOLERANCE:
         problems.append(f"logits differ from the source by {logit_difference:.3g} (relative)")

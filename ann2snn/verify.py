@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,7 +15,6 @@ from .onnx_import.builder import first_line
 from .snn import SNN
 
 
-LOGIT_TOLERANCE = 0.02  # of the reference's logit range, for a QDQ file
 # Verification inputs are held in memory at once: at most this many values (1 GiB of float32,
 # 1,783 ImageNet images). The SNN and onnxruntime then run on them in batches of VERIFY_BATCH.
 MAX_VERIFY_ELEMENTS = 2**28
@@ -34,6 +34,7 @@ class Verification:
     max_abs_logit_diff: float
     simulate_matches_evaluate: bool  # the time-stepped and time-folded SNN agree (in float64)
     exact: dict              # the exactness gate against the quantized source (ann2snn/gate.py)
+    levels: dict | None      # a QDQ file: onnxruntime's levels against the SNN's (ann2snn/ort_check.py)
     lossy: bool              # a float source: the reference is the float ANN, agreement is not a gate
     passed: bool
 
@@ -61,8 +62,22 @@ def _batches(x: np.ndarray, fixed: int | None) -> list[np.ndarray]:
     return np.split(padded, len(padded) // fixed)
 
 
-def onnxruntime_logits(path: str, x: Tensor) -> Tensor:
-    """onnxruntime's run of the file as written: its QDQ-to-int8 rewrites are off, since they
+def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
+    """The file's model with the tensors `names` added as graph outputs (typed by shape inference)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for name in names:
+        if name not in typed:
+            raise UnsupportedModelError(f"{path}: tensor {name!r} has no inferred type to read it back")
+        model.graph.output.append(typed[name])
+    return model.SerializeToString()
+
+
+def onnxruntime_outputs(path: str | os.PathLike, x: Tensor, extra: Sequence[str] = ()) -> list[Tensor]:
+    """onnxruntime's run of the file as written: the logits, then the tensors named in `extra`
+    (intermediate tensors, added as graph outputs). Its QDQ-to-int8 rewrites are off, since they
     change the numbers of a QDQ graph with float weights. The inputs are fed in the file's input
     type, and in batches of its batch size when the file fixes one (an export at batch 1).
     A file onnxruntime refuses is bad input: UnsupportedModelError with onnxruntime's reason."""
@@ -73,15 +88,21 @@ def onnxruntime_logits(path: str, x: Tensor) -> Tensor:
     quiet = onnxruntime.RunOptions()
     quiet.log_severity_level = 4  # a failing kernel would also log its error to stderr: the exception says it
     try:
-        session = onnxruntime_session(path)
+        session = onnxruntime_session(_with_outputs(path, extra) if extra else path)
         feed = session.get_inputs()[0]
         data = x.detach().cpu().numpy().astype(_ORT_TYPES.get(feed.type, np.float32))
         fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
-        outputs = [session.run(None, {feed.name: chunk}, quiet)[0] for chunk in _batches(data, fixed)]
+        names = [session.get_outputs()[0].name, *extra]
+        outputs = [session.run(names, {feed.name: chunk}, quiet) for chunk in _batches(data, fixed)]
     except _ort_errors() as err:
         raise UnsupportedModelError(f"{path}: onnxruntime cannot run it, so the SNN cannot be verified "
                                     f"(--no-verify skips that): {first_line(err)}") from None
-    return torch.from_numpy(np.concatenate(outputs)[:len(data)])
+    return [torch.from_numpy(np.concatenate([o[i] for o in outputs])[:len(data)]) for i in range(len(names))]
+
+
+def onnxruntime_logits(path: str | os.PathLike, x: Tensor) -> Tensor:
+    """onnxruntime's logits for `x` (onnxruntime_outputs)."""
+    return onnxruntime_outputs(path, x)[0]
 
 
 def random_inputs(path: str | os.PathLike, samples: int, seed: int = 0) -> Tensor:
@@ -97,41 +118,46 @@ def random_inputs(path: str | os.PathLike, samples: int, seed: int = 0) -> Tenso
     return torch.rand((samples, *shape), generator=torch.Generator().manual_seed(seed))
 
 
-def verify_snn(snn: SNN, source_graph: torch.nn.Module, x: Tensor, reference_logits: Tensor, reference: str, *,
-               inputs: str, exact: bool, min_agreement: float | None = None) -> Verification:
-    """The SNN against its quantized source (the exactness gate, on the first GATE_SAMPLES inputs)
-    and against a reference's logits on `x` (onnxruntime's run of the file).
+def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module, x: Tensor, *, inputs: str,
+               min_agreement: float | None = None) -> Verification:
+    """The SNN of the ONNX file `path` against its quantized source (the exactness gate, on the
+    first GATE_SAMPLES inputs) and against onnxruntime's run of the file on `x`.
 
-    exact: the reference is the quantized model itself (a QDQ file), so the SNN must also agree
-    with it: the same predictions and logits within a small tolerance. Otherwise (a float source,
-    post-training quantization) agreement is reported and is a gate only with `min_agreement`.
+    A QDQ file is the quantized model itself: onnxruntime's level at every site must equal the
+    SNN's or be explained (ann2snn/ort_check.py), with no tolerance on the logits. A float file
+    (post-training quantization) is compared by prediction agreement, a gate only with
+    `min_agreement`.
     """
     from .gate import check_exact
+    from .ort_check import compare_with_onnxruntime
 
     x = x.to(_dtype(snn))  # a float64 or float16 file converts to an SNN of its own dtype
     gate = check_exact(source_graph, snn, x[:GATE_SAMPLES])
+    exact = snn.source.get("kind") == "qdq"
+    levels = None
+    if exact:
+        comparison, reference_logits = compare_with_onnxruntime(str(path), snn, source_graph, x)
+        levels = comparison.to_json()
+    else:
+        reference_logits = onnxruntime_logits(path, x)
+    reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
     # compared in float64, one row of logits per sample, whatever the output's rank and dtype
     logits = torch.cat([snn.evaluate(chunk).logits for chunk in x.split(VERIFY_BATCH)]).double().reshape(len(x), -1)
     reference_logits = reference_logits.double().reshape(len(reference_logits), -1)
     if logits.shape != reference_logits.shape:  # a wrong conversion, not a rounding difference
         return Verification(reference, inputs, int(x.shape[0]), 0.0, math.inf, gate.evaluation_matches_simulation,
-                            gate.to_json(), not exact, False)
+                            gate.to_json(), levels, not exact, False)
     agreement = (logits.argmax(1) == reference_logits.argmax(1)).double().mean().item()
     max_diff = (logits - reference_logits).abs().max().item()
-    # onnxruntime and PyTorch accumulate float32 in different orders, so a level at a rounding
-    # boundary (or an exact tie, which ONNX rounds to even) can move by one step and shift the
-    # logits by about one quantization step of the last layers (METHOD.md section 4). Measured on a
-    # quantize_static ResNet-18: 0.7% of the logit range; a wrong conversion is off by far more.
-    tolerance = LOGIT_TOLERANCE * (reference_logits.abs().max().item() + 1.0)
     # NaN logits agree with anything under argmax and compare False with everything: never a pass
     finite = bool(torch.isfinite(logits).all() and torch.isfinite(reference_logits).all())
     if exact:
-        agrees = agreement == 1.0 and max_diff <= tolerance
+        agrees = levels["passed"]
     else:
         agrees = min_agreement is None or agreement >= min_agreement
     passed = finite and gate.passed and agrees
     return Verification(reference, inputs, int(x.shape[0]), agreement, max_diff, gate.evaluation_matches_simulation,
-                        gate.to_json(), not exact, passed)
+                        gate.to_json(), levels, not exact, passed)
 
 
 def _dtype(snn: SNN) -> torch.dtype:

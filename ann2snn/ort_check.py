@@ -1,0 +1,258 @@
+"""The SNN against onnxruntime, level by level, every difference explained.
+
+onnxruntime runs the QDQ file in float32 with the integer output of every QuantizeLinear read
+back as an extra graph output: its level at every activation site (and at every QDQ pair the
+compiler kept, such as the input's or the logits'). The SNN's levels are those its time-folded
+evaluation fires (and its kept QDQ pairs' integers); the exactness gate (ann2snn/gate.py) has
+already shown them equal to the simulation's in float64. Where they differ, the difference must be one
+of these, or the comparison fails:
+
+- tie: the source's float64 ratio z / theta lies exactly halfway between two levels; ONNX rounds
+  half to even, METHOD.md's q() rounds half up;
+- near boundary: the ratio lies within float32's accumulation error of a rounding boundary. The
+  error is bounded per element by running the source graph once more and propagating a bound:
+  a convolution or linear layer of fan-in n adds (n + 2) u times the sum of |w x| (u = 2^-24)
+  and passes |W| times its input's bound on; sums, pools and layout ops pass bounds on; a site
+  whose level agrees resets it;
+- downstream: the sample already differed at an earlier site, which changes what follows.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .gate import pool_moved_sites
+from .lower.evaluator import TimeFoldedNeuron
+from .neuron import BitSerialIFNode
+from .quant import QuantClippedActivation, QuantDequant, channel_view
+from .snn import SNN
+
+UNIT_ROUNDOFF = 2.0**-24   # float32
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class SiteLevels:
+    compared: int
+    equal: int
+    ties: int
+    near_boundary: int
+    downstream: int
+    unexplained: int
+
+
+@dataclass
+class OnnxruntimeComparison:
+    samples: int
+    sites: dict[str, SiteLevels]
+    predictions_equal: int
+    predictions_explained: int     # differing predictions of samples with an explained level difference
+    passed: bool
+
+    def totals(self) -> dict[str, int]:
+        keys = ("compared", "equal", "ties", "near_boundary", "downstream", "unexplained")
+        return {k: sum(getattr(s, k) for s in self.sites.values()) for k in keys}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "totals": self.totals()}
+
+
+class _ErrorBound(fx.Interpreter):
+    """Runs the source graph in float64 and bounds, per element, how far a float32 run of the same
+    graph on the same inputs can be from it (module docstring). Records, at every site and kept
+    QDQ pair, the ratio z / theta of its input and the bound on that ratio."""
+
+    def __init__(self, gm: fx.GraphModule, overrides: dict[str, Tensor]) -> None:
+        super().__init__(gm)
+        self.overrides = overrides
+        self.bound: dict[fx.Node, Any] = {}
+        self.ratios: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        self.bound[n] = self._bound(n, value)
+        if n.op == "call_module" and n.target in self.overrides:
+            # the SNN's own levels from here on: a flip upstream, where the SNN and onnxruntime agree
+            # but both differ from float64, must not move the ratios that explain later sites
+            value = self.overrides[n.target].to(value.dtype).reshape(value.shape)
+        return value
+
+    def _arg_bound(self, a: Any) -> Any:
+        return fx.node.map_arg(a, lambda node: self.bound[node])
+
+    def _bound(self, n: fx.Node, value: Any) -> Any:
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            return value                                   # shapes, sizes: exact
+        if n.op in ("placeholder", "get_attr"):
+            return torch.zeros_like(value)
+        rounding = UNIT_ROUNDOFF * value.abs()
+        inputs = [a for a in n.args if isinstance(a, fx.Node)]
+        if n.op == "call_module":
+            module = self.module.get_submodule(n.target)
+            x, bound_in = self.env[inputs[0]], self.bound[inputs[0]]
+            if isinstance(module, (QuantClippedActivation, QuantDequant)):
+                self._record(n, module, x, bound_in)
+                return rounding                            # a level that agrees: exact again
+            if isinstance(module, _LAYERS):
+                return self._layer(module, x, bound_in)
+            if isinstance(module, _NORMS):
+                scale = module.weight / torch.sqrt(module.running_var + module.eps)
+                return channel_view(scale.abs(), value.dim()) * bound_in + 2 * rounding
+            if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                                   nn.AdaptiveAvgPool2d)):
+                return module(bound_in) + 4 * rounding
+            return module(bound_in)                        # max pools, flatten, identity, dropout
+        if n.op == "call_function" and n.target in (operator.add, torch.add, operator.sub, torch.sub):
+            return sum(self.bound[a] for a in inputs) + rounding
+        if n.op == "call_function" and n.target in (operator.mul, torch.mul, operator.truediv, torch.div):
+            factor = n.args[1] if not isinstance(n.args[1], fx.Node) else self.env[n.args[1]]
+            if isinstance(n.args[0], fx.Node) and not isinstance(n.args[1], fx.Node):
+                return (self.bound[n.args[0]] * (abs(factor) if n.target in (operator.mul, torch.mul)
+                                                 else 1 / abs(factor))) + rounding
+            return torch.full_like(value, float("inf"))    # a product of two tensors: not bounded here
+        if n.op in ("call_function", "call_method"):       # layout, pooling, mean: the op on the bounds
+            fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
+            bounded = fn(*self._arg_bound(n.args), **self._arg_bound(n.kwargs))
+            if isinstance(bounded, Tensor) and bounded.shape == value.shape:
+                return bounded.abs() + (4 * rounding if fn in (torch.mean, F.avg_pool2d, F.avg_pool1d) else 0)
+        return torch.full_like(value, float("inf"))      # an op this bound does not know: nothing explained
+
+    def _layer(self, layer: nn.Module, x: Tensor, bound_in: Tensor) -> Tensor:
+        fan_in = layer.weight[0].numel()
+        weight = layer.weight.abs()
+        if isinstance(layer, nn.Linear):
+            magnitude, carried = F.linear(x.abs(), weight), F.linear(bound_in, weight)
+        else:
+            conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(layer)]
+            args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            magnitude, carried = conv(x.abs(), weight, **args), conv(bound_in, weight, **args)
+        if layer.bias is not None:
+            magnitude = magnitude + channel_view(layer.bias.abs(), magnitude.dim())
+        return (fan_in + 2) * UNIT_ROUNDOFF * magnitude + carried
+
+    def _record(self, n: fx.Node, module: nn.Module, x: Tensor, bound_in: Tensor) -> None:
+        if isinstance(module, QuantClippedActivation):
+            theta = channel_view(module.theta().detach().to(x.dtype), x.dim())
+        else:
+            shape = [1] * x.dim()
+            if module.per_axis:
+                shape[module.axis] = -1
+            theta = module.scale.to(x.dtype).reshape(shape)
+        ratio = x / theta
+        self.ratios[n.target] = (ratio, bound_in / theta + 4 * UNIT_ROUNDOFF * ratio.abs())
+
+
+def _quantize_outputs(path: str, source_graph: fx.GraphModule, snn: SNN) -> dict[str, str]:
+    """Module name -> the ONNX tensor that holds its integer levels (a QuantizeLinear's output)."""
+    import onnx
+
+    produced_by = {node.name: node.output[0] for node in onnx.load(str(path), load_external_data=False).graph.node}
+    names = {}
+    for site, entry in snn.report.get("sites", {}).items():
+        sources = entry.get("source", {}).get("sources") if isinstance(entry.get("source"), dict) else None
+        if entry.get("source", {}).get("kind") == "qdq" and sources and len(sources) >= 2:
+            names[site] = produced_by[sources[-2]]
+    for node in source_graph.graph.nodes:
+        if node.op == "call_module" and isinstance(source_graph.get_submodule(node.target), QuantDequant):
+            names[node.target] = produced_by[node.meta["onnx_nodes"][0]]
+    return names
+
+
+def _snn_levels(snn: SNN, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The evaluation's logits, and the level of every neuron and the integer of every QDQ pair the
+    SNN kept, from that same run (one mode for all: in float32 the simulation may fire a rare
+    level apart, and a later layer must be compared with the levels it was fed)."""
+    evaluator = snn._lowered_graph("evaluate")
+    recorded: dict[str, Tensor] = {}
+
+    def neuron_level(m: TimeFoldedNeuron, out) -> Tensor:
+        value = out[0]
+        return torch.round(value / channel_view(m.neuron.theta.to(value.dtype), value.dim()))
+
+    def qdq_integer(m: QuantDequant, out: Tensor) -> Tensor:
+        return torch.round(out / m._view(m.scale, out)) + m._view(m.zero_point, out)
+
+    handles = []
+    for name, module in evaluator.named_modules():
+        levels_of = {TimeFoldedNeuron: neuron_level, QuantDequant: qdq_integer}.get(type(module))
+        if levels_of is not None:
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name, f=levels_of: recorded.__setitem__(name, f(m, out))))
+    try:
+        logits = snn.evaluate(x, cuda_graph=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, recorded
+
+
+@torch.no_grad()
+def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
+                             x: Tensor) -> tuple[OnnxruntimeComparison, Tensor]:
+    """Levels of onnxruntime's run of the QDQ file `path` against the SNN's, on inputs `x`; and
+    onnxruntime's logits."""
+    from .verify import onnxruntime_outputs
+
+    names = _quantize_outputs(path, source_graph, snn)
+    order = list(names)
+    ort_logits, *ort_tensors = onnxruntime_outputs(path, x, [names[k] for k in order])
+    # a site's zero point is 0, so its integer is its level; a kept pair compares its integer
+    ort_levels = pool_moved_sites(source_graph, snn, {k: t.double() for k, t in zip(order, ort_tensors)})
+
+    logits, mine = _snn_levels(snn, x.to(next(snn.parameters()).dtype))
+
+    explainer = _ErrorBound(copy.deepcopy(source_graph).double().eval(), _snn_values(source_graph, snn, mine))
+    explainer.run(x.double())
+    ratios = explainer.ratios
+    for rewrite in snn.report.get("rewrites", []):   # a moved pool: the neuron sees the pooled ratio
+        if rewrite.get("pass") == "move_max_pool_before_sites" and rewrite["site"] in ratios:
+            pool = source_graph.get_submodule(rewrite["max_pool"])
+            ratios[rewrite["site"]] = tuple(pool(t) for t in ratios[rewrite["site"]])
+    differed = torch.zeros(len(x), dtype=torch.bool)   # samples with a difference at an earlier site
+    sites: dict[str, SiteLevels] = {}
+    for name in [n for n in _graph_order(snn) if n in ort_levels and n in mine]:
+        got, want = mine[name].double(), ort_levels[name].reshape(mine[name].shape)
+        differ = got != want
+        ratio, bound = ratios[name]
+        boundary = torch.floor(ratio) + 0.5
+        tie = differ & (ratio == boundary)
+        near = differ & ~tie & ((ratio - boundary).abs() <= bound)
+        sample_of = differ.flatten(1) if differ.dim() > 1 else differ[:, None]
+        downstream = differ & ~tie & ~near & channel_view(differed, differ.dim(), 0).expand_as(differ)
+        unexplained = differ & ~tie & ~near & ~downstream
+        sites[name] = SiteLevels(got.numel(), int((~differ).sum()), int(tie.sum()), int(near.sum()),
+                                 int(downstream.sum()), int(unexplained.sum()))
+        differed |= sample_of.any(1)
+    predictions = logits.argmax(1) == ort_logits.reshape(len(x), -1).argmax(1)
+    explained = int((~predictions & differed).sum())
+    unexplained_predictions = int((~predictions & ~differed).sum())
+    passed = all(s.unexplained == 0 for s in sites.values()) and unexplained_predictions == 0
+    return OnnxruntimeComparison(len(x), sites, int(predictions.sum()), explained, passed), ort_logits
+
+
+def _snn_values(source_graph: fx.GraphModule, snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Source node -> the value the SNN passes on there (float64): a site's level times theta (at
+    its MaxPool when the compiler moved the pool before it), a kept QDQ pair's dequantized value."""
+    moved = {r["site"]: r["max_pool"] for r in snn.report.get("rewrites", [])
+             if r.get("pass") == "move_max_pool_before_sites"}
+    values = {}
+    for name, level in levels.items():
+        module = source_graph.get_submodule(name)
+        level = level.double()
+        if isinstance(module, QuantClippedActivation):
+            values[moved.get(name, name)] = level * channel_view(module.theta().detach().double(), level.dim())
+        else:
+            values[name] = (level - module._view(module.zero_point, level)) * module._view(module.scale, level)
+    return values
+
+
+def _graph_order(snn: SNN) -> list[str]:
+    return [n.target for n in snn.graph_module.graph.nodes if n.op == "call_module"
+            and isinstance(snn.graph_module.get_submodule(n.target), (BitSerialIFNode, QuantDequant))]
