@@ -57,6 +57,9 @@ MODULE_FIELDS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Flatten: ("start_dim", "end_dim"),
     nn.Identity: (),
     nn.Dropout: ("p",),
+    nn.Softmax: ("dim",),
+    nn.LogSoftmax: ("dim",),
+    nn.Sigmoid: (),
 }
 # ann2snn's own modules rebuild from `artifact_config()` / `from_artifact_config()`.
 # Listed here, not registered by whoever defines them: what a fresh interpreter may load must not

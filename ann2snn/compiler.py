@@ -71,6 +71,9 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
     _check_any_batch(path, gm)
     calib = _calibration_inputs(path, gm, calib)
     report = conversion_report(gm)
+    if gm.meta["onnx"].get("upgraded_from"):
+        report["rewrites"].append({"pass": "upgrade_opset", "from": gm.meta["onnx"]["upgraded_from"],
+                                   "to": gm.meta["onnx"]["opset"]})
     for entry in qdq_sites:
         report["sites"].setdefault(entry["site"], {})["source"] = {"kind": "qdq", **entry}
     kind = "qdq" if qdq_sites else "float"

@@ -203,8 +203,10 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
     names = _quantize_outputs(path, source_graph, snn)
     order = list(names)
     ort_logits, *ort_tensors = onnxruntime_outputs(path, x, [names[k] for k in order])
-    # a site's zero point is 0, so its integer is its level; a kept pair compares its integer
-    ort_levels = pool_moved_sites(source_graph, snn, {k: t.double() for k, t in zip(order, ort_tensors)})
+    # a site's level is its integer less its zero point (0, or qmin); a kept pair compares its integer
+    zero = {site: entry["source"].get("zero_point", 0) for site, entry in snn.report.get("sites", {}).items()
+            if isinstance(entry.get("source"), dict)}
+    ort_levels = pool_moved_sites(source_graph, snn, {k: t.double() - zero.get(k, 0) for k, t in zip(order, ort_tensors)})
 
     logits, mine = _snn_levels(snn, x.to(next(snn.parameters()).dtype))
 

@@ -311,8 +311,8 @@ CASES: dict[str, Case] = {
     "many-nodes": model_case(lambda: identity_chain(20000), "no quantized activation site"),
     "non-utf8-name": Case(non_utf8_name, ("graph.node[", ".name is not valid UTF-8"), commands=BOTH),
     "newline-in-names": model_case(
-        lambda: make([helper.make_node("Sigmoid", ["x"], ["y"], name="evil\nname")], {}, ("N", 4), ("N", 4)),
-        "'evil\\nname'", "Sigmoid"),
+        lambda: make([helper.make_node("LeakyRelu", ["x"], ["y"], name="evil\nname")], {}, ("N", 4), ("N", 4)),
+        "'evil\\nname'", "LeakyRelu"),
     "sequence-input": model_case(lambda: make([helper.make_node("Relu", ["x"], ["y"])], {}, inputs=[
         helper.make_tensor_sequence_value_info("x", F32, ["N", 4])], y_shape=("N", 4)), "seq(tensor(float))"),
     "external-data-outside": Case(lambda f: external(f, location="../weights.bin"), ("outside the model's folder",),

@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
+from ..passes.graph_utils import OUTPUT_OPS
 from ..quant import channel_view
 from .signal import Signal, add_signals, scale_signal
 
@@ -24,7 +25,7 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _STRUCTURAL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                nn.Flatten, nn.Identity, nn.Dropout)
 # Ops that are not linear: they see the integrated potential, and their output enters once.
-_ON_POTENTIAL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_ON_POTENTIAL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d) + OUTPUT_OPS
 
 
 def fold_time(fn: Callable[[Tensor], Tensor], steps: Tensor) -> Tensor:

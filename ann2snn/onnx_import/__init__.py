@@ -32,7 +32,7 @@ from ..errors import UnsupportedModelError
 # What an imported graph may contain: the passes and the .snn serializer handle exactly these.
 CONTRACT_MODULES = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear, nn.MaxPool1d, nn.MaxPool2d,
                     nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten,
-                    nn.Identity, nn.ReLU, nn.Hardtanh, QuantDequant)
+                    nn.Identity, nn.ReLU, nn.Hardtanh, QuantDequant, nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
 CONTRACT_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.cat, torch.flatten,
                       torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze, torch.clamp, torch.relu,
                       torch.matmul, F.pad, torch.mean)
@@ -43,7 +43,7 @@ __all__ = ["load_onnx", "inspect_onnx", "supported_op_types", "QuantDequant", "C
 
 def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphModule:
     """The ONNX model as a torch.fx GraphModule in eval mode (see the module docstring)."""
-    model, where, opset = read_model(path_or_model)
+    model, where, opset, upgraded_from = read_model(path_or_model)
     model = infer_shapes(model, where)
     data = network_input(model, where)
     check_finite(model, where)
@@ -69,7 +69,8 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphMod
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    gm.meta["onnx"] = {"file": where, "opset": opset, "input": data.name, "input_shape": data.dims,
+    gm.meta["onnx"] = {"file": where, "opset": opset, "upgraded_from": upgraded_from, "input": data.name,
+                       "input_shape": data.dims,
                        "dtype": dtype, "outputs": [v.name for v in graph.output],
                        "fixed_batch_nodes": builder.fixed_batch_nodes}
     return gm.eval()
@@ -77,7 +78,7 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphMod
 
 def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
     """A summary of an ONNX file: opset, IR version, input, op counts (supported or not), QDQ pairs."""
-    model, where, opset = read_model(path)
+    model, where, opset, upgraded_from = read_model(path)
     inputs = graph_inputs(model)
     counts = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
                      for node in model.graph.node)
@@ -89,7 +90,8 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
     return {
         "file": where,
         "ir_version": model.ir_version,
-        "opset": opset,
+        "opset": upgraded_from or opset,
+        **({"upgraded_to_opset": opset} if upgraded_from else {}),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "input": {"name": first.name, "shape": first.dims,
                   "dtype": first.type_name}

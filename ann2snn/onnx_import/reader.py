@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx.checker
 import onnx.defs
+import onnx.version_converter
 import onnx.external_data_helper
 import onnx.shape_inference
 from google.protobuf.descriptor import FieldDescriptor
@@ -23,6 +24,8 @@ from ..errors import UnsupportedModelError
 from .builder import first_line
 
 MIN_OPSET = 11
+OLDEST_UPGRADABLE_OPSET = 7   # opsets 7..10 are upgraded (upgrade_opset)
+UPGRADE_TO = 13
 # The importer runs every node once on a zero tensor of the input's shape (builder.py): an input
 # larger than this (256 MiB of float32; ImageNet's 3 x 224 x 224 is 150,528) is refused before
 # that tensor is allocated, since a layer's output is often many times the input.
@@ -57,8 +60,9 @@ def describe(path_or_model: str | os.PathLike | onnx.ModelProto) -> str:
     return str(path_or_model)
 
 
-def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, int]:
-    """The model with its external data loaded, checked by onnx.checker; its name for errors; its opset."""
+def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, int, int | None]:
+    """The model with its external data loaded, checked by onnx.checker; its name for errors; its
+    opset; and the opset it was upgraded from (upgrade_opset), else None."""
     where = describe(path_or_model)
     if isinstance(path_or_model, onnx.ModelProto):
         model, base_dir = onnx.ModelProto(), None
@@ -85,7 +89,10 @@ def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx
         except onnx.checker.ValidationError as err2:
             raise UnsupportedModelError(f"{where}: the ONNX checker rejects the model: {first_line(err2)}") from None
     check_tensors(model, where)
-    return model, where, opset
+    upgraded_from = None
+    if opset < MIN_OPSET:
+        model, upgraded_from, opset = upgrade_opset(model, where, opset), opset, UPGRADE_TO
+    return model, where, opset, upgraded_from
 
 
 def _parse(path: str, where: str) -> onnx.ModelProto:
@@ -155,9 +162,20 @@ def default_opset(model: onnx.ModelProto, where: str) -> int:
         raise UnsupportedModelError(f"{where}: the model imports the default domain (ai.onnx) {len(versions)} "
                                     f"times, as opsets {', '.join(map(str, versions))}; it must name one opset")
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= versions[0] <= newest:
-        raise UnsupportedModelError(f"{where}: opset {versions[0]} is not supported (supported: {MIN_OPSET}..{newest})")
+    if not OLDEST_UPGRADABLE_OPSET <= versions[0] <= newest:
+        raise UnsupportedModelError(f"{where}: opset {versions[0]} is not supported (supported: "
+                                    f"{OLDEST_UPGRADABLE_OPSET}..{newest}; below {MIN_OPSET} upgraded to {UPGRADE_TO})")
     return versions[0]
+
+
+def upgrade_opset(model: onnx.ModelProto, where: str, opset: int) -> onnx.ModelProto:
+    """An opset 7..10 model upgraded to UPGRADE_TO by onnx.version_converter (old exports, such as
+    tf2onnx's at opset 9, are common); the converters are written for opsets MIN_OPSET and up."""
+    try:
+        return onnx.version_converter.convert_version(model, UPGRADE_TO)
+    except Exception as err:  # the converter raises RuntimeError, ValueError or its own C++ errors
+        raise UnsupportedModelError(f"{where}: opset {opset} could not be upgraded to {UPGRADE_TO} by "
+                                    f"onnx.version_converter: {first_line(err)}") from None
 
 
 def infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:

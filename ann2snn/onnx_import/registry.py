@@ -27,6 +27,11 @@ class OperationKey(NamedTuple):
 _CONVERTERS: dict[OperationKey, Converter] = {}
 
 
+# Activations no bit-serial neuron can represent (METHOD.md section 1: a site is a clipped ReLU).
+NON_SPIKING_ACTIVATIONS = frozenset({"HardSwish", "HardSigmoid", "PRelu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu",
+                                     "Mish", "Softplus", "Softsign", "Swish", "Tanh", "ThresholdedRelu"})
+
+
 def add_converter(op_type: str, version: int, domain: str = "") -> Callable[[Converter], Converter]:
     """Register the decorated function for schema `version` (a since-version) of `op_type`."""
     key = OperationKey(domain, op_type, version)
@@ -60,7 +65,9 @@ def get_converter(node: onnx.NodeProto, opset: int, where: str = "<model>") -> C
     converter = find_converter(node.op_type, opset, node.domain)
     if converter is None:
         op = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        hint = (f"; a bit-serial neuron fires only ReLU-like (clipped, non-negative) levels: retrain it with ReLU "
+                f"(ann2snn train --init {where} ...)" if node.op_type in NON_SPIKING_ACTIVATIONS else "")
         raise UnsupportedModelError(
-            f"{where}: node {node.name or '<unnamed>'!r}: op {op} (opset {opset}) is not supported; "
+            f"{where}: node {node.name or '<unnamed>'!r}: op {op} (opset {opset}) is not supported{hint}; "
             f"supported op types: {', '.join(supported_op_types())}")
     return converter

@@ -1,15 +1,17 @@
 """Pass: QDQ activation sites of an imported graph become QuantClippedActivation (METHOD.md section 1).
 
-A QuantDequant with zero point 0 on a non-negative tensor is a quantized clipped ReLU:
+A QuantDequant with zero point 0 on a non-negative tensor is a quantized clipped ReLU; so is one
+whose zero point is its qmin (onnxruntime's default int8 activations: zero point -128), whose
+level q - zero_point is clamped at 0 by the quantizer itself:
 
-    theta = scale,  lambda = the clip bound c (if c <= qmax * scale) else qmax * scale,
-    L = round(lambda / theta),  clip = L * theta  (so clip / L == scale exactly)
+    theta = scale,  lambda = the clip bound c (if c <= (qmax - zero_point) * scale) else
+    (qmax - zero_point) * scale,  L = round(lambda / theta),  clip = L * theta  (clip / L == scale)
 
 The tensor is non-negative when the QDQ sits behind a ReLU-like op (Relu, Clip(0, c) /
 Hardtanh(0, c), torch.clamp(min=0[, max=c]), or a chain of these with Min(c)); the op and the QDQ
-become one site. An unsigned QDQ with zero point 0 (qmin = 0) is a clipped ReLU by itself, so it
-becomes a site even with nothing before it (onnxruntime's quantizer drops the Relu in front of
-such a QDQ). Standard uint8 QDQ gives L = 255, T = 8.
+become one site. A QDQ whose zero point is its qmin (uint8 with zero point 0, int8 with -128) is
+a clipped ReLU by itself, so it becomes a site even with nothing before it (onnxruntime's
+quantizer drops the Relu in front of such a QDQ). Standard uint8 QDQ gives L = 255, T = 8.
 
 Rounding: ONNX QuantizeLinear rounds half to even; METHOD.md's q(z) = floor(z / theta + 1/2)
 rounds half up. The two differ only where z / theta is exactly k + 1/2.
@@ -152,15 +154,19 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
             gm.graph.erase_node(qdq)
             report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target})
             continue
-        if module.zero_point.any() or (module.per_axis and module.axis != 1):
+        zero = module.zero_point
+        if (module.per_axis and module.axis != 1) or not bool((zero == zero.reshape(-1)[0]).all()):
             continue
+        zero = int(zero.reshape(-1)[0])
+        if zero not in (0, module.qmin):
+            continue  # a zero point inside the range: negative levels, no clipped ReLU
         chain, low, high = _clamp_chain(gm, qdq)
         if chain and bool(torch.as_tensor(low).ne(0).any()):
             chain, high = [], math.inf  # not ReLU-like: only the QDQ itself can be the site
-        if not chain and module.qmin != 0:
+        if not chain and module.qmin != zero:
             continue
         scale = module.scale
-        lam_max = module.qmax * scale
+        lam_max = (module.qmax - zero) * scale
         bound = torch.as_tensor(high, dtype=scale.dtype)
         if bound.numel() > 1 and (not module.per_axis or bound.numel() != scale.numel()):
             continue  # per-channel bounds need a per-channel QDQ
@@ -183,7 +189,8 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
         sources = [n.meta.get("onnx_node", n.name) for n in reversed(chain)] + qdq.meta.get("onnx_nodes", [qdq.name])
         for node in [qdq, *chain]:
             gm.graph.erase_node(node)
-        entry = {"site": target, "scale": scale.tolist() if channels else scale.item(), "levels": levels,
+        entry = {"site": target, "scale": scale.tolist() if channels else scale.item(), "zero_point": zero,
+                 "levels": levels,
                  "clip": site.clip.detach().tolist(), "channels": channels, "sources": sources,
                  "clip_bound": bound.tolist() if bool((bound <= lam_max).all()) else None}
         sites.append(entry)

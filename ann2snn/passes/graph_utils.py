@@ -12,6 +12,9 @@ from ..quant import QuantClippedActivation
 LINEAR_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 ADD_TARGETS = (operator.add, torch.add)
+# Applied to the output potentials after the last layer (a classifier's softmax): not spiking, no
+# prediction changes (each is monotone per class), counted in neither network's energy.
+OUTPUT_OPS = (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -33,6 +36,11 @@ def site_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 def neuron_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """Bit-serial neurons of a converted SNN graph, in graph order."""
     return [n for n in gm.graph.nodes if is_instance_node(gm, n, (BitSerialIFNode,))]
+
+
+def is_output_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An OUTPUT_OPS module whose result goes only to the graph's output."""
+    return is_instance_node(gm, node, OUTPUT_OPS) and all(user.op == "output" for user in node.users)
 
 
 def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:

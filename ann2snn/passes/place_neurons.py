@@ -7,7 +7,7 @@ from torch import fx, nn
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
 from ..quant import QuantClippedActivation
-from .graph_utils import conversion_report, finish, module_of, set_module, site_nodes
+from .graph_utils import OUTPUT_OPS, conversion_report, finish, is_output_op, module_of, set_module, site_nodes
 
 MAX_TIMESTEPS = 8
 FLOAT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
@@ -19,13 +19,21 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
     `timesteps` is the SNN's T; None takes each site's own T = ceil(log2(L + 1)). A site with more
     levels than T steps can carry is refused: converting it would not be error-free.
     """
+    report = conversion_report(gm)
     for node in gm.graph.nodes:
         module = module_of(gm, node)
+        if isinstance(module, OUTPUT_OPS):
+            if not is_output_op(gm, node):
+                raise UnsupportedModelError(
+                    f"node {node.name} ({type(module).__name__}) is not after the last layer: an SNN applies it "
+                    "only to its output potentials (inside the network, retrain it with ReLU)")
+            report["rewrites"].append({"pass": "place_neurons", "output_op": node.target,
+                                       "op": type(module).__name__, "note": "applied to the output potentials"})
+            continue
         if isinstance(module, FLOAT_ACTIVATIONS):
             raise UnsupportedModelError(
                 f"node {node.name} ({type(module).__name__}) is a float activation: quantize it first "
                 "(ann2snn.train.quantize_model, or convert with calibration data)")
-    report = conversion_report(gm)
     for node in site_nodes(gm):
         site: QuantClippedActivation = gm.get_submodule(node.target)
         if not site.quantize:

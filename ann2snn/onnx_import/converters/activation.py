@@ -82,3 +82,45 @@ def convert_max(ctx) -> list:
 @add_converter("Min", 13)
 def convert_min(ctx) -> list:
     return _min_max(ctx, "max")
+
+
+def _output_op(ctx, make: type[nn.Module], opset_13_semantics: bool) -> list:
+    """Softmax / LogSoftmax over one axis. Before opset 13 they act on the input flattened from
+    `axis` on: the same as one axis only when that axis is the last."""
+    x = ctx.dynamic(0)
+    rank = len(ctx.shape(x))
+    axis = ctx.attr("axis", -1 if opset_13_semantics else 1)
+    axis = axis + rank if axis < 0 else axis
+    if not 1 <= axis < rank:
+        ctx.fail(f"axis {axis} of a rank-{rank} input: only a class axis after the batch is supported")
+    if not opset_13_semantics and axis != rank - 1:
+        ctx.fail(f"axis {axis} of a rank-{rank} input acts on the flattened trailing dimensions before opset 13: "
+                 "only the last axis is supported")
+    return [ctx.call_module(make(dim=axis), x)]
+
+
+# Output operations (ann2snn/passes/graph_utils.OUTPUT_OPS): allowed only after the last layer.
+@add_converter("Softmax", 11)
+def convert_softmax_flattening(ctx) -> list:
+    return _output_op(ctx, nn.Softmax, opset_13_semantics=False)
+
+
+@add_converter("Softmax", 13)
+def convert_softmax(ctx) -> list:
+    return _output_op(ctx, nn.Softmax, opset_13_semantics=True)
+
+
+@add_converter("LogSoftmax", 11)
+def convert_log_softmax_flattening(ctx) -> list:
+    return _output_op(ctx, nn.LogSoftmax, opset_13_semantics=False)
+
+
+@add_converter("LogSoftmax", 13)
+def convert_log_softmax(ctx) -> list:
+    return _output_op(ctx, nn.LogSoftmax, opset_13_semantics=True)
+
+
+@add_converter("Sigmoid", 6)
+@add_converter("Sigmoid", 13)
+def convert_sigmoid(ctx) -> list:
+    return [ctx.call_module(nn.Sigmoid(), ctx.dynamic(0))]

@@ -1,0 +1,70 @@
+"""QDQ files of onnxruntime's quantizer in its common flavours (issue 16, part 1), converted exactly.
+
+The same float network (conv, BN, residual add, MaxPool, Gemm: test_onnx_import.QuantNet) is
+quantized by `quantize_static` as a user would: its defaults (int8 activations, zero point -128,
+the Relu folded into the QDQ pair), uint8 activations, symmetric int8 activations (zero point 0,
+L = 127, T = 7), per-channel weights. Each converts through the real command and passes the
+verification: the exactness gate and onnxruntime's levels with no unexplained difference. 16-bit
+activations need more than 8 time steps and are refused in one line.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hostile import assert_refused, invoke, snapshot
+from test_onnx_import import QuantNet, export, randomize_batch_norms
+
+FLAVOURS = {
+    "defaults (QInt8 activations)": dict(),
+    "uint8 activations": dict(activation_type="QUInt8"),
+    "symmetric int8 activations": dict(extra_options={"ActivationSymmetric": True}),
+    "per-channel weights": dict(activation_type="QUInt8", per_channel=True),
+}
+EXPECTED_T = {"symmetric int8 activations": 7}
+
+
+@pytest.fixture(scope="module")
+def float_file(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("quantizers")
+    return export(randomize_batch_norms(QuantNet()), (3, 8, 8), str(folder / "float.onnx"), "torchscript-17")
+
+
+def quantize(float_file: str, path, **options) -> str:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": np.random.default_rng(i).random((8, 3, 8, 8), dtype=np.float32)}
+                                 for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    for key in ("activation_type", "weight_type"):
+        if key in options:
+            options[key] = getattr(QuantType, options[key])
+    quantize_static(float_file, str(path), Images(), quant_format=QuantFormat.QDQ, **options)
+    return str(path)
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_quantize_static_flavour_converts_exactly(float_file, tmp_path, flavour):
+    path = quantize(float_file, tmp_path / "qdq.onnx", **dict(FLAVOURS[flavour]))
+    result = invoke("convert", path, "--json")
+    assert result.exit_code == 0, (result.stderr, result.stdout[-2000:])
+    report = json.loads(result.stdout)
+    check = report["verify"]
+    assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
+    assert report["source"]["kind"] == "qdq" and len(report["sites"]) >= 2   # the two ReLUs (and the input)
+    assert report["timesteps"] == EXPECTED_T.get(flavour, 8)
+
+
+def test_16_bit_activations_are_refused_in_one_line(float_file, tmp_path):
+    path = quantize(float_file, tmp_path / "a16w8.onnx", activation_type="QUInt16", weight_type="QInt8")
+    before = snapshot(tmp_path)
+    assert_refused(invoke("convert", path), str(path), "T=16", before=before, folders=(tmp_path,))
