@@ -18,8 +18,10 @@ site (METHOD.md section 3) is applied to the source's levels too: max commutes w
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -90,13 +92,30 @@ def snn_levels(snn: SNN, x: Tensor) -> tuple[SNNOutput, dict[str, Tensor]]:
     return _run_recording(snn.simulate, neurons, lambda neuron, out: decode_levels(out), x)
 
 
-def pool_moved_sites(source: nn.Module, snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Source levels of sites whose MaxPool the compiler moved before them, pooled like the SNN."""
-    pooled = dict(levels)
+def moved_pools(snn: SNN) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Site -> the max pools the compiler moved before it, in order (a site may pass several), as
+    one function that applies them as the SNN's graph does (modules, or torch.nn.functional calls
+    with their other arguments)."""
+    gm = snn.graph_module
+    pools: dict[str, list[Callable[[Tensor], Tensor]]] = {}
     for rewrite in snn.report.get("rewrites", []):
-        if rewrite.get("pass") == "move_max_pool_before_sites" and rewrite["site"] in pooled:
-            pooled[rewrite["site"]] = source.get_submodule(rewrite["max_pool"])(pooled[rewrite["site"]])
-    return pooled
+        if rewrite.get("pass") != "move_max_pool_before_sites" or "site" not in rewrite:
+            continue
+        node = next(n for n in gm.graph.nodes if (n.op == "call_module" and n.target == rewrite["max_pool"])
+                    or (n.op == "call_function" and n.name == rewrite["max_pool"]))
+        pools.setdefault(rewrite["site"], []).append(gm.get_submodule(node.target) if node.op == "call_module" else (
+            lambda t, node=node: node.target(t, *node.args[1:], **node.kwargs)))
+
+    def chain(functions: list[Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+        return lambda t: functools.reduce(lambda value, pool: pool(value), functions, t)
+
+    return {site: chain(functions) for site, functions in pools.items()}
+
+
+def pool_moved_sites(snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Source levels of sites whose MaxPools the compiler moved before them, pooled like the SNN."""
+    pools = moved_pools(snn)
+    return {name: pools[name](level) if name in pools else level for name, level in levels.items()}
 
 
 def _relative(a: Tensor, b: Tensor) -> float:
@@ -157,7 +176,7 @@ def check_exact(source: nn.Module, snn: SNN, x: Tensor) -> ExactGate:
     x64 = x.double()
     source_logits, source_levels = _source_levels(source64, x64)
     simulated, fired = snn_levels(reference, x64)
-    sites = _compare_levels(fired, pool_moved_sites(source64, reference, source_levels), problems)
+    sites = _compare_levels(fired, pool_moved_sites(reference, source_levels), problems)
     logit_difference = _relative(simulated.logits, source_logits)
     if not logit_difference <= LOGIT_RELATIVE_TOLERANCE:
         problems.append(f"logits differ from the source by {logit_difference:.3g} (relative)")

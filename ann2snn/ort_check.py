@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .gate import pool_moved_sites
+from .gate import moved_pools, pool_moved_sites
 from .lower.evaluator import TimeFoldedNeuron
 from .neuron import BitSerialIFNode
 from .quant import QuantClippedActivation, QuantDequant, channel_view
@@ -78,7 +78,7 @@ class _ErrorBound(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         self.bound[n] = self._bound(n, value)
-        if n.op == "call_module" and n.target in self.overrides:
+        if (n.target if n.op == "call_module" else n.name) in self.overrides:
             # the SNN's own levels from here on: a flip upstream, where the SNN and onnxruntime agree
             # but both differ from float64, must not move the ratios that explain later sites
             value = self.overrides[n.target].to(value.dtype).reshape(value.shape)
@@ -206,17 +206,16 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
     # a site's level is its integer less its zero point (0, or qmin); a kept pair compares its integer
     zero = {site: entry["source"].get("zero_point", 0) for site, entry in snn.report.get("sites", {}).items()
             if isinstance(entry.get("source"), dict)}
-    ort_levels = pool_moved_sites(source_graph, snn, {k: t.double() - zero.get(k, 0) for k, t in zip(order, ort_tensors)})
+    ort_levels = pool_moved_sites(snn, {k: t.double() - zero.get(k, 0) for k, t in zip(order, ort_tensors)})
 
     logits, mine = _snn_levels(snn, x.to(next(snn.parameters()).dtype))
 
     explainer = _ErrorBound(copy.deepcopy(source_graph).double().eval(), _snn_values(source_graph, snn, mine))
     explainer.run(x.double())
     ratios = explainer.ratios
-    for rewrite in snn.report.get("rewrites", []):   # a moved pool: the neuron sees the pooled ratio
-        if rewrite.get("pass") == "move_max_pool_before_sites" and rewrite["site"] in ratios:
-            pool = source_graph.get_submodule(rewrite["max_pool"])
-            ratios[rewrite["site"]] = tuple(pool(t) for t in ratios[rewrite["site"]])
+    for site, pool in moved_pools(snn).items():   # a moved pool: the neuron sees the pooled ratio
+        if site in ratios:
+            ratios[site] = tuple(pool(t) for t in ratios[site])
     differed = torch.zeros(len(x), dtype=torch.bool)   # samples with a difference at an earlier site
     sites: dict[str, SiteLevels] = {}
     for name in [n for n in _graph_order(snn) if n in ort_levels and n in mine]:
@@ -243,7 +242,7 @@ def _snn_values(source_graph: fx.GraphModule, snn: SNN, levels: dict[str, Tensor
     """Source node -> the value the SNN passes on there (float64): a site's level times theta (at
     its MaxPool when the compiler moved the pool before it), a kept QDQ pair's dequantized value."""
     moved = {r["site"]: r["max_pool"] for r in snn.report.get("rewrites", [])
-             if r.get("pass") == "move_max_pool_before_sites"}
+             if r.get("pass") == "move_max_pool_before_sites" and "site" in r}
     values = {}
     for name, level in levels.items():
         module = source_graph.get_submodule(name)

@@ -14,7 +14,8 @@ import copy
 
 import pytest
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
 import ann2snn
 import ann2snn.compiler as compiler_module
@@ -151,3 +152,31 @@ def test_quantize_static_file_passes(qdq_model):
     gate = check_exact(source_graph, snn, x)
     assert gate.passed, gate.problems
     assert gate.levels_compared > 1000
+
+
+class FunctionalPools(nn.Module):
+    """F.max_pool2d straight on a site (moved before it), and a MaxPool whose site also feeds a
+    residual branch (kept after the neuron, and recorded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(1, 4, 3, padding=1), QuantClippedActivation(levels=7, clip=1.0)
+        self.conv2, self.act2 = nn.Conv2d(4, 4, 3, padding=1), QuantClippedActivation(levels=7, clip=1.0)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(4 * 2 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(self.act1(self.conv1(x)), 2)
+        a = self.act2(self.conv2(h))
+        return self.head(torch.cat([self.pool(a), self.pool(a + h)], 1).flatten(1))
+
+
+def test_functional_and_kept_max_pools():
+    torch.manual_seed(0)
+    model = FunctionalPools().eval()
+    snn = ann2snn.convert(model)
+    rewrites = snn.report["rewrites"]
+    assert any(r.get("site") == "act1" and r.get("max_pool") == "max_pool2d" for r in rewrites), rewrites
+    assert any(r.get("max_pool_kept") == "pool" and "feeds other nodes" in r["reason"] for r in rewrites), rewrites
+    gate = check_exact(model, snn, torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+    assert gate.passed, gate.problems

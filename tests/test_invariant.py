@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from spikingjelly.activation_based import monitor
 
 import ann2snn
+from ann2snn.gate import pool_moved_sites
 from ann2snn.neuron import BitSerialIFNode, decode_levels
 from random_nets import BLOCKS, RandomNet, ann_site_inputs
 
@@ -43,9 +44,7 @@ def expected_levels(model: RandomNet, snn: ann2snn.SNN, x: torch.Tensor) -> tupl
     """The ANN's levels q = clamp(floor(z / theta + 1/2), 0, L), and z / theta, where the SNN has
     its neurons: after a MaxPool that moved before the site (max commutes with q)."""
     ratios, logits = ann_site_inputs(model, x)
-    for rewrite in snn.report["rewrites"]:
-        if rewrite["pass"] == "move_max_pool_before_sites":
-            ratios[rewrite["site"]] = model.get_submodule(rewrite["max_pool"])(ratios[rewrite["site"]])
+    ratios = pool_moved_sites(snn, ratios)
     levels = {name: torch.clamp(torch.floor(r + 0.5), 0, model.get_submodule(name).levels)
               for name, r in ratios.items()}
     return levels, ratios, logits
