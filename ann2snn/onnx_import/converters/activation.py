@@ -4,6 +4,7 @@ The activation-site pass (sites.py) recognizes exactly these forms as ReLU-like.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -100,24 +101,9 @@ def _output_op(ctx, make: type[nn.Module], opset_13_semantics: bool) -> list:
 
 
 # Output operations (ann2snn/passes/graph_utils.OUTPUT_OPS): allowed only after the last layer.
-@add_converter("Softmax", 11)
-def convert_softmax_flattening(ctx) -> list:
-    return _output_op(ctx, nn.Softmax, opset_13_semantics=False)
-
-
-@add_converter("Softmax", 13)
-def convert_softmax(ctx) -> list:
-    return _output_op(ctx, nn.Softmax, opset_13_semantics=True)
-
-
-@add_converter("LogSoftmax", 11)
-def convert_log_softmax_flattening(ctx) -> list:
-    return _output_op(ctx, nn.LogSoftmax, opset_13_semantics=False)
-
-
-@add_converter("LogSoftmax", 13)
-def convert_log_softmax(ctx) -> list:
-    return _output_op(ctx, nn.LogSoftmax, opset_13_semantics=True)
+for _op, _module in (("Softmax", nn.Softmax), ("LogSoftmax", nn.LogSoftmax)):
+    add_converter(_op, 11)(functools.partial(_output_op, make=_module, opset_13_semantics=False))
+    add_converter(_op, 13)(functools.partial(_output_op, make=_module, opset_13_semantics=True))
 
 
 @add_converter("Sigmoid", 6)
