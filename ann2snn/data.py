@@ -12,13 +12,22 @@
   The evaluation transform is ImageNet's (resize the shorter side to 256, center crop 224,
   normalize); "train" uses a random resized crop and a random horizontal flip instead.
 
+- ``"fashion-mnist"`` / ``"mnist"``: the IDX files of /usr/share/datasets/fashion-mnist (Debian's
+  dataset-fashion-mnist) or /usr/share/datasets/mnist; and any folder holding IDX files
+  (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+  ``t10k-labels-idx1-ubyte``, each possibly gzipped as ``.gz``). Images [1, H, W] float32 in
+  [0, 1] (bytes / 255, as digits are scaled to [0, 1]), 10 classes; "train" and "calib" read the
+  train files, "test" the t10k files.
+
 Every failure raises `DataError` with one line naming the path and the problem. Torchvision is not
 a dependency; the transforms below reimplement its PIL code paths.
 """
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import zlib
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,6 +160,95 @@ def _load_npz(path: Path, split: str) -> ArrayDataset:
         raise DataError(f"{path}: .npz needs arrays 'x' and 'y' (or x_train, y_train, x_test, y_test); "
                         f"found {', '.join(sorted(arrays)) or 'none'}")
     return ArrayDataset(x, y, classes, name=f"{path}:{split}", source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX files (MNIST, Fashion-MNIST)
+
+
+IDX_FOLDERS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+IDX_CLASSES = 10  # MNIST, Fashion-MNIST and KMNIST: ten classes, labels 0..9
+# split -> file prefix; each file is "<prefix>-<kind>-idx<dims>-ubyte", optionally ".gz"
+_IDX_PREFIXES = {"train": "train", "calib": "train", "test": "t10k"}
+_IDX_KINDS = {"images": 3, "labels": 1}  # kind -> dimensions
+_IDX_UBYTE = 0x08
+_READ_CHUNK = 1 << 20
+
+
+def _idx_candidates(folder: Path, prefix: str, kind: str) -> list[Path]:
+    """The names an IDX file goes by: "-idx3-ubyte" (LeCun's) or ".idx3-ubyte", plain or gzipped."""
+    dims = _IDX_KINDS[kind]
+    return [folder / f"{prefix}-{kind}{sep}idx{dims}-ubyte{gz}" for sep in ("-", ".") for gz in ("", ".gz")]
+
+
+def is_idx_folder(folder: Path) -> bool:
+    """A folder holding at least one IDX file of the MNIST names (an image folder holds none)."""
+    return any(p.is_file() for prefix in ("train", "t10k") for kind in _IDX_KINDS
+               for p in _idx_candidates(folder, prefix, kind))
+
+
+def _idx_file(folder: Path, prefix: str, kind: str) -> Path:
+    found = [p for p in _idx_candidates(folder, prefix, kind) if p.is_file()]
+    if not found:
+        raise DataError(f"{folder}: no IDX file {prefix}-{kind}-idx{_IDX_KINDS[kind]}-ubyte (or .gz) in the folder")
+    return found[0]
+
+
+def _read_count(stream: Any, path: Path, count: int, what: str) -> bytes:
+    """Exactly `count` bytes, in chunks: a hostile header must not make one huge allocation."""
+    chunks, left = [], count
+    while left > 0:
+        chunk = stream.read(min(left, _READ_CHUNK))
+        if not chunk:
+            raise DataError(f"{path}: truncated IDX file: {what} needs {count} bytes, found {count - left}")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_idx(path: Path, dims: int) -> np.ndarray:
+    """The uint8 array of an IDX file (gzipped when its name ends in .gz) with `dims` dimensions:
+    magic 0x0000 08 <dims>, then each dimension as a big-endian uint32, then the bytes."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as stream:
+            magic = _read_count(stream, path, 4, "the magic number")
+            if magic[:3] != bytes((0, 0, _IDX_UBYTE)) or magic[3] != dims:
+                raise DataError(f"{path}: not an IDX file of {dims}-d unsigned bytes (magic 0x{magic.hex()}, "
+                                f"expected 0x00000{_IDX_UBYTE:x}0{dims})")
+            shape = tuple(int(d) for d in np.frombuffer(_read_count(stream, path, 4 * dims, "the header"), ">u4"))
+            data = _read_count(stream, path, math.prod(shape), f"shape {shape}")
+            if stream.read(1):
+                raise DataError(f"{path}: IDX file longer than its header's shape {shape} says")
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read IDX file ({type(err).__name__}: {err})") from None
+    if shape[0] == 0:
+        raise DataError(f"{path}: IDX file holds no samples")
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
+def _load_idx(folder: Path, split: str) -> ArrayDataset:
+    prefix = _IDX_PREFIXES[split]
+    images_path, labels_path = _idx_file(folder, prefix, "images"), _idx_file(folder, prefix, "labels")
+    images, labels = _read_idx(images_path, 3), _read_idx(labels_path, 1)
+    if len(labels) != len(images):
+        raise DataError(f"{labels_path}: {len(labels)} labels but {images_path.name} has {len(images)} images")
+    if labels.max() >= IDX_CLASSES:
+        index = int(np.argmax(labels >= IDX_CLASSES))
+        raise DataError(f"{labels_path}: label {labels[index]} at index {index} is out of range 0..{IDX_CLASSES - 1}")
+    # scaled to [0, 1] as the digits set is (its 0..16 over 16)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return ArrayDataset(x, y, IDX_CLASSES, name=f"{folder}:{split}", source=str(folder))
+
+
+def _idx_folder(name: str) -> Path:
+    """The folder of a named IDX data set ("fashion-mnist", "mnist")."""
+    folder = Path(IDX_FOLDERS[name])
+    if not folder.is_dir():
+        raise DataError(f"{name}: {folder} not found (install the Debian package dataset-{name}, or pass "
+                        "the folder that holds its IDX files)")
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,24 +530,28 @@ def load_dataset(
     image_size: int = 224,
     resize_size: int = 256,
 ) -> Dataset:
-    """The `split` ("train", "test" or "calib") of data set `spec`: "digits", an .npz file or an
-    image folder (see the module docstring). `seed` seeds the random training augmentation of
+    """The `split` ("train", "test" or "calib") of data set `spec`: "digits", "fashion-mnist", "mnist",
+    an .npz file, a folder of IDX files or an image folder (see the module docstring). `seed` seeds the random training augmentation of
     image folders; the digits split is fixed (random_state 0) so test accuracies stay comparable."""
     if split not in SPLITS:
         raise DataError(f"{spec}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     text = os.fspath(spec)
     if text == "digits":
         return _load_digits(split)
+    if text in IDX_FOLDERS:
+        return _load_idx(_idx_folder(text), split)
     path = Path(text).expanduser()
     if path.is_dir():
+        if is_idx_folder(path):
+            return _load_idx(path, split)
         return _load_image_folder(path, split, seed, image_size, resize_size)
     if not path.exists():
-        raise DataError(f"{path}: no such file or directory (expected 'digits', an .npz file or an image folder)")
+        raise DataError(f"{path}: no such file or directory (expected 'digits', 'fashion-mnist', 'mnist', an .npz file, a folder of IDX files or an image folder)")
     if not path.is_file():  # a FIFO would block the reader forever, a device never end
-        raise DataError(f"{path}: not a regular file or folder (expected 'digits', an .npz file or an image folder)")
+        raise DataError(f"{path}: not a regular file or folder (expected 'digits', 'fashion-mnist', 'mnist', an .npz file, a folder of IDX files or an image folder)")
     if path.suffix.lower() == ".npz":
         return _load_npz(path, split)
-    raise DataError(f"{path}: unsupported data set (expected 'digits', an .npz file or an image folder)")
+    raise DataError(f"{path}: unsupported data set (expected 'digits', 'fashion-mnist', 'mnist', an .npz file, a folder of IDX files or an image folder)")
 
 
 def _unwrap(dataset: Dataset) -> Dataset:
@@ -557,5 +659,5 @@ __all__ = [
     "ArrayDataset", "ImageFolderDataset", "ImageReadError", "load_dataset", "dataset_input_shape", "dataset_source",
     "check_input_shape", "largest_label", "num_classes", "make_loader", "MAX_CLASSES",
     "resize_shorter", "center_crop", "random_resized_crop_box", "to_normalized_tensor",
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS", "IDX_FOLDERS", "IDX_CLASSES", "is_idx_folder",
 ]

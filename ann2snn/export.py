@@ -93,13 +93,17 @@ def _inline_initializer_aliases(graph: onnx.GraphProto) -> None:
             graph.node.remove(node)
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike, *,
-                qdq: bool = True, opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLike,
+                path: str | os.PathLike | Tensor, *, qdq: bool = True, opset: int = 17) -> Path:
     """Write `model` (input [batch, *input_shape], any batch size) to the ONNX file `path`.
 
+    Also `export_onnx(model, path, example_input)`: the input shape of one sample of the batch
+    `example_input` (the form for a model from `ann2snn.prepare`, which has no shape of its own).
     qdq=True: every QuantClippedActivation site becomes clip -> QuantizeLinear -> DequantizeLinear
     (the quantized ANN); qdq=False: the clip only (the float clipped ANN). Returns the path.
     """
+    if isinstance(path, Tensor):
+        input_shape, path = tuple(path.shape[1:]), input_shape
     path = Path(path)
     if path.is_dir():
         raise Ann2SnnError(f"{path}: is a directory, not an ONNX file path")
