@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import Ann2SnnError
@@ -183,3 +185,55 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
 
 
 __all__ = ["prepare", "spike_penalty", "PreparedModel", "DEFAULT_PERCENTILE"]
+
+
+def onnx_network(path: str, classes: int, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """A float ONNX file (any CNN `convert` accepts) as a trainable network for `ann2snn train
+    --model FILE.onnx`: the importer's graph of torch modules, its ReLU-like ops each a module of
+    their own (for `train.quantize_model`); its own pre- and post-processing stays in the graph.
+    Refuses a QDQ file (already quantized), samples or classes that do not fit it."""
+    from .data import check_input_shape
+    from .onnx_import import load_onnx
+    from .quant import QuantDequant
+
+    gm = load_onnx(path)
+    if any(isinstance(m, QuantDequant) for m in gm.modules()):
+        raise Ann2SnnError(f"{path}: a quantized (QDQ) file; train fine-tunes a float file (convert takes this one)")
+    meta = gm.meta["onnx"]
+    check_input_shape(path, input_shape, meta["input_shape"][1:])
+    width = gm(torch.zeros((1, *input_shape), dtype=meta["dtype"])).reshape(1, -1).shape[1]
+    if width != classes:
+        raise Ann2SnnError(f"{path}: the model has {width} outputs, the data set {classes} classes")
+    network = _trace_copy(gm)
+    if not _sites_as_modules(network):
+        raise Ann2SnnError(f"{path}: no ReLU-like activation (Relu, Clip(0, c)) to quantize")
+    network.recompile()
+    network.meta["onnx"] = meta
+    return network
+
+
+def classification_loss(model: nn.Module) -> Callable[..., Tensor]:
+    """Cross-entropy for the network's output: logits, or probabilities / log-probabilities when the
+    network ends in the Softmax / LogSoftmax it was exported with (a Sigmoid output is not a
+    single-label classifier). Called as loss(output, labels, reduction=...)."""
+    last = _last_operation(model)
+    if isinstance(last, nn.LogSoftmax):
+        return F.nll_loss
+    if isinstance(last, nn.Softmax):
+        return lambda output, labels, **kwargs: F.nll_loss(torch.log(output.clamp_min(1e-30)), labels, **kwargs)
+    if isinstance(last, nn.Sigmoid):
+        raise Ann2SnnError("the network ends in a Sigmoid: train fine-tunes single-label classifiers (logits, "
+                           "Softmax or LogSoftmax outputs)")
+    return F.cross_entropy
+
+
+def _last_operation(model: nn.Module) -> nn.Module | None:
+    """The module producing a GraphModule's output, if it is one."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    output = next(n for n in model.graph.nodes if n.op == "output")
+    produced = output.args[0]
+    produced = produced[0] if isinstance(produced, (tuple, list)) else produced
+    if isinstance(produced, fx.Node) and produced.op == "call_module":
+        return model.get_submodule(produced.target)
+    return None

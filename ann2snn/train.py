@@ -38,7 +38,6 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm import tqdm
@@ -325,6 +324,8 @@ def _check_data_fits(config: TrainConfig, source: str, input_shape: tuple[int, .
     which allocates nothing and computes nothing."""
     import models
 
+    if is_onnx_source(config.model):   # prepare.onnx_network checks the file's own input shape
+        return
     try:
         with torch.device("meta"):
             model = models.build_model(config.model, classes, in_channels=input_shape[0])
@@ -453,9 +454,7 @@ def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...]
     """The zoo model with its activations made sites (quantizing, or float for float_only), on
     `device` (default: config.device); for float_only with float_activation "plain", the zoo model
     as it is (ReLU / ReLU6, no trainable clip: what rate-coding converters such as SpikingJelly's take)."""
-    import models  # the model zoo is a top-level package beside ann2snn
-
-    model = models.build_model(config.model, classes, in_channels=input_shape[0])
+    model = _source_network(config.model, classes, input_shape)
     if config.float_activation not in FLOAT_ACTIVATIONS:
         raise Ann2SnnError(f"float_activation {config.float_activation!r}: expected one of {', '.join(FLOAT_ACTIVATIONS)}")
     if config.float_activation == "plain":
@@ -467,6 +466,22 @@ def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...]
         site.quantize = not config.float_only
         site.record_spikes = not config.float_only
     return model
+
+
+def is_onnx_source(model: str) -> bool:
+    """`--model` names a float ONNX file to fine-tune rather than a zoo model."""
+    return model.lower().endswith(".onnx")
+
+
+def _source_network(model: str, classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """The network to train: a zoo model by name, or a float ONNX file as imported."""
+    if is_onnx_source(model):
+        from .prepare import onnx_network
+
+        return onnx_network(model, classes, input_shape)
+    import models  # the model zoo is a top-level package beside ann2snn
+
+    return models.build_model(model, classes, in_channels=input_shape[0])
 
 
 def _initialize(model: nn.Module, config: TrainConfig) -> None:
@@ -521,7 +536,10 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
     the loss backpropagated is this rank's per-sample sum times world_size / global batch size,
     which DDP's average over ranks turns into the gradient of the global batch's mean.
     """
+    from .prepare import classification_loss
+
     model.train()
+    criterion = classification_loss(getattr(model, "module", model))   # DDP wraps the network
     sites = list(activation_sites(model).values())
     # Running sums stay on the device: no host synchronization per step.
     sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -529,12 +547,12 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         if global_sizes is None:
-            ce = F.cross_entropy(logits, y)
+            ce = criterion(logits, y)
             spikes = spike_regularizer(model)
             loss = ce + beta * spikes if beta > 0 else ce  # beta = 0: no backward pass through the counts
             objective = loss
         else:  # sums, not means: a rank's part of a short last global batch may be empty
-            ce = F.cross_entropy(logits, y, reduction="sum")
+            ce = criterion(logits, y, reduction="sum")
             counts = _sample_spikes(model)
             spikes = counts.sum() if counts is not None else torch.zeros((), device=device)
             loss = ce + beta * spikes if beta > 0 else ce

@@ -20,7 +20,7 @@ from test_cli import digits_model
 from test_onnx_import import _model, _weights
 
 
-def cnn(tail: list, opset: int = 13, last: str = "g") -> onnx.ModelProto:
+def cnn(tail: list, opset: int = 13, last: str = "g", classes: int = 10) -> onnx.ModelProto:
     """Conv -> BN -> Relu -> MaxPool -> Flatten -> Gemm on 1x8x8 digits, then `tail` (reading `last`)."""
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["z"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["z", "gamma", "beta", "mean", "var"], ["n"], name="bn"),
@@ -30,8 +30,8 @@ def cnn(tail: list, opset: int = 13, last: str = "g") -> onnx.ModelProto:
              helper.make_node("Gemm", ["f", "w2", "b2"], [last], name="fc", transB=1), *tail]
     initializers = {"w1": _weights(4, 1, 3, 3), "b1": _weights(4, seed=1), "gamma": np.abs(_weights(4, seed=4)) + 0.5,
                     "beta": _weights(4, seed=5), "mean": _weights(4, seed=6) * 0.1,
-                    "var": np.abs(_weights(4, seed=7)) + 0.5, "w2": _weights(10, 64, seed=2) * 0.1,
-                    "b2": _weights(10, seed=3)}
+                    "var": np.abs(_weights(4, seed=7)) + 0.5, "w2": _weights(classes, 64, seed=2) * 0.1,
+                    "b2": _weights(classes, seed=3)}
     return _model(nodes, (1, 8, 8), initializers.items(), opset=opset)
 
 
