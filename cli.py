@@ -97,6 +97,12 @@ def _load_inputs(data: str, split: str, samples: int, seed: int = 0):
     return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
+def _zoo_model_or_onnx_file(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in MODEL_NAMES or value.lower().endswith(".onnx"):
+        return value
+    raise click.BadParameter(f"{value!r} is neither a zoo model ({', '.join(MODEL_NAMES)}) nor an .onnx file")
+
+
 def _verification_inputs(model: str, verify_data: str | None, calib: str | None, calib_x, samples: int):
     """Real inputs where there are any (--verify-data, else the calibration data), else noise,
     with a description of which."""
@@ -186,7 +192,8 @@ def demo(timesteps, output_dir, epochs, as_json):
 
 
 @cli.command()
-@click.option("--model", "model_name", type=click.Choice(MODEL_NAMES), default="digits-cnn", show_default=True)
+@click.option("--model", "model_name", default="digits-cnn", show_default=True, callback=_zoo_model_or_onnx_file,
+              metavar="NAME|FILE.onnx", help=f"A zoo model ({', '.join(MODEL_NAMES)}) or a float ONNX file to fine-tune.")
 @click.option("--data", default="digits", show_default=True, metavar="DATA",
               help="digits, an .npz with x and y, or an image folder with train/ and val/.")
 @click.option("-T", "timesteps", type=click.IntRange(1, 8), default=3, show_default=True,
