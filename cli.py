@@ -266,13 +266,20 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
               help="Inputs for verification (default: the --calib data; with neither, uniform noise).")
 @click.option("--verify-samples", type=click.IntRange(1), default=64, show_default=True,
               help="Verification inputs, drawn at random across classes.")
+@click.option("--output-name", "graph_output", default=None, metavar="NAME",
+              help="The graph output with the logits, for a model with several (the others are dropped).")
+@click.option("--input-shape", default=None, metavar="C,H,W", callback=lambda _c, _p, v: _sample_shape(v),
+              help="A sample's shape, for an input with dynamic dimensions (default: the --calib data's).")
 @min_agreement_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
-            min_agreement, as_json):
+            graph_output, input_shape, min_agreement, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
+    import tempfile
+
     from ann2snn.compiler import compile_source, quantized_onnx
+    from ann2snn.onnx_import import save_as_imported
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
     calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
@@ -281,14 +288,17 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         from ann2snn.onnx_import import inspect_onnx
 
         check_input_shape(calib, tuple(calib_x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
-    source_graph, source = quantized_onnx(model, timesteps, calib_x, percentile=percentile)
+    source_graph, source = quantized_onnx(model, timesteps, calib_x, percentile=percentile, output=graph_output,
+                                          input_shape=input_shape)
     snn = compile_source(model, source_graph, source, timesteps)
     result = {"model": model, "timesteps": snn.timesteps, "source": snn.source,
               "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
               "rewrites": snn.report["rewrites"]}
     if verify:
-        x, inputs = _verification_inputs(model, verify_data, calib, calib_x, verify_samples)
-        result["verify"] = _verify(model, snn, source_graph, x, inputs, min_agreement).to_json()
+        with tempfile.TemporaryDirectory() as folder:  # onnxruntime runs the model as imported (one output, sized)
+            reference = save_as_imported(model, source_graph, folder)
+            x, inputs = _verification_inputs(reference, verify_data, calib, calib_x, verify_samples)
+            result["verify"] = _verify(reference, snn, source_graph, x, inputs, min_agreement).to_json()
     if not verify or result["verify"]["passed"]:
         snn.save(out)
         result["output"] = str(out)
@@ -305,6 +315,19 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         click.echo(f"wrote {out}" if "output" in result else "no output written: verification failed")
     if verify and not result["verify"]["passed"]:
         sys.exit(EXIT_VERIFICATION_FAILED)
+
+
+def _sample_shape(text: str | None) -> tuple[int, ...] | None:
+    """--input-shape C,H,W as a tuple of positive sizes."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{text!r} is not a list of positive sizes such as 3,32,32")
+    return sizes
 
 
 @cli.command(name="verify")

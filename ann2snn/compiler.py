@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -53,7 +54,8 @@ def _has_float_activations(gm: fx.GraphModule) -> bool:
 
 def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
                    percentile: float = 99.99, batch_size: int = 64,
-                   clips: dict[str, list[float] | float] | None = None) -> tuple[fx.GraphModule, dict]:
+                   clips: dict[str, list[float] | float] | None = None, *, output: str | None = None,
+                   input_shape: Sequence[int] | None = None) -> tuple[fx.GraphModule, dict]:
     """The quantized source of an ONNX file, the ANN its SNN must compute exactly: the imported
     graph with QuantClippedActivation sites (QDQ pairs keep their scale and level count; uint8
     gives T = 8), and the source's description.
@@ -61,12 +63,17 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
     Float Relu / Clip / Relu6 sites need `T`, and lambda: from `clips` (site -> lambda, as an
     artifact's report records them) or else calibrated as the `percentile` of each site's
     activations on `calib`.
+
+    `output` picks one of several graph outputs (the others are dropped before import);
+    `input_shape` (a sample's shape) sizes the input's dynamic dimensions, else `calib`'s samples do.
     """
     from .artifact import file_sha256
     from .onnx_import import load_onnx
     from .onnx_import.sites import qdq_to_sites
 
-    gm, qdq_sites = qdq_to_sites(load_onnx(path))
+    sample_shape = input_shape or (tuple(calib.shape[1:]) if calib is not None else None)
+    gm, qdq_sites = qdq_to_sites(load_onnx(path, output=output, input_shape=sample_shape))
+    _check_input_shape(path, gm, input_shape)
     _check_one_output(path, gm)
     _check_any_batch(path, gm)
     calib = _calibration_inputs(path, gm, calib)
@@ -93,7 +100,9 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
             calibrate_clips(gm, [(x,) for x in calib.split(batch_size)], percentile, batches=None)
         kind = "float" if not qdq_sites else "mixed"
     source = {"file": os.path.basename(str(path)), "sha256": file_sha256(path), "kind": kind,
-              "calibration_percentile": percentile if kind != "qdq" else None}
+              "calibration_percentile": percentile if kind != "qdq" else None,
+              **({"output": output} if output is not None else {}),
+              **({"input_shape": gm.meta["onnx"]["input_shape"][1:]} if gm.meta["onnx"]["sized_input"] else {})}
     return gm, source
 
 
@@ -116,18 +125,29 @@ def compile_source(path: str | os.PathLike, source_graph: fx.GraphModule, source
 
 
 def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
-                 percentile: float = 99.99, batch_size: int = 64) -> SNN:
+                 percentile: float = 99.99, batch_size: int = 64, *, output: str | None = None,
+                 input_shape: Sequence[int] | None = None) -> SNN:
     """Import an ONNX file and convert it: `quantized_onnx`, then `compile_source`."""
-    source_graph, source = quantized_onnx(path, T, calib, percentile, batch_size)
+    source_graph, source = quantized_onnx(path, T, calib, percentile, batch_size, output=output,
+                                          input_shape=input_shape)
     return compile_source(path, source_graph, source, T)
+
+
+def _check_input_shape(path: str | os.PathLike, gm: fx.GraphModule, input_shape: Sequence[int] | None) -> None:
+    """`input_shape` sized the input's dynamic dimensions; it must not contradict its static ones."""
+    shape = gm.meta["onnx"]["input_shape"]
+    if input_shape is not None and list(input_shape) != list(shape[1:]):
+        raise UnsupportedModelError(f"{path}: input {gm.meta['onnx']['input']!r} takes samples of shape "
+                                    f"{list(shape[1:])}, not the input shape {list(input_shape)} given")
 
 
 def _check_one_output(path: str | os.PathLike, gm: fx.GraphModule) -> None:
     """An SNN computes one tensor, the logits."""
     outputs = gm.meta["onnx"]["outputs"]
     if len(outputs) != 1:
+        hint = ": pass --output-name NAME, the one with the logits" if outputs else ""
         raise UnsupportedModelError(f"{path}: the model has {len(outputs)} outputs "
-                                    f"({', '.join(map(repr, outputs)) or 'none'}); an SNN has one, the logits")
+                                    f"({', '.join(map(repr, outputs)) or 'none'}); an SNN has one, the logits{hint}")
 
 
 def _check_any_batch(path: str | os.PathLike, gm: fx.GraphModule) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 import os
 from collections import Counter
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -24,9 +25,10 @@ from torch import fx, nn
 from . import converters  # noqa: F401  (registers the converters)
 from .builder import GraphBuilder, sanitize
 from ..quant import QuantDequant
-from .reader import (FLOAT_INPUTS, check_finite, graph_inputs, infer_shapes, network_input, probe_shape,
-                     read_model, type_name)
-from .registry import find_converter, supported_op_types
+from .reader import (FLOAT_INPUTS, check_finite, fix_input_shape, graph_inputs, infer_shapes, network_input,
+                     probe_shape, read_model, select_output, type_name)
+from .registry import GraphView, find_converter, support_problem, supported_op_types
+from ..passes.graph_utils import conversion_report
 from ..errors import UnsupportedModelError
 
 # What an imported graph may contain: the passes and the .snn serializer handle exactly these.
@@ -37,18 +39,39 @@ CONTRACT_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv
                       torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze, torch.clamp, torch.relu,
                       torch.matmul, F.pad, torch.mean)
 
-__all__ = ["load_onnx", "inspect_onnx", "supported_op_types", "QuantDequant", "CONTRACT_MODULES",
-           "CONTRACT_FUNCTIONS"]
+__all__ = ["load_onnx", "inspect_onnx", "save_as_imported", "supported_op_types", "QuantDequant",
+           "CONTRACT_MODULES", "CONTRACT_FUNCTIONS"]
 
 
-def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphModule:
-    """The ONNX model as a torch.fx GraphModule in eval mode (see the module docstring)."""
+def _selected(path_or_model: str | os.PathLike | onnx.ModelProto, output: str | None,
+              input_shape: Sequence[int] | None) -> tuple[onnx.ModelProto, str, int, int | None, list[dict]]:
+    """read_model, then only the graph output `output` (when given) and the input's dynamic
+    dimensions sized by `input_shape` (when given); with what that changed, as report entries."""
     model, where, opset, upgraded_from = read_model(path_or_model)
+    rewrites = []
+    if output is not None:
+        rewrites.append({"pass": "import", "output": output, "dropped_outputs": select_output(model, output, where)})
+    if input_shape is not None:
+        sizes = fix_input_shape(model, input_shape, where)
+        if sizes:
+            rewrites.append({"pass": "import", "input_sizes": sizes})
+    return model, where, opset, upgraded_from, rewrites
+
+
+def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *, output: str | None = None,
+              input_shape: Sequence[int] | None = None) -> fx.GraphModule:
+    """The ONNX model as a torch.fx GraphModule in eval mode (see the module docstring).
+
+    output: keep only this graph output (and the nodes it needs); the others are dropped first.
+    input_shape: a sample's shape (without the batch) that sizes the input's dynamic dimensions.
+    """
+    model, where, opset, upgraded_from, rewrites = _selected(path_or_model, output, input_shape)
     model = infer_shapes(model, where)
     data = network_input(model, where)
     check_finite(model, where)
     declared = data.dims[0] if isinstance(data.dims[0], int) and data.dims[0] > 0 else None
-    builder = GraphBuilder(where, opset, probe_batch=declared or 1, declared_batch=declared)
+    builder = GraphBuilder(where, opset, probe_batch=declared or 1, declared_batch=declared,
+                           view=GraphView(model.graph, opset))
     graph = model.graph
     builder.used_values = {name for node in graph.node for name in node.input if name}
     builder.used_values |= {value.name for value in graph.output}
@@ -72,8 +95,22 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto) -> fx.GraphMod
     gm.meta["onnx"] = {"file": where, "opset": opset, "upgraded_from": upgraded_from, "input": data.name,
                        "input_shape": data.dims,
                        "dtype": dtype, "outputs": [v.name for v in graph.output],
-                       "fixed_batch_nodes": builder.fixed_batch_nodes}
+                       "fixed_batch_nodes": builder.fixed_batch_nodes, "selected_output": output,
+                       "sized_input": any("input_sizes" in r for r in rewrites)}
+    conversion_report(gm)["rewrites"].extend(rewrites + builder.rewrites)
     return gm.eval()
+
+
+def save_as_imported(path: str | os.PathLike, gm: fx.GraphModule, folder: str | os.PathLike) -> str:
+    """`path` itself, or, when `load_onnx` selected an output or sized the input for `gm`, that
+    model saved in `folder` under the same file name: what onnxruntime must run to compare."""
+    meta = gm.meta["onnx"]
+    if meta["selected_output"] is None and not meta["sized_input"]:
+        return str(path)
+    model = _selected(path, meta["selected_output"], meta["input_shape"][1:] if meta["sized_input"] else None)[0]
+    target = os.path.join(folder, os.path.basename(str(path)))
+    onnx.save(model, target)
+    return target
 
 
 def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
@@ -82,10 +119,16 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
     inputs = graph_inputs(model)
     counts = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
                      for node in model.graph.node)
-    ops = {}
-    for node in model.graph.node:
+    view = GraphView(model.graph, opset)
+    ops, refused = {}, {}
+    for index, node in enumerate(model.graph.node):
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        ops[key] = {"count": counts[key], "supported": find_converter(node.op_type, opset, node.domain) is not None}
+        converter = find_converter(node.op_type, opset, node.domain)
+        problem = support_problem(node, view) if converter is not None else None  # what convert refuses too
+        if problem is not None:
+            refused[node.name or f"{key}_{index}"] = problem
+        supported = converter is not None and problem is None and ops.get(key, {}).get("supported", True)
+        ops[key] = {"count": counts[key], "supported": supported}
     first = inputs[0] if inputs else None
     return {
         "file": where,
@@ -100,6 +143,7 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
         "outputs": [v.name for v in model.graph.output],
         "ops": ops,
         "all_ops_supported": all(v["supported"] for v in ops.values()),
+        "refused_nodes": refused,  # nodes of a supported op that its support check refuses, and why
         "qdq_pairs": _qdq_pairs(model),
     }
 

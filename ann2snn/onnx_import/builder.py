@@ -27,7 +27,7 @@ from onnx import helper
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from .registry import get_converter
+from .registry import GraphView, attribute_defaults, decode_attribute, get_converter
 
 # Two batch sizes at which batch-dependent shape arithmetic is evaluated.
 BATCH_PROBES = (2, 3)
@@ -65,17 +65,6 @@ def sanitize(name: str, fallback: str) -> str:
     return text
 
 
-def attribute_defaults(schema: onnx.defs.OpSchema) -> dict[str, Any]:
-    """The spec's default of every attribute that has one."""
-    defaults = {}
-    for name, attribute in schema.attributes.items():
-        default = attribute.default_value
-        if default.type != onnx.AttributeProto.UNDEFINED:
-            value = helper.get_attribute_value(default)
-            defaults[name] = value.decode() if isinstance(value, bytes) else value
-    return defaults
-
-
 def fold_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
     """Run `node` on constant inputs with onnx's reference implementation, as opset `opset` defines it."""
     from onnx.reference import ReferenceEvaluator
@@ -96,9 +85,11 @@ def fold_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int)
 class GraphBuilder:
     """The fx graph under construction, with its root module of layers and constant buffers."""
 
-    def __init__(self, where: str, opset: int, probe_batch: int, declared_batch: int | None) -> None:
+    def __init__(self, where: str, opset: int, probe_batch: int, declared_batch: int | None,
+                 view: GraphView | None = None) -> None:
         self.where = where
         self.opset = opset
+        self.view = view  # for the converters' support checks (registry.GraphView)
         self.graph = fx.Graph()
         self.root = nn.Module()
         self.env: dict[str, Value] = {}
@@ -111,6 +102,7 @@ class GraphBuilder:
         self._quantized: list[Quantized] = []
         self.used_values: set[str] = set()
         self.fixed_batch_nodes: list[str] = []  # nodes whose constants fit the declared batch only
+        self.rewrites: list[dict] = []  # what the import changed, for the conversion report
 
     # --- naming ----------------------------------------------------------------------------
     def attribute_name(self, base: str) -> str:
@@ -168,7 +160,7 @@ class GraphBuilder:
 
     # --- the ONNX graph --------------------------------------------------------------------
     def convert(self, node: onnx.NodeProto) -> None:
-        converter = get_converter(node, self.opset, self.where)
+        converter = get_converter(node, self.opset, self.where, self.view)
         ctx = NodeContext(self, node)
         inputs = [self.env.get(name) if name else None for name in node.input]
         missing = [name for name in node.input if name and name not in self.env]
@@ -223,7 +215,7 @@ class NodeContext:
         self.name = sanitize(node.name, node.op_type.lower())
         schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=builder.opset, domain=node.domain)
         self._defaults = attribute_defaults(schema)
-        self._given = {a.name: _decode(helper.get_attribute_value(a)) for a in node.attribute}
+        self._given = {a.name: decode_attribute(helper.get_attribute_value(a)) for a in node.attribute}
         self._read: set[str] = set()
 
     # --- errors ----------------------------------------------------------------------------
@@ -335,10 +327,3 @@ def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -221,9 +222,56 @@ def network_input(model: onnx.ModelProto, where: str) -> NetworkInput:
             raise UnsupportedModelError(f"{where}: input {value.name!r} {shape} has size {dim} in dimension "
                                         f"{axis}; every dimension needs a positive size")
         if not isinstance(dim, int):
-            raise UnsupportedModelError(f"{where}: input {value.name!r} {shape} has a dynamic dimension {axis} "
-                                        f"({dim!r}); only the batch dimension (0) may be dynamic")
+            raise UnsupportedModelError(
+                f"{where}: input {value.name!r} {shape} has a dynamic dimension {axis} ({dim!r}); only the batch "
+                f"dimension (0) may be dynamic: pass --input-shape {_SAMPLE_DIMS[len(value.dims)]} (or calibration "
+                "data, whose shape fixes it)")
     return value
+
+
+_SAMPLE_DIMS = {2: "F", 3: "C,L", 4: "C,H,W"}  # how --input-shape names a sample's dimensions, by input rank
+
+
+def fix_input_shape(model: onnx.ModelProto, sample_shape: Sequence[int], where: str) -> dict[str, int]:
+    """Give the network input's dynamic dimensions (all but the batch) their sizes in `sample_shape`
+    (a sample's shape, without the batch), in place; its static ones stay, for the caller to compare.
+    Returns the sizes given, by dimension name."""
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        return {}  # network_input refuses it
+    value = inputs[0]
+    if all(isinstance(d, int) for d in value.dims[1:]):
+        return {}  # nothing to size: the caller compares the static shape
+    if len(sample_shape) != len(value.dims) - 1:
+        raise UnsupportedModelError(f"{where}: input {value.name!r} {format_dims(value.dims)} takes samples of rank "
+                                    f"{len(value.dims) - 1}, not of shape {list(sample_shape)}")
+    proto = next(v for v in model.graph.input if v.name == value.name)
+    fixed = {}
+    for dim, old, size in zip(proto.type.tensor_type.shape.dim[1:], value.dims[1:], sample_shape):
+        if not isinstance(old, int):
+            dim.dim_value = int(size)  # clears dim_param, the oneof's other member
+            fixed[old or "?"] = int(size)
+    return fixed
+
+
+def select_output(model: onnx.ModelProto, name: str, where: str) -> list[str]:
+    """Keep only the graph output `name` and the nodes it needs, in place; returns the outputs dropped.
+    Refuses a name that is no graph output, listing the outputs."""
+    outputs = [value.name for value in model.graph.output]
+    if name not in outputs:
+        raise UnsupportedModelError(f"{where}: the model has no output {name!r}; its outputs are "
+                                    f"{', '.join(map(repr, outputs)) or 'none'}")
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)  # what is kept is copied back from here
+    needed, nodes = {name}, []
+    for node in reversed(graph.node):  # the nodes are topologically sorted (the checker says so)
+        if needed.intersection(node.output):
+            needed.update(node.input)
+            nodes.append(node)
+    del model.graph.output[:], model.graph.node[:]
+    model.graph.output.extend(value for value in graph.output if value.name == name)
+    model.graph.node.extend(reversed(nodes))
+    return [o for o in outputs if o != name]
 
 
 def format_dims(dims: list[int | str | None]) -> str:

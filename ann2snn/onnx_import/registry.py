@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import onnx
 import onnx.defs
+from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError
 
@@ -25,6 +27,63 @@ class OperationKey(NamedTuple):
 
 
 _CONVERTERS: dict[OperationKey, Converter] = {}
+
+
+def attribute_defaults(schema: onnx.defs.OpSchema) -> dict[str, Any]:
+    """The spec's default of every attribute that has one."""
+    defaults = {}
+    for name, attribute in schema.attributes.items():
+        default = attribute.default_value
+        if default.type != onnx.AttributeProto.UNDEFINED:
+            defaults[name] = decode_attribute(helper.get_attribute_value(default))
+    return defaults
+
+
+def decode_attribute(value: Any) -> Any:
+    """An attribute value with its strings (bytes in the protobuf) as str."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [decode_attribute(v) for v in value]
+    return value
+
+
+class GraphView:
+    """What a support check sees of an ONNX graph, the same for `convert` and `inspect`: a node's
+    attributes with the spec's defaults, the constant tensors (initializers, Constant nodes), and
+    who reads each value. No shapes: `inspect` infers none, so a check cannot depend on them."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.opset = opset
+        self.outputs = {value.name for value in graph.output}
+        self.constants = {t.name: t for t in graph.initializer}
+        self._consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+                self.constants[node.output[0]] = node.attribute[0].t
+            for name in node.input:
+                self._consumers.setdefault(name, []).append(node)
+
+    def attributes(self, node: onnx.NodeProto) -> dict[str, Any]:
+        """The node's attributes, the spec's default for each one not given."""
+        schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=self.opset, domain=node.domain)
+        return {**attribute_defaults(schema),
+                **{a.name: decode_attribute(helper.get_attribute_value(a)) for a in node.attribute}}
+
+    def constant(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        """Input `index` of `node` when it is an initializer or a Constant, else None."""
+        if index >= len(node.input) or node.input[index] not in self.constants:
+            return None
+        return numpy_helper.to_array(self.constants[node.input[index]])
+
+    def consumers(self, value: str) -> list[onnx.NodeProto] | None:
+        """The nodes that read `value`; None when it is also a graph output."""
+        return None if value in self.outputs else self._consumers.get(value, [])
+
+
+# A support check: None when the converter handles the node as the graph uses it, else the reason.
+SupportCheck = Callable[[onnx.NodeProto, GraphView], "str | None"]
+_CHECKS: dict[tuple[str, str], SupportCheck] = {}
 
 
 # Activations no bit-serial neuron can represent (METHOD.md section 1: a site is a clipped ReLU).
@@ -45,6 +104,22 @@ def add_converter(op_type: str, version: int, domain: str = "") -> Callable[[Con
     return register
 
 
+def add_support_check(op_type: str, domain: str = "") -> Callable[[SupportCheck], SupportCheck]:
+    """Register the decorated function as the attribute check of every version of `op_type`: run
+    before its converter by `convert`, and by `inspect`, so that the two always agree."""
+    def register(check: SupportCheck) -> SupportCheck:
+        _CHECKS[(domain, op_type)] = check
+        return check
+
+    return register
+
+
+def support_problem(node: onnx.NodeProto, view: GraphView) -> str | None:
+    """Why the converter of `node` refuses it as the graph uses it (its support check), else None."""
+    check = _CHECKS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+    return check(node, view) if check is not None else None
+
+
 def supported_op_types() -> list[str]:
     """Op types (default domain) with at least one converter, sorted."""
     return sorted({key.op_type for key in _CONVERTERS if key.domain == ""})
@@ -60,9 +135,15 @@ def find_converter(op_type: str, opset: int, domain: str = "") -> Converter | No
     return _CONVERTERS.get(OperationKey(domain, op_type, schema.since_version))
 
 
-def get_converter(node: onnx.NodeProto, opset: int, where: str = "<model>") -> Converter:
-    """The converter of `node`, else UnsupportedModelError naming file, node, op and opset."""
+def get_converter(node: onnx.NodeProto, opset: int, where: str = "<model>",
+                  view: GraphView | None = None) -> Converter:
+    """The converter of `node`, else UnsupportedModelError naming file, node, op and opset; with
+    `view`, also refused when its support check says why."""
     converter = find_converter(node.op_type, opset, node.domain)
+    problem = support_problem(node, view) if converter is not None and view is not None else None
+    if problem is not None:
+        raise UnsupportedModelError(f"{where}: node {node.name or '<unnamed>'!r} ({node.op_type}, opset {opset}): "
+                                    f"{problem}")
     if converter is None:
         op = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         hint = (f"; a bit-serial neuron fires only ReLU-like (clipped, non-negative) levels: retrain it with ReLU "

@@ -72,6 +72,16 @@ def _bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | Tensor, float | 
     return None
 
 
+def is_non_negative(root: nn.Module, node: fx.Node) -> bool:
+    """`node` (of a graph whose modules `root` holds) is never negative: a ReLU-like clamp at 0 or
+    above, or a QuantDequant whose zero point is its qmin (its levels start at 0)."""
+    module = module_of(root, node)
+    if isinstance(module, QuantDequant):
+        return bool((module.zero_point <= module.qmin).all())
+    bounds = _bounds(root, node)
+    return bounds is not None and bool(torch.as_tensor(bounds[0]).min() >= 0)
+
+
 def _clamp_chain(gm: fx.GraphModule, qdq: fx.Node) -> tuple[list[fx.Node], float | Tensor, float | Tensor]:
     """The clamp ops directly before `qdq` (each used only by the next), their combined bounds."""
     chain, low, high = [], -math.inf, math.inf

@@ -1,4 +1,8 @@
-"""Conv (1-D and 2-D; groups, depthwise, strides, dilations, pads, auto_pad) -> nn.Conv1d / nn.Conv2d."""
+"""Conv (1-D and 2-D; groups, depthwise, strides, dilations, pads, auto_pad) -> nn.Conv1d / nn.Conv2d.
+
+A constant-0 Pad in front of a Conv (TensorFlow's SAME padding written out) becomes the
+convolution's own zero padding: the same numbers, one op fewer.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import add_converter
-from .utils import native_padding, spatial_padding, torch_pad
+from .utils import native_padding, spatial_padding, take_pad, torch_pad
 
 _CONVS = {3: nn.Conv1d, 4: nn.Conv2d}
 
@@ -31,6 +35,7 @@ def convert_conv(ctx) -> list:
         ctx.fail(f"input has {shape[1]} channels; weight {list(weight.shape)} with group={groups} expects "
                  f"{weight.shape[1] * groups}")
     pairs = spatial_padding(ctx, shape[2:], kernel, strides, dilations)
+    x, pairs = take_pad(ctx, x, pairs, lambda pad, _: pad.mode == "constant" and pad.value == 0)
     padding = native_padding(pairs)
     if padding is None:  # asymmetric: pad explicitly with zeros first
         x = ctx.call_function(F.pad, x, torch_pad(pairs), suffix="_pad")

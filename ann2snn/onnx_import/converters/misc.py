@@ -1,12 +1,21 @@
-"""Identity and inference Dropout (pass-through), Pad (constant mode) -> F.pad, ReduceMean -> torch.mean."""
+"""Identity and inference Dropout (pass-through), Pad -> F.pad, ReduceMean -> torch.mean.
+
+Pad: constant mode anywhere (a Conv or MaxPool behind it takes it as its own padding where that is
+exact: conv.py, pooling.py); edge mode only directly in front of MaxPools that take it as their
+own padding, which a bit-serial network can compute (pad_support, which `inspect` runs too).
+"""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 
-from ..registry import add_converter
-from .utils import axes_argument, check_padded_size, ints, normalize_axis, refuse_batch_move, torch_pad
+from ..registry import GraphView, add_converter, add_support_check
+from ..sites import is_non_negative
+from .pooling import edge_pad_problem
+from .utils import (PadValue, axes_argument, check_padded_size, ints, normalize_axis, refuse_batch_move,
+                    torch_pad)
 
 
 @add_converter("Identity", 1)
@@ -37,6 +46,34 @@ def convert_dropout(ctx) -> list:
     return [ctx.dynamic(0)]
 
 
+@add_support_check("Pad")
+def pad_support(node: onnx.NodeProto, view: GraphView) -> str | None:
+    """None for constant padding, and for edge padding of the spatial dimensions read only by
+    MaxPools that take it as their own padding (pooling.edge_pad_problem); else why not."""
+    mode = view.attributes(node)["mode"]
+    if mode == "constant":
+        return None
+    refused = f"attribute mode={mode!r} is not supported"
+    if mode != "edge":
+        return f"{refused} (only constant padding, and edge padding directly in front of a MaxPool)"
+    pads = view.constant(node, 1)
+    if pads is None or view.constant(node, 3) is not None or (len(node.input) > 3 and node.input[3]):
+        return f"{refused} (edge padding needs constant pads and no axes input)"
+    pads = ints(pads)
+    rank = len(pads) // 2
+    pairs = list(zip(pads[:rank], pads[rank:]))
+    if rank < 3 or any(p != 0 for pair in pairs[:2] for p in pair) or any(p < 0 for pair in pairs for p in pair):
+        return f"{refused} (edge padding only widens the spatial dimensions; pads {pads})"
+    consumers = view.consumers(node.output[0])
+    if not consumers or any(c.op_type != "MaxPool" for c in consumers):
+        return f"{refused} (edge padding only directly in front of a MaxPool, as its own padding)"
+    for pool in consumers:
+        problem = edge_pad_problem(view.attributes(pool), pairs[2:])
+        if problem is not None:
+            return f"{refused} in front of MaxPool {pool.name!r}: {problem}"
+    return None
+
+
 @add_converter("Pad", 11)
 @add_converter("Pad", 13)
 @add_converter("Pad", 18)
@@ -46,10 +83,9 @@ def convert_dropout(ctx) -> list:
 @add_converter("Pad", 24)
 @add_converter("Pad", 25)
 def convert_pad(ctx) -> list:
+    """F.pad; the node remembers the padding (PadValue) for a Conv or MaxPool to take it over."""
     x = ctx.dynamic(0)
-    mode = ctx.attr("mode")
-    if mode != "constant":
-        ctx.unsupported("mode", mode, "only constant padding")
+    mode = ctx.attr("mode")  # constant, or edge where pad_support allowed it
     rank = len(ctx.shape(x))
     pads = ints(ctx.constant(1, "pads"))
     value = ctx.constant(2, "constant_value")
@@ -64,7 +100,12 @@ def convert_pad(ctx) -> list:
         refuse_batch_move(ctx, f"padding dimension 0 by {pairs[0]}")
     check_padded_size(ctx, ctx.shape(x)[1:], pairs[1:])
     fill = 0.0 if value is None or value.size == 0 else float(np.asarray(value).reshape(-1)[0])
-    return [ctx.call_function(F.pad, x, torch_pad(pairs[1:]), value=fill)]
+    how = {"value": fill} if mode == "constant" else {"mode": "replicate"}
+    padded = ctx.call_function(F.pad, x, torch_pad(pairs[1:]), **how)
+    if pairs[1] == (0, 0) and all(p >= 0 for pair in pairs for p in pair):  # spatial widening only
+        padded.meta["onnx_pad"] = PadValue(ctx.node.name, x, pairs[2:], mode, fill if mode == "constant" else 0.0,
+                                           is_non_negative(ctx.builder.root, x))
+    return [padded]
 
 
 @add_converter("ReduceMean", 11)

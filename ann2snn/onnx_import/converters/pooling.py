@@ -1,8 +1,14 @@
 """MaxPool, AveragePool, GlobalAveragePool (1-D and 2-D) -> nn.MaxPool / nn.AvgPool / nn.AdaptiveAvgPool.
 
-Padding torch cannot take itself (asymmetric, or wider than half the kernel) is applied first with
-F.pad: -inf for MaxPool; zeros for AveragePool, whose divisor then counts the pad
-(count_include_pad=1) or is corrected by a constant map of the valid counts (count_include_pad=0).
+A MaxPool's padding counts as -inf. Asymmetric padding (begin, end), as TensorFlow's SAME makes it,
+is torch's symmetric padding `begin` when that gives as many windows, with or without ceil_mode:
+the windows start at the same places, and what lies past the end counts as -inf in both. Other
+padding torch cannot take itself (wider than half the kernel) is applied first with F.pad: -inf
+for MaxPool; zeros for AveragePool, whose divisor then counts the pad (count_include_pad=1) or is
+corrected by a constant map of the valid counts (count_include_pad=0).
+
+A Pad in front of a MaxPool becomes the pooling's own padding where that is exact (_max_pool_takes),
+so that the MaxPool stays directly on its activation site and can move before it.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import add_converter
-from .utils import native_padding, spatial_padding, torch_pad
+from .utils import Pairs, PadValue, native_padding, spatial_padding, take_pad, torch_pad
 
 _MAX_POOLS = {3: nn.MaxPool1d, 4: nn.MaxPool2d}
 _AVG_POOLS = {3: nn.AvgPool1d, 4: nn.AvgPool2d}
@@ -32,6 +38,73 @@ def _window(ctx, x) -> tuple[tuple[int, ...], list[int], list[int], list[int], l
     return shape, kernel, strides, dilations, spatial_padding(ctx, shape[2:], kernel, strides, dilations)
 
 
+def windows_reach_image(kernel: list[int], dilations: list[int], ceil_mode: bool, pairs: Pairs) -> bool:
+    """Every pooling window holds a pixel of the image. Sure for contiguous windows (dilation 1, no
+    ceil_mode) whose padding on each side is shorter than the kernel: the first window ends, and
+    the last one starts, inside the image."""
+    return not ceil_mode and all(d == 1 for d in dilations) and all(max(p) < k for p, k in zip(pairs, kernel))
+
+
+def _max_pool_takes(pad: PadValue, combined: Pairs, kernel: list[int], dilations: list[int], ceil_mode: bool) -> bool:
+    """Pad-then-MaxPool equals MaxPool padded by `combined` (counted as -inf, i.e. the max over the
+    window clipped to the image): for a -inf constant, always; for a constant no larger than the
+    input (0 on a non-negative input), and for edge padding, when every window reaches the image:
+    its max then is at least the constant, and a contiguous window that reaches past the border
+    already holds the border pixel that edge padding repeats."""
+    if pad.mode == "constant" and pad.value == -math.inf:
+        return True
+    below_input = pad.mode == "edge" or (pad.non_negative and pad.value <= 0)
+    return below_input and windows_reach_image(kernel, dilations, ceil_mode, combined)
+
+
+def edge_pad_problem(attributes: dict, pad_pairs: Pairs) -> str | None:
+    """Why a MaxPool with `attributes` cannot take an edge Pad of `pad_pairs` (spatial) as its own
+    padding, from the attributes alone (the support check of Pad); None when it can."""
+    spatial = len(pad_pairs)
+    auto_pad = attributes.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"its auto_pad={auto_pad!r} depends on shapes"
+    pads = attributes.get("pads") if auto_pad == "NOTSET" else None
+    pads = pads or [0] * (2 * spatial)
+    kernel = attributes.get("kernel_shape") or []
+    if len(pads) != 2 * spatial or len(kernel) != spatial:
+        return f"its kernel_shape {kernel} and pads {pads} do not fit {spatial} spatial dimensions"
+    combined = [(a + c, b + d) for (a, b), c, d in zip(pad_pairs, pads[:spatial], pads[spatial:])]
+    dilations = attributes.get("dilations") or [1] * spatial
+    if not windows_reach_image(kernel, dilations, bool(attributes.get("ceil_mode")), combined):
+        return (f"with its kernel {kernel}, dilations {dilations}, ceil_mode {attributes.get('ceil_mode')} and "
+                f"padding {[list(p) for p in combined]}, a window could miss the image (edge padding equals the "
+                "pooling's own padding only for dilation 1, no ceil_mode, padding shorter than the kernel)")
+    return None
+
+
+def _torch_windows(size: int, pad: int, window: int, stride: int, ceil_mode: bool) -> int:
+    """How many windows torch's pooling makes with padding `pad` on both sides (its output size)."""
+    rounding = math.ceil if ceil_mode else math.floor
+    count = rounding((size + 2 * pad - window) / stride) + 1
+    if ceil_mode and (count - 1) * stride >= size + pad:  # no window may start in the end padding
+        count -= 1
+    return count
+
+
+def _max_pool_padding(sizes: tuple[int, ...], pairs: Pairs, kernel: list[int], strides: list[int],
+                      dilations: list[int], ceil_mode: bool) -> tuple[tuple[int, ...] | None, bool]:
+    """The padding and ceil_mode of torch's MaxPool for ONNX's `pairs` (see the module docstring), or
+    (None, ceil_mode) when torch cannot take the padding itself."""
+    extents = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    padding = native_padding(pairs, [e / 2 for e in extents])  # torch allows up to half the kernel
+    if padding is not None or ceil_mode:
+        return padding, ceil_mode
+    begins = tuple(begin for begin, _ in pairs)
+    if any(begin > e / 2 for begin, e in zip(begins, extents)):
+        return None, ceil_mode
+    wanted = [(n + b + e - k) // s + 1 for n, (b, e), k, s in zip(sizes, pairs, extents, strides)]
+    for ceil in (False, True):
+        if wanted == [_torch_windows(n, b, k, s, ceil) for n, b, k, s in zip(sizes, begins, extents, strides)]:
+            return begins, ceil
+    return None, ceil_mode
+
+
 @add_converter("MaxPool", 11)
 @add_converter("MaxPool", 12)
 @add_converter("MaxPool", 22)
@@ -42,8 +115,9 @@ def convert_max_pool(ctx) -> list:
     if ctx.output_used(1):
         ctx.fail("the Indices output is not supported")
     ceil_mode = bool(ctx.attr("ceil_mode"))
-    # torch allows padding up to half the (dilated) kernel
-    padding = native_padding(pairs, [((k - 1) * d + 1) / 2 for k, d in zip(kernel, dilations)])
+    x, pairs = take_pad(ctx, x, pairs, lambda pad, combined: _max_pool_takes(pad, combined, kernel, dilations,
+                                                                              ceil_mode))
+    padding, ceil_mode = _max_pool_padding(ctx.shape(x)[2:], pairs, kernel, strides, dilations, ceil_mode)
     if padding is None:
         if ceil_mode:
             ctx.unsupported("ceil_mode", 1, f"together with pads {ctx.attr('pads')}")

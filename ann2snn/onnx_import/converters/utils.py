@@ -2,13 +2,43 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
+from torch import fx
 
 from ..reader import MAX_PROBE_ELEMENTS
 
 Pairs = list[tuple[int, int]]  # (begin, end) padding of each spatial dimension
+
+
+@dataclass(frozen=True)
+class PadValue:
+    """What an ONNX Pad did to the tensor it made (the fx node's meta["onnx_pad"]), so that the
+    Conv or MaxPool reading that tensor can take the padding as its own where that is exact."""
+
+    node: str           # the Pad's ONNX name
+    source: fx.Node     # the tensor before padding
+    pairs: Pairs        # (begin, end) of each spatial dimension, all >= 0
+    mode: str           # "constant" or "edge"
+    value: float        # the constant of constant mode
+    non_negative: bool  # the source is >= 0 (a ReLU-like op or a QDQ clamped at zero made it)
+
+
+def take_pad(ctx, x: fx.Node, pairs: Pairs, exact: Callable[[PadValue, Pairs], bool]) -> tuple[fx.Node, Pairs]:
+    """`x` and the consumer's padding `pairs`; when `x` is a Pad's output and `exact(pad, combined)`
+    says that padding by `combined` (the Pad's pairs plus the consumer's) is the same, the Pad's
+    input and `combined` instead, recorded in the conversion report."""
+    pad = x.meta.get("onnx_pad")
+    if pad is None:
+        return x, pairs
+    combined = [(a + c, b + d) for (a, b), (c, d) in zip(pad.pairs, pairs)]
+    if not exact(pad, combined):
+        return x, pairs
+    ctx.builder.rewrites.append({"pass": "import", "pad": pad.node, "folded_into": ctx.node.name,
+                                 "mode": pad.mode, "pads": [list(p) for p in pad.pairs]})
+    return pad.source, combined
 
 
 def spatial_padding(ctx, in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
