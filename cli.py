@@ -5,6 +5,7 @@ import json
 import math
 import signal
 import sys
+import tempfile
 import warnings
 from functools import wraps
 from pathlib import Path
@@ -124,11 +125,18 @@ min_agreement_option = click.option(
     help="A float source: fail below this prediction agreement with onnxruntime's float run.")
 
 
-def _verify(path: str, snn, source_graph, x, inputs: str, min_agreement: float | None):
+def _verify(path: str, snn, source_graph, verify_data: str | None, calib: str | None, calib_x, samples: int,
+            min_agreement: float | None):
+    """ann2snn.verify.verify_snn on the verification inputs; onnxruntime runs the model as imported
+    (the output chosen, the input sized: ann2snn.onnx_import.save_as_imported)."""
+    from ann2snn.onnx_import import save_as_imported
     from ann2snn.verify import verify_snn
 
-    return verify_snn(path, snn, source_graph, x, inputs=inputs,
-                      min_agreement=None if min_agreement is None else min_agreement / 100)
+    with tempfile.TemporaryDirectory() as folder:
+        reference = save_as_imported(path, source_graph, folder)
+        x, inputs = _verification_inputs(reference, verify_data, calib, calib_x, samples)
+        return verify_snn(reference, snn, source_graph, x, inputs=inputs,
+                          min_agreement=None if min_agreement is None else min_agreement / 100)
 
 
 def _verify_line(v: dict) -> str:
@@ -195,7 +203,8 @@ def demo(timesteps, output_dir, epochs, as_json):
 @click.option("--model", "model_name", default="digits-cnn", show_default=True, callback=_zoo_model_or_onnx_file,
               metavar="NAME|FILE.onnx", help=f"A zoo model ({', '.join(MODEL_NAMES)}) or a float ONNX file to fine-tune.")
 @click.option("--data", default="digits", show_default=True, metavar="DATA",
-              help="digits, an .npz with x and y, or an image folder with train/ and val/.")
+              help="digits, fashion-mnist, mnist, an .npz with x and y, a folder of IDX files, or an image folder "
+                   "with train/ and val/.")
 @click.option("-T", "timesteps", type=click.IntRange(1, 8), default=3, show_default=True,
               help="Time steps of the SNN: the sites get L = 2^T - 1 levels.")
 @click.option("--beta", type=click.FloatRange(0), default=0.0, show_default=True,
@@ -276,10 +285,7 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
             graph_output, input_shape, min_agreement, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
-    import tempfile
-
     from ann2snn.compiler import compile_source, quantized_onnx
-    from ann2snn.onnx_import import save_as_imported
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
     calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
@@ -295,10 +301,8 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
               "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
               "rewrites": snn.report["rewrites"]}
     if verify:
-        with tempfile.TemporaryDirectory() as folder:  # onnxruntime runs the model as imported (one output, sized)
-            reference = save_as_imported(model, source_graph, folder)
-            x, inputs = _verification_inputs(reference, verify_data, calib, calib_x, verify_samples)
-            result["verify"] = _verify(reference, snn, source_graph, x, inputs, min_agreement).to_json()
+        result["verify"] = _verify(model, snn, source_graph, verify_data, calib, calib_x, verify_samples,
+                                   min_agreement).to_json()
     if not verify or result["verify"]["passed"]:
         snn.save(out)
         result["output"] = str(out)
@@ -352,9 +356,9 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
                            f"({snn.source.get('file')})")
     clips = {site: entry["lambda"] for site, entry in snn.report["sites"].items() if "lambda" in entry}
     steps = {entry.get("timesteps") for entry in snn.report["sites"].values()}
-    source_graph, _ = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips)
-    x, inputs = _verification_inputs(source_path, data, None, None, samples)
-    check = _verify(source_path, snn, source_graph, x, inputs, min_agreement)
+    source_graph, _ = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips,
+                                     output=snn.source.get("output"), input_shape=snn.source.get("input_shape"))
+    check = _verify(source_path, snn, source_graph, data, None, None, samples, min_agreement)
     if as_json:
         click.echo(strict_json({"model": snn_path, "against": source_path, **check.to_json()}))
     else:

@@ -189,6 +189,9 @@ def test_output_picks_the_logits_of_a_model_with_several(two_heads):
     report = convert(two_heads, "--output-name", "logits")
     assert {"pass": "import", "output": "logits", "dropped_outputs": ["features"]} in report["rewrites"]
     assert report["source"]["output"] == "logits"
+    # verify reads the choice back from the artifact
+    checked = invoke("verify", report["output"], "--against", two_heads, "--data", "digits", "--json")
+    assert checked.exit_code == 0 and json.loads(checked.stdout)["passed"], checked.stderr
 
 
 def test_several_outputs_without_output_are_refused_with_their_names(two_heads):
