@@ -23,6 +23,7 @@ from torch import Tensor, fx, nn
 
 from .errors import Ann2SnnError
 from .passes.calibrate import _clip_bound
+from .passes.graph_utils import free_name
 from .passes.trace import SiteTracer
 from .quant import QuantClippedActivation
 from .train import _MIN_CLIP, TrainConfig, _first_tensor, activation_sites, calibrate_clips, quantize_model, spike_regularizer
@@ -135,7 +136,7 @@ def _sites_as_modules(gm: fx.GraphModule) -> list[str]:
             used.add(node.target)
             names.append(node.target)
             continue
-        name = _free_name(gm, node.name)
+        name = free_name(gm, node.name)
         gm.add_submodule(name, nn.ReLU() if math.isinf(bound) else nn.Hardtanh(0.0, bound))
         with gm.graph.inserting_after(node):
             replacement = gm.graph.call_module(name, (node.args[0],))
@@ -173,15 +174,6 @@ def _check_lower_bound(gm: fx.GraphModule, node: fx.Node) -> None:
 
 def _describe(node: fx.Node, module: nn.Module | None) -> str:
     return type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    """`base`, or `base_1`, `base_2`, ...: the first name no attribute of `gm` has."""
-    name, index = base, 0
-    while hasattr(gm, name):
-        index += 1
-        name = f"{base}_{index}"
-    return name
 
 
 __all__ = ["prepare", "spike_penalty", "PreparedModel", "DEFAULT_PERCENTILE"]

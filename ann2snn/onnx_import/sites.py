@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
-from ..passes.graph_utils import conversion_report, finish, module_of
+from ..passes.graph_utils import conversion_report, finish, free_name, module_of
 from ..quant import QuantClippedActivation
 from ..quant import QuantDequant
 
@@ -139,14 +139,6 @@ def _is_redundant(gm: fx.GraphModule, qdq: fx.Node, module: QuantDequant) -> boo
             and module.qmin <= qmin and qmax <= module.qmax)
 
 
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, index = base, 1
-    while hasattr(gm, name):
-        index += 1
-        name = f"{base}_{index}"
-    return name
-
-
 def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
     """Replace ReLU-like QDQ patterns by QuantClippedActivation sites; return the graph and a report.
 
@@ -190,7 +182,7 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
         site.clip.data = _exact_clip(scale if channels else scale.reshape(()), levels)
         source = chain[-1].args[0] if chain else qdq.args[0]
         named_after = chain[-1].target if chain and chain[-1].op == "call_module" else qdq.target
-        target = _free_name(gm, f"{named_after}_site")
+        target = free_name(gm, f"{named_after}_site")
         gm.add_submodule(target, site)
         with gm.graph.inserting_after(qdq):
             replacement = gm.graph.call_module(target, (source,))

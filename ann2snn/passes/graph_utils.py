@@ -43,6 +43,15 @@ def is_output_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     return is_instance_node(gm, node, OUTPUT_OPS) and all(user.op == "output" for user in node.users)
 
 
+def free_name(gm: fx.GraphModule, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ...: the first name no attribute of `gm` has."""
+    name, index = base, 0
+    while hasattr(gm, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
 def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     """Install `module` at a dotted path, replacing what was there."""
     parent_name, _, name = target.rpartition(".")
