@@ -374,7 +374,7 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
 @reports_errors
 def inspect(path, as_json):
     """Summarize an .onnx or .snn file: ops (supported or not) and activation sites."""
-    if path.endswith(".snn"):
+    if path.lower().endswith(".snn"):
         from ann2snn.artifact import load_snn, read_metadata
 
         load_snn(path)   # the whole file checked, as eval would load it

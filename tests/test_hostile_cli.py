@@ -282,3 +282,11 @@ def test_an_interrupted_write_leaves_no_file_under_the_final_name(tmp_path, how)
     else:
         assert leftovers == [], leftovers
         assert process.returncode != 0
+
+
+def test_inspect_reads_an_upper_case_snn_suffix_as_an_artifact(files, tmp_path):
+    upper = tmp_path / "MODEL.SNN"
+    upper.write_bytes(files["snn"].read_bytes())
+    result = invoke("inspect", upper, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert '"kind": "snn"' in result.stdout
