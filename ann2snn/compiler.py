@@ -47,9 +47,9 @@ def _timesteps(gm: fx.GraphModule) -> int:
 
 
 def _has_float_activations(gm: fx.GraphModule) -> bool:
-    from .passes.calibrate import _clip_bound
+    from .passes.calibrate import clip_bound
 
-    return any(_clip_bound(gm, node) is not None for node in gm.graph.nodes)
+    return any(clip_bound(gm, node) is not None for node in gm.graph.nodes)
 
 
 def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,

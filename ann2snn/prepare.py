@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import Ann2SnnError
-from .passes.calibrate import _clip_bound
+from .passes.calibrate import clip_bound
 from .passes.graph_utils import free_name
 from .passes.trace import SiteTracer
 from .quant import QuantClippedActivation
-from .train import _MIN_CLIP, TrainConfig, _first_tensor, activation_sites, calibrate_clips, quantize_model, spike_regularizer
+from .train import MIN_CLIP, TrainConfig, first_tensor, activation_sites, calibrate_clips, quantize_model, spike_regularizer
 
-# Tensor methods and in-place variants with the functional form that `_clip_bound` recognises.
+# Tensor methods and in-place variants with the functional form that `clip_bound` recognises.
 _METHOD_FUNCTIONS = {"relu": torch.relu, "relu_": torch.relu, "clamp": torch.clamp, "clamp_": torch.clamp,
                      "clip": torch.clamp, "clip_": torch.clamp}
 _FUNCTION_ALIASES = {torch.relu_: torch.relu, nn.functional.relu_: torch.relu, torch.clamp_: torch.clamp,
@@ -79,7 +79,7 @@ def prepare(model: nn.Module, T: int = 3, example_input: Tensor | None = None, p
         raise Ann2SnnError(f"{type(model).__name__}: no ReLU-like activation (nn.ReLU, nn.ReLU6, nn.Hardtanh(0, c), "
                            "F.relu, torch.relu, clamp(min=0)) to quantize")
     quantize_model(gm, T, per_channel, tuple(example_input.shape[1:]))
-    param = _first_tensor(gm)
+    param = first_tensor(gm)
     calibrate_clips(gm, [(example_input.to(param.device, param.dtype),)], percentile, batches=None)
     for site in activation_sites(gm).values():
         site.to(param.dtype)
@@ -96,12 +96,12 @@ def spike_penalty(model: nn.Module) -> Tensor:
 
 
 def _keep_lambda_positive(site: QuantClippedActivation, inputs: tuple) -> None:
-    """What the trainer does after each step (`_MIN_CLIP`), here before each forward, since the user's
+    """What the trainer does after each step (`MIN_CLIP`), here before each forward, since the user's
     loop steps the optimizer: a step may drive a lambda to zero or below, where theta = lambda / L
     quantizes nothing and no SNN can be built. Through .data, so the version counter stays and a
     graph built before (gradient accumulation) can still be backpropagated."""
-    if bool((site.clip.data < _MIN_CLIP).any()):
-        site.clip.data.clamp_(min=_MIN_CLIP)
+    if bool((site.clip.data < MIN_CLIP).any()):
+        site.clip.data.clamp_(min=MIN_CLIP)
 
 
 def _trace_copy(model: nn.Module) -> PreparedModel:
@@ -129,7 +129,7 @@ def _sites_as_modules(gm: fx.GraphModule) -> list[str]:
     for node in list(gm.graph.nodes):
         _as_function(node)
         _check_lower_bound(gm, node)
-        bound = _clip_bound(gm, node)
+        bound = clip_bound(gm, node)
         if bound is None:
             continue
         if node.op == "call_module" and node.target not in used:
@@ -151,7 +151,7 @@ def _sites_as_modules(gm: fx.GraphModule) -> list[str]:
 
 def _as_function(node: fx.Node) -> None:
     """x.relu(), x.clamp(...), torch.relu_(x), ...: rewritten in place to torch.relu / torch.clamp, the
-    forms `_clip_bound` recognises (the site's output replaces the in-place result)."""
+    forms `clip_bound` recognises (the site's output replaces the in-place result)."""
     if node.op == "call_method" and node.target in _METHOD_FUNCTIONS:
         node.op, node.target = "call_function", _METHOD_FUNCTIONS[node.target]
     elif node.op == "call_function" and node.target in _FUNCTION_ALIASES:

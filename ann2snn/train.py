@@ -56,7 +56,7 @@ _CALIBRATION_SAMPLES = 1 << 20
 # torch.quantile refuses larger inputs.
 _QUANTILE_MAX = 1 << 24
 # lambda is kept above this: a step driving it to zero or below would make theta = lambda / L useless.
-_MIN_CLIP = 1e-4
+MIN_CLIP = 1e-4
 # Distributed training: rank r's random streams (augmentation, dropout) are seeded with
 # seed + r * this (+ the epoch where they restart every epoch).
 _RANK_SEED_STRIDE = 1_000_003
@@ -70,7 +70,7 @@ def activation_sites(model: nn.Module) -> dict[str, QuantClippedActivation]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantClippedActivation)}
 
 
-def _first_tensor(model: nn.Module) -> Tensor:
+def first_tensor(model: nn.Module) -> Tensor:
     """A parameter or buffer of `model`, for its device and dtype (CPU float32 when it has none)."""
     return next(itertools.chain(model.parameters(), model.buffers()), torch.zeros(()))
 
@@ -95,7 +95,7 @@ def _site_channels(model: nn.Module, modules: list[nn.Module], input_shape: tupl
         channels[id(module)] = int(inputs[0].shape[1])
 
     handles = [m.register_forward_hook(record) for m in modules]
-    param = _first_tensor(model)
+    param = first_tensor(model)
     was_training = model.training
     try:
         model.eval()  # batch statistics of a dummy batch must not touch BN's running averages
@@ -125,7 +125,7 @@ def quantize_model(model: nn.Module, timesteps: int, per_channel: bool = False,
         if input_shape is None:
             raise Ann2SnnError("per-channel quantization needs the input shape (C, H, W) to count channels")
         channels = _site_channels(model, [m for _, m in targets], tuple(input_shape))
-    param = _first_tensor(model)
+    param = first_tensor(model)
     for name, module in targets:
         if per_channel and id(module) not in channels:
             raise Ann2SnnError(f"activation {name!r} is not called in the forward pass: cannot count its channels")
@@ -150,7 +150,7 @@ def calibrate_clips(model: nn.Module, loader: Iterable, percentile: float = 99.9
     """
     sites = activation_sites(model)
     chosen = {n: sites[n] for n in (sites if names is None else names)}
-    device = _first_tensor(model).device
+    device = first_tensor(model).device
     samples: dict[str, list[Tensor]] = {name: [] for name in chosen}
     generator = torch.Generator().manual_seed(0)
 
@@ -217,7 +217,7 @@ def spike_regularizer(model: nn.Module) -> Tensor:
     """
     counts = _sample_spikes(model)
     if counts is None:
-        return torch.zeros((), device=_first_tensor(model).device)
+        return torch.zeros((), device=first_tensor(model).device)
     return counts.mean()
 
 
@@ -565,7 +565,7 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
         scheduler.step()
         with torch.no_grad():
             for site in sites:
-                site.clip.clamp_(min=_MIN_CLIP)
+                site.clip.clamp_(min=MIN_CLIP)
             n = float(y.numel())
             per_sample = n if global_sizes is None else 1.0  # distributed: already sums
             sums += torch.stack([loss.detach().double() * per_sample, ce.detach().double() * per_sample,

@@ -14,7 +14,7 @@ from torch import fx, nn
 from ..quant import QuantClippedActivation, levels_for_timesteps
 from .graph_utils import conversion_report, finish, module_of
 
-def _clip_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
+def clip_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """inf for a ReLU, c for Clip(0, c) / ReLU6; None when the node is no ReLU-like site."""
     module = module_of(gm, node)
     if isinstance(module, nn.ReLU):
@@ -40,7 +40,7 @@ def float_activations_to_sites(gm: fx.GraphModule, timesteps: int) -> fx.GraphMo
     """
     report = conversion_report(gm)
     for node in list(gm.graph.nodes):
-        bound = _clip_bound(gm, node)
+        bound = clip_bound(gm, node)
         if bound is None:
             continue
         target = node.target if node.op == "call_module" else f"site_{node.name}"
