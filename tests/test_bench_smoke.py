@@ -77,6 +77,28 @@ def test_peers_quick(tmp_path: Path) -> None:
     assert all(r["same_prediction"] >= 0.99 * r["images"] for r in ours)
 
 
+
+@pytest.mark.slow
+def test_your_model_quick(tmp_path: Path) -> None:
+    result = run_bench("your_model.py", tmp_path)
+    for key in ("benchmark", "accuracy_unit", "settings", "float_ann_accuracy", "spikingjelly", "rows",
+                "recommended", "targets", "seconds"):
+        assert key in result, key
+    assert result["benchmark"] == "your_model" and result["accuracy_unit"] == "%"
+    assert_percent(result["float_ann_accuracy"])
+    rows = result["rows"]
+    methods = {r["method"] for r in rows}
+    assert "ann2snn calibration only" in methods and "ann2snn QAT beta=0" in methods
+    assert any(r["converter"] == "spikingjelly" for r in rows)
+    for r in rows:
+        assert_percent(r["accuracy"])
+        assert r["spikes_per_image"] >= 0
+    ours = [r for r in rows if r["converter"] == "ann2snn"]
+    # every conversion verified by `ann2snn convert`; the SNN predicts what its quantized ANN predicts
+    assert all(r["verified"] and r["spikes_per_image"] > 0 for r in ours)
+    assert all(r["same_prediction"] >= 0.99 * r["images"] for r in ours)
+    assert set(result["recommended"]) == {str(r["T"]) for r in ours if r["beta"] == 0}
+
 def test_profile_eval_reports_operator_shares() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_eval.py"), "--model", "digits-cnn",
                            "--batch-size", "8", "-T", "2", "--steps", "1", "--json"],
