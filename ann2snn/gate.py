@@ -69,7 +69,8 @@ def _recording(modules: dict[str, nn.Module], levels_of) -> tuple[dict[str, Tens
     return recorded, handles
 
 
-def _run_recording(run, modules: dict[str, nn.Module], levels_of, x: Tensor):
+def run_recording(run, modules: dict[str, nn.Module], levels_of, x: Tensor):
+    """`run(x)`, and `levels_of(module, output)` of every module in `modules` during that run."""
     recorded, handles = _recording(modules, levels_of)
     try:
         return run(x), recorded
@@ -82,14 +83,14 @@ def _source_levels(source: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tens
     """The source's logits and the level map q of every site: its output over theta, rounded
     (exact in float64, where q * theta / theta is within an ulp of the integer q)."""
     sites = {name: m for name, m in source.named_modules() if isinstance(m, QuantClippedActivation)}
-    return _run_recording(source, sites, lambda site, out: torch.round(
+    return run_recording(source, sites, lambda site, out: torch.round(
         out / channel_view(site.theta().detach().to(out.dtype), out.dim())), x)
 
 
 def snn_levels(snn: SNN, x: Tensor) -> tuple[SNNOutput, dict[str, Tensor]]:
     """The simulation's output and the level each neuron fires (its decoded spike train)."""
     neurons = {name: m for name, m in snn.graph_module.named_modules() if isinstance(m, BitSerialIFNode)}
-    return _run_recording(snn.simulate, neurons, lambda neuron, out: decode_levels(out), x)
+    return run_recording(snn.simulate, neurons, lambda neuron, out: decode_levels(out), x)
 
 
 def moved_pools(snn: SNN) -> dict[str, Callable[[Tensor], Tensor]]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .gate import moved_pools, pool_moved_sites
+from .gate import moved_pools, pool_moved_sites, run_recording
 from .lower.evaluator import TimeFoldedNeuron
 from .neuron import BitSerialIFNode
 from .quant import QuantClippedActivation, QuantDequant, channel_view
@@ -169,9 +169,6 @@ def _snn_levels(snn: SNN, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """The evaluation's logits, and the level of every neuron and the integer of every QDQ pair the
     SNN kept, from that same run (one mode for all: in float32 the simulation may fire a rare
     level apart, and a later layer must be compared with the levels it was fed)."""
-    evaluator = snn._lowered_graph("evaluate")
-    recorded: dict[str, Tensor] = {}
-
     def neuron_level(m: TimeFoldedNeuron, out) -> Tensor:
         value = out[0]
         return torch.round(value / channel_view(m.neuron.theta.to(value.dtype), value.dim()))
@@ -179,18 +176,11 @@ def _snn_levels(snn: SNN, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     def qdq_integer(m: QuantDequant, out: Tensor) -> Tensor:
         return torch.round(out / m._view(m.scale, out)) + m._view(m.zero_point, out)
 
-    handles = []
-    for name, module in evaluator.named_modules():
-        levels_of = {TimeFoldedNeuron: neuron_level, QuantDequant: qdq_integer}.get(type(module))
-        if levels_of is not None:
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, name=name, f=levels_of: recorded.__setitem__(name, f(m, out))))
-    try:
-        logits = snn.evaluate(x, cuda_graph=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, recorded
+    rules = {TimeFoldedNeuron: neuron_level, QuantDequant: qdq_integer}
+    modules = {name: m for name, m in snn._lowered_graph("evaluate").named_modules() if type(m) in rules}
+    output, recorded = run_recording(lambda inputs: snn.evaluate(inputs, cuda_graph=False), modules,
+                                     lambda m, out: rules[type(m)](m, out), x)
+    return output.logits, recorded
 
 
 @torch.no_grad()
