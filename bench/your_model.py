@@ -59,9 +59,9 @@ from ann2snn.tables import format_table  # noqa: E402
 from ann2snn.train import TrainConfig, train  # noqa: E402
 from peers import SJ_MODES, import_spikingjelly_converter  # noqa: E402
 from sparsity import emit, log  # noqa: E402
+from sparsity import recommend as fewest_spikes_within_drop  # noqa: E402
 
 MAX_GAP = {4: 0.5, 2: 1.5}        # points below the float model, fine-tuned SNN
-MAX_ACCURACY_DROP = 0.5           # recommended beta against beta = 0
 MIN_SPIKE_REDUCTION = 40.0        # %
 
 
@@ -311,22 +311,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def recommend(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per T: the QAT row with the fewest spikes within MAX_ACCURACY_DROP points of beta = 0."""
-    chosen = {}
-    qat = [r for r in rows if r["method"].startswith("ann2snn QAT")]
-    for steps in sorted({r["T"] for r in qat}):
-        mine = [r for r in qat if r["T"] == steps]
-        base = next((r for r in mine if r["beta"] == 0), None)
-        if base is None:
-            continue
-        ok = [r for r in mine if r["accuracy"] >= base["accuracy"] - MAX_ACCURACY_DROP - 1e-9]
-        best = min(ok, key=lambda r: (r["spikes_per_image"], r["beta"]))
-        reduction = 100.0 * (1 - best["spikes_per_image"] / base["spikes_per_image"])
-        chosen[str(steps)] = {"beta": best["beta"], "accuracy": best["accuracy"],
-                              "spikes_per_image": best["spikes_per_image"],
-                              "accuracy_drop": base["accuracy"] - best["accuracy"], "spike_reduction_pct": reduction,
-                              "met": reduction >= MIN_SPIKE_REDUCTION}
-    return chosen
+    """Per T: the QAT row with the fewest spikes within sparsity.MAX_ACCURACY_DROP points of beta = 0
+    (bench/sparsity.py's rule), and whether it removes MIN_SPIKE_REDUCTION % of the spikes."""
+    qat = [{**r, "snn_accuracy": r["accuracy"]} for r in rows if r["method"].startswith("ann2snn QAT")]
+    return {str(steps): {"beta": c["beta"], "accuracy": c["snn_accuracy"], "spikes_per_image": c["spikes_per_image"],
+                         "accuracy_drop": c["accuracy_drop"], "spike_reduction_pct": c["spike_reduction_pct"],
+                         "met": c["spike_reduction_pct"] >= MIN_SPIKE_REDUCTION}
+            for steps, c in fewest_spikes_within_drop(qat).items()}
 
 
 def targets(rows: list[dict[str, Any]], recommended: dict[str, dict[str, Any]], float_acc: float) -> dict[str, Any]:
