@@ -104,16 +104,23 @@ def _zoo_model_or_onnx_file(ctx: click.Context, param: click.Parameter, value: s
     raise click.BadParameter(f"{value!r} is neither a zoo model ({', '.join(MODEL_NAMES)}) nor an .onnx file")
 
 
+def _model_inputs(model: str, data: str, split: str, samples: int):
+    """`samples` images of DATA (`_load_inputs`), refused unless they have the ONNX model's input shape."""
+    from ann2snn.data import check_input_shape
+    from ann2snn.onnx_import import inspect_onnx
+
+    x = _load_inputs(data, split, samples)[0]
+    check_input_shape(data, tuple(x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
+    return x
+
+
 def _verification_inputs(model: str, verify_data: str | None, calib: str | None, calib_x, samples: int):
     """Real inputs where there are any (--verify-data, else the calibration data), else noise,
     with a description of which."""
-    from ann2snn.data import check_input_shape
-    from ann2snn.onnx_import import inspect_onnx
     from ann2snn.verify import random_inputs
 
     if verify_data:
-        x = _load_inputs(verify_data, "test", samples)[0]
-        check_input_shape(verify_data, tuple(x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
+        x = _model_inputs(model, verify_data, "test", samples)
         return x, f"{len(x)} inputs of {verify_data}"
     if calib_x is not None:
         return calib_x[:samples], f"{min(samples, len(calib_x))} calibration inputs of {calib}"
@@ -288,12 +295,7 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
     from ann2snn.compiler import compile_source, quantized_onnx
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
-    calib_x = _load_inputs(calib, "calib", calib_samples)[0] if calib else None
-    if calib:
-        from ann2snn.data import check_input_shape
-        from ann2snn.onnx_import import inspect_onnx
-
-        check_input_shape(calib, tuple(calib_x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
+    calib_x = _model_inputs(model, calib, "calib", calib_samples) if calib else None
     source_graph, source = quantized_onnx(model, timesteps, calib_x, percentile=percentile, output=graph_output,
                                           input_shape=input_shape)
     snn = compile_source(model, source_graph, source, timesteps)
