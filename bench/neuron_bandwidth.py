@@ -5,6 +5,9 @@ the uint8 spike code); the spike counts are a few bytes. Each case asks for what
 asks for (spikes per sample), one also for spikes per channel. Its useful bandwidth is those bytes per
 second; the ceiling is what the device reaches copying a tensor of the same size
 (`y.copy_(x)`, which reads and writes it once). The ratio should be at least 0.7 on a GPU.
+On a GPU both are timed as replays of a CUDA graph of 20 calls, the device's own time, as the
+evaluator runs them; "eager ms" is one call launched from Python, the host's launch included
+(which bounds small tensors).
 
 On a machine without CUDA the Triton kernel cannot run compiled (the interpreter is for tests,
 not for timing), so the script times what `fire_fused` runs on the CPU against a CPU copy: the C
@@ -55,6 +58,7 @@ class Result:
     levels_out: bool
     implementation: str
     neuron_ms: float
+    eager_ms: float | None   # CUDA: one call launched from Python, the host's launch included
     neuron_gbps: float
     copy_gbps: float
     ratio: float
@@ -75,8 +79,27 @@ def cases(device: torch.device) -> list[Case]:
     ]
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median milliseconds of one call: CUDA events on a GPU, perf_counter on the CPU."""
+GRAPHED_CALLS = 20   # calls per CUDA graph replay: the device's time without the host's launches
+
+
+def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """GRAPHED_CALLS calls of fn captured in one CUDA graph (warmed up on a side stream first, so
+    Triton compiles outside the capture): a replay times the device alone. The evaluator runs
+    its network in such a graph (`SNN.evaluate(cuda_graph=True)`)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPHED_CALLS):
+            fn()
+    return graph.replay
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int, calls: int = 1) -> float:
+    """Median milliseconds of one of `calls` calls made by fn: CUDA events on a GPU, perf_counter on the CPU."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -92,7 +115,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(samples) / calls
 
 
 def run_case(case: Case, device: torch.device, timesteps: int, warmup: int, repeat: int) -> Result:
@@ -115,8 +138,18 @@ def run_case(case: Case, device: torch.device, timesteps: int, warmup: int, repe
                     per_channel_counts=case.channel_counts)
 
     copy_dst = torch.empty_like(v)
-    neuron_ms = _time_ms(neuron, device, warmup, repeat)
-    copy_ms = _time_ms(lambda: copy_dst.copy_(v), device, warmup, repeat)
+
+    def copy() -> object:
+        return copy_dst.copy_(v)
+
+    eager_ms = None
+    if device.type == "cuda":
+        eager_ms = round(_time_ms(neuron, device, warmup, repeat), 4)
+        neuron_ms = _time_ms(_graphed(neuron), device, warmup, repeat, GRAPHED_CALLS)
+        copy_ms = _time_ms(_graphed(copy), device, warmup, repeat, GRAPHED_CALLS)
+    else:
+        neuron_ms = _time_ms(neuron, device, warmup, repeat)
+        copy_ms = _time_ms(copy, device, warmup, repeat)
 
     element = v.element_size()
     neuron_bytes = v.numel() * (2 * element + (1 if case.want_levels else 0))   # read V, write value (+ code)
@@ -126,19 +159,20 @@ def run_case(case: Case, device: torch.device, timesteps: int, warmup: int, repe
     return Result(case.name, list(case.shape), str(case.dtype).removeprefix("torch."),
                   "NHWC" if case.channels_last else "NCHW", case.want_levels,
                   implementation,
-                  round(neuron_ms, 4), round(neuron_gbps, 3), round(copy_gbps, 3), round(neuron_gbps / copy_gbps, 3))
+                  round(neuron_ms, 4), eager_ms, round(neuron_gbps, 3), round(copy_gbps, 3), round(neuron_gbps / copy_gbps, 3))
 
 
 def print_table(results: list[Result], device_name: str) -> None:
     print(f"fused neuron bandwidth on {device_name}; "
           f"ratio = neuron GB/s / copy GB/s, target >= {TARGET_RATIO} on a GPU")
-    header = (f"{'case':<24} {'shape':<20} {'dtype':<9} {'kernel':<15} {'ms':>9} {'neuron GB/s':>12} "
+    header = (f"{'case':<24} {'shape':<20} {'dtype':<9} {'kernel':<15} {'ms':>9} {'eager ms':>9} {'neuron GB/s':>12} "
               f"{'copy GB/s':>10} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
         shape = "x".join(map(str, r.shape))
-        print(f"{r.case:<24} {shape:<20} {r.dtype:<9} {r.implementation:<15} {r.neuron_ms:>9.3f} {r.neuron_gbps:>12.2f} "
+        eager = "-" if r.eager_ms is None else f"{r.eager_ms:.3f}"
+        print(f"{r.case:<24} {shape:<20} {r.dtype:<9} {r.implementation:<15} {r.neuron_ms:>9.3f} {eager:>9} {r.neuron_gbps:>12.2f} "
               f"{r.copy_gbps:>10.2f} {r.ratio:>6.2f}")
 
 

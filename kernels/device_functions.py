@@ -69,12 +69,46 @@ def channel_tile(N, C, S, stride_n, stride_c, stride_s,
 
 @lazy_jit
 def load_per_channel(ptr, c, mask_c, PER_CHANNEL: tl.constexpr, compute: tl.constexpr, other: tl.constexpr):
-    """A scalar, or a per-channel vector at channels `c` shaped [1, BLOCK_C, 1] to broadcast over a
-    tile; loaded in the `compute` dtype (masked-off channels read `other`)."""
+    """A scalar, or the per-channel values at channels `c` (any shape); loaded in the `compute`
+    dtype (masked-off channels read `other`)."""
     if PER_CHANNEL:
-        return tl.load(ptr + c, mask=mask_c, other=other).to(compute)[None, :, None]
+        return tl.load(ptr + c, mask=mask_c, other=other).to(compute)
     else:
         return tl.load(ptr).to(compute)
+
+
+@lazy_jit
+def fire_levels(v, theta, LEVELS: tl.constexpr, FP64: tl.constexpr):
+    """The level q of bit-serial neurons of potential v and step theta (float32, or float64 with
+    FP64), as a float and as int32: what MSB-first compare-and-subtract firing decodes to, the exact floor(v / theta) of the
+    real quotient clamped to [0, L] (ann2snn.neuron.fire_levels).
+
+    The quotient through the reciprocal (a few ulps off: far less than half a level, as L < 2^16),
+    clamped and rounded to the nearest integer, is the level or one above it; fma rounds v - q theta
+    once, so its sign says exactly which. A dozen arithmetic instructions whatever T, and none on
+    the conversion unit: T steps of compare-and-subtract and a floor left the kernel bound by
+    those instead of memory."""
+    # adding 2^23 (2^52 in float64) to x in [0, L] rounds x to the integer held in the low bits of
+    # the sum: no conversion unit, which runs a few instructions per clock per multiprocessor
+    if FP64:
+        nearest = tl.minimum(tl.maximum(v * (1.0 / theta), 0.0), LEVELS) + 4503599627370496.0
+        q = nearest - 4503599627370496.0
+        code = (nearest.to(tl.int64, bitcast=True) - 0x4330000000000000).to(tl.int32)
+    else:
+        nearest = tl.minimum(tl.maximum(v * (1.0 / theta), 0.0), LEVELS) + 8388608.0
+        q = nearest - 8388608.0
+        code = nearest.to(tl.int32, bitcast=True) - 0x4B000000
+    over = (tl.math.fma(-q, theta, v) < 0.0) & (q > 0.0)
+    return tl.where(over, q - 1.0, q), tl.where(over, code - 1, code)
+
+
+@lazy_jit
+def popcount(x):
+    """Set bits of each int32 x >= 0: the spikes of level x (SWAR, no loop over bits)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24
 
 
 @lazy_jit

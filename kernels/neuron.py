@@ -1,11 +1,11 @@
 """The fused neuron of the time-folded evaluator (METHOD.md sections 3 and 7), in one Triton pass.
 
-Per element: V + membrane_offset, the cap at (L + 1/2) theta when L < 2^T - 1, then T steps of
-compare-and-subtract against 2^(T-1-t) theta, MSB first. Each subtraction is exact in floating
-point (Sterbenz), so the level q equals `ann2snn.neuron.fire_levels` bit for bit, and so the
-simulator's spikes for the same potential. Outputs, from the one read of V: q * theta, optionally
-q as uint8 (the bit-packed spike code), and popcount(q) reduced per channel and per sample (a
-tile-level sum, then one atomic add per tile).
+Per element: V + membrane_offset, then the level q that MSB-first compare-and-subtract firing
+(with the cap at L) decodes to: the exact floor(V / theta) clamped to [0, L], computed directly
+(kernels/device_functions.fire_levels), so q equals `ann2snn.neuron.fire_levels` bit for bit, and so
+the simulator's spikes for the same potential. Outputs, from the one read of V: q * theta,
+optionally q as uint8 (the bit-packed spike code), and popcount(q) reduced per sample and, on
+request, per channel (a tile-level sum, then one atomic add per tile).
 
 The reference is kernels/neuron_reference.py. Where Triton does not run (kernels/dispatch.py),
 `fire_fused` takes the same neuron in C for float32 CPU potentials (kernels/native.py), else the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .device_functions import channel_tile, load_per_channel, round_to, tile_sum
+from .device_functions import channel_tile, fire_levels, load_per_channel, popcount, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .layout import channel_layout, tile_launch
 from .native import fire_fused_native, native_neuron_supports
@@ -30,12 +30,27 @@ __all__ = ["NeuronOutput", "fire_fused", "fire_fused_triton", "pack_spikes", "un
 
 
 @lazy_jit
+def fire_and_store(v, theta, offset, offsets, mask, value_ptr, levels_ptr,
+                   LEVELS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                   WANT_LEVELS: tl.constexpr, FP64: tl.constexpr, io: tl.constexpr):
+    """Fire the neurons of potentials v (loaded in float64 with FP64, else float32), store q * theta (and q as uint8) at
+    `offsets`, and return each element's spike count (0 where masked off)."""
+    # V + offset is rounded to the potential's dtype, as torch's add in the reference
+    if HAS_OFFSET:
+        v = round_to(v + offset, io)
+    level, code = fire_levels(v, theta, LEVELS, FP64)
+    tl.store(value_ptr + offsets, round_to(level * theta, io).to(io), mask=mask)
+    if WANT_LEVELS:
+        tl.store(levels_ptr + offsets, code.to(tl.uint8), mask=mask)
+    return tl.where(mask, popcount(code), 0)
+
+
+@lazy_jit
 def _fire_kernel(
     v_ptr, theta_ptr, offset_ptr,                 # inputs: potential, theta, membrane offset
     value_ptr, levels_ptr, channel_ptr, sample_ptr,  # outputs
     N, C, S, stride_n, stride_c, stride_s,        # the [N, C, S] view shared by V, value and levels
-    TIMESTEPS: tl.constexpr,
-    CAP_AT: tl.constexpr,                         # L + 1/2 when the cap applies, else 0.0
+    LEVELS: tl.constexpr,                         # L, the largest level
     THETA_PER_CHANNEL: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
     OFFSET_PER_CHANNEL: tl.constexpr,
@@ -50,33 +65,13 @@ def _fire_kernel(
 ):
     n, c, mask_n, mask_c, mask, offsets = channel_tile(N, C, S, stride_n, stride_c, stride_s,
                                                        BLOCK_N, BLOCK_C, BLOCK_S, WIDE)
-
-    io = v_ptr.dtype.element_ty
     compute = tl.float64 if FP64 else tl.float32
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(compute)
-    theta = load_per_channel(theta_ptr, c, mask_c, THETA_PER_CHANNEL, compute, 1.0)
-    # V + offset is rounded to the potential's dtype, as torch's add in the reference
-    if HAS_OFFSET:
-        offset = load_per_channel(offset_ptr, c, mask_c, OFFSET_PER_CHANNEL, compute, 0.0)
-        v = round_to(v + offset, io)
-    if CAP_AT > 0.0:
-        v = tl.minimum(v, theta * CAP_AT)
-
-    # MSB-first compare and subtract; the threshold halves each step (exact: a power of two)
-    threshold = theta * (2.0 ** (TIMESTEPS - 1))
-    level = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, tl.int32)
-    count = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, tl.int32)
-    for _ in tl.static_range(TIMESTEPS):
-        spike = v >= threshold
-        v = tl.where(spike, v - threshold, v)
-        level = level * 2 + spike.to(tl.int32)
-        count += spike.to(tl.int32)
-        threshold = threshold * 0.5
-
-    tl.store(value_ptr + offsets, round_to(level.to(compute) * theta, io).to(io), mask=mask)
-    if WANT_LEVELS:
-        tl.store(levels_ptr + offsets, level.to(tl.uint8), mask=mask)
-    count = tl.where(mask, count, 0)
+    c3, mask_c3 = c[None, :, None], mask_c[None, :, None]
+    theta = load_per_channel(theta_ptr, c3, mask_c3, THETA_PER_CHANNEL, compute, 1.0)
+    offset = load_per_channel(offset_ptr, c3, mask_c3, OFFSET_PER_CHANNEL, compute, 0.0)
+    count = fire_and_store(v, theta, offset, offsets, mask, value_ptr, levels_ptr, LEVELS,
+                           HAS_OFFSET, WANT_LEVELS, FP64, v_ptr.dtype.element_ty)
     # relaxed atomics: the counts are read only after the kernel ends, and the default (acq_rel)
     # fences each program's stores before its add
     if WANT_CHANNEL:
@@ -109,24 +104,18 @@ def fire_fused_triton(potential: Tensor, theta: Tensor | float, membrane_offset:
     if potential.numel() == 0:
         return NeuronOutput(value, codes, channel, sample)
 
+    flags = dict(LEVELS=levels,
+                 THETA_PER_CHANNEL=theta_t.dim() == 1,
+                 HAS_OFFSET=membrane_offset is not None,
+                 OFFSET_PER_CHANNEL=offset_t.dim() == 1,
+                 WANT_LEVELS=want_levels,
+                 WANT_SAMPLE=per_sample_counts,
+                 FP64=potential.dtype == torch.float64)
     grid, view, tile = tile_launch(layout)
     # unused outputs get a harmless pointer: the constexpr flags compile their stores away
-    _fire_kernel[grid](
-        layout.tensor, theta_t, offset_t,
-        value, value if codes is None else codes,
-        value if channel is None else channel, value if sample is None else sample,
-        *view,
-        TIMESTEPS=timesteps,
-        CAP_AT=float(levels) + 0.5 if levels < 2**timesteps - 1 else 0.0,
-        THETA_PER_CHANNEL=theta_t.dim() == 1,
-        HAS_OFFSET=membrane_offset is not None,
-        OFFSET_PER_CHANNEL=offset_t.dim() == 1,
-        WANT_LEVELS=want_levels,
-        WANT_CHANNEL=per_channel_counts,
-        WANT_SAMPLE=per_sample_counts,
-        FP64=potential.dtype == torch.float64,
-        **tile,
-    )
+    _fire_kernel[grid](layout.tensor, theta_t, offset_t, value, value if codes is None else codes,
+                       value if channel is None else channel, value if sample is None else sample, *view,
+                       WANT_CHANNEL=per_channel_counts, **flags, **tile)
     return NeuronOutput(value, codes, channel, sample)
 
 

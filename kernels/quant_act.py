@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ann2snn.quant import channel_view
 
-from .device_functions import channel_tile, load_per_channel, ratio_and_level, round_to, tile_sum
+from .device_functions import channel_tile, load_per_channel, popcount, ratio_and_level, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .layout import channel_layout, tile_launch
 from .quant_act_reference import quant_act_fused_reference
@@ -39,7 +39,6 @@ def _quant_act_forward_kernel(
     z_ptr, theta_ptr, value_ptr, spikes_ptr,
     N, C, S, stride_n, stride_c, stride_s,    # the [N, C, S] view shared by z and value
     LEVELS: tl.constexpr,
-    LEVEL_BITS: tl.constexpr,                 # bits of L: the popcount's loop length
     THETA_PER_CHANNEL: tl.constexpr,
     WITH_SPIKES: tl.constexpr,
     FP64: tl.constexpr,                       # compute in float64 (else float32)
@@ -54,16 +53,13 @@ def _quant_act_forward_kernel(
     compute = tl.float64 if FP64 else tl.float32
     work = theta_ptr.dtype.element_ty         # the dtype of torch's z / theta
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(compute)
-    theta = load_per_channel(theta_ptr, c, mask_c, THETA_PER_CHANNEL, compute, 1.0)
+    theta = load_per_channel(theta_ptr, c[None, :, None], mask_c[None, :, None], THETA_PER_CHANNEL, compute, 1.0)
     ratio, level = ratio_and_level(z, theta, work, FP64)
     level = tl.minimum(tl.maximum(level, 0.0), LEVELS)
     tl.store(value_ptr + offsets, round_to(level * theta, work).to(work), mask=mask)
 
     if WITH_SPIKES:
-        code = tl.where(mask, level.to(tl.int32), 0)
-        spikes = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, tl.int32)
-        for bit in tl.static_range(LEVEL_BITS):
-            spikes += (code >> bit) & 1
+        spikes = popcount(tl.where(mask, level.to(tl.int32), 0))
         per_sample = tile_sum(tile_sum(spikes, 2), 1)
         tl.atomic_add(spikes_ptr + n, per_sample.to(tl.int64), mask=mask_n, sem="relaxed")
 
@@ -91,7 +87,7 @@ def _quant_act_backward_kernel(
     compute = tl.float64 if FP64 else tl.float32
     work = theta_ptr.dtype.element_ty
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(compute)
-    theta = load_per_channel(theta_ptr, c, mask_c, THETA_PER_CHANNEL, compute, 1.0)
+    theta = load_per_channel(theta_ptr, c[None, :, None], mask_c[None, :, None], THETA_PER_CHANNEL, compute, 1.0)
     ratio, level = ratio_and_level(z, theta, work, FP64)
 
     grad_z = tl.full([BLOCK_N, BLOCK_C, BLOCK_S], 0, compute)
@@ -152,7 +148,7 @@ class QuantActFunction(torch.autograd.Function):
             _quant_act_forward_kernel[grid](
                 layout.tensor, theta, value, value if spikes is None else spikes,
                 *view,
-                LEVELS=levels, LEVEL_BITS=levels.bit_length(), THETA_PER_CHANNEL=theta.numel() > 1,
+                LEVELS=levels, THETA_PER_CHANNEL=theta.numel() > 1,
                 WITH_SPIKES=with_spikes, FP64=work == torch.float64,
                 **tile,
             )

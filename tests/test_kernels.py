@@ -18,6 +18,7 @@ run the compiled kernels; without, the kernels are still compiled for sm_90 (in 
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -35,6 +36,7 @@ from ann2snn.neuron import fire_msb_first
 from ann2snn.quant import channel_view
 from kernels import (fire_fused, fire_fused_reference, fire_fused_triton, pack_spikes, quant_act_fused,
                      quant_act_fused_reference, quant_act_fused_triton, unpack_spikes, use_triton)
+from kernels.dispatch import lazy_jit
 from kernels.native import fire_fused_native, native_neuron_available
 
 CUDA = torch.cuda.is_available()
@@ -65,6 +67,42 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> t
     return _triton_device(request.param, monkeypatch)
 
 
+# triton.language, bound when _fma_probe is first launched (kernels/dispatch.py: LazyKernel)
+tl = None
+
+
+@lazy_jit
+def _fma_probe(x_ptr, out_ptr):
+    x = tl.load(x_ptr)
+    tl.store(out_ptr, tl.math.fma(x, x, -(x + x - 1.0)))
+
+
+def _interpreter_rounds_fma_once() -> bool:
+    """Whether Triton's interpreter rounds fma once, as the GPU does: Triton 3.6's multiplies, rounds
+    and adds. (1 + 2^-12)^2 - (1 + 2^-11) is 2^-24 exactly; rounding the product first gives 0."""
+    x = torch.tensor([1.0 + 2.0**-12])
+    out = torch.zeros(1)
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        _fma_probe[(1,)](x, out)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+    return out.item() == 2.0**-24
+
+
+def _fire_device(name: str, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """A Triton device for the fused neuron, whose exactness rests on fma's single rounding
+    (kernels/device_functions.fire_levels): an interpreter that rounds twice cannot check it."""
+    if name == "cpu" and not _interpreter_rounds_fma_once():
+        pytest.skip(f"Triton {importlib.metadata.version('triton')}'s interpreter rounds fma twice")
+    return _triton_device(name, monkeypatch)
+
+
+@pytest.fixture(params=TRITON_DEVICES)
+def fire_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    return _fire_device(request.param, monkeypatch)
+
+
 class FireBackend(NamedTuple):
     device: torch.device
     fire: Callable[..., kernels.NeuronOutput]
@@ -77,7 +115,7 @@ def fire_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "native":
         assert native_neuron_available(), "kernels/neuron_cpu.c must build where a C compiler is"
         return FireBackend(torch.device("cpu"), fire_fused_native)
-    return FireBackend(_triton_device(request.param, monkeypatch), fire_fused_triton)
+    return FireBackend(_fire_device(request.param, monkeypatch), fire_fused_triton)
 
 
 def _shape_for(layout: str) -> tuple[int, ...]:
@@ -159,13 +197,19 @@ def test_fire_fused_equals_reference(fire_backend: FireBackend, timesteps: int, 
         want = fire_fused_reference(v, theta.to(device), offset, levels, timesteps, want_levels=True)
         _assert_same_neuron_output(got, want)
         assert int(got.levels.max()) <= levels
+        # spikes per sample only: the evaluator's call
+        samples_only = fire_backend.fire(v, theta.to(device), offset, levels, timesteps, want_levels=True,
+                                         per_channel_counts=False)
+        assert samples_only.channel_spikes is None
+        _assert_same_neuron_output(samples_only._replace(channel_spikes=want.channel_spikes), want)
         if layout == "channels_last":
             assert got.value.is_contiguous(memory_format=torch.channels_last)
             assert got.levels.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_fire_fused_other_dtypes(device: torch.device, dtype: torch.dtype) -> None:
+def test_fire_fused_other_dtypes(fire_device: torch.device, dtype: torch.dtype) -> None:
+    device = fire_device
     gen = torch.Generator().manual_seed(7)
     for timesteps, per_channel, capped in [(3, True, True), (8, False, False), (8, True, True)]:
         levels = 2**timesteps - 3 if capped else 2**timesteps - 1
@@ -214,13 +258,17 @@ def test_fire_fused_optional_outputs(fire_backend: FireBackend) -> None:
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_fire_fused_wide_offsets(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The int64 offsets of tensors of 2^31 elements or more, forced on a small one."""
-    dev = _triton_device(device, monkeypatch)
+    dev = _fire_device(device, monkeypatch)
     monkeypatch.setattr(kernels.layout, "wide_offsets", lambda layout: True)
     gen = torch.Generator().manual_seed(8)
     theta = _theta(True, 6, gen)
     v = _potentials((3, 6, 5, 7), theta, 5, torch.float32, gen)
+    want = fire_fused_reference(v, theta, theta / 2, 31, 5, want_levels=True)
     _assert_same_neuron_output(fire_fused_triton(v.to(dev), theta.to(dev), theta.to(dev) / 2, 31, 5, want_levels=True),
-                               fire_fused_reference(v, theta, theta / 2, 31, 5, want_levels=True))
+                               want)
+    samples_only = fire_fused_triton(v.to(dev), theta.to(dev), theta.to(dev) / 2, 31, 5, want_levels=True,
+                                     per_channel_counts=False)
+    _assert_same_neuron_output(samples_only._replace(channel_spikes=want.channel_spikes), want)
 
 
 def test_fire_fused_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -509,13 +557,13 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
         compile_for_gpu(_fire_kernel,
                         {"v_ptr": f"*{io}", "theta_ptr": f"*{io}", "offset_ptr": f"*{io}", "value_ptr": f"*{io}",
                          "levels_ptr": "*u8", "channel_ptr": "*i64", "sample_ptr": "*i64"},
-                        dict(TIMESTEPS=8, CAP_AT=253.5, THETA_PER_CHANNEL=True, HAS_OFFSET=True,
+                        dict(LEVELS=253, THETA_PER_CHANNEL=True, HAS_OFFSET=True,
                              OFFSET_PER_CHANNEL=True, WANT_LEVELS=True, WANT_CHANNEL=True, WANT_SAMPLE=True,
                              FP64=fp64, **{**blocks, "WIDE": fp64}))
     for per_channel in (False, True):
         compile_for_gpu(_quant_act_forward_kernel,
                         {"z_ptr": "*fp32", "theta_ptr": "*fp32", "value_ptr": "*fp32", "spikes_ptr": "*i64"},
-                        dict(LEVELS=15, LEVEL_BITS=4, THETA_PER_CHANNEL=per_channel, WITH_SPIKES=True, FP64=False,
+                        dict(LEVELS=15, THETA_PER_CHANNEL=per_channel, WITH_SPIKES=True, FP64=False,
                              **blocks))
         for has_value, has_spikes in ((True, True), (True, False), (False, True)):
             compile_for_gpu(_quant_act_backward_kernel,
