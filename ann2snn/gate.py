@@ -10,6 +10,13 @@ An SNN is exact for its quantized source when two things hold, both checked on t
 2. The SNN given is that float64 SNN in its own dtype: the same graph (nodes, module types and
    settings) and every tensor equal to the float64 one cast to the SNN's dtype.
 
+Exact ties: where z / theta is a half-integer (an average pool of levels requantized at the same
+scale gives many), q() rounds up in real arithmetic, but the source and the SNN reach z by sums
+in different orders, and float64's last bit decides on which side each lands. A level that differs
+by one where the source's z / theta lies within TIE_TOLERANCE of a half-integer is counted as a
+tie; the source is then run again with the SNN's level at every tie, and everything else (every
+other level, the logits) must still be equal: so the ties are the only difference.
+
 So a float32 artifact is proven to be the float32 rounding of an SNN that is exact for the source:
 METHOD.md's "a level may differ by one where z / theta lies within rounding distance of a
 boundary" is then the only difference float32 can make. A MaxPool the compiler moved before a
@@ -17,6 +24,7 @@ site (METHOD.md section 3) is applied to the source's levels too: max commutes w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -31,15 +39,18 @@ from .quant import QuantClippedActivation, channel_view
 from .snn import SNN, SNNOutput
 
 LOGIT_RELATIVE_TOLERANCE = 1e-9   # float64 rounding of the same sums in another order
+TIE_TOLERANCE = 1e-9              # relative distance of z / theta from a half-integer, in float64
 
 
 @dataclass
 class SiteCheck:
-    """One site: levels compared (neurons x samples), how many were equal, the first that was not."""
+    """One site: levels compared (neurons x samples), how many were equal, how many were exact ties
+    (module docstring), the first that was neither."""
 
     compared: int
     equal: int
     first_difference: list[int] | None = None
+    ties: int = 0
 
 
 @dataclass
@@ -51,46 +62,124 @@ class ExactGate:
     tensors_compared: int                  # of the SNN given, against the float64 SNN cast to its dtype
     passed: bool
     problems: list[str] = field(default_factory=list)
+    evaluation_ties: int = 0               # levels the evaluation took from the simulation at exact ties
 
     @property
     def levels_compared(self) -> int:
         return sum(s.compared for s in self.sites.values())
 
+    @property
+    def ties(self) -> int:
+        return sum(s.ties for s in self.sites.values())
+
     def to_json(self) -> dict:
-        return {**asdict(self), "levels_compared": self.levels_compared}
+        return {**asdict(self), "levels_compared": self.levels_compared, "ties": self.ties}
 
 
-def _recording(modules: dict[str, nn.Module], levels_of) -> tuple[dict[str, Tensor], list]:
-    """Forward hooks storing `levels_of(module, output)` per module name."""
-    recorded: dict[str, Tensor] = {}
-    handles = [module.register_forward_hook(
-        lambda m, args, out, name=name: recorded.__setitem__(name, levels_of(m, out)))
-        for name, module in modules.items()]
-    return recorded, handles
-
-
-def run_recording(run, modules: dict[str, nn.Module], levels_of, x: Tensor):
-    """`run(x)`, and `levels_of(module, output)` of every module in `modules` during that run."""
-    recorded, handles = _recording(modules, levels_of)
+@contextlib.contextmanager
+def _hooked(modules: dict[str, nn.Module], hook):
+    """`hook(name, module, args, output)` on each module while the block runs; it may replace the output."""
+    handles = [m.register_forward_hook(functools.partial(hook, name)) for name, m in modules.items()]
     try:
-        return run(x), recorded
+        yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _source_levels(source: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The source's logits and the level map q of every site: its output over theta, rounded
-    (exact in float64, where q * theta / theta is within an ulp of the integer q)."""
+def run_recording(run, modules: dict[str, nn.Module], levels_of, x: Tensor):
+    """`run(x)`, and `levels_of(module, output)` of every module in `modules` during that run."""
+    recorded: dict[str, Tensor] = {}
+    with _hooked(modules, lambda name, module, args, out: recorded.__setitem__(name, levels_of(module, out))):
+        return run(x), recorded
+
+
+def _at_boundary(ratio: Tensor, boundary: Tensor) -> Tensor:
+    return (ratio - boundary).abs() <= TIE_TOLERANCE * boundary.abs().clamp(min=1)
+
+
+def _exact_tie(got: Tensor, want: Tensor, ratio: Tensor, boundary: Tensor, fired_ratio: Tensor) -> Tensor:
+    """Where a level `got` is one off `want` at an exact tie (module docstring): the quotient
+    `ratio` deciding `want` lies within TIE_TOLERANCE of its rounding `boundary`, and the neuron's
+    own V / theta (`fired_ratio`) within TIE_TOLERANCE of the integer it fired at. Both: a neuron
+    whose potential is off by more than float64's rounding fires off a tie too, and is caught."""
+    return (((got - want).abs() == 1) & _at_boundary(ratio, boundary)
+            & _at_boundary(fired_ratio, torch.round(fired_ratio)))
+
+
+def _source_with_snn_ties(source: nn.Module, x: Tensor, fired: dict[str, Tensor], fired_ratios: dict[str, Tensor],
+                          moved: set[str]) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """The source's logits and level maps (its output over theta, rounded: exact in float64) on x,
+    with each site's level taken from the SNN's where they differ at an exact tie (sites whose
+    MaxPool the compiler moved are compared after the pool: none of theirs is taken); and the
+    ties. Sites run in order, so a tie taken upstream reaches every later sum."""
+    levels: dict[str, Tensor] = {}
+    ties: dict[str, Tensor] = {}
+
+    def record(name: str, site: QuantClippedActivation, args: tuple, out: Tensor) -> Tensor:
+        theta = channel_view(site.theta().detach().to(out.dtype), out.dim())
+        level, got = torch.round(out / theta), fired.get(name)
+        if name not in moved and got is not None and got.shape == level.shape:
+            ratio = args[0] / theta
+            tie = _exact_tie(got, level, ratio, torch.floor(ratio) + 0.5, fired_ratios[name])
+            if bool(tie.any()):
+                ties[name], level = tie, torch.where(tie, got, level)
+                out = torch.where(tie, got * theta, out)
+        levels[name] = level
+        return out
+
     sites = {name: m for name, m in source.named_modules() if isinstance(m, QuantClippedActivation)}
-    return run_recording(source, sites, lambda site, out: torch.round(
-        out / channel_view(site.theta().detach().to(out.dtype), out.dim())), x)
+    with _hooked(sites, record):
+        return source(x), levels, ties
 
 
-def snn_levels(snn: SNN, x: Tensor) -> tuple[SNNOutput, dict[str, Tensor]]:
-    """The simulation's output and the level each neuron fires (its decoded spike train)."""
+def _evaluation_with_simulation_ties(snn: SNN, x: Tensor, fired: dict[str, Tensor],
+                                     fired_ratios: dict[str, Tensor]) -> tuple[SNNOutput, int]:
+    """The time-folded evaluation of x, each neuron's level taken from the simulation's where they
+    differ at an exact tie of floor(V / theta) (the two reach V by sums in different orders), its
+    spike counts with them; and the number of ties."""
+    from .lower.evaluator import TimeFoldedNeuron
+    from .quant import popcount_levels
+
+    tied = 0
+
+    def record(name: str, folded: TimeFoldedNeuron, args: tuple, out: tuple[Tensor, Tensor]):
+        nonlocal tied
+        value, counts = out
+        n = folded.neuron
+        theta = channel_view(n.theta.to(value.dtype), value.dim())
+        level = torch.round(value / theta)
+        ratio = (args[0] + channel_view(torch.as_tensor(n.membrane_offset, dtype=value.dtype), value.dim())) / theta
+        tie = _exact_tie(fired[name], level, ratio, torch.round(ratio), fired_ratios[name])
+        if not bool(tie.any()):
+            return out
+        tied += int(tie.sum())
+        extra = torch.where(tie, popcount_levels(fired[name], n.levels) - popcount_levels(level, n.levels), 0)
+        return torch.where(tie, fired[name] * theta, value), counts + extra.flatten(1).sum(1).to(counts.dtype)
+
+    evaluator = snn._lowered_graph("evaluate")
+    neurons = {name: m for name, m in evaluator.named_modules() if isinstance(m, TimeFoldedNeuron)}
+    with _hooked(neurons, record):
+        return SNNOutput(*evaluator(x)), tied
+
+
+def _simulated_levels(snn: SNN, x: Tensor) -> tuple[SNNOutput, dict[str, Tensor], dict[str, Tensor]]:
+    """The simulation's output, the level each neuron fires (its decoded spike train) and the
+    quotient V / theta it fired from (V: the integrated potential plus the membrane offset)."""
+    fired: dict[str, Tensor] = {}
+    ratios: dict[str, Tensor] = {}
+
+    def record(name: str, neuron: BitSerialIFNode, args: tuple, spikes: Tensor) -> None:
+        potential = torch.zeros_like(args[0][0])
+        for current in args[0]:   # the neuron's own charge: the doubling rule, then the offset
+            potential = 2.0 * potential + current
+        offset = channel_view(neuron.membrane_offset.to(potential.dtype), potential.dim())
+        fired[name] = decode_levels(spikes)
+        ratios[name] = (potential + offset) / channel_view(neuron.theta.to(potential.dtype), potential.dim())
+
     neurons = {name: m for name, m in snn.graph_module.named_modules() if isinstance(m, BitSerialIFNode)}
-    return run_recording(snn.simulate, neurons, lambda neuron, out: decode_levels(out), x)
+    with _hooked(neurons, record):
+        return snn.simulate(x), fired, ratios
 
 
 def moved_pools(snn: SNN) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -124,7 +213,7 @@ def _relative(a: Tensor, b: Tensor) -> float:
 
 
 def _compare_levels(snn_levels: dict[str, Tensor], source_levels: dict[str, Tensor],
-                    problems: list[str]) -> dict[str, SiteCheck]:
+                    problems: list[str], ties: dict[str, Tensor]) -> dict[str, SiteCheck]:
     unmatched = sorted(set(snn_levels) ^ set(source_levels))
     if unmatched:
         problems.append(f"sites without a counterpart: {', '.join(unmatched[:5])}")
@@ -136,8 +225,9 @@ def _compare_levels(snn_levels: dict[str, Tensor], source_levels: dict[str, Tens
             sites[name] = SiteCheck(want.numel(), 0)
             continue
         differ = (got != want).nonzero()
-        sites[name] = SiteCheck(want.numel(), want.numel() - differ.shape[0],
-                                differ[0].tolist() if differ.shape[0] else None)
+        tied = int(ties[name].sum()) if name in ties else 0
+        sites[name] = SiteCheck(want.numel(), want.numel() - differ.shape[0] - tied,
+                                differ[0].tolist() if differ.shape[0] else None, tied)
         if differ.shape[0]:
             problems.append(f"site {name}: {differ.shape[0]} of {want.numel()} levels differ from the source")
     return sites
@@ -175,16 +265,18 @@ def check_exact(source: nn.Module, snn: SNN, x: Tensor) -> ExactGate:
     reference = convert(source64, snn.timesteps if steps == {snn.timesteps} else None)
     problems: list[str] = []
     x64 = x.double()
-    source_logits, source_levels = _source_levels(source64, x64)
-    simulated, fired = snn_levels(reference, x64)
-    sites = _compare_levels(fired, pool_moved_sites(reference, source_levels), problems)
+    simulated, fired, fired_ratios = _simulated_levels(reference, x64)
+    source_logits, source_levels, ties = _source_with_snn_ties(source64, x64, fired, fired_ratios,
+                                                               set(moved_pools(reference)))
+    sites = _compare_levels(fired, pool_moved_sites(reference, source_levels), problems, ties)
     logit_difference = _relative(simulated.logits, source_logits)
     if not logit_difference <= LOGIT_RELATIVE_TOLERANCE:
         problems.append(f"logits differ from the source by {logit_difference:.3g} (relative)")
-    evaluated = reference.evaluate(x64)
+    evaluated, evaluation_ties = _evaluation_with_simulation_ties(reference, x64, fired, fired_ratios)
     evaluation_matches = _relative(evaluated.logits, simulated.logits) <= LOGIT_RELATIVE_TOLERANCE and all(
         torch.equal(evaluated.spikes[k], simulated.spikes[k]) for k in simulated.spikes)
     if not evaluation_matches:
         problems.append("the time-folded evaluation differs from the simulation")
     tensors = _compare_with_reference(snn, reference, problems)
-    return ExactGate(int(x.shape[0]), sites, logit_difference, evaluation_matches, tensors, not problems, problems)
+    return ExactGate(int(x.shape[0]), sites, logit_difference, evaluation_matches, tensors, not problems, problems,
+                     evaluation_ties)

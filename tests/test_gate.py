@@ -21,7 +21,8 @@ import ann2snn
 import ann2snn.compiler as compiler_module
 import ann2snn.neuron as neuron_module
 import models
-from ann2snn.gate import check_exact
+import ann2snn.gate as gate_module
+from ann2snn.gate import _exact_tie, check_exact
 from ann2snn.neuron import BitSerialIFNode
 from ann2snn.quant import QuantClippedActivation
 from test_artifact import make_snn
@@ -180,3 +181,66 @@ def test_functional_and_kept_max_pools():
     assert any(r.get("max_pool_kept") == "pool" and "feeds other nodes" in r["reason"] for r in rewrites), rewrites
     gate = check_exact(model, snn, torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
     assert gate.passed, gate.problems
+
+
+# ------------------------------------------------------------------ exact ties
+
+
+def _same_scale_average_pools() -> tuple[nn.Module, torch.Tensor]:
+    """Sites requantized at their own scale after an average pool, as PT2E and onnxruntime write
+    them: the mean of 4 levels is a half-integer a quarter of the time (an exact tie)."""
+    torch.manual_seed(0)
+
+    def site(clip: float) -> QuantClippedActivation:
+        return QuantClippedActivation(levels=15, channels=0, clip=clip)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), site(1.3), nn.AvgPool2d(2), site(1.3),
+                          nn.Conv2d(8, 8, 3, padding=1), site(2.1), nn.AdaptiveAvgPool2d(1), site(2.1),
+                          nn.Flatten(), nn.Linear(8, 10)).eval()
+    return model, torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_exact_ties_are_counted_and_everything_else_still_checked(monkeypatch):
+    model, x = _same_scale_average_pools()
+    snn = ann2snn.convert(model, T=4)
+    gate = check_exact(model, snn, x)
+    assert gate.passed, gate.problems
+    assert gate.ties > 0 and gate.sites["3"].ties == gate.ties   # all at the site after the 2x2 pool
+    assert gate.sites["3"].equal + gate.ties == gate.sites["3"].compared
+    assert gate.to_json()["ties"] == gate.ties
+    # without the tie rule the same conversion fails: the ties are real differences of float64 sums
+    monkeypatch.setattr(gate_module, "TIE_TOLERANCE", 0.0)
+    strict = check_exact(model, snn, x)
+    assert not strict.passed and any("site 3" in p for p in strict.problems)
+
+
+_SHIFT_BIAS = compiler_module.shift_bias
+
+
+def _shift_a_hair_short(gm: fx.GraphModule) -> fx.GraphModule:
+    """A compiler whose membrane offsets are theta / 2 less one part in 10^7: every level is right
+    but those whose z / theta lies within 10^-7 of a rounding boundary, exact ties included."""
+    gm = _SHIFT_BIAS(gm)
+    for node in gm.graph.nodes:
+        if "membrane_offset" in node.meta:
+            node.meta["membrane_offset"] = node.meta["membrane_offset"] * (1 - 1e-7)
+    return gm
+
+
+def test_exact_ties_do_not_hide_a_broken_conversion(monkeypatch):
+    """A neuron that fires one level low at a tie because its potential is off (not because float64
+    rounded the same value either way) is not a tie: its own V / theta is not on the boundary."""
+    model, x = _same_scale_average_pools()
+    monkeypatch.setattr(compiler_module, "shift_bias", _shift_a_hair_short)
+    gate = check_exact(model, ann2snn.convert(model, T=4), x)
+    assert not gate.passed and any("levels differ" in p for p in gate.problems), gate.problems
+
+
+def test_exact_tie_needs_both_sides_on_the_boundary_and_a_difference_of_one():
+    def float64(*values: float) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64)
+
+    level, got = float64(3, 3, 3, 3, 3), float64(4, 4, 5, 4, 4)
+    ratio = float64(3.5 + 1e-13, 3.5 - 1e-13, 3.5, 3.5 + 1e-6, 3.5)
+    fired = float64(4, 4 - 1e-14, 5, 4, 4 - 1e-7)
+    assert _exact_tie(got, level, ratio, torch.floor(ratio) + 0.5, fired).tolist() == [True, True, False, False, False]
