@@ -1,0 +1,60 @@
+"""QDQ files from PyTorch's PT2E quantization (issue 16, part 1), exported by the dynamo exporter.
+
+PT2E now lives in torchao: `prepare_pt2e` with a quantizer, calibration, `convert_pt2e`, then
+`torch.onnx.export(dynamo=True)` writes QuantizeLinear / DequantizeLinear pairs. Two quantizers a
+user would pick on a CPU: X86InductorQuantizer (uint8 activations, per-channel int8 weights) and
+the XNNPACK quantizer (int8 activations with zero point -128 after a ReLU, per-channel symmetric
+weights). Zoo networks in float (ReLU sites) go through both and through the real command; each
+must pass the exactness gate and onnxruntime's comparison with no unexplained level. ResNet-20
+requantizes its global average pool at the last ReLU's scale, which gives exact ties (the gate's
+tie rule; ann2snn/gate.py).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import models
+from hostile import invoke
+
+
+def pt2e_onnx(name: str, quantizer_name: str, path) -> str:
+    """A zoo network in float, quantized by PT2E with `quantizer_name` on random images, in ONNX."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    if quantizer_name == "x86":
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    else:
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    torch.manual_seed(0)
+    model = models.build_model(name, num_classes=10).eval()
+    shape = models.default_input_shape(name) if name == "digits-cnn" else (3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, *shape, generator=gen)
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    for _ in range(4):
+        prepared(torch.rand(4, *shape, generator=gen))   # the batch size it was exported with
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(convert_pt2e(prepared), (x,), str(path), dynamo=True, verbose=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("name, quantizer_name", [("digits-cnn", "x86"), ("digits-cnn", "xnnpack"),
+                                                  ("resnet20", "x86")])
+def test_pt2e_export_converts_exactly(tmp_path, name, quantizer_name):
+    path = pt2e_onnx(name, quantizer_name, tmp_path / "pt2e.onnx")
+    result = invoke("convert", path, "--json")
+    assert result.exit_code == 0, (result.stderr, result.stdout[-2000:])
+    report = json.loads(result.stdout)
+    check = report["verify"]
+    assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
+    assert report["source"]["kind"] == "qdq" and report["timesteps"] == 8
+    relus = sum(1 for module in models.build_model(name, num_classes=10).modules() if isinstance(module, torch.nn.ReLU))
+    assert len(report["sites"]) >= min(relus, 2)
