@@ -1,7 +1,8 @@
 """Float ONNX files as they are exported in the wild (issue 16, part 3): TensorFlow's SAME padding
 written as a Pad, several outputs (--output-name), dynamic height and width (--input-shape or the
 calibration data's shape), Keras-style graphs from tf2onnx (an NHWC input, BatchNormalization as
-Mul and Add, flatten through Shape / Slice / Concat / Reshape, or Shape / Gather / Unsqueeze / Concat).
+Mul and Add, flatten through Shape / Slice / Concat / Reshape, Shape / Gather / Unsqueeze / Concat, or
+Shape / Slice / ReduceProd / Concat).
 
 Each file is built here (onnx.helper, torch.onnx.export) and converted by the real command; the
 conversion is verified against onnxruntime.
@@ -257,12 +258,16 @@ def test_dynamic_height_and_width_without_a_shape_are_refused(any_size, tmp_path
 
 # --- 4. Keras-style graphs (tf2onnx) --------------------------------------------------------------------------
 
-FLATTENS = {  # two ways tf2onnx computes the Reshape target [batch, -1] / [batch, 64] from the shape
+FLATTENS = {  # three ways tf2onnx computes the Reshape target [batch, -1] / [batch, 64] from the shape
     "slice": [helper.make_node("Slice", ["shape", "zero1", "one"], ["first"], name="slice"),
               helper.make_node("Concat", ["first", "minus_one"], ["target"], name="concat", axis=0)],
     "gather": [helper.make_node("Gather", ["shape", "zero"], ["batch"], name="gather", axis=0),
                helper.make_node("Unsqueeze", ["batch", "zero1"], ["first"], name="unsqueeze"),
                helper.make_node("Concat", ["first", "features"], ["target"], name="concat", axis=0)],
+    "reduce_prod": [helper.make_node("Slice", ["shape", "zero1", "one"], ["first"], name="slice_batch"),
+                    helper.make_node("Slice", ["shape", "one", "four"], ["rest"], name="slice_rest"),
+                    helper.make_node("ReduceProd", ["rest"], ["features_product"], name="prod", keepdims=1),
+                    helper.make_node("Concat", ["first", "features_product"], ["target"], name="concat", axis=0)],
 }
 
 
@@ -288,7 +293,8 @@ def keras_cnn(path, flatten: str) -> str:
              helper.make_node("Add", ["g", "b2"], ["y"], name="dense_bias")]
     initializers = {"w1": _weights(4, 1, 3, 3), "b1": _weights(4, seed=1),
                     "bn_scale": np.abs(_weights(4, seed=4)) + 0.5, "bn_shift": _weights(4, seed=5) * 0.1,
-                    "zero": np.array(0, np.int64), "zero1": int64(0), "one": int64(1), "minus_one": int64(-1),
+                    "zero": np.array(0, np.int64), "zero1": int64(0), "one": int64(1), "four": int64(4),
+                    "minus_one": int64(-1),
                     "features": int64(64),
                     "w2": _weights(64, 10, seed=2) * 0.1, "b2": _weights(10, seed=3)}
     return save(path, nodes, initializers, x_shape=("N", 8, 8, 1), y_shape=["N", 10])

@@ -1,5 +1,6 @@
 """Structural ops: Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, and the shape arithmetic
-(Shape, Gather, Slice, Cast, Constant, ConstantOfShape, Range) that exporters put before a Reshape.
+(Shape, Gather, Slice, ReduceProd, Cast, Constant, ConstantOfShape, Range) that exporters put before a
+Reshape.
 
 Dimension 0 is the batch and must stay there: an op that would move or merge it is refused. Shape
 arithmetic is folded at import (builder.BatchDependent), so a Reshape gets a constant target with
@@ -190,8 +191,10 @@ def _constant_only(ctx) -> list:
     ctx.fail(f"{ctx.op_type} of the network's data is not supported (only of constants and shapes)")
 
 
+# ReduceProd: tf2onnx's flatten multiplies the non-batch dimensions of the shape
 for _op, _versions in {"Gather": (11, 13), "Slice": (11, 13), "ConstantOfShape": (9, 20, 21, 23, 24, 25),
-                       "Constant": (11, 12, 13, 19, 21, 23, 24, 25), "Range": (11, 27)}.items():
+                       "Constant": (11, 12, 13, 19, 21, 23, 24, 25), "Range": (11, 27),
+                       "ReduceProd": (11, 13, 18)}.items():
     for _version in _versions:
         add_converter(_op, _version)(_constant_only)
 
