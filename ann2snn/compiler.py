@@ -11,6 +11,7 @@ from torch import Tensor, fx, nn
 from .errors import UnsupportedModelError
 from .passes import (float_activations_to_sites, fold_batch_norm, move_max_pool_before_sites,
                      place_neurons, shift_bias, trace)
+from .passes.calibrate import calibrate_clips, clip_bound
 from .passes.graph_utils import conversion_report, neuron_nodes, site_nodes
 from .snn import SNN
 
@@ -47,8 +48,6 @@ def _timesteps(gm: fx.GraphModule) -> int:
 
 
 def _has_float_activations(gm: fx.GraphModule) -> bool:
-    from .passes.calibrate import clip_bound
-
     return any(clip_bound(gm, node) is not None for node in gm.graph.nodes)
 
 
@@ -95,8 +94,6 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
         if clips is not None:
             _set_clips(path, gm, clips)
         else:
-            from .train import calibrate_clips
-
             calibrate_clips(gm, [(x,) for x in calib.split(batch_size)], percentile, batches=None)
         kind = "float" if not qdq_sites else "mixed"
     source = {"file": os.path.basename(str(path)), "sha256": file_sha256(path), "kind": kind,

@@ -7,8 +7,8 @@
 
 `prepare` traces the model with torch.fx, gives every call of a ReLU-like op (nn.ReLU, nn.ReLU6,
 nn.Hardtanh(0, c), F.relu, torch.relu, torch.clamp / Tensor.clamp with min=0) a module of its own,
-then reuses the trainer's code: `train.quantize_model` turns those modules into
-QuantClippedActivation sites and `train.calibrate_clips` sets lambda from the example input.
+then reuses the calibration pass (ann2snn/passes/calibrate.py): `quantize_model` turns those modules into
+QuantClippedActivation sites and `calibrate_clips` sets lambda from the example input.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import Ann2SnnError
-from .passes.calibrate import clip_bound
+from .passes.calibrate import activation_sites, calibrate_clips, clip_bound, first_tensor, quantize_model
 from .passes.graph_utils import free_name
 from .passes.trace import SiteTracer
 from .quant import QuantClippedActivation
-from .train import MIN_CLIP, TrainConfig, first_tensor, activation_sites, calibrate_clips, quantize_model, spike_regularizer
+from .train import MIN_CLIP, TrainConfig, spike_regularizer
 
 # Tensor methods and in-place variants with the functional form that `clip_bound` recognises.
 _METHOD_FUNCTIONS = {"relu": torch.relu, "relu_": torch.relu, "clamp": torch.clamp, "clamp_": torch.clamp,
@@ -182,7 +182,7 @@ __all__ = ["prepare", "spike_penalty", "PreparedModel", "DEFAULT_PERCENTILE"]
 def onnx_network(path: str, classes: int, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """A float ONNX file (any CNN `convert` accepts) as a trainable network for `ann2snn train
     --model FILE.onnx`: the importer's graph of torch modules, its ReLU-like ops each a module of
-    their own (for `train.quantize_model`); its own pre- and post-processing stays in the graph.
+    their own (for `quantize_model`); its own pre- and post-processing stays in the graph.
     Refuses a QDQ file (already quantized), samples or classes that do not fit it."""
     from .data import check_input_shape
     from .onnx_import import load_onnx

@@ -21,7 +21,9 @@ import models
 from ann2snn.checkpoint import load_tensors
 from ann2snn.data import load_dataset
 from ann2snn.distributed import Context, SyncBatchNorm, shard, sync_batch_norm, unsync_batch_norm
-from ann2snn.train import TrainConfig, _global_batch_sizes, calibrate_clips, quantize_model, train
+from ann2snn.passes.calibrate import calibrate_clips, quantize_model
+from ann2snn.train import TrainConfig, train
+from ann2snn.train.batches import global_batch_sizes
 from cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,8 +82,8 @@ def test_shards_cover_the_data_set_once_and_global_batches_match_one_loader():
     data = list(range(11))
     parts = [list(shard(data, Context(r, 3))) for r in range(3)]
     assert sorted(sum(parts, [])) == data and [len(p) for p in parts] == [4, 4, 3]
-    assert _global_batch_sizes(193, 32) == [32] * 6 + [1]
-    assert _global_batch_sizes(192, 32) == [32] * 6
+    assert global_batch_sizes(193, 32) == [32] * 6 + [1]
+    assert global_batch_sizes(192, 32) == [32] * 6
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-import ann2snn.train as T
+import ann2snn.train.loop as T
 from ann2snn.checkpoint import load_checkpoint
 from ann2snn.data import ArrayDataset
 from ann2snn.distributed import init_from_env
@@ -156,7 +158,7 @@ def _max_difference(a: dict, b: dict) -> float:
 @pytest.fixture
 def float64_training(monkeypatch):
     """Single-process training in float64 (model by the default dtype, data by a wrapped loader)."""
-    import ann2snn.train as train_module
+    import ann2snn.train.loop as train_module
     from ann2snn.data import ArrayDataset
 
     original = train_module.load_dataset

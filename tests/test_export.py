@@ -12,7 +12,7 @@ import models
 from ann2snn.data import load_dataset
 from ann2snn.errors import Ann2SnnError
 from ann2snn.export import export_onnx, onnxruntime_session
-from ann2snn.train import activation_sites, calibrate_clips, quantize_model
+from ann2snn.passes.calibrate import activation_sites, calibrate_clips, quantize_model
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ from ann2snn.data import load_dataset
 from ann2snn.errors import Ann2SnnError
 from ann2snn.export import export_onnx
 from ann2snn.quant import QuantClippedActivation, popcount_levels, quantize_levels
-from ann2snn.train import (TrainConfig, _epoch_loader, activation_sites, calibrate_clips, evaluate_accuracy,
-                           load_init, quantize_model, spike_regularizer, train)
+from ann2snn.passes.calibrate import activation_sites, calibrate_clips, quantize_model
+from ann2snn.train import TrainConfig, evaluate_accuracy, load_init, spike_regularizer, train
+from ann2snn.train.batches import epoch_loader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,7 +249,7 @@ def test_image_folder_augmentation_of_an_epoch_does_not_depend_on_earlier_epochs
     config = TrainConfig(data=str(tmp_path / "imgs"), batch_size=4, workers=workers, seed=3)
 
     def epoch_batches(epoch):
-        return [x for x, _ in _epoch_loader(dataset, config, epoch)]
+        return [x for x, _ in epoch_loader(dataset, config, epoch)]
 
     uninterrupted = [epoch_batches(0), epoch_batches(1)]
     resumed = epoch_batches(1)

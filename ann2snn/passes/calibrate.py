@@ -1,28 +1,36 @@
-"""Pass for float source models (METHOD.md section 1, second source of sites).
+"""Activation sites of float models (METHOD.md section 1, second source of sites), and calibration.
 
-Float Relu / Clip(0, c) / Relu6 become activation sites whose lambda is then calibrated from data
-(ann2snn.train.calibrate_clips): a high percentile of the site's activations, or the clip bound c
-when smaller. This is post-training quantization, so it is lossy: the conversion reports the gap.
+Float Relu / Clip(0, c) / Relu6 become activation sites (`float_activations_to_sites` on a graph,
+`quantize_model` on a module tree) whose lambda is then calibrated from data (`calibrate_clips`):
+a high percentile of the site's activations, or the clip bound c when smaller. The compiler uses
+this for post-training quantization (lossy: the conversion reports the gap), the trainer for the
+first lambda of quantization-aware training.
 """
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Iterable
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
+from ..errors import Ann2SnnError
 from ..quant import QuantClippedActivation, levels_for_timesteps
 from .graph_utils import conversion_report, finish, module_of
 
+# Per-batch sample of a site's activations kept for its percentile (divided among its channels).
+_CALIBRATION_SAMPLES = 1 << 20
+# torch.quantile refuses larger inputs.
+_QUANTILE_MAX = 1 << 24
+
 def clip_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """inf for a ReLU, c for Clip(0, c) / ReLU6; None when the node is no ReLU-like site."""
+    """inf for a ReLU, c for Clip(0, c) / ReLU6 / Hardtanh(0, c), as a module or a function call;
+    None when the node is no float ReLU-like site. The one test of ReLU-likeness: the importer's
+    graphs, `ann2snn.prepare` and `quantize_model` all ask it (through `module_clip_bound`)."""
     module = module_of(gm, node)
-    if isinstance(module, nn.ReLU):
-        return math.inf
-    if isinstance(module, nn.ReLU6):
-        return 6.0
-    if isinstance(module, nn.Hardtanh) and module.min_val == 0:
-        return float(module.max_val)
+    if module is not None and not isinstance(module, QuantClippedActivation):
+        return module_clip_bound(module)
     if node.op == "call_function" and node.target in (torch.relu, nn.functional.relu):
         return math.inf
     if node.op == "call_function" and node.target is torch.clamp:
@@ -52,3 +60,139 @@ def float_activations_to_sites(gm: fx.GraphModule, timesteps: int) -> fx.GraphMo
         gm.graph.erase_node(node)
         report["sites"].setdefault(target, {})["source"] = {"kind": "float", "clip_bound": bound}
     return finish(gm)
+
+
+def activation_sites(model: nn.Module) -> dict[str, QuantClippedActivation]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantClippedActivation)}
+
+
+def first_tensor(model: nn.Module) -> Tensor:
+    """A parameter or buffer of `model`, for its device and dtype (CPU float32 when it has none)."""
+    return next(itertools.chain(model.parameters(), model.buffers()), torch.zeros(()))
+
+
+def module_clip_bound(module: nn.Module | None) -> float | Tensor | None:
+    """The clip bound of a ReLU-like module: inf for nn.ReLU, c for nn.ReLU6 / nn.Hardtanh(0, c),
+    lambda for a site; None for any other module (or None)."""
+    if isinstance(module, QuantClippedActivation):
+        return module.clip.detach()
+    if isinstance(module, nn.ReLU):
+        return math.inf
+    if isinstance(module, nn.Hardtanh) and module.min_val == 0:  # nn.ReLU6 is Hardtanh(0, 6)
+        return float(module.max_val)
+    return None
+
+
+def _site_channels(model: nn.Module, modules: list[nn.Module], input_shape: tuple[int, ...]) -> dict[int, int]:
+    """The channel count (dimension 1) each module sees, from one forward pass of a dummy batch."""
+    channels: dict[int, int] = {}
+
+    def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        channels[id(module)] = int(inputs[0].shape[1])
+
+    handles = [m.register_forward_hook(record) for m in modules]
+    param = first_tensor(model)
+    was_training = model.training
+    try:
+        model.eval()  # batch statistics of a dummy batch must not touch BN's running averages
+        with torch.no_grad():
+            model(torch.zeros((2, *input_shape), dtype=param.dtype, device=param.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return channels
+
+
+def quantize_model(model: nn.Module, timesteps: int, per_channel: bool = False,
+                   input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """Replace every activation site (nn.ReLU, nn.ReLU6, nn.Hardtanh(0, c), QuantClippedActivation)
+    of `model`, in place, by a QuantClippedActivation with L = 2^T - 1 levels.
+
+    lambda starts at the source's bound: c for ReLU6 / Hardtanh, the old lambda of a site, and inf
+    for a ReLU, which `calibrate_clips` must set before the site quantizes. `per_channel` gives
+    each site one lambda per channel; the channel counts come from a forward pass of a dummy batch
+    of `input_shape` (C, H, W), which per-channel sites therefore need.
+    """
+    levels = levels_for_timesteps(timesteps)
+    targets = [(name, m) for name, m in model.named_modules() if name and module_clip_bound(m) is not None]
+    channels: dict[int, int] = {}
+    if per_channel:
+        if input_shape is None:
+            raise Ann2SnnError("per-channel quantization needs the input shape (C, H, W) to count channels")
+        channels = _site_channels(model, [m for _, m in targets], tuple(input_shape))
+    param = first_tensor(model)
+    for name, module in targets:
+        if per_channel and id(module) not in channels:
+            raise Ann2SnnError(f"activation {name!r} is not called in the forward pass: cannot count its channels")
+        site = QuantClippedActivation(levels=levels, channels=channels.get(id(module), 0))
+        source = torch.as_tensor(module_clip_bound(module))
+        with torch.no_grad():
+            # A per-layer lambda broadcasts over the channels; per channel -> per layer keeps the widest.
+            site.clip.copy_(source.max() if site.clip.dim() == 0 else source)
+        model.set_submodule(name, site.to(param.device))
+    return model
+
+
+@torch.no_grad()
+def calibrate_clips(model: nn.Module, loader: Iterable, percentile: float = 99.9, batches: int | None = 10,
+                    names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Set each site's lambda to the `percentile` of its positive float activations (per channel for a
+    per-channel site), capped at its current lambda (a ReLU6's 6; inf for a ReLU).
+
+    Runs `model` in eval mode on `batches` batches of `loader` ((inputs, labels) pairs; None: all)
+    with every site in float mode (quantize=False); `names` restricts which sites are set. A channel
+    that never fires takes its layer's value. Returns {site: lambda}.
+    """
+    sites = activation_sites(model)
+    chosen = {n: sites[n] for n in (sites if names is None else names)}
+    device = first_tensor(model).device
+    samples: dict[str, list[Tensor]] = {name: [] for name in chosen}
+    generator = torch.Generator().manual_seed(0)
+
+    def record(name: str, site: QuantClippedActivation):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            z = inputs[0].detach().float()
+            rows = z.transpose(0, 1).reshape(z.shape[1], -1) if site.per_channel else z.reshape(1, -1)
+            keep = max(1024, _CALIBRATION_SAMPLES // rows.shape[0])
+            if rows.shape[1] > keep:
+                rows = rows[:, torch.randint(rows.shape[1], (keep,), generator=generator).to(rows.device)]
+            # Zeros are the ReLU's "off" state, not part of the range the levels must cover.
+            samples[name].append(torch.where(rows > 0, rows, torch.nan).cpu())
+        return hook
+
+    handles = [site.register_forward_hook(record(n, site)) for n, site in chosen.items()]
+    modes = {n: s.quantize for n, s in sites.items()}
+    was_training = model.training
+    try:
+        model.eval()
+        for s in sites.values():
+            s.quantize = False
+        for i, (x, *_) in enumerate(loader):
+            if batches is not None and i >= batches:
+                break
+            model(x.to(device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+        for n, s in sites.items():
+            s.quantize = modes[n]
+    result = {}
+    for name, site in chosen.items():
+        if not samples[name]:
+            raise Ann2SnnError(f"calibration: site {name!r} saw no data")
+        values = torch.cat(samples[name], dim=1)
+        if values.numel() > _QUANTILE_MAX:
+            values = values[:, torch.randperm(values.shape[1], generator=generator)[:_QUANTILE_MAX // values.shape[0]]]
+        values = values.double()
+        q = percentile / 100
+        per_row = torch.nanquantile(values, q, dim=1)
+        layer = torch.nanquantile(values.flatten(), q)
+        if torch.isnan(layer):
+            raise Ann2SnnError(f"calibration: site {name!r} never had a positive input; cannot set its lambda")
+        per_row = torch.where(torch.isnan(per_row), layer, per_row)
+        lam = torch.minimum(per_row.reshape(site.clip.shape).to(site.clip), site.clip)
+        site.clip.copy_(lam)
+        result[name] = lam.detach().clone()
+    return result

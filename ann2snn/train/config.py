@@ -1,0 +1,63 @@
+"""What a training run is asked to do, and what it gives back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+# lambda is kept above this: a step driving it to zero or below would make theta = lambda / L useless.
+MIN_CLIP = 1e-4
+
+@dataclass
+class TrainConfig:
+    model: str = "digits-cnn"
+    data: str = "digits"
+    timesteps: int = 3
+    beta: float = 0.0
+    epochs: int = 40
+    lr: float = 0.05
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_grad_norm: float | None = None  # clip the gradient's global norm (None: off); see _train_epoch
+    per_channel: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    init: str | None = None           # safetensors state dict or ONNX file to start from
+    workers: int = 0
+    output: str | None = None         # final weights (safetensors); the checkpoint is <output>.ckpt
+    onnx: str | None = None           # also export the final model here (QDQ, or float if float_only)
+    float_only: bool = False          # train the float ANN: clipped ReLU sites with quantize=False
+    float_activation: str = "clipped"  # float_only: "clipped" (trainable lambda) or "plain" (the zoo's ReLUs)
+    resume: bool = False              # continue from <output>.ckpt if it exists
+    calibrate: bool = False           # recalibrate every lambda, also those the init file provides
+    percentile: float = 99.9          # of the activations, for lambdas calibrated from data
+    train_limit: int | None = None    # use only the first N training samples (quick runs)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.output is None else Path(f"{self.output}.ckpt")
+
+
+FLOAT_ACTIVATIONS = ("clipped", "plain")
+
+# Fields a resumed run may change without changing the computation's meaning.
+RESUME_FREE_FIELDS = frozenset({"resume", "workers", "device", "onnx"})
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    test_accuracy: float
+    spikes_per_image: float
+    spikes_per_site: dict[str, float]
+    seconds: float
+    model: nn.Module = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"history": self.history, "test_accuracy": self.test_accuracy,
+                "spikes_per_image": self.spikes_per_image, "spikes_per_site": self.spikes_per_site,
+                "seconds": self.seconds}
