@@ -9,8 +9,6 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ann2snn.errors import Ann2SnnError
-
 from ._common import ActivationFactory
 from .digits import DigitsCNN, digits_cnn
 from .mobilenet import MobileNetV2, mobilenetv2
@@ -31,9 +29,13 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 _INPUT_SHAPES: dict[str, tuple[int, int, int]] = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
 
 
+class UnknownModelError(ValueError):
+    """A name the zoo does not have (ann2snn reports it as bad input: the zoo does not import ann2snn)."""
+
+
 def _check_name(name: str) -> str:
     if name not in _BUILDERS:
-        raise Ann2SnnError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+        raise UnknownModelError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     return name
 
 

@@ -1,6 +1,10 @@
 """The model zoo (models/): shapes, fx tracing, one module per activation site, parameter counts."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.fx
@@ -173,13 +177,25 @@ def test_build_model_registry():
     assert models.default_input_shape("resnet18") == (3, 224, 224)
     assert models.build_model("digits-cnn", 10).conv1.in_channels == 1
     assert models.build_model("resnet20", 10, in_channels=1).conv1.in_channels == 1
-    with pytest.raises(Ann2SnnError) as info:
+    with pytest.raises(models.UnknownModelError) as info:
         models.build_model("resnet50", 10)
     message = str(info.value)
     assert "\n" not in message and "resnet50" in message
     assert all(name in message for name in models.MODEL_NAMES)
-    with pytest.raises(Ann2SnnError):
+    with pytest.raises(models.UnknownModelError):
         models.default_input_shape("nope")
+    # the trainer reports it as bad input
+    from ann2snn.train import TrainConfig, train
+    with pytest.raises(Ann2SnnError, match="resnet50"):
+        train(TrainConfig(model="resnet50", epochs=1), progress=False)
+
+
+def test_the_zoo_does_not_import_ann2snn():
+    """Dependencies point one way: ann2snn uses the zoo, the zoo uses torch alone."""
+    code = "import sys, models; models.build_model('resnet20', 10); print(sorted(m for m in sys.modules if m.startswith('ann2snn')))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
 
 
 def test_digits_cnn_learns_digits():

@@ -83,6 +83,8 @@ def _check_data_fits(config: TrainConfig, source: str, input_shape: tuple[int, .
         with torch.device("meta"):
             model = models.build_model(config.model, classes, in_channels=input_shape[0])
             model.eval()(torch.empty((1, *input_shape)))
+    except models.UnknownModelError as err:
+        raise Ann2SnnError(str(err)) from None
     except Ann2SnnError:
         raise
     except Exception:  # shape errors come as RuntimeError, ValueError, ... from any layer
