@@ -14,6 +14,8 @@ import click
 
 import ann2snn
 from ann2snn.errors import Ann2SnnError
+from ann2snn.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 QDQ: T <= 8
+from ann2snn.neuron import MAX_TIMESTEPS
 from ann2snn.paths import check_device, check_output
 from ann2snn.tables import format_table
 from models import MODEL_NAMES
@@ -152,6 +154,10 @@ def _verify_line(v: dict) -> str:
     exact = (f"exactness gate on {gate['samples']} inputs: {gate['levels_compared']:,} levels at "
              f"{len(gate['sites'])} sites equal to the quantized source's: "
              f"{'yes' if gate['passed'] else 'NO (' + '; '.join(gate['problems'][:2]) + ')'}")
+    if gate["ties"] or gate["evaluation_ties"]:
+        exact += (f" ({gate['ties']:,} of them, and {gate['evaluation_ties']:,} of the evaluation's against the "
+                  f"simulation, exact ties: z / theta a half-integer, rounded up or down by float64's last bit; "
+                  f"given the same level there, everything else matches)")
     comparison = (f"{v['reference']}: prediction agreement {100 * v['agreement']:.2f}%, max |logit difference| "
                   f"{v['max_abs_logit_diff']:.3g}")
     if v["levels"] is not None:
@@ -185,7 +191,8 @@ def _summary(value) -> str | float:
 
 
 @cli.command()
-@click.option("-T", "timesteps", multiple=True, type=click.IntRange(1, 8), default=(2, 3, 4), show_default=True,
+@click.option("-T", "timesteps", multiple=True, type=click.IntRange(1, MAX_EXPORT_TIMESTEPS), default=(2, 3, 4),
+              show_default=True,
               help="Time steps to convert at (repeat the option for several).")
 @click.option("--out", "output_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
               help="Folder for the trained weights, ONNX exports and .snn files.")
@@ -212,7 +219,7 @@ def demo(timesteps, output_dir, epochs, as_json):
 @click.option("--data", default="digits", show_default=True, metavar="DATA",
               help="digits, fashion-mnist, mnist, an .npz with x and y, a folder of IDX files, or an image folder "
                    "with train/ and val/.")
-@click.option("-T", "timesteps", type=click.IntRange(1, 8), default=3, show_default=True,
+@click.option("-T", "timesteps", type=click.IntRange(1, MAX_EXPORT_TIMESTEPS), default=3, show_default=True,
               help="Time steps of the SNN: the sites get L = 2^T - 1 levels.")
 @click.option("--beta", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Weight of the spike regularizer (spikes per image, METHOD.md section 5).")
@@ -267,7 +274,7 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-T", "timesteps", type=click.IntRange(1, 8), default=None,
+@click.option("-T", "timesteps", type=click.IntRange(1, MAX_TIMESTEPS), default=None,
               help="Time steps (default: from the model's QDQ level count).")
 @click.option("--calib", "calib", default=None, metavar="DATA",
               help="Calibration data: digits, an .npz with x and y, or an image folder.")

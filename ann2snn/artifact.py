@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import ArtifactError
-from .neuron import MAX_TIMESTEPS, BitSerialIFNode
+from .neuron import MAX_TIMESTEPS, BitSerialIFNode, check_levels_exact
 from .quant import QuantDequant
 from .snn import SNN
 
@@ -288,8 +288,9 @@ def build_graph(description: dict, tensors: dict[str, torch.Tensor]) -> fx.Graph
 
 
 def _check_dtypes(gm: fx.GraphModule) -> None:
-    """One floating-point dtype for every tensor (BN's step counter aside): what `save` writes; and
-    none left on the meta device the modules were built on (a tensor the file does not hold)."""
+    """One floating-point dtype for every tensor (BN's step counter aside): what `save` writes; none
+    left on the meta device the modules were built on (a tensor the file does not hold); and every
+    neuron's levels exact in that dtype (what the compiler checks)."""
     for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
         if t.is_meta:
             raise ArtifactError(f"the artifact lacks tensor {name}")
@@ -299,6 +300,12 @@ def _check_dtypes(gm: fx.GraphModule) -> None:
         name = next(n for n, d in dtypes.items() if d != next(iter(dtypes.values())) or d not in floating)
         raise ArtifactError(f"tensor {name} is {str(dtypes[name]).removeprefix('torch.')}: an SNN's tensors "
                             "share one floating-point dtype")
+    for name, module in gm.named_modules():
+        if isinstance(module, BitSerialIFNode) and floating:
+            try:
+                check_levels_exact(module.levels, next(iter(floating)))
+            except ValueError as err:
+                raise ArtifactError(f"neuron {name}: {err}") from None
 
 
 # --- files ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import UnsupportedModelError
+from .neuron import check_levels_exact
 from .passes import (float_activations_to_sites, fold_batch_norm, move_max_pool_before_sites,
                      place_neurons, shift_bias, trace)
 from .passes.calibrate import calibrate_clips, clip_bound
@@ -30,7 +31,13 @@ def compile_graph(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
     gm = gm.double()
     for graph_pass in (fold_batch_norm, shift_bias, move_max_pool_before_sites):
         gm = graph_pass(gm)
-    return place_neurons(gm, timesteps).to(dtype)
+    gm = place_neurons(gm, timesteps).to(dtype)
+    for node in neuron_nodes(gm):   # e.g. float16 with T > 11
+        try:
+            check_levels_exact(gm.get_submodule(node.target).levels, dtype)
+        except ValueError as err:
+            raise UnsupportedModelError(f"site {node.target}: {err}") from None
+    return gm
 
 
 def convert(model: nn.Module, T: int | None = None, *, source: dict | None = None) -> SNN:

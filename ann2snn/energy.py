@@ -50,7 +50,7 @@ from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import Ann2SnnError, UnsupportedModelError
 from .lower.signal import Signal, align_steps
 from .lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
-from .neuron import BitSerialIFNode
+from .neuron import BitSerialIFNode, spike_code_arithmetic_dtype
 
 # ==============================================================================================
 # Energy tables
@@ -399,7 +399,8 @@ def _pool_fanout(sums: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]) ->
 
 
 def _popcount(x: Tensor) -> Tensor:
-    """Ones in the binary code of every element of a uint8 or int32 tensor (SWAR bit counting)."""
+    """Ones in the binary code of every element of a uint8 or int32 tensor (SWAR bit counting; the level
+    maps of `spike_code_arithmetic_dtype`)."""
     if x.dtype == torch.uint8:
         x = x - ((x >> 1) & 0x55)
         x = (x & 0x33) + ((x >> 2) & 0x33)
@@ -432,7 +433,7 @@ class _Counter(fx.Interpreter):
         super().__init__(snn.graph_module)
         self.mode = mode
         self.timesteps = int(snn.timesteps)
-        self.level_dtype = torch.uint8 if self.timesteps <= 8 else torch.int32
+        self.level_dtype = spike_code_arithmetic_dtype(self.timesteps)   # level maps are shifted and added
         self.rows: dict[str, _Row] = {}
         self.neurons: dict[str, _NeuronStats] = {}
         self.images = 0

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from .artifact import write_atomically
 from .errors import Ann2SnnError
-from .quant import QuantClippedActivation, channel_view
+from .quant import QuantClippedActivation, channel_view, timesteps_for_levels
 
-# uint8 holds levels 0..255: T <= 8 time steps.
+# uint8 holds levels 0..255: T <= 8 time steps (torch exports fake quantization as uint8 or int8 QDQ only).
 _QUANT_MAX = 255
+MAX_EXPORT_TIMESTEPS = timesteps_for_levels(_QUANT_MAX)
 
 
 class _QdqSite(nn.Module):
@@ -43,7 +44,7 @@ class _QdqSite(nn.Module):
         super().__init__()
         if qdq and site.levels > _QUANT_MAX:
             raise Ann2SnnError(f"a site with {site.levels} levels (T = {site.timesteps}) does not fit uint8 QDQ "
-                               f"(at most {_QUANT_MAX} levels, T <= 8)")
+                               f"(at most {_QUANT_MAX} levels, T <= {MAX_EXPORT_TIMESTEPS})")
         self.qdq = qdq
         self.per_channel = site.per_channel
         clip = site.clip.detach().float().cpu()

@@ -54,9 +54,9 @@ def fire_levels(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -
     in [2^k theta, 2^(k+1) theta) when threshold 2^k theta fires), so firing computes the exact
     floor(V / theta) of the real quotient, clamped to [0, L]. For float32 / float16 potentials
     that floor is taken in float64, which cannot round across an integer (the distance of
-    V / theta from one is at least about 2^-24, the float64 error about 2^-45); float64
-    potentials run the loop itself. The time-folded evaluator uses this, and for equal potentials
-    agrees with the simulator bit for bit.
+    V / theta from one is at least 2^-25, the float64 error at most L 2^-53 <= 2^-37 for
+    T <= 16); float64 potentials run the loop itself. The time-folded evaluator uses this, and
+    for equal potentials agrees with the simulator bit for bit.
     """
     if potential.dtype == torch.float64:
         return decode_levels(fire_msb_first(potential, theta, levels, timesteps))
@@ -65,8 +65,33 @@ def fire_levels(potential: Tensor, theta: Tensor, levels: int, timesteps: int) -
     return quotient.div_(theta.to(torch.float64)).floor_().clamp_(0, top).to(potential.dtype)
 
 
-# The most time steps a neuron may have: the evaluator's spike code of a level is one byte.
-MAX_TIMESTEPS = 8
+# The most time steps a neuron may have: the evaluator's spike code of a level has at most 16 bits.
+MAX_TIMESTEPS = 16
+
+
+def spike_code_dtype(timesteps: int) -> torch.dtype:
+    """The dtype of the bit-packed spike code of a T-step neuron (bit T-1-t = spike at step t, so the
+    code is the level q itself): uint8 for T <= 8, uint16 for T <= 16. The one place that says so."""
+    if type(timesteps) is not int or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"a spike code holds 1..{MAX_TIMESTEPS} time steps, got T={timesteps!r}")
+    return torch.uint8 if timesteps <= 8 else torch.uint16
+
+
+def spike_code_arithmetic_dtype(timesteps: int) -> torch.dtype:
+    """The dtype to shift, mask and add spike codes in: the code's own dtype, except uint16, which
+    torch stores and converts but cannot shift or add on the CPU: int32 then."""
+    code = spike_code_dtype(timesteps)
+    return torch.int32 if code == torch.uint16 else code
+
+
+def check_levels_exact(levels: int, dtype: torch.dtype) -> None:
+    """Refuse L levels that `dtype` cannot hold as exact integers (float16 holds 0..2048, so T <= 11;
+    bfloat16 0..256, T <= 8): the evaluator carries q in the potential's dtype, and a rounded q
+    would fire and count the wrong spikes without a word."""
+    exact = int(2 / torch.finfo(dtype).eps)   # 2^(mantissa bits + 1)
+    if levels > exact:
+        raise ValueError(f"{levels} levels are not exact in {str(dtype).removeprefix('torch.')} (integers up to "
+                         f"{exact}): the SNN needs float32")
 
 
 class BitSerialIFNode(base.MemoryModule):

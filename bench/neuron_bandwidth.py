@@ -1,10 +1,10 @@
 """Memory bandwidth of the fused neuron (kernels.fire_fused) against a plain copy of the same size.
 
 The neuron is memory-bound: it reads the potential V once and writes q * theta (and, on request,
-the uint8 spike code); the spike counts are a few bytes. Each case asks for what the evaluator
-asks for (spikes per sample), one also for spikes per channel. Its useful bandwidth is those bytes per
-second; the ceiling is what the device reaches copying a tensor of the same size
-(`y.copy_(x)`, which reads and writes it once). The ratio should be at least 0.7 on a GPU.
+the spike code: uint8 up to T = 8, uint16 above); the spike counts are a few bytes. Each case asks
+for what the evaluator asks for (spikes per sample), one also for spikes per channel. Its useful
+bandwidth is those bytes per second; the ceiling is what the device reaches copying a tensor of the
+same size (`y.copy_(x)`, which reads and writes it once). The ratio should be at least 0.7 on a GPU.
 On a GPU both are timed as replays of a CUDA graph of 20 calls, the device's own time, as the
 evaluator runs them; "eager ms" is one call launched from Python, the host's launch included
 (which bounds small tensors).
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
+from ann2snn.neuron import spike_code_dtype  # noqa: E402
 from kernels import fire_fused, fire_fused_triton  # noqa: E402
 from kernels.native import native_neuron_available  # noqa: E402
 
@@ -152,7 +153,8 @@ def run_case(case: Case, device: torch.device, timesteps: int, warmup: int, repe
         copy_ms = _time_ms(copy, device, warmup, repeat)
 
     element = v.element_size()
-    neuron_bytes = v.numel() * (2 * element + (1 if case.want_levels else 0))   # read V, write value (+ code)
+    code = spike_code_dtype(timesteps).itemsize if case.want_levels else 0
+    neuron_bytes = v.numel() * (2 * element + code)                             # read V, write value (+ code)
     copy_bytes = v.numel() * 2 * element                                        # read and write once
     neuron_gbps = neuron_bytes / neuron_ms / 1e6
     copy_gbps = copy_bytes / copy_ms / 1e6
@@ -179,7 +181,7 @@ def print_table(results: list[Result], device_name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--timesteps", type=int, default=8, help="T of the neuron (1..8)")
+    parser.add_argument("--timesteps", type=int, default=8, help="T of the neuron (1..16)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args(argv)

@@ -4,7 +4,8 @@
   spike counts) in one pass; reference `fire_fused_reference`.
 - `quant_act_fused`: the training activation a(z) with its spike count, forward and backward;
   reference `quant_act_fused_reference`.
-- `pack_spikes` / `unpack_spikes`: the uint8 spike code <-> binary planes [T, ...].
+- `pack_spikes` / `unpack_spikes`: the spike code (uint8 for T <= 8, uint16 up to T = 16) <-> binary
+  planes [T, ...].
 
 Each public function runs its kernel where `use_triton(tensor)` is true (a CUDA tensor with triton
 installed, or any tensor under TRITON_INTERPRET=1) and its reference otherwise; `fire_fused` runs

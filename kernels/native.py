@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ann2snn.neuron import spike_code_dtype
+
 from .layout import channel_layout
 from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args
 
@@ -151,7 +153,7 @@ def fire_fused_native(potential: Tensor, theta: Tensor | float, membrane_offset:
     theta_c, offset_c = theta_c.contiguous(), offset_c.contiguous()
     tile = copies * layout.c
     value = layout.empty_like(torch.float32)
-    codes = layout.empty_like(torch.uint8) if want_levels else None
+    codes = layout.empty_like(spike_code_dtype(timesteps)) if want_levels else None
     threads = max(1, torch.get_num_threads())
     scratch = torch.zeros(threads, layout.n + tile, dtype=torch.int64)
     if potential.numel():

@@ -4,7 +4,8 @@ Per element: V + membrane_offset, then the level q that MSB-first compare-and-su
 (with the cap at L) decodes to: the exact floor(V / theta) clamped to [0, L], computed directly
 (kernels/device_functions.fire_levels), so q equals `ann2snn.neuron.fire_levels` bit for bit, and so
 the simulator's spikes for the same potential. Outputs, from the one read of V: q * theta,
-optionally q as uint8 (the bit-packed spike code), and popcount(q) reduced per sample and, on
+optionally q as the bit-packed spike code (uint8 for T <= 8, uint16 up to 16:
+`ann2snn.neuron.spike_code_dtype`), and popcount(q) reduced per sample and, on
 request, per channel (a tile-level sum, then one atomic add per tile).
 
 The reference is kernels/neuron_reference.py. Where Triton does not run (kernels/dispatch.py),
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ann2snn.neuron import spike_code_dtype
 
 from .device_functions import channel_tile, fire_levels, load_per_channel, popcount, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
@@ -33,15 +36,15 @@ __all__ = ["NeuronOutput", "fire_fused", "fire_fused_triton", "pack_spikes", "un
 def fire_and_store(v, theta, offset, offsets, mask, value_ptr, levels_ptr,
                    LEVELS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                    WANT_LEVELS: tl.constexpr, FP64: tl.constexpr, io: tl.constexpr):
-    """Fire the neurons of potentials v (loaded in float64 with FP64, else float32), store q * theta (and q as uint8) at
-    `offsets`, and return each element's spike count (0 where masked off)."""
+    """Fire the neurons of potentials v (loaded in float64 with FP64, else float32), store q * theta (and q as the
+    spike code, in levels_ptr's dtype) at `offsets`, and return each element's spike count (0 where masked off)."""
     # V + offset is rounded to the potential's dtype, as torch's add in the reference
     if HAS_OFFSET:
         v = round_to(v + offset, io)
     level, code = fire_levels(v, theta, LEVELS, FP64)
     tl.store(value_ptr + offsets, round_to(level * theta, io).to(io), mask=mask)
     if WANT_LEVELS:
-        tl.store(levels_ptr + offsets, code.to(tl.uint8), mask=mask)
+        tl.store(levels_ptr + offsets, code.to(levels_ptr.dtype.element_ty), mask=mask)
     return tl.where(mask, popcount(code), 0)
 
 
@@ -98,7 +101,7 @@ def fire_fused_triton(potential: Tensor, theta: Tensor | float, membrane_offset:
 
     device = potential.device
     value = layout.empty_like(potential.dtype)
-    codes = layout.empty_like(torch.uint8) if want_levels else None
+    codes = layout.empty_like(spike_code_dtype(timesteps)) if want_levels else None
     channel = torch.zeros(layout.c, dtype=torch.int64, device=device) if per_channel_counts else None
     sample = torch.zeros(layout.n, dtype=torch.int64, device=device) if per_sample_counts else None
     if potential.numel() == 0:
@@ -127,7 +130,7 @@ def fire_fused(potential: Tensor, theta: Tensor | float, membrane_offset: Tensor
     potential: [N, C, *spatial] or [N, C]; float16, bfloat16, float32 or float64; NCHW-contiguous
         or channels-last (outputs keep the input's memory format; other layouts are copied first).
     theta, membrane_offset: scalars or per-channel [C]; cast to the potential's dtype.
-    levels: L (1..2^T - 1); timesteps: T (1..8).
+    levels: L (1..2^T - 1); timesteps: T (1..16).
     Returns NeuronOutput(value, levels, channel_spikes, sample_spikes): see its docstring.
 
     Runs the Triton kernel where `use_triton` says so, the C kernel (kernels/native.py) on float32

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ann2snn.neuron import fire_levels
+from ann2snn.neuron import (MAX_TIMESTEPS, check_levels_exact, fire_levels, spike_code_arithmetic_dtype,
+                            spike_code_dtype)
 from ann2snn.quant import channel_view, popcount_sum_
 
 
@@ -19,7 +20,8 @@ class NeuronOutput(NamedTuple):
     """What one fused neuron pass returns.
 
     value: q * theta in the potential's dtype and memory format (what the next layer consumes).
-    levels: q as uint8, the bit-packed spike code (bit T-1-t = spike at step t), or None.
+    levels: q as the bit-packed spike code (bit T-1-t = spike at step t) in
+        `ann2snn.neuron.spike_code_dtype(T)` (uint8 for T <= 8, uint16 up to 16), or None.
     channel_spikes: int64 [C], spikes per channel summed over the batch and space, or None.
     sample_spikes: int64 [N], spikes per sample summed over channels and space, or None.
     """
@@ -31,15 +33,18 @@ class NeuronOutput(NamedTuple):
 
 
 def check_neuron_args(potential: Tensor, levels: int, timesteps: int) -> None:
-    """The limits shared by the kernel and the reference: the code of a level fits one byte."""
-    if not 1 <= timesteps <= 8:
-        raise ValueError(f"timesteps must be in 1..8 (one byte of spike code), got {timesteps}")
+    """The limits shared by the kernels and the reference: the code of a level has at most 16 bits,
+    and the potential's dtype holds every level exactly."""
+    if not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"timesteps must be in 1..{MAX_TIMESTEPS} (a spike code of at most {MAX_TIMESTEPS} bits), "
+                         f"got {timesteps}")
     if not 1 <= levels <= 2**timesteps - 1:
         raise ValueError(f"levels must be in 1..{2**timesteps - 1} for T={timesteps}, got {levels}")
     if potential.dim() < 2:
         raise ValueError(f"expected a potential [N, C, *spatial], got shape {tuple(potential.shape)}")
     if not potential.is_floating_point():
         raise TypeError(f"expected a floating-point potential, got {potential.dtype}")
+    check_levels_exact(levels, potential.dtype)
 
 
 def as_channel_tensor(values: Tensor | float | None, like: Tensor, name: str) -> Tensor:
@@ -65,7 +70,7 @@ def fire_fused_reference(potential: Tensor, theta: Tensor | float, membrane_offs
         potential = potential + channel_view(offset, potential.dim())
     q = fire_levels(potential, theta_c, levels, timesteps)
     value = q * theta_c
-    codes = q.to(torch.uint8) if want_levels else None
+    codes = q.to(spike_code_dtype(timesteps)) if want_levels else None
     spatial = tuple(range(2, potential.dim()))
     # the counts consume q in place: the last count may have it
     channel = popcount_sum_(q.clone() if per_sample_counts else q, levels, (0,) + spatial) \
@@ -76,17 +81,18 @@ def fire_fused_reference(potential: Tensor, theta: Tensor | float, membrane_offs
 
 def unpack_spikes(levels: Tensor, timesteps: int, dtype: torch.dtype = torch.uint8) -> Tensor:
     """Binary spike planes [T, ...] of bit-packed levels, MSB first: plane t is bit T-1-t."""
-    shifts = torch.arange(timesteps - 1, -1, -1, device=levels.device, dtype=torch.uint8)
+    work = spike_code_arithmetic_dtype(timesteps)
+    shifts = torch.arange(timesteps - 1, -1, -1, device=levels.device, dtype=work)
     shifts = shifts.reshape((timesteps,) + (1,) * levels.dim())
-    return ((levels.to(torch.uint8).unsqueeze(0) >> shifts) & 1).to(dtype)
+    return ((levels.to(work).unsqueeze(0) >> shifts) & 1).to(dtype)
 
 
 def pack_spikes(planes: Tensor) -> Tensor:
-    """The uint8 code of binary spike planes [T, ...] (T <= 8), MSB first: the inverse of unpack."""
+    """The spike code (`spike_code_dtype(T)`) of binary spike planes [T, ...], T <= 16, MSB first:
+    the inverse of unpack."""
     timesteps = planes.shape[0]
-    if not 1 <= timesteps <= 8:
-        raise ValueError(f"one byte packs 1..8 spike planes, got {timesteps}")
-    code = torch.zeros(planes.shape[1:], dtype=torch.uint8, device=planes.device)
+    work = spike_code_arithmetic_dtype(timesteps)
+    code = torch.zeros(planes.shape[1:], dtype=work, device=planes.device)
     for plane in planes:
-        code = (code << 1) | (plane != 0).to(torch.uint8)
-    return code
+        code = (code << 1) | (plane != 0).to(work)
+    return code.to(spike_code_dtype(timesteps))

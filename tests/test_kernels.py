@@ -279,7 +279,7 @@ def test_fire_fused_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch)
     got = fire_fused(v, torch.tensor(0.25), None, 7, 3, want_levels=True)
     _assert_same_neuron_output(got, fire_fused_reference(v, torch.tensor(0.25), None, 7, 3, want_levels=True))
     with pytest.raises(ValueError, match="timesteps"):
-        fire_fused(v, 0.25, None, 7, 9)
+        fire_fused(v, 0.25, None, 7, 17)
     with pytest.raises(ValueError, match="levels"):
         fire_fused(v, 0.25, None, 8, 3)
 

@@ -11,7 +11,8 @@ The tensor is non-negative when the QDQ sits behind a ReLU-like op (Relu, Clip(0
 Hardtanh(0, c), torch.clamp(min=0[, max=c]), or a chain of these with Min(c)); the op and the QDQ
 become one site. A QDQ whose zero point is its qmin (uint8 with zero point 0, int8 with -128) is
 a clipped ReLU by itself, so it becomes a site even with nothing before it (onnxruntime's
-quantizer drops the Relu in front of such a QDQ). Standard uint8 QDQ gives L = 255, T = 8.
+quantizer drops the Relu in front of such a QDQ). Standard uint8 QDQ gives L = 255, T = 8; 16-bit
+activations (uint16 with zero point 0, int16 with -32768: onnxruntime's A16W8) L = 65535, T = 16.
 
 Rounding: ONNX QuantizeLinear rounds half to even; METHOD.md's q(z) = floor(z / theta + 1/2)
 rounds half up. The two differ only where z / theta is exactly k + 1/2.

@@ -5,11 +5,10 @@ import torch
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from ..neuron import BitSerialIFNode
+from ..neuron import MAX_TIMESTEPS, BitSerialIFNode
 from ..quant import QuantClippedActivation
 from .graph_utils import OUTPUT_OPS, conversion_report, finish, is_output_op, module_of, set_module, site_nodes
 
-MAX_TIMESTEPS = 8
 FLOAT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
 
@@ -45,7 +44,7 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
         steps = site.timesteps if timesteps is None else int(timesteps)
         if steps > MAX_TIMESTEPS:
             raise UnsupportedModelError(f"site {node.target}: T={steps} exceeds {MAX_TIMESTEPS}, the spike code "
-                                        "of a neuron is one byte")
+                                        f"of a neuron has at most {MAX_TIMESTEPS} bits")
         if site.levels > 2**steps - 1:
             raise UnsupportedModelError(
                 f"site {node.target} has {site.levels} levels, more than T={steps} steps carry "
