@@ -32,7 +32,7 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
         if isinstance(module, FLOAT_ACTIVATIONS):
             raise UnsupportedModelError(
                 f"node {node.name} ({type(module).__name__}) is a float activation: quantize it first "
-                "(ann2snn.train.quantize_model, or convert with calibration data)")
+                "(ann2snn.prepare, or convert with calibration data)")
     for node in site_nodes(gm):
         site: QuantClippedActivation = gm.get_submodule(node.target)
         if not site.quantize:
