@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --no-deps "$(SPIKINGJELLY_SPEC)"
-	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -c "import torch, spikingjelly.activation_based.neuron; assert torch.version.cuda is None or torch.cuda.is_available(), 'a CUDA torch on a machine without a GPU'"
 	touch $@
 

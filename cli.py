@@ -18,7 +18,7 @@ from ann2snn.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 
 from ann2snn.neuron import MAX_TIMESTEPS
 from ann2snn.paths import check_device, check_output
 from ann2snn.tables import format_table
-from models import MODEL_NAMES
+from ann2snn.models import MODEL_NAMES
 
 
 # Exit codes, one meaning each (README, `ann2snn --help`).

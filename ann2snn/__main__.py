@@ -1,4 +1,4 @@
 """`python -m ann2snn`: the same command as `ann2snn` (also under torchrun)."""
-from cli import main
+from .cli import main
 
 main()

@@ -455,7 +455,7 @@ class _Counter(fx.Interpreter):
                 self._simulated[target] = simulation_module(module)
             return self._simulated[target](*args, **kwargs)
         if isinstance(module, BitSerialIFNode):  # TimeFoldedNeuron's fused neuron, keeping the level map
-            from kernels import fire_fused  # not at import: kernels' references import ann2snn
+            from .kernels import fire_fused  # not at import: kernels' references import ann2snn
 
             out = fire_fused(args[0], module.theta, module.membrane_offset, module.levels, module.timesteps,
                              want_levels=True, per_sample_counts=False, per_channel_counts=False)

@@ -126,7 +126,7 @@ def prepare_for_device(snn: SNN, device: torch.device) -> SNN:
     if device.type == "cuda":
         snn = snn.to(memory_format=torch.channels_last)
     else:
-        from kernels.native import native_neuron_available  # not at import: kernels import ann2snn
+        from .kernels.native import native_neuron_available  # not at import: kernels import ann2snn
 
         native_neuron_available()
     return snn

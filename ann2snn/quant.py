@@ -149,7 +149,7 @@ class QuantClippedActivation(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         if self.quantize and z.is_cuda:
-            from kernels import quant_act_fused  # fused forward and backward on the GPU
+            from .kernels import quant_act_fused  # fused forward and backward on the GPU
 
             value, spikes = quant_act_fused(z, self.clip, self.levels, with_spikes=self.record_spikes)
             if self.record_spikes:

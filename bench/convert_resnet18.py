@@ -25,7 +25,7 @@ import torch
 
 
 def build_qdq_resnet18(folder: Path) -> Path:
-    import models
+    from ann2snn import models
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import ann2snn
-import models
+from ann2snn import models
 from ann2snn.lower.cuda_graph import CudaGraphRunner
 from ann2snn.quant import QuantClippedActivation
 from ann2snn.snn import ieee_float32

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 import ann2snn  # noqa: E402
-import models  # noqa: E402
+from ann2snn import models  # noqa: E402
 from ann2snn.quant import QuantClippedActivation  # noqa: E402
 
 INPUTS = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32)}

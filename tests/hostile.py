@@ -13,7 +13,7 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-import cli
+from ann2snn import cli
 
 
 def invoke(*args: str | os.PathLike) -> Result:

@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper
 
 import ann2snn
-import models
+from ann2snn import models
 from ann2snn.export import export_onnx
 from ann2snn.quant import QuantClippedActivation
 from random_nets import randomize_batch_norm

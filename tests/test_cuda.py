@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ann2snn
-import models
+from ann2snn import models
 from ann2snn.evaluation import evaluate_snn
 from ann2snn.quant import QuantClippedActivation
 

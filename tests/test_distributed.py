@@ -17,14 +17,14 @@ from click.testing import CliRunner
 from torch import nn
 
 import ann2snn
-import models
+from ann2snn import models
 from ann2snn.checkpoint import load_tensors
 from ann2snn.data import load_dataset
 from ann2snn.distributed import Context, SyncBatchNorm, shard, sync_batch_norm, unsync_batch_norm
 from ann2snn.passes.calibrate import calibrate_clips, quantize_model
 from ann2snn.train import TrainConfig, train
 from ann2snn.train.batches import global_batch_sizes
-from cli import cli
+from ann2snn.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

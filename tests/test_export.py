@@ -8,7 +8,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-import models
+from ann2snn import models
 from ann2snn.data import load_dataset
 from ann2snn.errors import Ann2SnnError
 from ann2snn.export import export_onnx, onnxruntime_session

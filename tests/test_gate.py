@@ -20,7 +20,7 @@ from torch import fx, nn
 import ann2snn
 import ann2snn.compiler as compiler_module
 import ann2snn.neuron as neuron_module
-import models
+from ann2snn import models
 import ann2snn.gate as gate_module
 from ann2snn.gate import _exact_tie, check_exact
 from ann2snn.neuron import BitSerialIFNode

@@ -249,7 +249,7 @@ def test_help_states_the_exit_codes():
 _SLOW_WRITER = textwrap.dedent("""
     import signal, sys, time
     sys.path.insert(0, {root!r})
-    import cli
+    from ann2snn import cli
     from ann2snn.artifact import write_atomically
     signal.signal(signal.SIGTERM, cli.exit_on_signal)
 

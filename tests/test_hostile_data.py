@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ann2snn
-import models
+from ann2snn import models
 from ann2snn.data import check_input_shape
 from ann2snn.errors import DataError
 from ann2snn.export import export_onnx

@@ -31,13 +31,13 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 
-import kernels
+from ann2snn import kernels
 from ann2snn.neuron import fire_msb_first
 from ann2snn.quant import channel_view
-from kernels import (fire_fused, fire_fused_reference, fire_fused_triton, pack_spikes, quant_act_fused,
+from ann2snn.kernels import (fire_fused, fire_fused_reference, fire_fused_triton, pack_spikes, quant_act_fused,
                      quant_act_fused_reference, quant_act_fused_triton, unpack_spikes, use_triton)
-from kernels.dispatch import lazy_jit
-from kernels.native import fire_fused_native, native_neuron_available
+from ann2snn.kernels.dispatch import lazy_jit
+from ann2snn.kernels.native import fire_fused_native, native_neuron_available
 
 CUDA = torch.cuda.is_available()
 TRITON = importlib.util.find_spec("triton") is not None
@@ -337,8 +337,8 @@ def test_fire_fused_takes_the_native_kernel_on_cpu(monkeypatch: pytest.MonkeyPat
 
 _NATIVE_SCRIPT = """
 import warnings, torch
-from kernels import fire_fused, fire_fused_reference
-from kernels.native import native_neuron_available
+from ann2snn.kernels import fire_fused, fire_fused_reference
+from ann2snn.kernels.native import native_neuron_available
 v = torch.randn(3, 4, 5, 5)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -534,14 +534,14 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
     import torch
     os.environ["TRITON_INTERPRET"] = "1"
     import triton
-    from kernels import fire_fused_triton
+    from ann2snn.kernels import fire_fused_triton
     fire_fused_triton(torch.rand(2, 3, 4), 0.25, 0.125, 7, 3, want_levels=True)   # in the interpreter
     del os.environ["TRITON_INTERPRET"]
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.neuron import _fire_kernel
-    from kernels.quant_act import _quant_act_backward_kernel, _quant_act_forward_kernel
+    from ann2snn.kernels.neuron import _fire_kernel
+    from ann2snn.kernels.quant_act import _quant_act_backward_kernel, _quant_act_forward_kernel
 
     view = {name: "i32" for name in ("N", "C", "S", "stride_n", "stride_c", "stride_s")}
     blocks = dict(BLOCK_N=1, BLOCK_C=16, BLOCK_S=256, WIDE=False)

@@ -474,7 +474,7 @@ def test_node_and_module_names_come_from_onnx(tmp_path):
 
 # The zoo of models/ exported both ways at a small input; the large ones are marked slow.
 try:
-    import models
+    from ann2snn import models
     ZOO = models.MODEL_NAMES
 except ImportError:  # models/ not there yet
     models, ZOO = None, ()

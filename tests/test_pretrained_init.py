@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import models
+from ann2snn import models
 from hostile import invoke
 
 # torchvision's state-dict sizes (entries, BN counters included) of the same architectures

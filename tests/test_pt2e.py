@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-import models
+from ann2snn import models
 from hostile import invoke
 
 

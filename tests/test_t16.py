@@ -28,7 +28,7 @@ from ann2snn.errors import ArtifactError, UnsupportedModelError
 from ann2snn.neuron import decode_levels, fire_levels, fire_msb_first, spike_code_dtype
 from ann2snn.quant import channel_view, popcount_levels
 from hostile import assert_refused, assert_usage_error, invoke, snapshot
-from kernels import fire_fused_reference, fire_fused_triton, pack_spikes, unpack_spikes
+from ann2snn.kernels import fire_fused_reference, fire_fused_triton, pack_spikes, unpack_spikes
 from random_nets import BLOCKS, RandomNet
 from test_invariant import expected_levels, snn_site_levels
 from test_kernels import (FireBackend, _assert_same_neuron_output, _in_layout, _potentials, _shape_for, _theta,

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import models
+from ann2snn import models
 from ann2snn.checkpoint import load_checkpoint, load_tensors, save_tensors
 from ann2snn.data import load_dataset
 from ann2snn.errors import Ann2SnnError

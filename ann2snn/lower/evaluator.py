@@ -23,7 +23,7 @@ class TimeFoldedNeuron(nn.Module):
         self.neuron = neuron
 
     def forward(self, potential: Tensor) -> tuple[Tensor, Tensor]:
-        from kernels import fire_fused  # not at import: kernels' references import ann2snn
+        from ..kernels import fire_fused  # not at import: kernels' references import ann2snn
 
         n = self.neuron
         # the fused neuron in Triton on CUDA, in C on float32 CPU tensors, else its reference: same results

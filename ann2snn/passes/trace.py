@@ -5,14 +5,19 @@ import copy
 
 from torch import fx, nn
 
+from ..neuron import BitSerialIFNode
+from ..quant import QuantClippedActivation, QuantDequant
 from .graph_utils import set_module
+
+# ann2snn's own modules, which the passes read whole (the zoo, ann2snn.models, is traced through)
+OWN_LEAF_MODULES = (QuantClippedActivation, QuantDequant, BitSerialIFNode)
 
 
 class SiteTracer(fx.Tracer):
     """Keeps torch.nn modules and ann2snn's own modules (sites, neurons, QDQ) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m).__module__.startswith("ann2snn.") or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, OWN_LEAF_MODULES) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _is_stateful(module: nn.Module) -> bool:

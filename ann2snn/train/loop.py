@@ -75,7 +75,7 @@ def _check_data_fits(config: TrainConfig, source: str, input_shape: tuple[int, .
     """Refuse, before any work, data whose samples the zoo model cannot take (a digits-cnn built for
     8x8 images given 16x16 ones fails in its classifier): one forward pass on the meta device,
     which allocates nothing and computes nothing."""
-    import models
+    from .. import models
 
     if is_onnx_source(config.model):   # prepare.onnx_network checks the file's own input shape
         return
@@ -136,7 +136,7 @@ def _source_network(model: str, classes: int, input_shape: tuple[int, ...]) -> n
         from ..prepare import onnx_network
 
         return onnx_network(model, classes, input_shape)
-    import models  # the model zoo is a top-level package beside ann2snn
+    from .. import models  # the model zoo (models/, installed as ann2snn.models)
 
     return models.build_model(model, classes, in_channels=input_shape[0])
 
