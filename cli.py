@@ -15,7 +15,7 @@ import click
 import ann2snn
 from ann2snn.errors import Ann2SnnError
 from ann2snn.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 QDQ: T <= 8
-from ann2snn.neuron import MAX_TIMESTEPS
+from ann2snn.levels import MAX_TIMESTEPS
 from ann2snn.paths import check_device, check_output
 from ann2snn.tables import format_table
 from ann2snn.models import MODEL_NAMES

@@ -29,7 +29,8 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import ArtifactError
-from .neuron import MAX_TIMESTEPS, BitSerialIFNode, check_levels_exact
+from .neuron import BitSerialIFNode
+from .levels import MAX_TIMESTEPS, check_levels_exact
 from .quant import QuantDequant
 from .snn import SNN
 

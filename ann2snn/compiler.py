@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import UnsupportedModelError
-from .neuron import check_levels_exact
+from .levels import check_levels_exact
 from .passes import (float_activations_to_sites, fold_batch_norm, move_max_pool_before_sites,
                      place_neurons, shift_bias, trace)
 from .passes.calibrate import calibrate_clips, clip_bound

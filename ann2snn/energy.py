@@ -48,9 +48,11 @@ from torch.utils.data import Dataset
 
 from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import Ann2SnnError, UnsupportedModelError
+from .kernels import fire_fused
+from .levels import spike_code_arithmetic_dtype
 from .lower.signal import Signal, align_steps
 from .lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
-from .neuron import BitSerialIFNode, spike_code_arithmetic_dtype
+from .neuron import BitSerialIFNode
 
 # ==============================================================================================
 # Energy tables
@@ -455,8 +457,6 @@ class _Counter(fx.Interpreter):
                 self._simulated[target] = simulation_module(module)
             return self._simulated[target](*args, **kwargs)
         if isinstance(module, BitSerialIFNode):  # TimeFoldedNeuron's fused neuron, keeping the level map
-            from .kernels import fire_fused  # not at import: kernels' references import ann2snn
-
             out = fire_fused(args[0], module.theta, module.membrane_offset, module.levels, module.timesteps,
                              want_levels=True, per_sample_counts=False, per_channel_counts=False)
             self._levels[target] = out.levels

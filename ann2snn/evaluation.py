@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .data import dataset_input_shape, dataset_source, largest_label
 from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import DataError
+from .kernels.native import native_neuron_available
 from .neuron import BitSerialIFNode
 from .snn import SNN
 
@@ -126,8 +127,6 @@ def prepare_for_device(snn: SNN, device: torch.device) -> SNN:
     if device.type == "cuda":
         snn = snn.to(memory_format=torch.channels_last)
     else:
-        from .kernels.native import native_neuron_available  # not at import: kernels import ann2snn
-
         native_neuron_available()
     return snn
 

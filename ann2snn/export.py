@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from .artifact import write_atomically
 from .errors import Ann2SnnError
-from .quant import QuantClippedActivation, channel_view, timesteps_for_levels
+from .quant import QuantClippedActivation
+from .levels import channel_view, timesteps_for_levels
 
 # uint8 holds levels 0..255: T <= 8 time steps (torch exports fake quantization as uint8 or int8 QDQ only).
 _QUANT_MAX = 255

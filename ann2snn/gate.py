@@ -34,8 +34,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .neuron import BitSerialIFNode, decode_levels
-from .quant import QuantClippedActivation, channel_view
+from .neuron import BitSerialIFNode
+from .levels import channel_view, decode_levels
+from .quant import QuantClippedActivation
 from .snn import SNN, SNNOutput
 
 LOGIT_RELATIVE_TOLERANCE = 1e-9   # float64 rounding of the same sums in another order
@@ -139,7 +140,7 @@ def _evaluation_with_simulation_ties(snn: SNN, x: Tensor, fired: dict[str, Tenso
     differ at an exact tie of floor(V / theta) (the two reach V by sums in different orders), its
     spike counts with them; and the number of ties."""
     from .lower.evaluator import TimeFoldedNeuron
-    from .quant import popcount_levels
+    from .levels import popcount_levels
 
     tied = 0
 

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
-from ann2snn.neuron import spike_code_dtype  # noqa: E402
+from ann2snn.levels import spike_code_dtype
 from ann2snn.kernels import fire_fused, fire_fused_triton  # noqa: E402
 from ann2snn.kernels.native import native_neuron_available  # noqa: E402
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ann2snn.neuron import spike_code_dtype
+from ..levels import spike_code_dtype
 
 from .layout import channel_layout
 from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ann2snn.neuron import spike_code_dtype
+from ..levels import spike_code_dtype
 
 from .device_functions import channel_tile, fire_levels, load_per_channel, popcount, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton

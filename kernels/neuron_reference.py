@@ -11,9 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ann2snn.neuron import (MAX_TIMESTEPS, check_levels_exact, fire_levels, spike_code_arithmetic_dtype,
-                            spike_code_dtype)
-from ann2snn.quant import channel_view, popcount_sum_
+from ..levels import (MAX_TIMESTEPS, channel_view, check_levels_exact, fire_levels, popcount_sum_,
+                      spike_code_arithmetic_dtype, spike_code_dtype)
 
 
 class NeuronOutput(NamedTuple):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ann2snn.quant import channel_view
+from ..levels import channel_view
 
 from .device_functions import channel_tile, load_per_channel, popcount, ratio_and_level, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton

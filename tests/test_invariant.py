@@ -12,7 +12,8 @@ from spikingjelly.activation_based import monitor
 
 import ann2snn
 from ann2snn.gate import pool_moved_sites
-from ann2snn.neuron import BitSerialIFNode, decode_levels
+from ann2snn.neuron import BitSerialIFNode
+from ann2snn.levels import decode_levels
 from random_nets import BLOCKS, RandomNet, ann_site_inputs
 
 net_specs = st.fixed_dictionaries({

@@ -32,8 +32,7 @@ import pytest
 import torch
 
 from ann2snn import kernels
-from ann2snn.neuron import fire_msb_first
-from ann2snn.quant import channel_view
+from ann2snn.levels import channel_view, fire_msb_first
 from ann2snn.kernels import (fire_fused, fire_fused_reference, fire_fused_triton, pack_spikes, quant_act_fused,
                      quant_act_fused_reference, quant_act_fused_triton, unpack_spikes, use_triton)
 from ann2snn.kernels.dispatch import lazy_jit

@@ -15,9 +15,10 @@ from spikingjelly.activation_based import functional, monitor
 from torch import nn
 
 import ann2snn
-from ann2snn.neuron import (BitSerialIFNode, cap_potential, decode_levels, fire_levels, fire_msb_first,
-                            step_thresholds)
-from ann2snn.quant import QuantClippedActivation, channel_view, popcount_levels, popcount_sum_
+from ann2snn.neuron import BitSerialIFNode
+from ann2snn.levels import (cap_potential, channel_view, decode_levels, fire_levels, fire_msb_first,
+                            popcount_levels, popcount_sum_, step_thresholds)
+from ann2snn.quant import QuantClippedActivation
 
 TIMESTEPS = list(range(1, 9))
 

@@ -562,7 +562,7 @@ def test_simulator_and_evaluator_agree_with_the_quantized_ann():
 
 
 def test_spike_counts_are_popcounts_of_the_ann_levels():
-    from ann2snn.quant import channel_view, popcount_levels
+    from ann2snn.levels import channel_view, popcount_levels
 
     model = randomize(Everything(), seed=7).double()
     x = image(n=4, seed=8)

@@ -25,8 +25,8 @@ import ann2snn
 from ann2snn import neuron as neuron_module
 from ann2snn.energy import OperationCounter
 from ann2snn.errors import ArtifactError, UnsupportedModelError
-from ann2snn.neuron import decode_levels, fire_levels, fire_msb_first, spike_code_dtype
-from ann2snn.quant import channel_view, popcount_levels
+from ann2snn.levels import (channel_view, decode_levels, fire_levels, fire_msb_first, popcount_levels,
+                            spike_code_dtype)
 from hostile import assert_refused, assert_usage_error, invoke, snapshot
 from ann2snn.kernels import fire_fused_reference, fire_fused_triton, pack_spikes, unpack_spikes
 from random_nets import BLOCKS, RandomNet

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor, fx, nn
 
+from ..kernels import fire_fused
 from ..neuron import BitSerialIFNode
 from .simulator import getattr_path
 
@@ -23,8 +24,6 @@ class TimeFoldedNeuron(nn.Module):
         self.neuron = neuron
 
     def forward(self, potential: Tensor) -> tuple[Tensor, Tensor]:
-        from ..kernels import fire_fused  # not at import: kernels' references import ann2snn
-
         n = self.neuron
         # the fused neuron in Triton on CUDA, in C on float32 CPU tensors, else its reference: same results
         out = fire_fused(potential, n.theta, n.membrane_offset, n.levels, n.timesteps, per_channel_counts=False)

@@ -17,7 +17,7 @@ from torch import Tensor, fx, nn
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
 from ..passes.graph_utils import OUTPUT_OPS
-from ..quant import channel_view
+from ..levels import channel_view
 from .signal import Signal, add_signals, scale_signal
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import Ann2SnnError
-from ..quant import QuantClippedActivation, levels_for_timesteps
+from ..quant import QuantClippedActivation
+from ..levels import levels_for_timesteps
 from .graph_utils import conversion_report, finish, module_of
 
 # Per-batch sample of a site's activations kept for its percentile (divided among its channels).

@@ -5,7 +5,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from ..neuron import MAX_TIMESTEPS, BitSerialIFNode
+from ..neuron import BitSerialIFNode
+from ..levels import MAX_TIMESTEPS
 from ..quant import QuantClippedActivation
 from .graph_utils import OUTPUT_OPS, conversion_report, finish, is_output_op, module_of, set_module, site_nodes
 
