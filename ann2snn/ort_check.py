@@ -15,6 +15,17 @@ of these, or the comparison fails:
   and passes |W| times its input's bound on; sums, pools and layout ops pass bounds on; a site
   whose level agrees resets it;
 - downstream: the sample already differed at an earlier site, which changes what follows.
+
+A QOperator file (QLinearConv, QLinearAdd, ...: onnx_import/qoperator.py) is imported as its QDQ
+meaning, and onnxruntime computes each of its nodes with an integer kernel instead: the bound is
+then the sum of two parts. The source's part, between the float64 ratio and the exact value of the
+integer op: its weights and bias dequantized to float32 (at most 2 u |w x| per product with Gemm's
+alpha folded in; 4 u |b|: a scale of up to three factors, the int32 bias and the product), its
+inputs levels times theta, exact, and float64's sum, under u (sum |w x| + |b|) for a fan-in below
+2^29: a layer that a QOperator node computes adds 5 u (sum |w x| + |b|), not (n + 2) u, as
+onnxruntime sums integers exactly. And the kernel's part, between that exact value and the one
+onnxruntime rounds, derived for each op from its x86 kernel (qoperator.KernelError): u (c m + c0)
+with m = |f|(|x|) / scale, the magnitude of the op.
 """
 from __future__ import annotations
 
@@ -30,12 +41,20 @@ from torch import Tensor, fx, nn
 from .gate import moved_pools, pool_moved_sites, run_recording
 from .lower.evaluator import TimeFoldedNeuron
 from .neuron import BitSerialIFNode
-from .quant import QuantClippedActivation, QuantDequant, channel_view
+from .onnx_import.qoperator import KernelError, expand_qoperator, kernel_errors
+from .levels import channel_view
+from .quant import QuantClippedActivation, QuantDequant
 from .snn import SNN
 
 UNIT_ROUNDOFF = 2.0**-24   # float32
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_INTEGER_LAYER = 5   # the source's roundings of a layer that onnxruntime sums in integers (module docstring)
+# Ops f with |f(x)| <= f(|x|) (and f(|x|) >= every partial sum of |x| they form): the magnitude rule
+_POSITIVE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
+_POSITIVE_FUNCTIONS = (torch.cat, torch.mean, torch.flatten, torch.reshape, torch.matmul, torch.permute, torch.squeeze,
+                       torch.unsqueeze, F.pad)
 
 
 @dataclass
@@ -69,15 +88,29 @@ class _ErrorBound(fx.Interpreter):
     graph on the same inputs can be from it (module docstring). Records, at every site and kept
     QDQ pair, the ratio z / theta of its input and the bound on that ratio."""
 
-    def __init__(self, gm: fx.GraphModule, overrides: dict[str, Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, overrides: dict[str, Tensor],
+                 kernels: dict[str, KernelError] | None = None) -> None:
         super().__init__(gm)
         self.overrides = overrides
+        self.kernels = kernels or {}   # site or kept QDQ -> the error of onnxruntime's QOperator kernel there
+        # the ops in front of each such site, back to exact values: their magnitudes (|f|(|x|), taken
+        # while their inputs are still held)
+        self.magnitudes: dict[fx.Node, Tensor | None] = {}
+        cone = [n.args[0] for n in gm.graph.nodes
+                if n.op == "call_module" and n.target in self.kernels and self.kernels[n.target].per_magnitude]
+        while cone:
+            node = cone.pop()
+            if isinstance(node, fx.Node) and node not in self.magnitudes and not self._exact(node):
+                self.magnitudes[node] = None
+                cone.extend(node.all_input_nodes)
         self.bound: dict[fx.Node, Any] = {}
         self.ratios: dict[str, tuple[Tensor, Tensor]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         self.bound[n] = self._bound(n, value)
+        if n in self.magnitudes:
+            self.magnitudes[n] = self._magnitude(n, value)
         if (n.target if n.op == "call_module" else n.name) in self.overrides:
             # the SNN's own levels from here on: a flip upstream, where the SNN and onnxruntime agree
             # but both differ from float64, must not move the ratios that explain later sites
@@ -101,7 +134,7 @@ class _ErrorBound(fx.Interpreter):
                 self._record(n, module, x, bound_in)
                 return rounding                            # a level that agrees: exact again
             if isinstance(module, _LAYERS):
-                return self._layer(module, x, bound_in)
+                return self._layer(n, module, x, bound_in)
             if isinstance(module, _NORMS):
                 scale = module.weight / torch.sqrt(module.running_var + module.eps)
                 return channel_view(scale.abs(), value.dim()) * bound_in + 2 * rounding
@@ -122,20 +155,44 @@ class _ErrorBound(fx.Interpreter):
             bounded = fn(*self._arg_bound(n.args), **self._arg_bound(n.kwargs))
             if isinstance(bounded, Tensor) and bounded.shape == value.shape:
                 return bounded.abs() + (4 * rounding if fn in (torch.mean, F.avg_pool2d, F.avg_pool1d) else 0)
-        return torch.full_like(value, float("inf"))      # an op this bound does not know: nothing explained
+        return torch.full_like(value, float("nan"))      # an op this bound does not know: NaN explains nothing
 
-    def _layer(self, layer: nn.Module, x: Tensor, bound_in: Tensor) -> Tensor:
-        fan_in = layer.weight[0].numel()
-        weight = layer.weight.abs()
-        if isinstance(layer, nn.Linear):
-            magnitude, carried = F.linear(x.abs(), weight), F.linear(bound_in, weight)
-        else:
-            conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(layer)]
-            args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-            magnitude, carried = conv(x.abs(), weight, **args), conv(bound_in, weight, **args)
-        if layer.bias is not None:
-            magnitude = magnitude + channel_view(layer.bias.abs(), magnitude.dim())
-        return (fan_in + 2) * UNIT_ROUNDOFF * magnitude + carried
+    def _layer(self, n: fx.Node, layer: nn.Module, x: Tensor, bound_in: Tensor) -> Tensor:
+        # a QOperator layer (its output rounded by a kernel site): onnxruntime sums integers exactly,
+        # so only the source's own error counts, 5 u (sum |w x| + |b|) (module docstring)
+        roundings = _INTEGER_LAYER if n in self.magnitudes else layer.weight[0].numel() + 2
+        magnitude = _abs_layer(layer, x.abs(), with_bias=True)
+        return roundings * UNIT_ROUNDOFF * magnitude + _abs_layer(layer, bound_in, with_bias=False)
+
+    def _exact(self, n: fx.Node) -> bool:
+        """A dequantized level (a site's or a kept QDQ's output) or a constant: no rounding of its own."""
+        return n.op in ("placeholder", "get_attr") or (n.op == "call_module" and isinstance(
+            self.module.get_submodule(n.target), (QuantClippedActivation, QuantDequant)))
+
+    def _magnitude(self, n: fx.Node, value: Tensor) -> Tensor:
+        """|f|(|x|): the op at `n` on the magnitudes of its inputs (|x| for an exact one) and |W|; it
+        bounds |f(x)| and every partial sum that a kernel rounds, for the linear ops QOperator nodes
+        expand to. An op it does not know gives NaN: no bound, so no difference there is explained."""
+        def of(a: fx.Node) -> Any:
+            held = self.env[a]
+            return self.magnitudes[a] if a in self.magnitudes else held.abs() if isinstance(held, Tensor) else held
+
+        absolute = fx.node.map_arg((n.args, n.kwargs), of)
+        if n.op == "call_module":
+            module = self.module.get_submodule(n.target)
+            if isinstance(module, _LAYERS):
+                return _abs_layer(module, absolute[0][0], with_bias=True)
+            if isinstance(module, _POSITIVE_MODULES):
+                return module(absolute[0][0])
+        if n.op == "call_function":
+            operands = [abs(a) if isinstance(a, (int, float)) else a for a in absolute[0]]
+            if n.target in (operator.add, torch.add, operator.sub, torch.sub):
+                return sum(operands, torch.zeros_like(value))
+            if n.target in (operator.mul, torch.mul, operator.truediv, torch.div):
+                return n.target(*operands)
+            if n.target in _POSITIVE_FUNCTIONS:
+                return n.target(*absolute[0], **absolute[1])
+        return torch.full_like(value, float("nan"))
 
     def _record(self, n: fx.Node, module: nn.Module, x: Tensor, bound_in: Tensor) -> None:
         if isinstance(module, QuantClippedActivation):
@@ -146,14 +203,25 @@ class _ErrorBound(fx.Interpreter):
                 shape[module.axis] = -1
             theta = module.scale.to(x.dtype).reshape(shape)
         ratio = x / theta
-        self.ratios[n.target] = (ratio, bound_in / theta + 4 * UNIT_ROUNDOFF * ratio.abs())
+        bound = bound_in / theta + 4 * UNIT_ROUNDOFF * ratio.abs()
+        kernel = self.kernels.get(n.target)
+        if kernel is not None:   # onnxruntime's integer kernel rounds a value of its own (module docstring)
+            if kernel.per_magnitude:
+                magnitude = self.magnitudes[n.args[0]] + bound_in   # + bound_in: |exact| <= |source| + its error
+                bound = bound + kernel.per_magnitude * UNIT_ROUNDOFF * magnitude / theta
+            bound = bound + kernel.constant * UNIT_ROUNDOFF
+        self.ratios[n.target] = (ratio, bound)
 
 
-def _quantize_outputs(path: str, source_graph: fx.GraphModule, snn: SNN) -> dict[str, str]:
-    """Module name -> the ONNX tensor that holds its integer levels (a QuantizeLinear's output)."""
+def _quantize_outputs(path: str, source_graph: fx.GraphModule,
+                      snn: SNN) -> tuple[dict[str, str], dict[str, KernelError]]:
+    """Module name -> the ONNX tensor that holds its integer levels (a QuantizeLinear's output, or a
+    QOperator node's); and module name -> the error of the QOperator kernel that computes them."""
     import onnx
 
-    produced_by = {node.name: node.output[0] for node in onnx.load(str(path), load_external_data=False).graph.node}
+    original = onnx.load(str(path), load_external_data=False)
+    # a QOperator node is imported as a QuantizeLinear of its own name and output (qoperator.py)
+    produced_by = {node.name: node.output[0] for node in expand_qoperator(original, str(path))[0].graph.node}
     names = {}
     for site, entry in snn.report.get("sites", {}).items():
         sources = entry.get("source", {}).get("sources") if isinstance(entry.get("source"), dict) else None
@@ -162,7 +230,8 @@ def _quantize_outputs(path: str, source_graph: fx.GraphModule, snn: SNN) -> dict
     for node in source_graph.graph.nodes:
         if node.op == "call_module" and isinstance(source_graph.get_submodule(node.target), QuantDequant):
             names[node.target] = produced_by[node.meta["onnx_nodes"][0]]
-    return names
+    errors = kernel_errors(original)
+    return names, {module: errors[tensor] for module, tensor in names.items() if tensor in errors}
 
 
 def _snn_levels(snn: SNN, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -190,7 +259,7 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
     onnxruntime's logits."""
     from .verify import onnxruntime_outputs
 
-    names = _quantize_outputs(path, source_graph, snn)
+    names, kernels = _quantize_outputs(path, source_graph, snn)
     order = list(names)
     ort_logits, *ort_tensors = onnxruntime_outputs(path, x, [names[k] for k in order])
     # a site's level is its integer less its zero point (0, or qmin); a kept pair compares its integer
@@ -200,7 +269,8 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
 
     logits, mine = _snn_levels(snn, x.to(next(snn.parameters()).dtype))
 
-    explainer = _ErrorBound(copy.deepcopy(source_graph).double().eval(), _snn_values(source_graph, snn, mine))
+    explainer = _ErrorBound(copy.deepcopy(source_graph).double().eval(), _snn_values(source_graph, snn, mine),
+                            kernels)
     explainer.run(x.double())
     ratios = explainer.ratios
     for site, pool in moved_pools(snn).items():   # a moved pool: the neuron sees the pooled ratio
@@ -226,6 +296,19 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
     unexplained_predictions = int((~predictions & ~differed).sum())
     passed = all(s.unexplained == 0 for s in sites.values()) and unexplained_predictions == 0
     return OnnxruntimeComparison(len(x), sites, int(predictions.sum()), explained, passed), ort_logits
+
+
+def _abs_layer(layer: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
+    """The layer with |W| (and |b|) on `x`, a non-negative tensor."""
+    weight = layer.weight.abs()
+    if isinstance(layer, nn.Linear):
+        out = F.linear(x, weight)
+    else:
+        conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(layer)]
+        out = conv(x, weight, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    if with_bias and layer.bias is not None:
+        out = out + channel_view(layer.bias.abs(), out.dim())
+    return out
 
 
 def _snn_values(source_graph: fx.GraphModule, snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -66,8 +66,12 @@ def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
     """The file's model with the tensors `names` added as graph outputs (typed by shape inference)."""
     import onnx
 
+    from .onnx_import.qoperator import expand_qoperator
+
     model = onnx.load(str(path))
-    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    # onnx infers no types for com.microsoft ops: their QDQ meaning has the same outputs, typed
+    typed = {v.name: v for v in
+             onnx.shape_inference.infer_shapes(expand_qoperator(model, str(path))[0]).graph.value_info}
     for name in names:
         if name not in typed:
             raise UnsupportedModelError(f"{path}: tensor {name!r} has no inferred type to read it back")

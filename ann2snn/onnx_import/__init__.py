@@ -25,6 +25,7 @@ from torch import fx, nn
 from . import converters  # noqa: F401  (registers the converters)
 from .builder import GraphBuilder, sanitize
 from ..quant import QuantDequant
+from .qoperator import expand_qoperator, qoperator_support
 from .reader import (FLOAT_INPUTS, check_finite, fix_input_shape, graph_inputs, infer_shapes, network_input,
                      probe_shape, read_model, select_output, type_name)
 from .registry import GraphView, find_converter, support_problem, supported_op_types
@@ -66,6 +67,9 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *, output: str
     input_shape: a sample's shape (without the batch) that sizes the input's dynamic dimensions.
     """
     model, where, opset, upgraded_from, rewrites = _selected(path_or_model, output, input_shape)
+    # here, not in read_model: onnxruntime must still verify against the file as written (save_as_imported)
+    model, qoperator = expand_qoperator(model, where)
+    rewrites += [qoperator] if qoperator else []
     model = infer_shapes(model, where)
     data = network_input(model, where)
     check_finite(model, where)
@@ -120,11 +124,15 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
     counts = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
                      for node in model.graph.node)
     view = GraphView(model.graph, opset)
+    qoperator = qoperator_support(model)  # nodes that convert rewrites first (qoperator.py)
     ops, refused = {}, {}
     for index, node in enumerate(model.graph.node):
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        converter = find_converter(node.op_type, opset, node.domain)
-        problem = support_problem(node, view) if converter is not None else None  # what convert refuses too
+        if index in qoperator:   # rewritten into QDQ first: what convert makes of its expansion
+            converter, problem = True, qoperator[index]
+        else:
+            converter = find_converter(node.op_type, opset, node.domain)
+            problem = support_problem(node, view) if converter is not None else None  # what convert refuses too
         if problem is not None:
             refused[node.name or f"{key}_{index}"] = problem
         supported = converter is not None and problem is None and ops.get(key, {}).get("supported", True)
