@@ -54,8 +54,9 @@ def _timesteps(gm: fx.GraphModule) -> int:
     return max(gm.get_submodule(n.target).timesteps for n in neuron_nodes(gm))
 
 
-def _has_float_activations(gm: fx.GraphModule) -> bool:
-    return any(clip_bound(gm, node) is not None for node in gm.graph.nodes)
+def _float_activations(gm: fx.GraphModule) -> list[str]:
+    """The ONNX nodes of the float ReLU-like activations (no QDQ pair quantizes them)."""
+    return [node.meta.get("onnx_node", node.name) for node in gm.graph.nodes if clip_bound(gm, node) is not None]
 
 
 def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
@@ -90,9 +91,13 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
     for entry in qdq_sites:
         report["sites"].setdefault(entry["site"], {})["source"] = {"kind": "qdq", **entry}
     kind = "qdq" if qdq_sites else "float"
-    if _has_float_activations(gm):
+    float_activations = _float_activations(gm)
+    if float_activations:
         if T is None:
-            raise UnsupportedModelError(f"{path}: the model has float activations (Relu/Clip): pass -T N")
+            mixed = (f"; {len(float_activations)} of its activations have no QuantizeLinear on their output (first: "
+                     f"{float_activations[0]!r}), so they cannot convert exactly") if qdq_sites else ""
+            raise UnsupportedModelError(f"{path}: the model has float activations (Relu/Clip){mixed}: pass -T N to "
+                                        "calibrate them (lossy)")
         if calib is None and clips is None:
             raise UnsupportedModelError(
                 f"{path}: float activations (Relu/Clip) need calibration data to set their clipping "

@@ -62,6 +62,11 @@ def test_quantize_static_flavour_converts_exactly(float_file, tmp_path, flavour)
     assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
     assert report["source"]["kind"] == "qdq" and len(report["sites"]) >= 2   # the two ReLUs (and the input)
     assert report["timesteps"] == EXPECTED_T.get(flavour, 8)
+    # QuantNet's sites: the input (unless symmetric: its pair has negative levels), conv1's ReLU and the
+    # residual add's; a QDQ pair that only repeats a site's grid after MaxPool and Flatten (int8, zero point
+    # -128 over levels 0..L) is no site of its own
+    assert len(report["sites"]) == (2 if flavour == "symmetric int8 activations" else 3), \
+        [s["source"]["sources"] for s in report["sites"]]
 
 
 def test_16_bit_activations_convert_exactly_at_T_16(float_file, tmp_path):

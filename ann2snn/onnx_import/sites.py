@@ -83,14 +83,26 @@ def is_non_negative(root: nn.Module, node: fx.Node) -> bool:
     return bounds is not None and bool(torch.as_tensor(bounds[0]).min() >= 0)
 
 
+def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A max pool or a reshape: it selects or moves values without arithmetic, so it keeps a grid and
+    commutes with a clamp (max(clamp(x)) = clamp(max(x)), a clamp being monotone)."""
+    return isinstance(module_of(gm, node), _GRID_PRESERVING_MODULES) or (
+        node.op == "call_function" and node.target in _GRID_PRESERVING_FUNCTIONS)
+
+
 def _clamp_chain(gm: fx.GraphModule, qdq: fx.Node) -> tuple[list[fx.Node], float | Tensor, float | Tensor]:
-    """The clamp ops directly before `qdq` (each used only by the next), their combined bounds."""
+    """The clamp ops before `qdq`, directly or behind max pools and reshapes (symmetric quantizers
+    write Relu -> MaxPool -> Flatten -> QuantizeLinear), each used only by the next; their combined
+    bounds."""
     chain, low, high = [], -math.inf, math.inf
     value = qdq.args[0]
     while isinstance(value, fx.Node) and len(value.users) == 1:
         bounds = _bounds(gm, value)
         if bounds is None:
-            break
+            if chain or not _moves_values(gm, value):
+                break
+            value = value.args[0]
+            continue
         chain.append(value)
         low, high = _combine(max, torch.maximum, low, bounds[0]), _combine(min, torch.minimum, high, bounds[1])
         value = value.args[0]
@@ -123,21 +135,24 @@ def _grid(gm: fx.GraphModule, node: fx.Node) -> tuple[Tensor, Tensor, int, int] 
             return module.scale, module.zero_point, module.qmin, module.qmax
         if isinstance(module, QuantClippedActivation):
             return module.theta().detach().reshape(-1), torch.zeros(1), 0, module.levels
-        if not (isinstance(module, _GRID_PRESERVING_MODULES)
-                or (node.op == "call_function" and node.target in _GRID_PRESERVING_FUNCTIONS)):
+        if not _moves_values(gm, node):
             return None
         node = node.args[0]
     return None
 
 
 def _is_redundant(gm: fx.GraphModule, qdq: fx.Node, module: QuantDequant) -> bool:
+    """A QDQ pair on values already on its grid: the same scale, and every level k of the grid (the
+    integer q - zero point) inside its own range, so it gives back k * scale. A site's levels 0..L
+    under an int8 pair with zero point -128 (levels 0..255) are; zero points need not match."""
     grid = _grid(gm, qdq.args[0])
-    if grid is None or module.per_axis:
+    if grid is None or module.per_axis or module.zero_point.numel() != 1:
         return False
     scale, zero_point, qmin, qmax = grid
-    return (scale.numel() == 1 and torch.equal(scale.to(module.scale.dtype), module.scale)
-            and torch.equal(zero_point.reshape(-1).to(module.zero_point.dtype), module.zero_point)
-            and module.qmin <= qmin and qmax <= module.qmax)
+    if scale.numel() != 1 or zero_point.numel() != 1 or not torch.equal(scale.to(module.scale.dtype), module.scale):
+        return False
+    grid_zero, own_zero = int(zero_point.reshape(-1)[0]), int(module.zero_point.reshape(-1)[0])
+    return module.qmin - own_zero <= qmin - grid_zero and qmax - grid_zero <= module.qmax - own_zero
 
 
 def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
@@ -181,8 +196,10 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
         channels = scale.numel() if module.per_axis else 0
         site = QuantClippedActivation(levels=levels, clip=1.0, channels=channels).to(scale.dtype)
         site.clip.data = _exact_clip(scale if channels else scale.reshape(()), levels)
-        source = chain[-1].args[0] if chain else qdq.args[0]
         named_after = chain[-1].target if chain and chain[-1].op == "call_module" else qdq.target
+        for clamp in chain:   # the site clamps; any pools and reshapes between commute with it
+            clamp.replace_all_uses_with(clamp.args[0])
+        source = qdq.args[0]
         target = free_name(gm, f"{named_after}_site")
         gm.add_submodule(target, site)
         with gm.graph.inserting_after(qdq):
