@@ -44,18 +44,33 @@ def quantize_levels(z: Tensor, theta: Tensor, levels: int) -> Tensor:
 
 
 def popcount_levels(q: Tensor, levels: int) -> Tensor:
-    """Spikes that carry level q: the ones of its binary code (level 8 costs one spike, 7 three).
+    """Spikes that carry level q: the ones of its binary code (level 8 costs one spike, 7 three),
+    in q's dtype. The one popcount of torch tensors (the kernels have their own, in Triton and C).
 
-    q holds integer levels 0..L; the counts come in q's dtype, by Legendre's formula
-    popcount(q) = q - sum_{k >= 1} floor(q / 2^k), in floating point (an integer q in float64).
-    Every step is exact (q <= 255; scaling by 2^-k and floor are exact), and a few elementwise
-    passes cost a CPU several times less than a table lookup (a gather).
+    Floating-point q holds integer levels 0..L: Legendre's formula popcount(q) = q - sum_{k >= 1}
+    floor(q / 2^k), every step exact (scaling by 2^-k and floor), and a few elementwise passes cost
+    a CPU several times less than a table lookup (a gather). Integer q (spike codes, uint8 or
+    int32, `spike_code_arithmetic_dtype`) counts its bits in registers instead (SWAR), whatever L.
     """
-    values = q if q.is_floating_point() else q.to(torch.float64)
-    count = values.clone()
+    if not q.is_floating_point():
+        return _popcount_bits(q)
+    count = q.clone()
     for k in range(1, max(1, int(levels).bit_length())):
-        count -= torch.floor(values * 2.0**-k)
-    return count.to(q.dtype)
+        count -= torch.floor(q * 2.0**-k)
+    return count
+
+
+def _popcount_bits(x: Tensor) -> Tensor:
+    """Ones in the binary code of every element of a uint8 or int32 tensor (SWAR bit counting)."""
+    if x.dtype == torch.uint8:
+        x = x - ((x >> 1) & 0x55)
+        x = (x & 0x33) + ((x >> 2) & 0x33)
+        return (x + (x >> 4)) & 0x0F
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    return (x + (x >> 16)) & 0x3F
 
 
 def popcount_sum_(q: Tensor, levels: int, dims: tuple[int, ...]) -> Tensor:

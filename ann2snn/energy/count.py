@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ..distributed import Context, all_reduce_max, all_reduce_sum
 from ..errors import Ann2SnnError, UnsupportedModelError
 from ..kernels import fire_fused
-from ..levels import spike_code_arithmetic_dtype
+from ..levels import popcount_levels, spike_code_arithmetic_dtype
 from ..lower.signal import Signal, align_steps
 from ..lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
 from ..neuron import BitSerialIFNode
@@ -204,20 +204,6 @@ def _pool_fanout(sums: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]) ->
     return torch.round(grad[0]).to(torch.int64)
 
 
-def _popcount(x: Tensor) -> Tensor:
-    """Ones in the binary code of every element of a uint8 or int32 tensor (SWAR bit counting; the level
-    maps of `spike_code_arithmetic_dtype`)."""
-    if x.dtype == torch.uint8:
-        x = x - ((x >> 1) & 0x55)
-        x = (x & 0x33) + ((x >> 2) & 0x33)
-        return (x + (x >> 4)) & 0x0F
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    x = x + (x >> 8)
-    return (x + (x >> 16)) & 0x3F
-
-
 def _total(counts: Tensor) -> Tensor:
     """The exact sum of a count tensor, as an int64 scalar (float counts are whole numbers)."""
     if counts.is_floating_point():
@@ -309,9 +295,9 @@ class _Counter(fx.Interpreter):
             if self.mode == "simulate":
                 info.count = info.events.sum(0)
             else:  # popcount(q): the spikes that carry level q
-                info.count = _popcount(info.events[0])
+                info.count = popcount_levels(info.events[0], 2**self.timesteps - 1)
                 for p in info.events[1:]:
-                    info.count = info.count + _popcount(p)
+                    info.count = info.count + popcount_levels(p, 2**self.timesteps - 1)
         return info.count
 
     def _planes(self, info: _Info) -> Tensor:
