@@ -7,6 +7,7 @@ LOCAL_RANK; without them everything here is the single-process identity.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,15 @@ def init_from_env(device: str = "cpu") -> Context:
 
 def _leave_process_group() -> None:
     if dist.is_initialized():
+        # leave together: rank 0 holds the store the others still use while they tear down theirs
+        # (a rank 1 that outlived it aborted, "terminate called", once in a few hundred runs)
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except Exception:   # a rank that failed already: nothing to wait for
+            pass
         dist.destroy_process_group()
 
 

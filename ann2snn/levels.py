@@ -210,3 +210,22 @@ def check_levels_exact(levels: int, dtype: torch.dtype) -> None:
     if levels > exact:
         raise ValueError(f"{levels} levels are not exact in {str(dtype).removeprefix('torch.')} (integers up to "
                          f"{exact}): the SNN needs float32")
+
+
+def unpack_spikes(levels: Tensor, timesteps: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """Binary spike planes [T, ...] of bit-packed levels, MSB first: plane t is bit T-1-t."""
+    work = spike_code_arithmetic_dtype(timesteps)
+    shifts = torch.arange(timesteps - 1, -1, -1, device=levels.device, dtype=work)
+    shifts = shifts.reshape((timesteps,) + (1,) * levels.dim())
+    return ((levels.to(work).unsqueeze(0) >> shifts) & 1).to(dtype)
+
+
+def pack_spikes(planes: Tensor) -> Tensor:
+    """The spike code (`spike_code_dtype(T)`) of binary spike planes [T, ...], T <= 16, MSB first:
+    the inverse of unpack."""
+    timesteps = planes.shape[0]
+    work = spike_code_arithmetic_dtype(timesteps)
+    code = torch.zeros(planes.shape[1:], dtype=work, device=planes.device)
+    for plane in planes:
+        code = (code << 1) | (plane != 0).to(work)
+    return code.to(spike_code_dtype(timesteps))

@@ -15,7 +15,8 @@ compiled at first use by kernels/native.py).
 from .dispatch import use_triton
 from .native import fire_fused_native
 from .neuron import NeuronOutput, fire_fused, fire_fused_triton
-from .neuron_reference import fire_fused_reference, pack_spikes, unpack_spikes
+from ..levels import pack_spikes, unpack_spikes
+from .neuron_reference import fire_fused_reference
 from .quant_act import quant_act_fused, quant_act_fused_triton
 from .quant_act_reference import quant_act_fused_reference
 

@@ -23,13 +23,12 @@ from .device_functions import channel_tile, fire_levels, load_per_channel, popco
 from .dispatch import lazy_jit, use_triton
 from .layout import channel_layout, tile_launch
 from .native import fire_fused_native, native_neuron_supports
-from .neuron_reference import (NeuronOutput, as_channel_tensor, check_neuron_args, fire_fused_reference,
-                               pack_spikes, unpack_spikes)
+from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args, fire_fused_reference
 
 # triton.language, bound when a kernel is first launched (kernels/dispatch.py: LazyKernel)
 tl = None
 
-__all__ = ["NeuronOutput", "fire_fused", "fire_fused_triton", "pack_spikes", "unpack_spikes"]
+__all__ = ["NeuronOutput", "fire_fused", "fire_fused_triton"]
 
 
 @lazy_jit

@@ -11,8 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..levels import (MAX_TIMESTEPS, channel_view, check_levels_exact, fire_levels, popcount_sum_,
-                      spike_code_arithmetic_dtype, spike_code_dtype)
+from ..levels import MAX_TIMESTEPS, channel_view, check_levels_exact, fire_levels, popcount_sum_, spike_code_dtype
 
 
 class NeuronOutput(NamedTuple):
@@ -76,22 +75,3 @@ def fire_fused_reference(potential: Tensor, theta: Tensor | float, membrane_offs
         if per_channel_counts else None
     sample = popcount_sum_(q, levels, (1,) + spatial) if per_sample_counts else None
     return NeuronOutput(value=value, levels=codes, channel_spikes=channel, sample_spikes=sample)
-
-
-def unpack_spikes(levels: Tensor, timesteps: int, dtype: torch.dtype = torch.uint8) -> Tensor:
-    """Binary spike planes [T, ...] of bit-packed levels, MSB first: plane t is bit T-1-t."""
-    work = spike_code_arithmetic_dtype(timesteps)
-    shifts = torch.arange(timesteps - 1, -1, -1, device=levels.device, dtype=work)
-    shifts = shifts.reshape((timesteps,) + (1,) * levels.dim())
-    return ((levels.to(work).unsqueeze(0) >> shifts) & 1).to(dtype)
-
-
-def pack_spikes(planes: Tensor) -> Tensor:
-    """The spike code (`spike_code_dtype(T)`) of binary spike planes [T, ...], T <= 16, MSB first:
-    the inverse of unpack."""
-    timesteps = planes.shape[0]
-    work = spike_code_arithmetic_dtype(timesteps)
-    code = torch.zeros(planes.shape[1:], dtype=work, device=planes.device)
-    for plane in planes:
-        code = (code << 1) | (plane != 0).to(work)
-    return code.to(spike_code_dtype(timesteps))

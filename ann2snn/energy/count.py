@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ..distributed import Context, all_reduce_max, all_reduce_sum
 from ..errors import Ann2SnnError, UnsupportedModelError
 from ..kernels import fire_fused
-from ..levels import popcount_levels, spike_code_arithmetic_dtype
+from ..levels import popcount_levels, spike_code_arithmetic_dtype, unpack_spikes
 from ..lower.signal import Signal, align_steps
 from ..lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
 from ..neuron import BitSerialIFNode
@@ -303,13 +303,11 @@ class _Counter(fx.Interpreter):
     def _planes(self, info: _Info) -> Tensor:
         if self.mode == "simulate":
             return info.events
-        steps = self.timesteps
-        shifts = torch.tensor(list(range(steps - 1, -1, -1)), dtype=self.level_dtype, device=info.events[0].device)
         planes = None
         for p in info.events:
-            bits = (p.unsqueeze(0) >> shifts.view((steps,) + (1,) * p.dim())) & 1
+            bits = unpack_spikes(p, self.timesteps, _count_dtype(p.device))
             planes = bits if planes is None else planes + bits
-        return planes.to(_count_dtype(planes.device))
+        return planes
 
     def _from_planes(self, planes: Tensor) -> Any:
         """Events from binary planes [T', N, ...]."""
