@@ -23,6 +23,7 @@ from torch import nn
 
 from hostile import assert_refused, invoke, snapshot
 from test_onnx_import import QuantNet, export, randomize_batch_norms
+from test_quantizers import quantize as quantize_file
 
 UNIT_ROUNDOFF = 2.0**-24
 
@@ -78,21 +79,7 @@ def float_files(tmp_path_factory) -> dict[str, str]:
 
 def quantize(float_file: str, path, **options) -> str:
     """`float_file` quantized by onnxruntime's quantize_static in the QOperator format."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Images(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"x": np.random.default_rng(i).random((8, 3, 8, 8), dtype=np.float32)}
-                                 for i in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    for key in ("activation_type", "weight_type"):
-        if key in options:
-            options[key] = getattr(QuantType, options[key])
-    quantize_static(float_file, str(path), Images(), quant_format=QuantFormat.QOperator, **options)
-    return str(path)
+    return quantize_file(float_file, path, "QOperator", **options)
 
 
 def _ops(path: str) -> list[str]:

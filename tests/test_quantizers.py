@@ -34,7 +34,9 @@ def float_file(tmp_path_factory) -> str:
     return export(randomize_batch_norms(QuantNet()), (3, 8, 8), str(folder / "float.onnx"), "torchscript-17")
 
 
-def quantize(float_file: str, path, **options) -> str:
+def quantize(float_file: str, path, quant_format: str = "QDQ", **options) -> str:
+    """`float_file` quantized by onnxruntime's quantize_static in `quant_format` (QDQ or QOperator) on
+    random images; QuantType options by name."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Images(CalibrationDataReader):
@@ -48,7 +50,7 @@ def quantize(float_file: str, path, **options) -> str:
     for key in ("activation_type", "weight_type"):
         if key in options:
             options[key] = getattr(QuantType, options[key])
-    quantize_static(float_file, str(path), Images(), quant_format=QuantFormat.QDQ, **options)
+    quantize_static(float_file, str(path), Images(), quant_format=getattr(QuantFormat, quant_format), **options)
     return str(path)
 
 
