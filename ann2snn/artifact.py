@@ -29,8 +29,9 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import ArtifactError
-from .neuron import BitSerialIFNode
 from .levels import MAX_TIMESTEPS, check_levels_exact
+from .neuron import BitSerialIFNode
+from .ops import MODULE_OPS
 from .quant import QuantDequant
 from .snn import SNN
 
@@ -38,30 +39,8 @@ FORMAT = "ann2snn-snn"
 FORMAT_VERSION = 1
 
 # Module types an artifact may hold, with the attributes that rebuild each (its tensors come from
-# the state dict).
-MODULE_FIELDS: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.Conv1d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                "padding_mode"),
-    nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                "padding_mode"),
-    nn.Linear: ("in_features", "out_features"),
-    nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    nn.MaxPool1d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    nn.AvgPool1d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
-    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-    nn.AdaptiveAvgPool1d: ("output_size",),
-    nn.AdaptiveAvgPool2d: ("output_size",),
-    nn.AdaptiveMaxPool1d: ("output_size",),
-    nn.AdaptiveMaxPool2d: ("output_size",),
-    nn.Flatten: ("start_dim", "end_dim"),
-    nn.Identity: (),
-    nn.Dropout: ("p",),
-    nn.Softmax: ("dim",),
-    nn.LogSoftmax: ("dim",),
-    nn.Sigmoid: (),
-}
+# the state dict): the table of ann2snn/ops.py.
+MODULE_FIELDS: dict[type[nn.Module], tuple[str, ...]] = {t: op.fields for t, op in MODULE_OPS.items()}
 # ann2snn's own modules rebuild from `artifact_config()` / `from_artifact_config()`.
 # Listed here, not registered by whoever defines them: what a fresh interpreter may load must not
 # depend on what happens to be imported.
@@ -405,8 +384,10 @@ def load_snn(path: str | os.PathLike) -> SNN:
                 or not isinstance(report.get("rewrites", []), list):
             raise ArtifactError("report and source must be JSON objects, the report's sites an object of objects")
         gm = build_graph(meta["graph"], tensors)
+        # eval: modules are built in training mode, where an unfolded BatchNorm would normalize with
+        # the batch's statistics and a Dropout drop
         return SNN(gm, timesteps, report=meta["report"],
-                   source={**meta["source"], "ann2snn_version": meta["ann2snn_version"]})
+                   source={**meta["source"], "ann2snn_version": meta["ann2snn_version"]}).eval()
     except ArtifactError as err:
         raise ArtifactError(f"{path}: {err}") from None
     except RecursionError:

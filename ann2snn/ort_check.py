@@ -41,18 +41,16 @@ from torch import Tensor, fx, nn
 from .gate import moved_pools, pool_moved_sites, run_recording
 from .lower.evaluator import TimeFoldedNeuron
 from .neuron import BitSerialIFNode
+from .ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS
 from .onnx_import.qoperator import KernelError, expand_qoperator, kernel_errors
 from .levels import channel_view
 from .quant import QuantClippedActivation, QuantDequant
 from .snn import SNN
 
 UNIT_ROUNDOFF = 2.0**-24   # float32
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _INTEGER_LAYER = 5   # the source's roundings of a layer that onnxruntime sums in integers (module docstring)
 # Ops f with |f(x)| <= f(|x|) (and f(|x|) >= every partial sum of |x| they form): the magnitude rule
-_POSITIVE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
+_POSITIVE_MODULES = AVERAGE_POOLS + MAX_POOLS + (nn.Flatten, nn.Identity)
 _POSITIVE_FUNCTIONS = (torch.cat, torch.mean, torch.flatten, torch.reshape, torch.matmul, torch.permute, torch.squeeze,
                        torch.unsqueeze, F.pad)
 
@@ -133,9 +131,9 @@ class _ErrorBound(fx.Interpreter):
             if isinstance(module, (QuantClippedActivation, QuantDequant)):
                 self._record(n, module, x, bound_in)
                 return rounding                            # a level that agrees: exact again
-            if isinstance(module, _LAYERS):
+            if isinstance(module, LAYERS):
                 return self._layer(n, module, x, bound_in)
-            if isinstance(module, _NORMS):
+            if isinstance(module, NORMS):
                 scale = module.weight / torch.sqrt(module.running_var + module.eps)
                 return channel_view(scale.abs(), value.dim()) * bound_in + 2 * rounding
             if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -180,7 +178,7 @@ class _ErrorBound(fx.Interpreter):
         absolute = fx.node.map_arg((n.args, n.kwargs), of)
         if n.op == "call_module":
             module = self.module.get_submodule(n.target)
-            if isinstance(module, _LAYERS):
+            if isinstance(module, LAYERS):
                 return _abs_layer(module, absolute[0][0], with_bias=True)
             if isinstance(module, _POSITIVE_MODULES):
                 return module(absolute[0][0])

@@ -1,6 +1,7 @@
 """Counting spikes, synaptic operations and MACs per layer, on the simulator's spike planes or the evaluator's level maps."""
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -18,16 +19,12 @@ from ..levels import popcount_levels, spike_code_arithmetic_dtype, unpack_spikes
 from ..lower.signal import Signal, align_steps
 from ..lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
 from ..neuron import BitSerialIFNode
+from ..ops import AVERAGE_POOLS, LAYERS, NORMS, STRUCTURAL
 
 
 # ==============================================================================================
 # Counting: spikes, synaptic operations, MACs
 
-LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_STRUCTURAL_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
 _STRUCTURAL_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze,
                          torch.cat, torch.concat, F.pad}
 _STRUCTURAL_METHODS = {"view", "reshape", "flatten", "permute", "squeeze", "unsqueeze", "contiguous"}
@@ -119,22 +116,23 @@ def _adaptive_window_sizes(length: int, out: int | None) -> Tensor:
 
 def _window_sums(kind: str, params: dict, in_shape: torch.Size) -> Callable[[Tensor], Tensor]:
     """A function [B, C, ...] -> the sum of every pooling window (linear; integer on integers)."""
-    if kind == "avg_pool2d":
+    if kind in ("avg_pool2d", "avg_pool3d"):
         k, s, p, ceil = params["kernel_size"], params["stride"], params["padding"], params["ceil_mode"]
         s = k if s is None or (isinstance(s, (list, tuple)) and len(s) == 0) else s
-        return lambda x: F.avg_pool2d(x, k, s, p, ceil, True, 1)
+        pool = F.avg_pool2d if kind == "avg_pool2d" else F.avg_pool3d
+        return lambda x: pool(x, k, s, p, ceil, True, 1)
     if kind == "avg_pool1d":
         k, s, p, ceil = (_pair(params[n], 1)[0] if params[n] is not None else None
                          for n in ("kernel_size", "stride", "padding", "ceil_mode"))
         s = k if s is None else s
         return lambda x: F.avg_pool2d(x.unsqueeze(-2), (1, k), (1, s), (0, p), bool(ceil), True, 1).squeeze(-2)
-    if kind in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
-        dims = 1 if kind.endswith("1d") else 2
+    if kind in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
+        dims = int(kind[-2])
         out = _pair(params["output_size"], dims)
         spatial = in_shape[-dims:]
         sizes = [_adaptive_window_sizes(length, o) for length, o in zip(spatial, out)]
-        size_map = sizes[0] if dims == 1 else sizes[0][:, None] * sizes[1][None, :]
-        pool = F.adaptive_avg_pool1d if dims == 1 else F.adaptive_avg_pool2d
+        size_map = functools.reduce(lambda a, b: a.unsqueeze(-1) * b, sizes)   # the windows' sizes, outer product
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
 
         def adaptive(x: Tensor) -> Tensor:  # mean times window size: integer up to rounding
             return (pool(x.to(torch.float64), params["output_size"]) * size_map.to(x.device)).to(x.dtype)
@@ -154,12 +152,13 @@ def _pool_params(target: Any, args: tuple, kwargs: dict) -> tuple[str, dict]:
     """(kind, parameters) of an average pool given as a module or a function call."""
     if isinstance(target, nn.Module):
         m = target
-        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)):
-            kind = "avg_pool1d" if isinstance(m, nn.AvgPool1d) else "avg_pool2d"
-            return kind, {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                          "ceil_mode": m.ceil_mode}
-        kind = "adaptive_avg_pool1d" if isinstance(m, nn.AdaptiveAvgPool1d) else "adaptive_avg_pool2d"
-        return kind, {"output_size": m.output_size}
+        for dims, (pool, adaptive) in enumerate(((nn.AvgPool1d, nn.AdaptiveAvgPool1d), (nn.AvgPool2d, nn.AdaptiveAvgPool2d),
+                                                 (nn.AvgPool3d, nn.AdaptiveAvgPool3d)), start=1):
+            if isinstance(m, pool):
+                return f"avg_pool{dims}d", {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                                            "ceil_mode": m.ceil_mode}
+            if isinstance(m, adaptive):
+                return f"adaptive_avg_pool{dims}d", {"output_size": m.output_size}
     kind = _POOL_FUNCTIONS[target]
     if kind in ("avg_pool1d", "avg_pool2d"):
         return kind, {"kernel_size": _arg(args, kwargs, 1, "kernel_size", None),
@@ -397,11 +396,11 @@ class _Counter(fx.Interpreter):
                 return self._neuron(n, module, value)
             if isinstance(module, LAYERS):
                 return self._layer(n, module, value, infos)
-            if isinstance(module, _AVG_POOL_MODULES):
+            if isinstance(module, AVERAGE_POOLS):
                 return self._pool(n, module, (), {}, value, infos)
-            if isinstance(module, _STRUCTURAL_MODULES):
+            if isinstance(module, STRUCTURAL):
                 return _Info(self._structural(n, infos) if has_events else None, analog)
-            if isinstance(module, _NORMS):  # a per-channel scale of the events, and a shift (analog)
+            if isinstance(module, NORMS):  # a per-channel scale of the events, and a shift (analog)
                 return _Info(self._combine(infos), True)
             return _Info(None, True)  # MaxPool and other ops on the potential: analog
         fn = n.target

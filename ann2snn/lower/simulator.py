@@ -16,16 +16,14 @@ from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
-from ..passes.graph_utils import OUTPUT_OPS
+from ..ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS, OUTPUT_OPS, STRUCTURAL
 from ..levels import channel_view
 from .signal import Signal, add_signals, scale_signal
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_STRUCTURAL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-               nn.Flatten, nn.Identity, nn.Dropout)
-# Ops that are not linear: they see the integrated potential, and their output enters once.
-_ON_POTENTIAL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d) + OUTPUT_OPS
+# linear and weightless: applied to each step's currents and to const alike
+_LINEAR_WEIGHTLESS = AVERAGE_POOLS + STRUCTURAL
+# not linear: they see the integrated potential, and their output enters once
+_ON_POTENTIAL = MAX_POOLS + OUTPUT_OPS
 
 
 def fold_time(fn: Callable[[Tensor], Tensor], steps: Tensor) -> Tensor:
@@ -111,11 +109,11 @@ def simulation_module(module: nn.Module) -> nn.Module:
     """The simulator's stand-in for one module of the SNN graph."""
     if isinstance(module, BitSerialIFNode):
         return SimulatedNeuron(module)
-    if isinstance(module, _LAYERS):
+    if isinstance(module, LAYERS):
         return SimulatedLayer(module)
-    if isinstance(module, _NORMS):
+    if isinstance(module, NORMS):
         return SimulatedBatchNorm(module)
-    if isinstance(module, _STRUCTURAL):
+    if isinstance(module, _LINEAR_WEIGHTLESS):
         return SimulatedStructural(module)
     if isinstance(module, _ON_POTENTIAL) or getattr(module, "acts_on_potential", False):
         return SimulatedOnPotential(module)

@@ -28,12 +28,12 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
+from ..ops import MAX_POOLS
 from ..passes.graph_utils import conversion_report, finish, free_name, module_of
-from ..quant import QuantClippedActivation
-from ..quant import QuantDequant
+from ..quant import QuantClippedActivation, QuantDequant
 
 # Ops through which values stay on the grid of the quantizer before them.
-_GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity)
+_GRID_PRESERVING_MODULES = MAX_POOLS + (nn.Flatten, nn.Identity)
 _GRID_PRESERVING_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.permute)
 
 

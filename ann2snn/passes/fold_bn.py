@@ -4,10 +4,8 @@ from __future__ import annotations
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ..ops import CONVS, NORMS
 from .graph_utils import conversion_report, finish, module_of, set_module
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def fold_batch_norm(gm: fx.GraphModule) -> fx.GraphModule:
@@ -19,13 +17,13 @@ def fold_batch_norm(gm: fx.GraphModule) -> fx.GraphModule:
     report = conversion_report(gm)
     for node in list(gm.graph.nodes):
         norm = module_of(gm, node)
-        if not isinstance(norm, _NORMS) or not norm.track_running_stats:
+        if not isinstance(norm, NORMS) or not norm.track_running_stats:
             continue
         producer = node.args[0]
         layer = module_of(gm, producer) if isinstance(producer, fx.Node) else None
         if layer is None or len(producer.users) != 1:
             continue
-        if isinstance(layer, _CONVS):
+        if isinstance(layer, CONVS):
             fused = fuse_conv_bn_eval(layer.eval(), norm.eval())
         elif isinstance(layer, nn.Linear):
             fused = fuse_linear_bn_eval(layer.eval(), norm.eval())

@@ -7,14 +7,12 @@ import torch
 from torch import fx, nn
 
 from ..neuron import BitSerialIFNode
+from ..ops import LAYERS, NORMS, OUTPUT_OPS
 from ..quant import QuantClippedActivation
 
-LINEAR_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+# layers and unfolded norms: a bias shift goes into their bias (ann2snn/ops.py)
+LINEAR_PRODUCERS = LAYERS + NORMS
 ADD_TARGETS = (operator.add, torch.add)
-# Applied to the output potentials after the last layer (a classifier's softmax): not spiking, no
-# prediction changes (each is monotone per class), counted in neither network's energy.
-OUTPUT_OPS = (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

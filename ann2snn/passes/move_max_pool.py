@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx
 
-from .graph_utils import MAX_POOLS, conversion_report, is_instance_node, site_nodes
+from ..ops import MAX_POOLS
+from .graph_utils import conversion_report, is_instance_node, site_nodes
 
 
 MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)

@@ -8,7 +8,8 @@ from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
 from ..levels import MAX_TIMESTEPS
 from ..quant import QuantClippedActivation
-from .graph_utils import OUTPUT_OPS, conversion_report, finish, is_output_op, module_of, set_module, site_nodes
+from ..ops import OUTPUT_OPS
+from .graph_utils import conversion_report, finish, is_output_op, module_of, set_module, site_nodes
 
 FLOAT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..ops import MAX_POOLS
 from ..quant import QuantClippedActivation
-from .graph_utils import ADD_TARGETS, LINEAR_PRODUCERS, MAX_POOLS, conversion_report, module_of, site_nodes
+from .graph_utils import ADD_TARGETS, LINEAR_PRODUCERS, conversion_report, module_of, site_nodes
 
 # Ops a per-channel constant passes through unchanged: max(z + c) = max(z) + c.
 _TRANSPARENT = MAX_POOLS + (nn.Identity, nn.Dropout)

@@ -1,0 +1,83 @@
+"""What each torch module of an SNN graph means to the compiler: one table, read by every part.
+
+A module's kind says how it treats spikes, and so how every part handles it:
+- "layer" (conv, linear): weights on each time step's spike plane (accumulate only) and the bias
+  once; it costs synaptic operations on spikes, MACs on analog values; its bias carries a shift;
+- "norm" (an inference BatchNorm left unfolded): a per-channel scale of the currents and a shift
+  that enters once; it carries a bias shift like a layer;
+- "average_pool": linear and weightless, applied to currents and spike planes; on spikes it costs
+  one accumulate per pooling window an input spike reaches;
+- "structural" (flatten, identity, inference dropout): moves values, costs nothing;
+- "max_pool": not linear but monotone, so it acts on the integrated potential (the compiler moves
+  it before the neuron, METHOD.md section 3); a per-channel constant passes through it;
+- "output" (softmax, log-softmax, sigmoid): applied to the output potentials only, not spiking,
+  counted in neither network's energy.
+Each entry also lists the constructor arguments the .snn artifact saves (the weights travel with
+the state dict). The simulator, the evaluator, energy, the artifact, the passes and the onnxruntime
+comparison all take their module sets from here; tests/test_ops.py walks the table and checks that
+every entry is simulated, evaluated, counted, saved and loaded alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+_MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+_AVG_POOL_1D = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+_AVG_POOL = _AVG_POOL_1D + ("divisor_override",)
+
+
+@dataclass(frozen=True)
+class ModuleOp:
+    kind: str                  # layer, norm, average_pool, structural, max_pool, output (module docstring)
+    fields: tuple[str, ...]    # the constructor arguments the artifact saves
+
+
+MODULE_OPS: dict[type[nn.Module], ModuleOp] = {
+    nn.Conv1d: ModuleOp("layer", _CONV), nn.Conv2d: ModuleOp("layer", _CONV), nn.Conv3d: ModuleOp("layer", _CONV),
+    nn.Linear: ModuleOp("layer", ("in_features", "out_features")),
+    nn.BatchNorm1d: ModuleOp("norm", _NORM), nn.BatchNorm2d: ModuleOp("norm", _NORM),
+    nn.BatchNorm3d: ModuleOp("norm", _NORM),
+    nn.AvgPool1d: ModuleOp("average_pool", _AVG_POOL_1D), nn.AvgPool2d: ModuleOp("average_pool", _AVG_POOL),
+    nn.AvgPool3d: ModuleOp("average_pool", _AVG_POOL),
+    nn.AdaptiveAvgPool1d: ModuleOp("average_pool", ("output_size",)),
+    nn.AdaptiveAvgPool2d: ModuleOp("average_pool", ("output_size",)),
+    nn.AdaptiveAvgPool3d: ModuleOp("average_pool", ("output_size",)),
+    nn.Flatten: ModuleOp("structural", ("start_dim", "end_dim")), nn.Identity: ModuleOp("structural", ()),
+    nn.Dropout: ModuleOp("structural", ("p",)),
+    nn.MaxPool1d: ModuleOp("max_pool", _MAX_POOL), nn.MaxPool2d: ModuleOp("max_pool", _MAX_POOL),
+    nn.MaxPool3d: ModuleOp("max_pool", _MAX_POOL),
+    nn.AdaptiveMaxPool1d: ModuleOp("max_pool", ("output_size",)),
+    nn.AdaptiveMaxPool2d: ModuleOp("max_pool", ("output_size",)),
+    nn.AdaptiveMaxPool3d: ModuleOp("max_pool", ("output_size",)),
+    nn.Softmax: ModuleOp("output", ("dim",)), nn.LogSoftmax: ModuleOp("output", ("dim",)),
+    nn.Sigmoid: ModuleOp("output", ()),
+}
+
+KINDS = ("layer", "norm", "average_pool", "structural", "max_pool", "output")
+
+
+def modules_of(*kinds: str) -> tuple[type[nn.Module], ...]:
+    """The module types of these kinds, for isinstance checks."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown module kinds {sorted(unknown)}")
+    return tuple(t for t, op in MODULE_OPS.items() if op.kind in kinds)
+
+
+def kind_of(module: nn.Module | None) -> str | None:
+    """The kind of a module (by its exact type, as the artifact saves it), None when not in the table."""
+    op = MODULE_OPS.get(type(module))
+    return None if op is None else op.kind
+
+
+LAYERS = modules_of("layer")
+CONVS = tuple(t for t in LAYERS if t is not nn.Linear)
+NORMS = modules_of("norm")
+AVERAGE_POOLS = modules_of("average_pool")
+MAX_POOLS = modules_of("max_pool")
+OUTPUT_OPS = modules_of("output")
+STRUCTURAL = modules_of("structural")
