@@ -14,7 +14,6 @@ import hashlib
 import json
 import keyword
 import math
-import operator
 import os
 import re
 import tempfile
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx, nn
@@ -31,7 +29,7 @@ from . import __version__
 from .errors import ArtifactError
 from .levels import MAX_TIMESTEPS, check_levels_exact
 from .neuron import BitSerialIFNode
-from .ops import MODULE_OPS
+from .ops import FUNCTION_OPS, METHOD_KINDS, MODULE_OPS
 from .quant import QuantDequant
 from .snn import SNN
 
@@ -47,22 +45,9 @@ MODULE_FIELDS: dict[type[nn.Module], tuple[str, ...]] = {t: op.fields for t, op 
 CUSTOM_MODULES: dict[str, type[nn.Module]] = {"BitSerialIFNode": BitSerialIFNode, "QuantDequant": QuantDequant}
 
 
-FUNCTIONS: dict[str, Callable] = {
-    "operator.add": operator.add, "operator.sub": operator.sub, "operator.mul": operator.mul,
-    "operator.truediv": operator.truediv, "operator.neg": operator.neg, "operator.getitem": operator.getitem,
-    "getattr": getattr,
-    "torch.add": torch.add, "torch.sub": torch.sub, "torch.mul": torch.mul, "torch.div": torch.div,
-    "torch.cat": torch.cat, "torch.concat": torch.concat, "torch.flatten": torch.flatten,
-    "torch.reshape": torch.reshape, "torch.permute": torch.permute, "torch.squeeze": torch.squeeze,
-    "torch.unsqueeze": torch.unsqueeze, "torch.mean": torch.mean, "torch.matmul": torch.matmul,
-    "torch.clamp": torch.clamp, "torch.relu": torch.relu,
-    "F.pad": F.pad, "F.avg_pool1d": F.avg_pool1d, "F.avg_pool2d": F.avg_pool2d,
-    "F.adaptive_avg_pool1d": F.adaptive_avg_pool1d, "F.adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-    "F.max_pool1d": F.max_pool1d, "F.max_pool2d": F.max_pool2d, "F.relu": F.relu,
-}
+FUNCTIONS: dict[str, Callable] = {op.name: fn for fn, op in FUNCTION_OPS.items()}
 _FUNCTION_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
-METHODS = frozenset({"view", "reshape", "flatten", "size", "permute", "squeeze", "unsqueeze", "mean",
-                     "contiguous", "add", "sub", "mul", "div", "dim"})
+METHODS = frozenset(METHOD_KINDS)
 # what `getattr(tensor, name)` may read
 ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (

@@ -13,14 +13,24 @@ A module's kind says how it treats spikes, and so how every part handles it:
 - "output" (softmax, log-softmax, sigmoid): applied to the output potentials only, not spiking,
   counted in neither network's energy.
 Each entry also lists the constructor arguments the .snn artifact saves (the weights travel with
-the state dict). The simulator, the evaluator, energy, the artifact, the passes and the onnxruntime
+the state dict). Functions and tensor methods have kinds too: the same pools and structural moves,
+"matmul" (a layer written as a function: linear, with weights), "add" (a residual sum: both
+inputs' events), "scale" (by a constant: the events stay),
+"activation" (a clamp on the potential, before sites replace it) and "access" (indexing and
+attributes, no values); functions also have the name the artifact writes. The simulator keeps one
+rule per function where the time axis needs one (a reshape, a concat) and takes the others (pools,
+ops on the potential) by kind; tests/test_ops.py checks that its rules are this table's functions. The simulator, the evaluator, energy, the artifact, the passes and the onnxruntime
 comparison all take their module sets from here; tests/test_ops.py walks the table and checks that
 every entry is simulated, evaluated, counted, saved and loaded alike.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
@@ -81,3 +91,65 @@ AVERAGE_POOLS = modules_of("average_pool")
 MAX_POOLS = modules_of("max_pool")
 OUTPUT_OPS = modules_of("output")
 STRUCTURAL = modules_of("structural")
+
+
+
+@dataclass(frozen=True)
+class FunctionOp:
+    kind: str   # structural, average_pool, max_pool, matmul, add, scale, activation, access
+    name: str   # as the artifact writes it
+
+
+FUNCTION_KINDS = ("structural", "average_pool", "max_pool", "matmul", "add", "scale", "activation", "access")
+
+FUNCTION_OPS: dict[Callable, FunctionOp] = {
+    **{fn: FunctionOp("structural", name) for fn, name in (
+        (torch.flatten, "torch.flatten"), (torch.reshape, "torch.reshape"), (torch.permute, "torch.permute"),
+        (torch.squeeze, "torch.squeeze"), (torch.unsqueeze, "torch.unsqueeze"), (torch.cat, "torch.cat"),
+        (torch.concat, "torch.concat"), (F.pad, "F.pad"))},
+    torch.matmul: FunctionOp("matmul", "torch.matmul"),
+    **{fn: FunctionOp("average_pool", name) for fn, name in (
+        (F.avg_pool1d, "F.avg_pool1d"), (F.avg_pool2d, "F.avg_pool2d"), (F.adaptive_avg_pool1d, "F.adaptive_avg_pool1d"),
+        (F.adaptive_avg_pool2d, "F.adaptive_avg_pool2d"), (torch.mean, "torch.mean"))},
+    **{fn: FunctionOp("max_pool", name) for fn, name in (
+        (F.max_pool1d, "F.max_pool1d"), (F.max_pool2d, "F.max_pool2d"), (F.adaptive_max_pool1d, "F.adaptive_max_pool1d"),
+        (F.adaptive_max_pool2d, "F.adaptive_max_pool2d"))},
+    **{fn: FunctionOp("add", name) for fn, name in (
+        (operator.add, "operator.add"), (torch.add, "torch.add"), (operator.sub, "operator.sub"),
+        (torch.sub, "torch.sub"))},
+    **{fn: FunctionOp("scale", name) for fn, name in (
+        (operator.mul, "operator.mul"), (torch.mul, "torch.mul"), (operator.truediv, "operator.truediv"),
+        (torch.div, "torch.div"), (operator.neg, "operator.neg"))},
+    **{fn: FunctionOp("activation", name) for fn, name in (
+        (torch.relu, "torch.relu"), (F.relu, "F.relu"), (torch.clamp, "torch.clamp"))},
+    **{fn: FunctionOp("access", name) for fn, name in ((operator.getitem, "operator.getitem"), (getattr, "getattr"))},
+}
+
+# x.method(...) in an fx graph: the same kinds
+METHOD_KINDS: dict[str, str] = {
+    **dict.fromkeys(("view", "reshape", "flatten", "permute", "squeeze", "unsqueeze", "contiguous"), "structural"),
+    "mean": "average_pool", "add": "add", "sub": "add", "mul": "scale", "div": "scale",
+    "size": "access", "dim": "access",
+}
+
+
+def functions_of(*kinds: str) -> tuple[Callable, ...]:
+    """The functions of these kinds, for `node.target in ...` checks."""
+    unknown = set(kinds) - set(FUNCTION_KINDS)
+    if unknown:
+        raise ValueError(f"unknown function kinds {sorted(unknown)}")
+    return tuple(fn for fn, op in FUNCTION_OPS.items() if op.kind in kinds)
+
+
+def methods_of(*kinds: str) -> frozenset[str]:
+    return frozenset(name for name, kind in METHOD_KINDS.items() if kind in kinds)
+
+
+# Ops that select or move the values of one tensor without arithmetic: a quantization grid survives
+# them, and they commute with a clamp (ann2snn/onnx_import/sites.py).
+VALUE_MOVING_MODULES = MAX_POOLS + (nn.Flatten, nn.Identity, nn.Dropout)
+VALUE_MOVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze) + \
+    functions_of("max_pool")
+# Ops a per-channel constant passes through unchanged, max(z + c) = max(z) + c: a bias shift may sit
+# before them (ann2snn/passes/shift_bias.py).
+SHIFT_TRANSPARENT_MODULES = MAX_POOLS + (nn.Identity, nn.Dropout)

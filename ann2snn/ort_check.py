@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 from .gate import moved_pools, pool_moved_sites, run_recording
 from .lower.evaluator import TimeFoldedNeuron
 from .neuron import BitSerialIFNode
-from .ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS
+from .ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS, functions_of
 from .onnx_import.qoperator import KernelError, expand_qoperator, kernel_errors
 from .levels import channel_view
 from .quant import QuantClippedActivation, QuantDequant
@@ -51,8 +51,7 @@ UNIT_ROUNDOFF = 2.0**-24   # float32
 _INTEGER_LAYER = 5   # the source's roundings of a layer that onnxruntime sums in integers (module docstring)
 # Ops f with |f(x)| <= f(|x|) (and f(|x|) >= every partial sum of |x| they form): the magnitude rule
 _POSITIVE_MODULES = AVERAGE_POOLS + MAX_POOLS + (nn.Flatten, nn.Identity)
-_POSITIVE_FUNCTIONS = (torch.cat, torch.mean, torch.flatten, torch.reshape, torch.matmul, torch.permute, torch.squeeze,
-                       torch.unsqueeze, F.pad)
+_POSITIVE_FUNCTIONS = functions_of("structural", "average_pool", "matmul")
 
 
 @dataclass

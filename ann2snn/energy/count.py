@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -19,22 +18,21 @@ from ..levels import popcount_levels, spike_code_arithmetic_dtype, unpack_spikes
 from ..lower.signal import Signal, align_steps
 from ..lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
 from ..neuron import BitSerialIFNode
-from ..ops import AVERAGE_POOLS, LAYERS, NORMS, STRUCTURAL
+from ..ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, NORMS, STRUCTURAL, functions_of, methods_of
 
 
 # ==============================================================================================
 # Counting: spikes, synaptic operations, MACs
 
-_STRUCTURAL_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze,
-                         torch.cat, torch.concat, F.pad}
-_STRUCTURAL_METHODS = {"view", "reshape", "flatten", "permute", "squeeze", "unsqueeze", "contiguous"}
-_ADD_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub}
-_ADD_METHODS = {"add", "sub"}
-_SCALE_FUNCTIONS = {operator.mul, torch.mul, operator.truediv, torch.div, operator.neg}
-_SCALE_METHODS = {"mul", "div"}
-_POOL_FUNCTIONS = {F.avg_pool1d: "avg_pool1d", F.avg_pool2d: "avg_pool2d",
-                   F.adaptive_avg_pool1d: "adaptive_avg_pool1d", F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
-                   torch.mean: "mean"}
+_STRUCTURAL_FUNCTIONS = functions_of("structural")
+_STRUCTURAL_METHODS = methods_of("structural")
+_ADD_FUNCTIONS = functions_of("add")
+_ADD_METHODS = methods_of("add")
+_SCALE_FUNCTIONS = functions_of("scale")
+_SCALE_METHODS = methods_of("scale")
+_POOL_FUNCTIONS = functions_of("average_pool")
+_POOL_METHODS = methods_of("average_pool")
+_ON_POTENTIAL_FUNCTIONS = functions_of("max_pool", "activation")
 
 
 @dataclass
@@ -159,7 +157,7 @@ def _pool_params(target: Any, args: tuple, kwargs: dict) -> tuple[str, dict]:
                                             "ceil_mode": m.ceil_mode}
             if isinstance(m, adaptive):
                 return f"adaptive_avg_pool{dims}d", {"output_size": m.output_size}
-    kind = _POOL_FUNCTIONS[target]
+    kind = FUNCTION_OPS[target].name.split(".")[-1]   # avg_pool2d, ..., mean
     if kind in ("avg_pool1d", "avg_pool2d"):
         return kind, {"kernel_size": _arg(args, kwargs, 1, "kernel_size", None),
                       "stride": _arg(args, kwargs, 2, "stride", None),
@@ -414,7 +412,7 @@ class _Counter(fx.Interpreter):
             # a scale (a constant, or a tensor attribute) keeps the events and adds nothing analog
             scaled = [self.info[a] for a in n.all_input_nodes if a in self.info and a.op != "get_attr"]
             return _Info(self._combine(scaled), any(i.analog for i in scaled))
-        if (method and fn == "mean") or (not method and fn in _POOL_FUNCTIONS):
+        if (method and fn in _POOL_METHODS) or (not method and fn in _POOL_FUNCTIONS):
             fetched_args, fetched_kwargs = self.fetch_args_kwargs_from_env(n)
             return self._pool(n, torch.mean if method else fn, fetched_args, fetched_kwargs, value, infos)
         if has_events and not self._acts_on_potential(fn, method):
@@ -423,8 +421,7 @@ class _Counter(fx.Interpreter):
 
     @staticmethod
     def _acts_on_potential(fn: Any, method: bool) -> bool:
-        return not method and fn in (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d, torch.clamp, torch.relu,
-                                     F.relu)
+        return not method and fn in _ON_POTENTIAL_FUNCTIONS
 
     def _neuron(self, n: fx.Node, module: BitSerialIFNode, value: Any) -> _Info:
         if self.mode == "simulate":

@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
-from ..ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS, OUTPUT_OPS, STRUCTURAL
+from ..ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS, OUTPUT_OPS, STRUCTURAL, functions_of
 from ..levels import channel_view
 from .signal import Signal, add_signals, scale_signal
 
@@ -239,16 +239,9 @@ FUNCTION_RULES: dict[Callable, Callable] = {
     torch.mean: _structural(_mean_steps, torch.mean),
     torch.matmul: _structural(torch.matmul, torch.matmul),
     F.pad: _structural(_pad_steps, F.pad),
-    F.avg_pool1d: _linear_function(F.avg_pool1d),
-    F.avg_pool2d: _linear_function(F.avg_pool2d),
-    F.adaptive_avg_pool1d: _linear_function(F.adaptive_avg_pool1d),
-    F.adaptive_avg_pool2d: _linear_function(F.adaptive_avg_pool2d),
-    F.max_pool1d: _on_potential(F.max_pool1d),
-    F.max_pool2d: _on_potential(F.max_pool2d),
-    F.adaptive_max_pool2d: _on_potential(F.adaptive_max_pool2d),
-    torch.clamp: _on_potential(torch.clamp),
-    torch.relu: _on_potential(torch.relu),
-    F.relu: _on_potential(F.relu),
+    # every pool function but the mean (above) runs on each step with time folded into the batch
+    **{fn: _linear_function(fn) for fn in functions_of("average_pool") if fn is not torch.mean},
+    **{fn: _on_potential(fn) for fn in functions_of("max_pool", "activation")},
     getattr: lambda x, name: x.shape if name == "shape" else getattr(x, name),
 }
 

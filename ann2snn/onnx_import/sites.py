@@ -28,13 +28,11 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
-from ..ops import MAX_POOLS
+from ..ops import VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES
 from ..passes.graph_utils import conversion_report, finish, free_name, module_of
 from ..quant import QuantClippedActivation, QuantDequant
 
 # Ops through which values stay on the grid of the quantizer before them.
-_GRID_PRESERVING_MODULES = MAX_POOLS + (nn.Flatten, nn.Identity)
-_GRID_PRESERVING_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.permute)
 
 
 def _bound(gm: fx.GraphModule, value: object, rank: int | None, default: float) -> float | Tensor | None:
@@ -86,8 +84,8 @@ def is_non_negative(root: nn.Module, node: fx.Node) -> bool:
 def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A max pool or a reshape: it selects or moves values without arithmetic, so it keeps a grid and
     commutes with a clamp (max(clamp(x)) = clamp(max(x)), a clamp being monotone)."""
-    return isinstance(module_of(gm, node), _GRID_PRESERVING_MODULES) or (
-        node.op == "call_function" and node.target in _GRID_PRESERVING_FUNCTIONS)
+    return isinstance(module_of(gm, node), VALUE_MOVING_MODULES) or (
+        node.op == "call_function" and node.target in VALUE_MOVING_FUNCTIONS)
 
 
 def _clamp_chain(gm: fx.GraphModule, qdq: fx.Node) -> tuple[list[fx.Node], float | Tensor, float | Tensor]:

@@ -5,14 +5,13 @@ spikes then never need a max over spike trains.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import fx
 
-from ..ops import MAX_POOLS
+from ..ops import MAX_POOLS, functions_of
 from .graph_utils import conversion_report, is_instance_node, site_nodes
 
 
-MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+MAX_POOL_FUNCTIONS = functions_of("max_pool")
 
 
 def _is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..ops import MAX_POOLS
+from ..ops import SHIFT_TRANSPARENT_MODULES
 from ..quant import QuantClippedActivation
 from .graph_utils import ADD_TARGETS, LINEAR_PRODUCERS, conversion_report, module_of, site_nodes
-
-# Ops a per-channel constant passes through unchanged: max(z + c) = max(z) + c.
-_TRANSPARENT = MAX_POOLS + (nn.Identity, nn.Dropout)
 
 
 def use_count(value: fx.Node) -> int:
@@ -36,7 +33,7 @@ def find_bias_carrier(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
     module = module_of(gm, value)
     if isinstance(module, LINEAR_PRODUCERS):
         return value
-    if isinstance(module, _TRANSPARENT):
+    if isinstance(module, SHIFT_TRANSPARENT_MODULES):
         return find_bias_carrier(gm, value.args[0])
     if value.op == "call_function" and value.target in ADD_TARGETS and "alpha" not in value.kwargs:
         for branch in value.args[:2]:
