@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from typing import Callable
 
 import torch
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import Ann2SnnError
-from .passes.calibrate import activation_sites, calibrate_clips, clip_bound, first_tensor, quantize_model
+from .passes.calibrate import (activation_sites, calibrate_clips, clamp_bounds, clip_bound, first_tensor,
+                               quantize_model)
 from .passes.graph_utils import free_name
 from .passes.trace import SiteTracer
 from .quant import QuantClippedActivation
@@ -159,16 +159,13 @@ def _as_function(node: fx.Node) -> None:
 
 
 def _check_lower_bound(gm: fx.GraphModule, node: fx.Node) -> None:
-    """A clamp or Hardtanh with a numeric lower bound other than 0 clips like a ReLU but passes negative
+    """A clamp or Hardtanh with a lower bound other than 0 clips like a ReLU but passes negative
     values (or none above 0): no bit-serial site represents it."""
-    module = gm.get_submodule(node.target) if node.op == "call_module" else None
-    low = None
-    if isinstance(module, nn.Hardtanh):
-        low = module.min_val
-    elif node.op == "call_function" and node.target is torch.clamp:
-        low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
-    if isinstance(low, numbers.Real) and low != 0:
-        raise Ann2SnnError(f"node {node.name} ({_describe(node, module)}) has lower bound {low}: an activation "
+    bounds = clamp_bounds(gm, node)
+    low = None if bounds is None or isinstance(bounds[0], Tensor) else bounds[0]
+    if low is not None and math.isfinite(low) and low != 0:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        raise Ann2SnnError(f"node {node.name} ({_describe(node, module)}) has lower bound {low:g}: an activation "
                            "site needs a lower bound of 0 (a ReLU or clamp(min=0)); change the model")
 
 

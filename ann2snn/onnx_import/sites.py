@@ -29,46 +29,11 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..ops import VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES
+from ..passes.calibrate import clamp_bounds
 from ..passes.graph_utils import conversion_report, finish, free_name, module_of
 from ..quant import QuantClippedActivation, QuantDequant
 
 # Ops through which values stay on the grid of the quantizer before them.
-
-
-def _bound(gm: fx.GraphModule, value: object, rank: int | None, default: float) -> float | Tensor | None:
-    """A clamp bound as a float or a per-channel vector; None when it is neither."""
-    if value is None:
-        return default
-    if isinstance(value, (int, float)):
-        return float(value)
-    if not (isinstance(value, fx.Node) and value.op == "get_attr" and rank is not None):
-        return None
-    tensor = getattr(gm, value.target).detach()
-    if tensor.numel() == 1:
-        return float(tensor.reshape(()))
-    channel = 1 - (rank - tensor.dim())  # numpy broadcasting aligns the trailing dimensions
-    sizes = [size for k, size in enumerate(tensor.shape) if k != channel]
-    if channel < 0 or any(size != 1 for size in sizes):
-        return None  # varies along a spatial dimension
-    return tensor.reshape(-1)
-
-
-def _bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | Tensor, float | Tensor] | None:
-    """(low, high) of a ReLU-like clamp node, else None."""
-    module = module_of(gm, node)
-    if isinstance(module, nn.ReLU):
-        return 0.0, math.inf
-    if isinstance(module, nn.Hardtanh):
-        return float(module.min_val), float(module.max_val)
-    if node.op == "call_function" and node.target is torch.relu:
-        return 0.0, math.inf
-    if node.op == "call_function" and node.target is torch.clamp:
-        rank = node.meta.get("rank")
-        low = _bound(gm, node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None), rank, -math.inf)
-        high = _bound(gm, node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None), rank, math.inf)
-        if low is not None and high is not None:
-            return low, high
-    return None
 
 
 def is_non_negative(root: nn.Module, node: fx.Node) -> bool:
@@ -77,7 +42,7 @@ def is_non_negative(root: nn.Module, node: fx.Node) -> bool:
     module = module_of(root, node)
     if isinstance(module, QuantDequant):
         return bool((module.zero_point <= module.qmin).all())
-    bounds = _bounds(root, node)
+    bounds = clamp_bounds(root, node)
     return bounds is not None and bool(torch.as_tensor(bounds[0]).min() >= 0)
 
 
@@ -95,7 +60,7 @@ def _clamp_chain(gm: fx.GraphModule, qdq: fx.Node) -> tuple[list[fx.Node], float
     chain, low, high = [], -math.inf, math.inf
     value = qdq.args[0]
     while isinstance(value, fx.Node) and len(value.users) == 1:
-        bounds = _bounds(gm, value)
+        bounds = clamp_bounds(gm, value)
         if bounds is None:
             if chain or not _moves_values(gm, value):
                 break

@@ -25,21 +25,59 @@ _CALIBRATION_SAMPLES = 1 << 20
 # torch.quantile refuses larger inputs.
 _QUANTILE_MAX = 1 << 24
 
+def module_bounds(module: nn.Module | None) -> tuple[float, float] | None:
+    """(low, high) of a clamp module: nn.ReLU (0, inf), nn.Hardtanh and nn.ReLU6 (min, max); None
+    for any other module."""
+    if isinstance(module, nn.ReLU):
+        return 0.0, math.inf
+    if isinstance(module, nn.Hardtanh):   # nn.ReLU6 is Hardtanh(0, 6)
+        return float(module.min_val), float(module.max_val)
+    return None
+
+
+def _bound(gm: fx.GraphModule, value: object, rank: int | None, default: float) -> float | Tensor | None:
+    """A clamp bound as a float or a per-channel vector; None when it is neither."""
+    if value is None:
+        return default
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not (isinstance(value, fx.Node) and value.op == "get_attr" and rank is not None):
+        return None
+    tensor = getattr(gm, value.target).detach()
+    if tensor.numel() == 1:
+        return float(tensor.reshape(()))
+    channel = 1 - (rank - tensor.dim())  # numpy broadcasting aligns the trailing dimensions
+    sizes = [size for k, size in enumerate(tensor.shape) if k != channel]
+    if channel < 0 or any(size != 1 for size in sizes):
+        return None  # varies along a spatial dimension
+    return tensor.reshape(-1)
+
+
+def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | Tensor, float | Tensor] | None:
+    """(low, high) of a clamp node: a clamp module, torch.relu / F.relu, or torch.clamp with bounds
+    that are numbers or per-channel constants; None for any other node. What the passes, the
+    importer's sites and `ann2snn.prepare` know of ReLU-like ops, said once."""
+    bounds = module_bounds(module_of(gm, node))
+    if bounds is not None:
+        return bounds
+    if node.op == "call_function" and node.target in (torch.relu, nn.functional.relu):
+        return 0.0, math.inf
+    if node.op == "call_function" and node.target is torch.clamp:
+        rank = node.meta.get("rank")
+        low = _bound(gm, node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None), rank, -math.inf)
+        high = _bound(gm, node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None), rank, math.inf)
+        if low is not None and high is not None:
+            return low, high
+    return None
+
+
 def clip_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """inf for a ReLU, c for Clip(0, c) / ReLU6 / Hardtanh(0, c), as a module or a function call;
-    None when the node is no float ReLU-like site. The one test of ReLU-likeness: the importer's
-    graphs, `ann2snn.prepare` and `quantize_model` all ask it (through `module_clip_bound`)."""
-    module = module_of(gm, node)
-    if module is not None and not isinstance(module, QuantClippedActivation):
-        return module_clip_bound(module)
-    if node.op == "call_function" and node.target in (torch.relu, nn.functional.relu):
-        return math.inf
-    if node.op == "call_function" and node.target is torch.clamp:
-        low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
-        high = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
-        if low == 0 and (high is None or isinstance(high, (int, float))):
-            return math.inf if high is None else float(high)
-    return None
+    None when the node is no float ReLU-like site (another lower bound, or per-channel bounds)."""
+    bounds = clamp_bounds(gm, node)
+    if bounds is None or any(isinstance(b, Tensor) for b in bounds) or bounds[0] != 0:
+        return None
+    return bounds[1]
 
 
 def float_activations_to_sites(gm: fx.GraphModule, timesteps: int) -> fx.GraphModule:
@@ -77,11 +115,8 @@ def module_clip_bound(module: nn.Module | None) -> float | Tensor | None:
     lambda for a site; None for any other module (or None)."""
     if isinstance(module, QuantClippedActivation):
         return module.clip.detach()
-    if isinstance(module, nn.ReLU):
-        return math.inf
-    if isinstance(module, nn.Hardtanh) and module.min_val == 0:  # nn.ReLU6 is Hardtanh(0, 6)
-        return float(module.max_val)
-    return None
+    bounds = module_bounds(module)
+    return bounds[1] if bounds is not None and bounds[0] == 0 else None
 
 
 def _site_channels(model: nn.Module, modules: list[nn.Module], input_shape: tuple[int, ...]) -> dict[int, int]:
