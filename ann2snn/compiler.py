@@ -76,7 +76,7 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
     """
     from .artifact import file_sha256
     from .onnx_import import load_onnx
-    from .onnx_import.sites import qdq_to_sites
+    from .passes.qdq_to_sites import qdq_to_sites
 
     sample_shape = input_shape or (tuple(calib.shape[1:]) if calib is not None else None)
     gm, qdq_sites = qdq_to_sites(load_onnx(path, output=output, input_shape=sample_shape))

@@ -146,7 +146,7 @@ def methods_of(*kinds: str) -> frozenset[str]:
 
 
 # Ops that select or move the values of one tensor without arithmetic: a quantization grid survives
-# them, and they commute with a clamp (ann2snn/onnx_import/sites.py).
+# them, and they commute with a clamp (ann2snn/passes/qdq_to_sites.py).
 VALUE_MOVING_MODULES = MAX_POOLS + (nn.Flatten, nn.Identity, nn.Dropout)
 VALUE_MOVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze) + \
     functions_of("max_pool")

@@ -35,7 +35,7 @@ from ann2snn.errors import UnsupportedModelError
 from ann2snn.onnx_import import CONTRACT_FUNCTIONS, CONTRACT_MODULES, inspect_onnx, load_onnx
 from ann2snn.quant import QuantDequant
 from ann2snn.onnx_import.registry import find_converter, get_converter
-from ann2snn.onnx_import.sites import qdq_to_sites
+from ann2snn.passes.qdq_to_sites import qdq_to_sites
 from ann2snn.quant import QuantClippedActivation
 
 ONNX_DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")

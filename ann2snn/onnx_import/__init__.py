@@ -1,7 +1,7 @@
 """Import an ONNX CNN as a torch.fx GraphModule that the compiler's passes understand.
 
     gm = load_onnx("model.onnx")          # call_module: nn.Conv2d, nn.BatchNorm2d, nn.Linear, ...,
-    gm, sites = qdq_to_sites(gm)          # QuantDequant -> QuantClippedActivation (sites.py)
+    gm, sites = qdq_to_sites(gm)          # QuantDequant -> QuantClippedActivation (passes/qdq_to_sites.py)
 
 The emitted graph uses only the modules and functions listed in CONTRACT_MODULES and
 CONTRACT_FUNCTIONS, constants are get_attr buffers of the root module (so `.double()` converts

@@ -1,6 +1,6 @@
 """Relu -> nn.ReLU; Clip(0, c) -> nn.Hardtanh(0, c); other clips, and Min / Max with a constant, -> torch.clamp.
 
-The activation-site pass (sites.py) recognizes exactly these forms as ReLU-like.
+The activation-site pass (passes/qdq_to_sites.py) recognizes exactly these forms as ReLU-like.
 """
 from __future__ import annotations
 

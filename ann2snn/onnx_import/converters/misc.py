@@ -11,8 +11,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from ...passes.qdq_to_sites import is_non_negative
 from ..registry import GraphView, add_converter, add_support_check
-from ..sites import is_non_negative
 from .pooling import edge_pad_problem
 from .utils import (PadValue, axes_argument, check_padded_size, ints, normalize_axis, refuse_batch_move,
                     torch_pad)

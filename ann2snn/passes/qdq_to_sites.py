@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..ops import VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES
-from ..passes.calibrate import clamp_bounds
-from ..passes.graph_utils import conversion_report, finish, free_name, module_of
 from ..quant import QuantClippedActivation, QuantDequant
+from .calibrate import clamp_bounds
+from .graph_utils import conversion_report, finish, free_name, module_of
 
 # Ops through which values stay on the grid of the quantizer before them.
 
