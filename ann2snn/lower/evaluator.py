@@ -2,7 +2,8 @@
 
 By linearity sum_t 2^(T-1-t) W s_t = W q, so each layer consumes the levels q (times theta)
 directly and runs at about the cost of the ANN; a neuron's spike count is popcount(q). Levels are
-computed with the simulator's own compare-and-subtract, so both agree for equal potentials.
+the exact floor(V / theta) that the simulator's compare-and-subtract fires (ann2snn.levels, and each
+kernel of `fire_fused`), so both agree for equal potentials.
 """
 from __future__ import annotations
 
