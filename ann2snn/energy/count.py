@@ -1,10 +1,9 @@
 """Counting spikes, synaptic operations and MACs per layer, on the simulator's spike planes or the evaluator's level maps."""
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,8 @@ from ..levels import popcount_levels, spike_code_arithmetic_dtype, unpack_spikes
 from ..lower.signal import Signal, align_steps
 from ..lower.simulator import fold_time, read_out, simulate_call, simulate_method, simulation_module
 from ..neuron import BitSerialIFNode
-from ..ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, NORMS, STRUCTURAL, functions_of, methods_of
+from ..ops import AVERAGE_POOLS, LAYERS, NORMS, STRUCTURAL, functions_of, methods_of
+from .fanout import call_argument, conv_fanout, conv_ones_kernel, pool_fanout, pool_params, window_sums
 
 
 # ==============================================================================================
@@ -95,110 +95,6 @@ def _per_image(shape) -> int:
 
 def _shape_of(value: Any) -> torch.Size:
     return value.shape
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name, default)
-
-
-def _pair(value: Any, n: int) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
-def _adaptive_window_sizes(length: int, out: int | None) -> Tensor:
-    out = length if out is None else int(out)
-    starts = [(i * length) // out for i in range(out)]
-    ends = [-((-(i + 1) * length) // out) for i in range(out)]
-    return torch.tensor([e - s for s, e in zip(starts, ends)], dtype=torch.float64)
-
-
-def _window_sums(kind: str, params: dict, in_shape: torch.Size) -> Callable[[Tensor], Tensor]:
-    """A function [B, C, ...] -> the sum of every pooling window (linear; integer on integers)."""
-    if kind in ("avg_pool2d", "avg_pool3d"):
-        k, s, p, ceil = params["kernel_size"], params["stride"], params["padding"], params["ceil_mode"]
-        s = k if s is None or (isinstance(s, (list, tuple)) and len(s) == 0) else s
-        pool = F.avg_pool2d if kind == "avg_pool2d" else F.avg_pool3d
-        return lambda x: pool(x, k, s, p, ceil, True, 1)
-    if kind == "avg_pool1d":
-        k, s, p, ceil = (_pair(params[n], 1)[0] if params[n] is not None else None
-                         for n in ("kernel_size", "stride", "padding", "ceil_mode"))
-        s = k if s is None else s
-        return lambda x: F.avg_pool2d(x.unsqueeze(-2), (1, k), (1, s), (0, p), bool(ceil), True, 1).squeeze(-2)
-    if kind in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
-        dims = int(kind[-2])
-        out = _pair(params["output_size"], dims)
-        spatial = in_shape[-dims:]
-        sizes = [_adaptive_window_sizes(length, o) for length, o in zip(spatial, out)]
-        size_map = functools.reduce(lambda a, b: a.unsqueeze(-1) * b, sizes)   # the windows' sizes, outer product
-        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
-
-        def adaptive(x: Tensor) -> Tensor:  # mean times window size: integer up to rounding
-            return (pool(x.to(torch.float64), params["output_size"]) * size_map.to(x.device)).to(x.dtype)
-        return adaptive
-    if kind == "mean":
-        dim, keepdim = params["dim"], params["keepdim"]
-        if dim is None:
-            raise UnsupportedModelError("energy: a mean over every dimension (including the batch) has no pooling rule")
-        dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
-        if any(d == 0 or d == -len(in_shape) for d in dims):
-            raise UnsupportedModelError("energy: a mean over the batch dimension has no pooling rule")
-        return lambda x: x.sum(dims, keepdim=keepdim)
-    raise UnsupportedModelError(f"energy: no pooling rule for {kind}")
-
-
-def _pool_params(target: Any, args: tuple, kwargs: dict) -> tuple[str, dict]:
-    """(kind, parameters) of an average pool given as a module or a function call."""
-    if isinstance(target, nn.Module):
-        m = target
-        for dims, (pool, adaptive) in enumerate(((nn.AvgPool1d, nn.AdaptiveAvgPool1d), (nn.AvgPool2d, nn.AdaptiveAvgPool2d),
-                                                 (nn.AvgPool3d, nn.AdaptiveAvgPool3d)), start=1):
-            if isinstance(m, pool):
-                return f"avg_pool{dims}d", {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                                            "ceil_mode": m.ceil_mode}
-            if isinstance(m, adaptive):
-                return f"adaptive_avg_pool{dims}d", {"output_size": m.output_size}
-    kind = FUNCTION_OPS[target].name.split(".")[-1]   # avg_pool2d, ..., mean
-    if kind in ("avg_pool1d", "avg_pool2d"):
-        return kind, {"kernel_size": _arg(args, kwargs, 1, "kernel_size", None),
-                      "stride": _arg(args, kwargs, 2, "stride", None),
-                      "padding": _arg(args, kwargs, 3, "padding", 0),
-                      "ceil_mode": _arg(args, kwargs, 4, "ceil_mode", False)}
-    if kind.startswith("adaptive"):
-        return kind, {"output_size": _arg(args, kwargs, 1, "output_size", None)}
-    return kind, {"dim": _arg(args, kwargs, 1, "dim", None), "keepdim": _arg(args, kwargs, 2, "keepdim", False)}
-
-
-def _conv_ones_kernel(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """All-ones kernel of one output channel per group: every output channel of a group reaches the
-    same inputs, so the layer's SOPs are this kernel's count times out_channels / groups."""
-    w = layer.weight
-    return torch.ones((layer.groups,) + tuple(w.shape[1:]), dtype=dtype, device=device)
-
-
-def _conv_fanout(layer: nn.Module, in_shape: tuple[int, ...]) -> Tensor:
-    """Per input element [1, ...] (the same for every channel): how many (output element, output
-    channel) pairs it reaches, as int64. Computed on one channel: the reach of an input position
-    does not depend on its channel, and each reaches out_channels / groups channels."""
-    dims = len(in_shape) - 1
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    with torch.enable_grad():
-        x = torch.ones((1, 1) + tuple(in_shape[1:]), dtype=torch.float64, requires_grad=True)
-        padded, padding = x, layer.padding
-        if layer.padding_mode != "zeros":
-            padded = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-            padding = 0
-        kernel = torch.ones((1, 1) + tuple(layer.kernel_size), dtype=torch.float64)
-        y = conv(padded, kernel, None, layer.stride, padding, layer.dilation, 1)
-        (grad,) = torch.autograd.grad(y.sum(), x)
-    return torch.round(grad[0] * (layer.out_channels // layer.groups)).to(torch.int64)
-
-
-def _pool_fanout(sums: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]) -> Tensor:
-    """Per input element: the number of pooling windows that contain it (int64)."""
-    with torch.enable_grad():
-        x = torch.ones((1,) + tuple(in_shape), dtype=torch.float64, requires_grad=True)
-        (grad,) = torch.autograd.grad(sums(x).sum(), x)
-    return torch.round(grad[0]).to(torch.int64)
 
 
 def _total(counts: Tensor) -> Tensor:
@@ -366,7 +262,7 @@ class _Counter(fx.Interpreter):
                     results.append(module(args[0]))
             elif n.op == "call_function":
                 if n.target is F.pad:  # padding carries no events, whatever the pad value
-                    args, kwargs = (args[0], _arg(args, kwargs, 1, "pad", None)), {}
+                    args, kwargs = (args[0], call_argument(args, kwargs, 1, "pad", None)), {}
                 if self.mode == "simulate":
                     results.append(simulate_call(n.target, *args, **kwargs).steps)
                 else:
@@ -467,13 +363,13 @@ class _Counter(fx.Interpreter):
         if self.mode == "simulate":
             # the definition: the event map convolved with an all-ones kernel of the weight's shape
             dtype = _count_dtype(count.device)
-            occupancy = layer._conv_forward(count.to(dtype), _conv_ones_kernel(layer, dtype, count.device), None)
+            occupancy = layer._conv_forward(count.to(dtype), conv_ones_kernel(layer, dtype, count.device), None)
             return _total(count), _total(occupancy) * (
                 layer.out_channels // layer.groups)
         # fast path: popcount map, summed over images and channels, times the fan-out map
         key = (id(layer), in_shape[1:], count.device)
         if key not in self._fanouts:
-            self._fanouts[key] = _conv_fanout(layer, in_shape[1:]).to(count.device)
+            self._fanouts[key] = conv_fanout(layer, in_shape[1:]).to(count.device)
         positions = count.sum((0, 1), dtype=torch.int64)
         return positions.sum(), (positions * self._fanouts[key][0]).sum()
 
@@ -484,11 +380,11 @@ class _Counter(fx.Interpreter):
         if info is None or info.events is None:
             return _Info(None, analog)  # pooling analog values only: not counted
         in_shape = tuple(_shape_of(self.env[source]))
-        kind, params = _pool_params(target, args, kwargs)
-        sums = _window_sums(kind, params, torch.Size(in_shape))
+        kind, params = pool_params(target, args, kwargs)
+        sums = window_sums(kind, params, torch.Size(in_shape))
         row = self.rows.get(n.name)
         if row is None:
-            adds = int(_pool_fanout(sums, in_shape[1:]).sum())
+            adds = int(pool_fanout(sums, in_shape[1:]).sum())
             name = n.target if n.op == "call_module" else n.name
             kind_name = type(target).__name__ if isinstance(target, nn.Module) else kind
             input_kind = self._input_kind(info)
@@ -502,7 +398,7 @@ class _Counter(fx.Interpreter):
         else:
             key = (n.name, in_shape[1:], count.device)
             if key not in self._fanouts:
-                self._fanouts[key] = _pool_fanout(sums, in_shape[1:]).to(count.device)
+                self._fanouts[key] = pool_fanout(sums, in_shape[1:]).to(count.device)
             row.synaptic_ops = row.synaptic_ops + (count * self._fanouts[key]).sum()
         # the events after the pool: the nonzero entries of each step's pooled plane
         planes = self._planes(info)
