@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timesteps", default="2,3,4", help="T values for ann2snn (default 2,3,4)")
     p.add_argument("--betas", default="0,1e-5,1e-4", help="spike-regularizer weights (default 0,1e-5,1e-4)")
     p.add_argument("--sj-timesteps", default="4,8,16,32", help="T values for SpikingJelly (default 4,8,16,32)")
-    p.add_argument("--sj-modes", default="max,99.9%", help=f"SpikingJelly modes, of {', '.join(SJ_MODES)}")
+    p.add_argument("--sj-modes", default="max,99.9%",
+                   help=f"SpikingJelly modes, of {', '.join(SJ_MODES)}".replace("%", "%%"))   # argparse formats %
     p.add_argument("--sj-calib-batches", type=int, default=8, help="SpikingJelly calibration batches of 64")
     p.add_argument("--train-limit", type=int, default=12000, help="first N training images (default 12000)")
     p.add_argument("--float-epochs", type=int, default=6)

@@ -124,3 +124,11 @@ def test_eval_throughput_times_every_run() -> None:
                           "SpikingJelly multi-step"}
     assert all(rate > 0 for rate in rates.values())
     assert result["ratios"]["evaluate / float ANN"] == rates["ann2snn evaluate"] / rates["float ANN"]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_every_bench_explains_its_options(script: str) -> None:
+    """`--help` prints the usage (a % in a help text once made argparse raise instead)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
