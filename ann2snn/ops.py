@@ -13,15 +13,18 @@ A module's kind says how it treats spikes, and so how every part handles it:
 - "output" (softmax, log-softmax, sigmoid): applied to the output potentials only, not spiking,
   counted in neither network's energy.
 Each entry also lists the constructor arguments the .snn artifact saves (the weights travel with
-the state dict). Functions and tensor methods have kinds too: the same pools and structural moves,
-"matmul" (a layer written as a function: linear, with weights), "add" (a residual sum: both
-inputs' events), "scale" (by a constant: the events stay),
-"activation" (a clamp on the potential, before sites replace it) and "access" (indexing and
-attributes, no values); functions also have the name the artifact writes. The simulator keeps one
-rule per function where the time axis needs one (a reshape, a concat) and takes the others (pools,
-ops on the potential) by kind; tests/test_ops.py checks that its rules are this table's functions. The simulator, the evaluator, energy, the artifact, the passes and the onnxruntime
-comparison all take their module sets from here; tests/test_ops.py walks the table and checks that
-every entry is simulated, evaluated, counted, saved and loaded alike.
+the state dict).
+
+Functions and tensor methods have kinds too: the same pools and structural moves, "matmul" (a
+layer written as a function: linear, with weights), "add" (a residual sum: both inputs' events),
+"scale" (by a constant: the events stay), "activation" (a clamp on the potential, before sites
+replace it) and "access" (indexing and attributes, no values); functions also have the name the
+artifact writes. The simulator keeps one rule per function where the time axis needs one (a
+reshape, a concat) and takes the others (pools, ops on the potential) by kind.
+
+The simulator, energy, the artifact, the passes and the onnxruntime comparison take their sets
+from here; tests/test_ops.py walks the table and checks that every entry is simulated, evaluated,
+counted, saved and loaded alike, and that the simulator's function rules are this table's.
 """
 from __future__ import annotations
 
