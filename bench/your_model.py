@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", default="2,3,4", help="T values for ann2snn (default 2,3,4)")
-    p.add_argument("--betas", default="0,1e-5,1e-4", help="spike-regularizer weights (default 0,1e-5,1e-4)")
+    p.add_argument("--betas", default="0,5e-6,1e-5", help="spike-regularizer weights (default 0,5e-6,1e-5)")
     p.add_argument("--sj-timesteps", default="4,8,16,32", help="T values for SpikingJelly (default 4,8,16,32)")
     p.add_argument("--sj-modes", default="max,99.9%",
                    help=f"SpikingJelly modes, of {', '.join(SJ_MODES)}".replace("%", "%%"))   # argparse formats %
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-limit", type=int, default=12000, help="first N training images (default 12000)")
     p.add_argument("--float-epochs", type=int, default=6)
     p.add_argument("--float-lr", type=float, default=0.05)
-    p.add_argument("--epochs", type=int, default=3, help="QAT epochs")
+    p.add_argument("--epochs", type=int, default=10, help="QAT epochs (default 10: the regularizer needs them)")
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
