@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", default="2,3,4", help="T values for ann2snn (default 2,3,4)")
-    p.add_argument("--betas", default="0,5e-6,1e-5", help="spike-regularizer weights (default 0,5e-6,1e-5)")
+    p.add_argument("--betas", default="0,5e-6,8e-6,1e-5", help="spike-regularizer weights (default 0,5e-6,8e-6,1e-5)")
     p.add_argument("--sj-timesteps", default="4,8,16,32", help="T values for SpikingJelly (default 4,8,16,32)")
     p.add_argument("--sj-modes", default="max,99.9%",
                    help=f"SpikingJelly modes, of {', '.join(SJ_MODES)}".replace("%", "%%"))   # argparse formats %
