@@ -254,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_t = ours_t if args.timesteps != ",".join(map(str, ANN2SNN_TIMESTEPS)) else [1, 2]
     betas = tuple(float(v) for v in args.betas.split(","))
     result = run(sj_t, ours_t, recipe, calib_batches=4 if args.quick else None, betas=betas)
-    emit(result, report(result), args.json)
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(result, args.plot)
+    emit(result, report(result), args.json, args.plot, lambda path: plot(result, path))
     return 0
 
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -322,17 +322,21 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def emit(result: dict[str, Any], text: str, json_path: str | None) -> None:
+def emit(result: dict[str, Any], text: str, json_path: str | None, plot_path: str | None = None,
+         draw: Callable[[str], None] | None = None) -> None:
     """The table on stdout, and the JSON at `json_path`; with json_path "-" the JSON on stdout and
-    the table on stderr."""
+    the table on stderr. With `plot_path`, `draw(plot_path)` draws the figure there."""
     if json_path == "-":
         print(text, file=sys.stderr)
         print(json.dumps(result, indent=2))
-        return
-    print(text)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    else:
+        print(text)
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if plot_path:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        draw(plot_path)
 
 
 def parse_floats(text: str) -> list[float]:
@@ -377,10 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     timesteps = parse_ints(args.timesteps) if not args.quick or args.timesteps != "2,3,4" else [2]
     betas = parse_floats(args.betas) if not args.quick or args.betas != DEFAULT_BETAS else [0.0, 1e-3]
     result = run(timesteps, betas, recipe, args.float_kind, seeds, args.jobs, args.threads)
-    emit(result, report(result), args.json)
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(result["rows"], result["float_ann_accuracy"], args.plot)
+    emit(result, report(result), args.json, args.plot,
+         lambda path: plot(result["rows"], result["float_ann_accuracy"], path))
     return 0
 
 

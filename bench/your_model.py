@@ -426,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         args.timesteps, args.betas, args.sj_timesteps, args.sj_modes = "2", "0,1e-4", "4,8", "max"
         args.train_limit, args.float_epochs, args.epochs, args.sj_calib_batches = 512, 1, 1, 2
     result = run(args)
-    emit(result, report(result), args.json)
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(result, args.plot)
+    emit(result, report(result), args.json, args.plot, lambda path: plot(result, path))
     return 0
 
 
