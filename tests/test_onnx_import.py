@@ -587,25 +587,32 @@ class QuantNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def qdq_model(tmp_path_factory) -> str:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     folder = tmp_path_factory.mktemp("qdq")
     torch.manual_seed(0)
     float_path = export(randomize_batch_norms(QuantNet()), (3, 8, 8), str(folder / "float.onnx"), "torchscript-17")
+    return quantize(float_path, folder / "qdq.onnx", signed=True, activation_type="QUInt8", weight_type="QInt8")
 
-    class RandomData(CalibrationDataReader):
+
+def quantize(float_file: str, path, quant_format: str = "QDQ", signed: bool = False, **options) -> str:
+    """`float_file` quantized by onnxruntime's quantize_static in `quant_format` (QDQ or QOperator) on
+    random images in [0, 1), or standard normal ones when `signed` (like normalized images: the input
+    QDQ gets a nonzero zero point); QuantType options by name."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Images(CalibrationDataReader):
         def __init__(self) -> None:
-            # signed data, like normalized images: the input QDQ gets a nonzero zero point
-            self.batches = iter([{"x": np.random.default_rng(i).standard_normal((8, 3, 8, 8), dtype=np.float32)}
+            draw = "standard_normal" if signed else "random"
+            self.batches = iter([{"x": getattr(np.random.default_rng(i), draw)((8, 3, 8, 8), dtype=np.float32)}
                                  for i in range(4)])
 
         def get_next(self):
             return next(self.batches, None)
 
-    path = str(folder / "qdq.onnx")
-    quantize_static(float_path, path, RandomData(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return path
+    for key in ("activation_type", "weight_type"):
+        if key in options:
+            options[key] = getattr(QuantType, options[key])
+    quantize_static(float_file, str(path), Images(), quant_format=getattr(QuantFormat, quant_format), **options)
+    return str(path)
 
 
 def _output_step(gm: fx.GraphModule) -> float:

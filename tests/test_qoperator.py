@@ -23,7 +23,7 @@ from torch import nn
 
 from hostile import assert_refused, invoke, snapshot
 from test_onnx_import import QuantNet, export, randomize_batch_norms
-from test_quantizers import quantize as quantize_file
+from test_onnx_import import quantize as quantize_file  # the QDQ helper, given QOperator below
 
 UNIT_ROUNDOFF = 2.0**-24
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from hostile import invoke
-from test_onnx_import import QuantNet, export, randomize_batch_norms
+from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
 
 FLAVOURS = {
     "defaults (QInt8 activations)": dict(),
@@ -32,26 +31,6 @@ def float_file(tmp_path_factory) -> str:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("quantizers")
     return export(randomize_batch_norms(QuantNet()), (3, 8, 8), str(folder / "float.onnx"), "torchscript-17")
-
-
-def quantize(float_file: str, path, quant_format: str = "QDQ", **options) -> str:
-    """`float_file` quantized by onnxruntime's quantize_static in `quant_format` (QDQ or QOperator) on
-    random images; QuantType options by name."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Images(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"x": np.random.default_rng(i).random((8, 3, 8, 8), dtype=np.float32)}
-                                 for i in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    for key in ("activation_type", "weight_type"):
-        if key in options:
-            options[key] = getattr(QuantType, options[key])
-    quantize_static(float_file, str(path), Images(), quant_format=getattr(QuantFormat, quant_format), **options)
-    return str(path)
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))

@@ -34,7 +34,8 @@ from test_invariant import expected_levels, snn_site_levels
 from test_kernels import (FireBackend, _assert_same_neuron_output, _in_layout, _potentials, _shape_for, _theta,
                           fire_backend, fire_device)  # noqa: F401 (fixtures)
 from test_neuron import exact_levels
-from test_quantizers import float_file, quantize  # noqa: F401 (a fixture)
+from test_onnx_import import quantize
+from test_quantizers import float_file  # noqa: F401 (a fixture)
 from test_verify_command import _reversed_thresholds
 from test_zoo_invariant import quantized_zoo_model
 
