@@ -13,9 +13,10 @@ An SNN is exact for its quantized source when two things hold, both checked on t
 Exact ties: where z / theta is a half-integer (an average pool of levels requantized at the same
 scale gives many), q() rounds up in real arithmetic, but the source and the SNN reach z by sums
 in different orders, and float64's last bit decides on which side each lands. A level that differs
-by one where the source's z / theta lies within TIE_TOLERANCE of a half-integer is counted as a
-tie; the source is then run again with the SNN's level at every tie, and everything else (every
-other level, the logits) must still be equal: so the ties are the only difference.
+by one where both the source's z / theta and the neuron's own V / theta lie within TIE_TOLERANCE
+of the rounding boundary is counted as a tie, and the source (and the evaluation, against the
+simulation) continues with the SNN's level there, site by site: everything else (every other
+level, the logits) must still be equal, so the ties are the only difference.
 
 So a float32 artifact is proven to be the float32 rounding of an SNN that is exact for the source:
 METHOD.md's "a level may differ by one where z / theta lies within rounding distance of a
@@ -34,8 +35,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .levels import channel_view, decode_levels, popcount_levels
+from .lower.evaluator import TimeFoldedNeuron
+from .lower.signal import Signal
 from .neuron import BitSerialIFNode
-from .levels import channel_view, decode_levels
 from .quant import QuantClippedActivation
 from .snn import SNN, SNNOutput
 
@@ -139,9 +142,6 @@ def _evaluation_with_simulation_ties(snn: SNN, x: Tensor, fired: dict[str, Tenso
     """The time-folded evaluation of x, each neuron's level taken from the simulation's where they
     differ at an exact tie of floor(V / theta) (the two reach V by sums in different orders), its
     spike counts with them; and the number of ties."""
-    from .lower.evaluator import TimeFoldedNeuron
-    from .levels import popcount_levels
-
     tied = 0
 
     def record(name: str, folded: TimeFoldedNeuron, args: tuple, out: tuple[Tensor, Tensor]):
@@ -171,9 +171,7 @@ def _simulated_levels(snn: SNN, x: Tensor) -> tuple[SNNOutput, dict[str, Tensor]
     ratios: dict[str, Tensor] = {}
 
     def record(name: str, neuron: BitSerialIFNode, args: tuple, spikes: Tensor) -> None:
-        potential = torch.zeros_like(args[0][0])
-        for current in args[0]:   # the neuron's own charge: the doubling rule, then the offset
-            potential = 2.0 * potential + current
+        potential = Signal(steps=args[0]).potential()   # the doubling rule over the currents, then the offset
         offset = channel_view(neuron.membrane_offset.to(potential.dtype), potential.dim())
         fired[name] = decode_levels(spikes)
         ratios[name] = (potential + offset) / channel_view(neuron.theta.to(potential.dtype), potential.dim())
