@@ -81,7 +81,7 @@ def load_per_channel(ptr, c, mask_c, PER_CHANNEL: tl.constexpr, compute: tl.cons
 def fire_levels(v, theta, LEVELS: tl.constexpr, FP64: tl.constexpr):
     """The level q of bit-serial neurons of potential v and step theta (float32, or float64 with
     FP64), as a float and as int32: what MSB-first compare-and-subtract firing decodes to, the exact floor(v / theta) of the
-    real quotient clamped to [0, L] (ann2snn.neuron.fire_levels).
+    real quotient clamped to [0, L] (ann2snn.levels.fire_levels).
 
     The quotient through the reciprocal (a few ulps off: far less than half a level, as L < 2^16),
     clamped and rounded to the nearest integer, is the level or one above it; fma rounds v - q theta

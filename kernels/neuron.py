@@ -2,10 +2,10 @@
 
 Per element: V + membrane_offset, then the level q that MSB-first compare-and-subtract firing
 (with the cap at L) decodes to: the exact floor(V / theta) clamped to [0, L], computed directly
-(kernels/device_functions.fire_levels), so q equals `ann2snn.neuron.fire_levels` bit for bit, and so
+(kernels/device_functions.fire_levels), so q equals `ann2snn.levels.fire_levels` bit for bit, and so
 the simulator's spikes for the same potential. Outputs, from the one read of V: q * theta,
 optionally q as the bit-packed spike code (uint8 for T <= 8, uint16 up to 16:
-`ann2snn.neuron.spike_code_dtype`), and popcount(q) reduced per sample and, on
+`ann2snn.levels.spike_code_dtype`), and popcount(q) reduced per sample and, on
 request, per channel (a tile-level sum, then one atomic add per tile).
 
 The reference is kernels/neuron_reference.py. Where Triton does not run (kernels/dispatch.py),
@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from ..levels import spike_code_dtype
-
 from .device_functions import channel_tile, fire_levels, load_per_channel, popcount, round_to, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .layout import channel_layout, tile_launch
@@ -29,22 +28,6 @@ from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args
 tl = None
 
 __all__ = ["NeuronOutput", "fire_fused", "fire_fused_triton"]
-
-
-@lazy_jit
-def fire_and_store(v, theta, offset, offsets, mask, value_ptr, levels_ptr,
-                   LEVELS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                   WANT_LEVELS: tl.constexpr, FP64: tl.constexpr, io: tl.constexpr):
-    """Fire the neurons of potentials v (loaded in float64 with FP64, else float32), store q * theta (and q as the
-    spike code, in levels_ptr's dtype) at `offsets`, and return each element's spike count (0 where masked off)."""
-    # V + offset is rounded to the potential's dtype, as torch's add in the reference
-    if HAS_OFFSET:
-        v = round_to(v + offset, io)
-    level, code = fire_levels(v, theta, LEVELS, FP64)
-    tl.store(value_ptr + offsets, round_to(level * theta, io).to(io), mask=mask)
-    if WANT_LEVELS:
-        tl.store(levels_ptr + offsets, code.to(levels_ptr.dtype.element_ty), mask=mask)
-    return tl.where(mask, popcount(code), 0)
 
 
 @lazy_jit
@@ -69,11 +52,17 @@ def _fire_kernel(
                                                        BLOCK_N, BLOCK_C, BLOCK_S, WIDE)
     compute = tl.float64 if FP64 else tl.float32
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(compute)
+    io = v_ptr.dtype.element_ty
     c3, mask_c3 = c[None, :, None], mask_c[None, :, None]
     theta = load_per_channel(theta_ptr, c3, mask_c3, THETA_PER_CHANNEL, compute, 1.0)
-    offset = load_per_channel(offset_ptr, c3, mask_c3, OFFSET_PER_CHANNEL, compute, 0.0)
-    count = fire_and_store(v, theta, offset, offsets, mask, value_ptr, levels_ptr, LEVELS,
-                           HAS_OFFSET, WANT_LEVELS, FP64, v_ptr.dtype.element_ty)
+    # V + offset is rounded to the potential's dtype, as torch's add in the reference
+    if HAS_OFFSET:
+        v = round_to(v + load_per_channel(offset_ptr, c3, mask_c3, OFFSET_PER_CHANNEL, compute, 0.0), io)
+    level, code = fire_levels(v, theta, LEVELS, FP64)
+    tl.store(value_ptr + offsets, round_to(level * theta, io).to(io), mask=mask)
+    if WANT_LEVELS:   # the spike code, in levels_ptr's dtype (uint8 or uint16)
+        tl.store(levels_ptr + offsets, code.to(levels_ptr.dtype.element_ty), mask=mask)
+    count = tl.where(mask, popcount(code), 0)
     # relaxed atomics: the counts are read only after the kernel ends, and the default (acq_rel)
     # fences each program's stores before its add
     if WANT_CHANNEL:
@@ -106,18 +95,19 @@ def fire_fused_triton(potential: Tensor, theta: Tensor | float, membrane_offset:
     if potential.numel() == 0:
         return NeuronOutput(value, codes, channel, sample)
 
-    flags = dict(LEVELS=levels,
-                 THETA_PER_CHANNEL=theta_t.dim() == 1,
-                 HAS_OFFSET=membrane_offset is not None,
-                 OFFSET_PER_CHANNEL=offset_t.dim() == 1,
-                 WANT_LEVELS=want_levels,
-                 WANT_SAMPLE=per_sample_counts,
-                 FP64=potential.dtype == torch.float64)
     grid, view, tile = tile_launch(layout)
     # unused outputs get a harmless pointer: the constexpr flags compile their stores away
     _fire_kernel[grid](layout.tensor, theta_t, offset_t, value, value if codes is None else codes,
                        value if channel is None else channel, value if sample is None else sample, *view,
-                       WANT_CHANNEL=per_channel_counts, **flags, **tile)
+                       LEVELS=levels,
+                       THETA_PER_CHANNEL=theta_t.dim() == 1,
+                       HAS_OFFSET=membrane_offset is not None,
+                       OFFSET_PER_CHANNEL=offset_t.dim() == 1,
+                       WANT_LEVELS=want_levels,
+                       WANT_CHANNEL=per_channel_counts,
+                       WANT_SAMPLE=per_sample_counts,
+                       FP64=potential.dtype == torch.float64,
+                       **tile)
     return NeuronOutput(value, codes, channel, sample)
 
 

@@ -4,7 +4,7 @@
  * compare and subtract (exact: each subtraction is a Sterbenz case; above T = 8 taken as the
  * floor of a double quotient, see fire_level) capped at L, value = level * theta rounded to
  * float32, popcount(level) spikes, and the spike code: the level as uint8 for T <= 8, as uint16
- * for T <= 16 (ann2snn.neuron.spike_code_dtype). Built and loaded by kernels/native.py with
+ * for T <= 16 (ann2snn.levels.spike_code_dtype). Built and loaded by kernels/native.py with
  * -ffp-contract=off, so no multiply-add is fused behind our back.
  *
  * The tensor is walked in work items of `rows_per_item` rows of one sample (the caller picks
@@ -38,7 +38,7 @@ INLINE int popcount_16(int x) {
 
 /* The level of a neuron of potential x and step th, capped at `levels`. Up to T = 8 (a literal
  * at every call site), T unrolled steps of compare and subtract. Above, the floor of x / th in
- * double, clamped: exactly the level those steps give (ann2snn.neuron.fire_levels takes the same
+ * double, clamped: exactly the level those steps give (ann2snn.levels.fire_levels takes the same
  * floor, and says why it is exact), as one instantiation for every T of 9..16: eight unrolled
  * ones would triple the build time of this file. */
 INLINE int fire_level(float x, float th, const int T, int levels) {

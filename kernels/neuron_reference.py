@@ -19,7 +19,7 @@ class NeuronOutput(NamedTuple):
 
     value: q * theta in the potential's dtype and memory format (what the next layer consumes).
     levels: q as the bit-packed spike code (bit T-1-t = spike at step t) in
-        `ann2snn.neuron.spike_code_dtype(T)` (uint8 for T <= 8, uint16 up to 16), or None.
+        `ann2snn.levels.spike_code_dtype(T)` (uint8 for T <= 8, uint16 up to 16), or None.
     channel_spikes: int64 [C], spikes per channel summed over the batch and space, or None.
     sample_spikes: int64 [N], spikes per sample summed over channels and space, or None.
     """
