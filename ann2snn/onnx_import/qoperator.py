@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedModelError
-from .registry import GraphView, decode_attribute, find_converter, support_problem
+from .registry import GraphView, decode_attribute, find_converter, node_problem, op_label, support_problem
 
 MS = "com.microsoft"
 PASS = "qoperator_to_qdq"
@@ -72,10 +72,6 @@ def _op(op_type: str, domain: str = "", kernel: KernelError | Callable = _REQUAN
         return expand
 
     return register
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 
 
 def _key(node: onnx.NodeProto) -> tuple[str, str]:
@@ -349,7 +345,7 @@ def _plan(model: onnx.ModelProto) -> tuple[list[tuple[int, onnx.NodeProto, list[
             continue
         if key not in _OPS or (_is_structural(node) and (0 not in reads
                                                           or not set(reads) <= set(_STRUCTURAL[node.op_type]))):
-            why = f"{_label(node)} on the quantized (integer) tensor {node.input[reads[0]]!r} is not supported"
+            why = f"{op_label(node)} on the quantized (integer) tensor {node.input[reads[0]]!r} is not supported"
             plan.append((index, node, f"{why}; onnxruntime's QOperator ops that convert: {_supported_list()}"))
             continue
         rw.nodes = []
@@ -360,10 +356,6 @@ def _plan(model: onnx.ModelProto) -> tuple[list[tuple[int, onnx.NodeProto, list[
         except _Refused as why:
             plan.append((index, node, str(why)))
     return plan, rw
-
-
-def _message(where: str, node: onnx.NodeProto, opset: int, problem: str) -> str:
-    return f"{where}: node {node.name or '<unnamed>'!r} ({_label(node)}, opset {opset}): {problem}"
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -381,7 +373,7 @@ def expand_qoperator(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProt
     replaced = {}
     for index, node, replacement in plan:
         if isinstance(replacement, str):
-            raise UnsupportedModelError(_message(where, node, _opset(model), replacement))
+            raise UnsupportedModelError(node_problem(where, node, _opset(model), replacement))
         replaced[index] = replacement
     expanded = onnx.ModelProto()
     expanded.CopyFrom(model)
@@ -389,7 +381,7 @@ def expand_qoperator(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProt
     for index, node in enumerate(model.graph.node):
         expanded.graph.node.extend(replaced.get(index, [node]))
     expanded.graph.initializer.extend(rw.initializers)
-    counts = Counter(_label(node) for _, node, _ in plan)
+    counts = Counter(op_label(node) for _, node, _ in plan)
     return expanded, {"pass": PASS, "nodes": dict(sorted(counts.items()))}
 
 

@@ -135,6 +135,16 @@ def find_converter(op_type: str, opset: int, domain: str = "") -> Converter | No
     return _CONVERTERS.get(OperationKey(domain, op_type, schema.since_version))
 
 
+def op_label(node: onnx.NodeProto) -> str:
+    """The node's op, with its domain where that is not ONNX's own (com.microsoft::QLinearAdd)."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
+def node_problem(where: str, node: onnx.NodeProto, opset: int, problem: str) -> str:
+    """The one line that refuses a node: file, node, op and opset, then what is wrong."""
+    return f"{where}: node {node.name or '<unnamed>'!r} ({op_label(node)}, opset {opset}): {problem}"
+
+
 def get_converter(node: onnx.NodeProto, opset: int, where: str = "<model>",
                   view: GraphView | None = None) -> Converter:
     """The converter of `node`, else UnsupportedModelError naming file, node, op and opset; with
@@ -142,10 +152,9 @@ def get_converter(node: onnx.NodeProto, opset: int, where: str = "<model>",
     converter = find_converter(node.op_type, opset, node.domain)
     problem = support_problem(node, view) if converter is not None and view is not None else None
     if problem is not None:
-        raise UnsupportedModelError(f"{where}: node {node.name or '<unnamed>'!r} ({node.op_type}, opset {opset}): "
-                                    f"{problem}")
+        raise UnsupportedModelError(node_problem(where, node, opset, problem))
     if converter is None:
-        op = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        op = op_label(node)
         hint = (f"; a bit-serial neuron fires only ReLU-like (clipped, non-negative) levels: retrain it with ReLU "
                 f"(ann2snn train --init {where} ...)" if node.op_type in NON_SPIKING_ACTIVATIONS else "")
         raise UnsupportedModelError(
