@@ -27,7 +27,7 @@ from onnx import helper
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from .registry import GraphView, attribute_defaults, decode_attribute, get_converter
+from .registry import GraphView, attribute_defaults, decode_attribute, get_converter, node_problem
 
 # Two batch sizes at which batch-dependent shape arithmetic is evaluated.
 BATCH_PROBES = (2, 3)
@@ -154,8 +154,7 @@ class GraphBuilder:
             node.meta["rank"] = self.probes[node].dim()
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise UnsupportedModelError(
-                f"{self.where}: node {onnx_node.name!r} ({onnx_node.op_type}, opset {self.opset}) cannot run: "
-                f"{first_line(err)}") from None
+                node_problem(self.where, onnx_node, self.opset, f"cannot run: {first_line(err)}")) from None
         return node
 
     # --- the ONNX graph --------------------------------------------------------------------
@@ -219,12 +218,8 @@ class NodeContext:
         self._read: set[str] = set()
 
     # --- errors ----------------------------------------------------------------------------
-    @property
-    def where(self) -> str:
-        return f"{self.builder.where}: node {self.node.name or '<unnamed>'!r} ({self.op_type}, opset {self.opset})"
-
     def fail(self, detail: str) -> None:
-        raise UnsupportedModelError(f"{self.where}: {detail}")
+        raise UnsupportedModelError(node_problem(self.builder.where, self.node, self.opset, detail))
 
     def unsupported(self, attribute: str, value: Any, why: str = "") -> None:
         self.fail(f"attribute {attribute}={value!r} is not supported" + (f" ({why})" if why else ""))
