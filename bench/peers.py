@@ -37,6 +37,7 @@ registers the package without running its `__init__.py` and imports `converter` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import os
@@ -45,7 +46,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("TQDM_DISABLE", "1")   # SpikingJelly's calibration loop draws a progress bar
 
@@ -100,25 +101,35 @@ def import_spikingjelly_converter() -> tuple[Any, Any, dict[str, Any]]:
 @torch.no_grad()
 def run_rate_coded(snn: nn.Module, x: torch.Tensor, y: torch.Tensor, timesteps: int) -> dict[str, Any]:
     """Multi-step simulation: x repeated T times, logits averaged over T; spikes of every IF node."""
-    from spikingjelly.activation_based import functional, neuron
+    from spikingjelly.activation_based import functional
 
     functional.set_step_mode(snn, "m")
     functional.reset_net(snn)
-    nodes = [m for m in snn.modules() if isinstance(m, neuron.BaseNode)]
-    total = torch.zeros((), dtype=torch.float64)
+    try:
+        with counting_spikes(snn) as (total, nodes):
+            logits = snn(x.unsqueeze(0).repeat(timesteps, *([1] * x.dim()))).mean(0)
+    finally:
+        functional.reset_net(snn)
+    return {"accuracy": accuracy(logits, y), "spikes_per_image": total.item() / len(y), "neuron_layers": nodes}
 
-    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        nonlocal total
-        total += output.double().sum()
+
+@contextlib.contextmanager
+def counting_spikes(snn: nn.Module) -> Iterator[tuple[torch.Tensor, int]]:
+    """While the block runs, every SpikingJelly node's output spikes summed into a float64 tensor
+    (zero it to restart); yields it and the number of nodes."""
+    from spikingjelly.activation_based import neuron
+
+    total = torch.zeros((), dtype=torch.float64)
+    nodes = [m for m in snn.modules() if isinstance(m, neuron.BaseNode)]
+    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:   # None: the output stays
+        total.add_(output.double().sum())
 
     handles = [m.register_forward_hook(count) for m in nodes]
     try:
-        logits = snn(x.unsqueeze(0).repeat(timesteps, *([1] * x.dim()))).mean(0)
+        yield total, len(nodes)
     finally:
         for h in handles:
             h.remove()
-        functional.reset_net(snn)
-    return {"accuracy": accuracy(logits, y), "spikes_per_image": total.item() / len(y), "neuron_layers": len(nodes)}
 
 
 def run(sj_timesteps: list[int], ann2snn_timesteps: list[int], recipe: Recipe, calib_batches: int | None,

@@ -57,7 +57,7 @@ from ann2snn.compiler import quantized_onnx  # noqa: E402
 from ann2snn.data import load_dataset, make_loader  # noqa: E402
 from ann2snn.tables import format_table  # noqa: E402
 from ann2snn.train import TrainConfig, train  # noqa: E402
-from peers import SJ_MODES, import_spikingjelly_converter  # noqa: E402
+from peers import SJ_MODES, counting_spikes, import_spikingjelly_converter  # noqa: E402
 from sparsity import emit, log  # noqa: E402
 from sparsity import recommend as fewest_spikes_within_drop  # noqa: E402
 
@@ -178,33 +178,24 @@ def rate_coded_prefixes(snn: nn.Module, x: torch.Tensor, y: torch.Tensor, timest
                         batch: int = 500) -> dict[int, dict[str, float]]:
     """Single steps up to max(timesteps), the input current each step; at each T of `timesteps` the
     mean of the first T steps' logits and the spikes so far (a T-step multi-step run's outputs)."""
-    from spikingjelly.activation_based import functional, neuron
+    from spikingjelly.activation_based import functional
 
     functional.set_step_mode(snn, "s")
-    nodes = [m for m in snn.modules() if isinstance(m, neuron.BaseNode)]
     correct = {t: 0 for t in timesteps}
     spikes = {t: 0.0 for t in timesteps}
-    count = torch.zeros((), dtype=torch.float64)
-
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        nonlocal count
-        count += output.double().sum()
-
-    handles = [m.register_forward_hook(hook) for m in nodes]
     try:
-        for i in range(0, len(x), batch):
-            xb, yb = x[i:i + batch], y[i:i + batch]
-            functional.reset_net(snn)
-            count.zero_()
-            total = 0
-            for step in range(1, max(timesteps) + 1):
-                total = total + snn(xb)
-                if step in correct:
-                    correct[step] += int(((total / step).argmax(1) == yb).sum())
-                    spikes[step] += count.item()
+        with counting_spikes(snn) as (count, _):
+            for i in range(0, len(x), batch):
+                xb, yb = x[i:i + batch], y[i:i + batch]
+                functional.reset_net(snn)
+                count.zero_()
+                total = 0
+                for step in range(1, max(timesteps) + 1):
+                    total = total + snn(xb)
+                    if step in correct:
+                        correct[step] += int(((total / step).argmax(1) == yb).sum())
+                        spikes[step] += count.item()
     finally:
-        for h in handles:
-            h.remove()
         functional.reset_net(snn)
     return {t: {"accuracy": 100.0 * correct[t] / len(y), "spikes_per_image": spikes[t] / len(y)} for t in timesteps}
 
