@@ -286,7 +286,7 @@ def test_energy_at_T_16_counts_the_simulators_spikes(monkeypatch):
     total = sum(layer.spikes for layer in counts["evaluate"].layers)
     assert total == sum(int(v.sum()) for v in simulated.spikes.values()) > 0
     # failing case: level maps of one byte (what energy kept up to T = 8) count other spikes
-    monkeypatch.setattr("ann2snn.energy.count.spike_code_arithmetic_dtype", lambda timesteps: torch.uint8)
+    monkeypatch.setattr("ann2snn.energy.events.spike_code_arithmetic_dtype", lambda timesteps: torch.uint8)
     counter = OperationCounter(snn, "evaluate")
     counter(x)
     assert sum(layer.spikes for layer in counter.result().layers) != total

@@ -18,10 +18,13 @@ maps' events; after an average pool, the events are the nonzero entries of the p
 Residual additions and BN folded into biases cost nothing (as in SpikingJelly's SynOpCounter);
 average pools fed by analog values are not counted in either network.
 
-Two counting paths, which give identical counts (METHOD.md section 7):
-- mode "simulate": on the time-stepped simulator's Signals (its binary spike planes, [T, N, ...]),
-  by an fx Interpreter that runs the simulator's own per-node rules;
-- mode "evaluate" (fast path): on the time-folded evaluator; a neuron's events are its level map
+Two counting paths, which give identical counts (METHOD.md section 7). Both run one of the SNN's
+two executors, lowered as for `simulate` or `evaluate`, with observers put into its graph
+(energy/observe.py, as torch.ao's prepare does): beside each value that carries spikes the graph
+computes their events (energy/events.py), and an observer at every neuron, layer and pool counts.
+- mode "simulate": the time-stepped simulator; a neuron's events are its binary spike planes
+  [T, N, ...], and a layer's SOPs follow the definition above;
+- mode "evaluate" (fast path): the time-folded evaluator; a neuron's events are its level map
   q, whose binary digits are the spike planes, so a layer's SOPs are popcount(q) times a
   precomputed fan-out map, one extra reduction.
 

@@ -68,15 +68,12 @@ def window_sums(kind: str, params: dict, in_shape: torch.Size) -> Callable[[Tens
 
 def pool_params(target: Any, args: tuple, kwargs: dict) -> tuple[str, dict]:
     """(kind, parameters) of an average pool given as a module or a function call."""
-    if isinstance(target, nn.Module):
-        m = target
-        for dims, (pool, adaptive) in enumerate(((nn.AvgPool1d, nn.AdaptiveAvgPool1d), (nn.AvgPool2d, nn.AdaptiveAvgPool2d),
-                                                 (nn.AvgPool3d, nn.AdaptiveAvgPool3d)), start=1):
-            if isinstance(m, pool):
-                return f"avg_pool{dims}d", {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                                            "ceil_mode": m.ceil_mode}
-            if isinstance(m, adaptive):
-                return f"adaptive_avg_pool{dims}d", {"output_size": m.output_size}
+    if isinstance(target, nn.Module):   # an average pool of ops.py: AvgPool2d -> avg_pool2d, as its function
+        dims = type(target).__name__[-2:].lower()
+        if hasattr(target, "output_size"):
+            return f"adaptive_avg_pool{dims}", {"output_size": target.output_size}
+        return f"avg_pool{dims}", {"kernel_size": target.kernel_size, "stride": target.stride,
+                                   "padding": target.padding, "ceil_mode": target.ceil_mode}
     kind = FUNCTION_OPS[target].name.split(".")[-1]   # avg_pool2d, ..., mean
     if kind in ("avg_pool1d", "avg_pool2d"):
         return kind, {"kernel_size": call_argument(args, kwargs, 1, "kernel_size", None),

@@ -313,7 +313,7 @@ def lower_to_simulator(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule computing (logits, {neuron: spikes per sample}) by time-stepped simulation.
 
     It shares its weights and neurons with `gm` (SpikingJelly monitors on gm's neurons see the
-    spike planes).
+    spike planes). Each node that holds the value of a node of `gm` names it in meta["snn_node"].
     """
     graph = fx.Graph()
     root: dict[str, Any] = {}
@@ -340,6 +340,8 @@ def lower_to_simulator(gm: fx.GraphModule) -> fx.GraphModule:
         elif node.op == "output":
             logits = graph.call_function(read_out, (args[0],))
             graph.output((logits, counts))
+        if node in env:
+            env[node].meta["snn_node"] = node.name
     return fx.GraphModule(root, graph, "SNNSimulator")
 
 
