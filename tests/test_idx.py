@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import ann2snn
-from ann2snn import data
+from ann2snn import idx
 from ann2snn.data import load_dataset
 from ann2snn.errors import DataError
 from ann2snn.quant import QuantClippedActivation
@@ -58,8 +58,8 @@ def test_an_idx_folder_loads_scaled_like_digits(tmp_path, gz, sep):
 
 def test_named_sets_read_their_debian_folder(tmp_path, monkeypatch):
     write_idx_set(tmp_path / "fashion", gz=True)
-    monkeypatch.setitem(data.IDX_FOLDERS, "fashion-mnist", str(tmp_path / "fashion"))
-    monkeypatch.setitem(data.IDX_FOLDERS, "mnist", str(tmp_path / "absent"))
+    monkeypatch.setitem(idx.IDX_FOLDERS, "fashion-mnist", str(tmp_path / "fashion"))
+    monkeypatch.setitem(idx.IDX_FOLDERS, "mnist", str(tmp_path / "absent"))
     assert len(load_dataset("fashion-mnist", "test")) == SIZES["t10k"]
     with pytest.raises(DataError, match="dataset-mnist") as err:
         load_dataset("mnist", "train")

@@ -6,8 +6,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from ..data import ImageFolderDataset, make_loader
+from ..data import make_loader
 from ..distributed import Context
+from ..image_folder import ImageFolderDataset
 from .config import TrainConfig
 
 
