@@ -1,81 +1,20 @@
 """The `ann2snn` command."""
 from __future__ import annotations
 
-import json
-import math
 import signal
 import sys
-import tempfile
-import warnings
-from functools import wraps
 from pathlib import Path
 
 import click
 
 import ann2snn
+from ann2snn.console import EXIT_VERIFICATION_FAILED, reports_errors, strict_json
 from ann2snn.errors import Ann2SnnError
 from ann2snn.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 QDQ: T <= 8
 from ann2snn.levels import MAX_TIMESTEPS
 from ann2snn.paths import check_device, check_output
-from ann2snn.tables import format_table
+from ann2snn.tables import channel_summary, format_table, site_rows
 from ann2snn.models import MODEL_NAMES
-
-
-# Exit codes, one meaning each (README, `ann2snn --help`).
-EXIT_VERIFICATION_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL_ERROR = 3
-
-
-def strict_json(value) -> str:
-    """`value` as strict JSON (RFC 8259): a float that is not finite (a float site's clip bound of
-    inf, say) becomes null instead of Python's Infinity / NaN tokens, which JSON parsers refuse."""
-    def finite(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [finite(x) for x in v]
-        return v
-
-    return json.dumps(finite(value), indent=2, allow_nan=False, default=str)
-
-
-def _one_line(text: str) -> str:
-    """A message on one line: newlines in a path or a name are shown escaped."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def reports_errors(command):
-    """Bad input: one line on stderr and exit code 2; an internal error: one line asking for a bug
-    report and exit code 3. No traceback unless --debug, and warnings raised on the way to an error
-    are dropped so that the error is the only line."""
-    @wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
-            try:
-                result = command(*args, **kwargs)
-            except Ann2SnnError as err:
-                if debug:
-                    raise
-                click.echo(f"ann2snn: error: {_one_line(str(err))}", err=True)
-                sys.exit(EXIT_BAD_INPUT)
-            except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
-                raise
-            except Exception as err:
-                if debug:
-                    raise
-                click.echo(f"ann2snn: error: internal error, please report it with the command that caused it "
-                           f"(--debug shows the traceback): {type(err).__name__}: "
-                           f"{_one_line(str(err).strip().splitlines()[0] if str(err).strip() else '')}", err=True)
-                sys.exit(EXIT_INTERNAL_ERROR)
-        for w in caught:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        return result
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,105 +28,15 @@ def cli(debug: bool) -> None:
     """
 
 
-def _load_inputs(data: str, split: str, samples: int, seed: int = 0):
-    """`samples` (images, labels) of DATA drawn at random with `seed`, across its classes."""
-    import torch
-
-    from ann2snn.data import draw, load_dataset, make_loader
-
-    batches = list(make_loader(draw(load_dataset(data, split=split, seed=seed), samples, seed),
-                               batch_size=min(samples, 256)))
-    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-
-
 def _zoo_model_or_onnx_file(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value in MODEL_NAMES or value.lower().endswith(".onnx"):
         return value
     raise click.BadParameter(f"{value!r} is neither a zoo model ({', '.join(MODEL_NAMES)}) nor an .onnx file")
 
 
-def _model_inputs(model: str, data: str, split: str, samples: int):
-    """`samples` images of DATA (`_load_inputs`), refused unless they have the ONNX model's input shape."""
-    from ann2snn.data import check_input_shape
-    from ann2snn.onnx_import import inspect_onnx
-
-    x = _load_inputs(data, split, samples)[0]
-    check_input_shape(data, tuple(x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])
-    return x
-
-
-def _verification_inputs(model: str, verify_data: str | None, calib: str | None, calib_x, samples: int):
-    """Real inputs where there are any (--verify-data, else the calibration data), else noise,
-    with a description of which."""
-    from ann2snn.verify import random_inputs
-
-    if verify_data:
-        x = _model_inputs(model, verify_data, "test", samples)
-        return x, f"{len(x)} inputs of {verify_data}"
-    if calib_x is not None:
-        return calib_x[:samples], f"{min(samples, len(calib_x))} calibration inputs of {calib}"
-    return random_inputs(model, samples), f"{samples} inputs of uniform noise (no --verify-data or --calib)"
-
-
 min_agreement_option = click.option(
     "--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
     help="A float source: fail below this prediction agreement with onnxruntime's float run.")
-
-
-def _verify(path: str, snn, source_graph, verify_data: str | None, calib: str | None, calib_x, samples: int,
-            min_agreement: float | None):
-    """ann2snn.verify.verify_snn on the verification inputs; onnxruntime runs the model as imported
-    (the output chosen, the input sized: ann2snn.onnx_import.save_as_imported)."""
-    from ann2snn.onnx_import import save_as_imported
-    from ann2snn.verify import verify_snn
-
-    with tempfile.TemporaryDirectory() as folder:
-        reference = save_as_imported(path, source_graph, folder)
-        x, inputs = _verification_inputs(reference, verify_data, calib, calib_x, samples)
-        return verify_snn(reference, snn, source_graph, x, inputs=inputs,
-                          min_agreement=None if min_agreement is None else min_agreement / 100)
-
-
-def _verify_line(v: dict) -> str:
-    """The verification in words: the exactness gate, then the comparison with onnxruntime."""
-    gate = v["exact"]
-    exact = (f"exactness gate on {gate['samples']} inputs: {gate['levels_compared']:,} levels at "
-             f"{len(gate['sites'])} sites equal to the quantized source's: "
-             f"{'yes' if gate['passed'] else 'NO (' + '; '.join(gate['problems'][:2]) + ')'}")
-    if gate["ties"] or gate["evaluation_ties"]:
-        exact += (f" ({gate['ties']:,} of them, and {gate['evaluation_ties']:,} of the evaluation's against the "
-                  f"simulation, exact ties: z / theta a half-integer, rounded up or down by float64's last bit; "
-                  f"given the same level there, everything else matches)")
-    comparison = (f"{v['reference']}: prediction agreement {100 * v['agreement']:.2f}%, max |logit difference| "
-                  f"{v['max_abs_logit_diff']:.3g}")
-    if v["levels"] is not None:
-        t = v["levels"]["totals"]
-        comparison += (f"; levels: {t['compared']:,} compared, {t['equal']:,} equal, {t['ties']} ties, "
-                       f"{t['near_boundary']} near a boundary, {t['downstream']} downstream of one, "
-                       f"{t['unexplained']} unexplained")
-    if v["lossy"]:
-        comparison += " (post-training quantization of a float model: lossy, not part of the gate)"
-    return f"verified on {v['inputs']}\n{exact}\n{comparison}\n{'PASSED' if v['passed'] else 'FAILED'}"
-
-
-def _site_rows(snn: ann2snn.SNN) -> list[dict]:
-    rows = []
-    for name, site in snn.report["sites"].items():
-        theta = site.get("theta")
-        lam = site.get("lambda")
-        shift = site.get("bias_shift", {})
-        rows.append({
-            "site": name, "levels": site.get("levels"), "T": site.get("timesteps"),
-            "lambda": _summary(lam), "theta": _summary(theta),
-            "bias shift": f"{shift.get('kind', '')}:{shift.get('target', '')}",
-        })
-    return rows
-
-
-def _summary(value) -> str | float:
-    if isinstance(value, list):
-        return f"{min(value):.4g}..{max(value):.4g} ({len(value)} ch)"
-    return value
 
 
 @cli.command()
@@ -300,9 +149,11 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
             graph_output, input_shape, min_agreement, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
     from ann2snn.compiler import compile_source, quantized_onnx
+    from ann2snn.inputs import model_inputs
+    from ann2snn.verify import describe_verification, verify_converted
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
-    calib_x = _model_inputs(model, calib, "calib", calib_samples) if calib else None
+    calib_x = model_inputs(model, calib, "calib", calib_samples) if calib else None
     source_graph, source = quantized_onnx(model, timesteps, calib_x, percentile=percentile, output=graph_output,
                                           input_shape=input_shape)
     snn = compile_source(model, source_graph, source, timesteps)
@@ -310,8 +161,8 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
               "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
               "rewrites": snn.report["rewrites"]}
     if verify:
-        result["verify"] = _verify(model, snn, source_graph, verify_data, calib, calib_x, verify_samples,
-                                   min_agreement).to_json()
+        result["verify"] = verify_converted(model, snn, source_graph, verify_data, calib, calib_x, verify_samples,
+                                            min_agreement).to_json()
     if not verify or result["verify"]["passed"]:
         snn.save(out)
         result["output"] = str(out)
@@ -320,11 +171,11 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
     else:
         click.echo(f"{model}: {len(result['sites'])} activation sites, T = {snn.timesteps}, "
                    f"source {snn.source['kind']}")
-        click.echo(format_table(_site_rows(snn), ["site", "levels", "T", "lambda", "theta", "bias shift"]))
+        click.echo(format_table(site_rows(snn), ["site", "levels", "T", "lambda", "theta", "bias shift"]))
         for rewrite in snn.report["rewrites"]:
             click.echo("rewrite: " + ", ".join(f"{k}={v}" for k, v in rewrite.items()))
         if verify:
-            click.echo(_verify_line(result["verify"]))
+            click.echo(describe_verification(result["verify"]))
         click.echo(f"wrote {out}" if "output" in result else "no output written: verification failed")
     if verify and not result["verify"]["passed"]:
         sys.exit(EXIT_VERIFICATION_FAILED)
@@ -358,6 +209,7 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
     """Prove an existing .snn exact for its source (exit 0), or show where it is not (exit 1)."""
     from ann2snn.artifact import file_sha256
     from ann2snn.compiler import quantized_onnx
+    from ann2snn.verify import describe_verification, verify_converted
 
     snn = ann2snn.load_snn(snn_path)
     if snn.source.get("sha256") not in (None, file_sha256(source_path)):
@@ -367,12 +219,12 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
     steps = {entry.get("timesteps") for entry in snn.report["sites"].values()}
     source_graph, _ = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips,
                                      output=snn.source.get("output"), input_shape=snn.source.get("input_shape"))
-    check = _verify(source_path, snn, source_graph, data, None, None, samples, min_agreement)
+    check = verify_converted(source_path, snn, source_graph, data, None, None, samples, min_agreement)
     if as_json:
         click.echo(strict_json({"model": snn_path, "against": source_path, **check.to_json()}))
     else:
         click.echo(f"{snn_path} against {source_path}:")
-        click.echo(_verify_line(check.to_json()))
+        click.echo(describe_verification(check.to_json()))
     if not check.passed:
         sys.exit(EXIT_VERIFICATION_FAILED)
 
@@ -384,9 +236,9 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
 def inspect(path, as_json):
     """Summarize an .onnx or .snn file: ops (supported or not) and activation sites."""
     if path.lower().endswith(".snn"):
-        from ann2snn.artifact import load_snn, read_metadata
+        from ann2snn.artifact import read_metadata
 
-        load_snn(path)   # the whole file checked, as eval would load it
+        ann2snn.load_snn(path)   # the whole file checked, as eval would load it
         meta = read_metadata(path)
         summary = {"kind": "snn", "timesteps": meta["timesteps"], "ann2snn_version": meta["ann2snn_version"],
                    "source": meta["source"], "sites": meta["report"].get("sites", {}),
@@ -401,7 +253,7 @@ def inspect(path, as_json):
     for key, value in summary.items():
         if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             click.echo(f"{key}:")
-            rows = [{"name": k, **{kk: _summary(vv) if isinstance(vv, list) else vv for kk, vv in v.items()
+            rows = [{"name": k, **{kk: channel_summary(vv) if isinstance(vv, list) else vv for kk, vv in v.items()
                                    if not isinstance(vv, dict)}} for k, v in value.items()]
             columns = list(dict.fromkeys(c for r in rows for c in r))
             click.echo(format_table(rows, columns))

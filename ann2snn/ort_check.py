@@ -30,7 +30,6 @@ with m = |f|(|x|) / scale, the magnitude of the op.
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,17 +40,20 @@ from torch import Tensor, fx, nn
 from .gate import moved_pools, pool_moved_sites, run_recording
 from .lower.evaluator import TimeFoldedNeuron
 from .neuron import BitSerialIFNode
-from .ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS, functions_of
+from .ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, MAX_POOLS, METHOD_KINDS, NORMS, STRUCTURAL, functions_of
 from .onnx_import.qoperator import KernelError, expand_qoperator, kernel_errors
 from .levels import channel_view
 from .quant import QuantClippedActivation, QuantDequant
+from .ort_run import onnxruntime_outputs
 from .snn import SNN
 
 UNIT_ROUNDOFF = 2.0**-24   # float32
 _INTEGER_LAYER = 5   # the source's roundings of a layer that onnxruntime sums in integers (module docstring)
 # Ops f with |f(x)| <= f(|x|) (and f(|x|) >= every partial sum of |x| they form): the magnitude rule
-_POSITIVE_MODULES = AVERAGE_POOLS + MAX_POOLS + (nn.Flatten, nn.Identity)
+_POSITIVE_MODULES = AVERAGE_POOLS + MAX_POOLS + STRUCTURAL
 _POSITIVE_FUNCTIONS = functions_of("structural", "average_pool", "matmul")
+_SUMS = functions_of("add")
+_SCALES = functions_of("scale")
 
 
 @dataclass
@@ -135,23 +137,23 @@ class _ErrorBound(fx.Interpreter):
             if isinstance(module, NORMS):
                 scale = module.weight / torch.sqrt(module.running_var + module.eps)
                 return channel_view(scale.abs(), value.dim()) * bound_in + 2 * rounding
-            if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                                   nn.AdaptiveAvgPool2d)):
+            if isinstance(module, AVERAGE_POOLS):
                 return module(bound_in) + 4 * rounding
             return module(bound_in)                        # max pools, flatten, identity, dropout
-        if n.op == "call_function" and n.target in (operator.add, torch.add, operator.sub, torch.sub):
+        if n.op == "call_function" and n.target in _SUMS:
             return sum(self.bound[a] for a in inputs) + rounding
-        if n.op == "call_function" and n.target in (operator.mul, torch.mul, operator.truediv, torch.div):
-            factor = n.args[1] if not isinstance(n.args[1], fx.Node) else self.env[n.args[1]]
+        if n.op == "call_function" and n.target in _SCALES:
+            if len(n.args) == 1:                           # a negation: exact
+                return self.bound[n.args[0]]
             if isinstance(n.args[0], fx.Node) and not isinstance(n.args[1], fx.Node):
-                return (self.bound[n.args[0]] * (abs(factor) if n.target in (operator.mul, torch.mul)
-                                                 else 1 / abs(factor))) + rounding
+                return n.target(self.bound[n.args[0]], abs(n.args[1])) + rounding   # the bound times or over |c|
             return torch.full_like(value, float("inf"))    # a product of two tensors: not bounded here
         if n.op in ("call_function", "call_method"):       # layout, pooling, mean: the op on the bounds
             fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
             bounded = fn(*self._arg_bound(n.args), **self._arg_bound(n.kwargs))
+            kind = METHOD_KINDS.get(n.target) if n.op == "call_method" else getattr(FUNCTION_OPS.get(fn), "kind", None)
             if isinstance(bounded, Tensor) and bounded.shape == value.shape:
-                return bounded.abs() + (4 * rounding if fn in (torch.mean, F.avg_pool2d, F.avg_pool1d) else 0)
+                return bounded.abs() + (4 * rounding if kind == "average_pool" else 0)
         return torch.full_like(value, float("nan"))      # an op this bound does not know: NaN explains nothing
 
     def _layer(self, n: fx.Node, layer: nn.Module, x: Tensor, bound_in: Tensor) -> Tensor:
@@ -183,9 +185,9 @@ class _ErrorBound(fx.Interpreter):
                 return module(absolute[0][0])
         if n.op == "call_function":
             operands = [abs(a) if isinstance(a, (int, float)) else a for a in absolute[0]]
-            if n.target in (operator.add, torch.add, operator.sub, torch.sub):
+            if n.target in _SUMS:
                 return sum(operands, torch.zeros_like(value))
-            if n.target in (operator.mul, torch.mul, operator.truediv, torch.div):
+            if n.target in _SCALES:
                 return n.target(*operands)
             if n.target in _POSITIVE_FUNCTIONS:
                 return n.target(*absolute[0], **absolute[1])
@@ -254,8 +256,6 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
                              x: Tensor) -> tuple[OnnxruntimeComparison, Tensor]:
     """Levels of onnxruntime's run of the QDQ file `path` against the SNN's, on inputs `x`; and
     onnxruntime's logits."""
-    from .verify import onnxruntime_outputs
-
     names, kernels = _quantize_outputs(path, source_graph, snn)
     order = list(names)
     ort_logits, *ort_tensors = onnxruntime_outputs(path, x, [names[k] for k in order])
@@ -298,11 +298,7 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
 def _abs_layer(layer: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
     """The layer with |W| (and |b|) on `x`, a non-negative tensor."""
     weight = layer.weight.abs()
-    if isinstance(layer, nn.Linear):
-        out = F.linear(x, weight)
-    else:
-        conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(layer)]
-        out = conv(x, weight, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    out = F.linear(x, weight) if isinstance(layer, nn.Linear) else layer._conv_forward(x, weight, None)
     if with_bias and layer.bias is not None:
         out = out + channel_view(layer.bias.abs(), out.dim())
     return out

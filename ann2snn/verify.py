@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import Ann2SnnError, UnsupportedModelError
-from .onnx_import.builder import first_line
+from .errors import Ann2SnnError
+from .inputs import model_inputs
+from .ort_run import VERIFY_BATCH, onnxruntime_logits
 from .snn import SNN
 
 
 # Verification inputs are held in memory at once: at most this many values (1 GiB of float32,
 # 1,783 ImageNet images). The SNN and onnxruntime then run on them in batches of VERIFY_BATCH.
 MAX_VERIFY_ELEMENTS = 2**28
-VERIFY_BATCH = 256
 
 
 # The exactness gate runs the float64 simulation: on this many of the verification inputs.
@@ -40,73 +39,6 @@ class Verification:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-# onnxruntime's names of the input types a network may have (reader.FLOAT_INPUTS).
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
-
-
-def _ort_errors() -> tuple[type[Exception], ...]:
-    """The exception types onnxruntime raises (Fail, InvalidGraph, NotImplemented, ...)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
-
-
-def _batches(x: np.ndarray, fixed: int | None) -> list[np.ndarray]:
-    """`x` in batches of VERIFY_BATCH samples; of exactly `fixed` ones, the last padded with zeros,
-    for a file whose batch size is fixed."""
-    if fixed is None:
-        return [x[i:i + VERIFY_BATCH] for i in range(0, len(x), VERIFY_BATCH)]
-    padded = np.concatenate([x, np.zeros((-len(x) % fixed, *x.shape[1:]), x.dtype)])
-    return np.split(padded, len(padded) // fixed)
-
-
-def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
-    """The file's model with the tensors `names` added as graph outputs (typed by shape inference)."""
-    import onnx
-
-    from .onnx_import.qoperator import expand_qoperator
-
-    model = onnx.load(str(path))
-    # onnx infers no types for com.microsoft ops: their QDQ meaning has the same outputs, typed
-    typed = {v.name: v for v in
-             onnx.shape_inference.infer_shapes(expand_qoperator(model, str(path))[0]).graph.value_info}
-    for name in names:
-        if name not in typed:
-            raise UnsupportedModelError(f"{path}: tensor {name!r} has no inferred type to read it back")
-        model.graph.output.append(typed[name])
-    return model.SerializeToString()
-
-
-def onnxruntime_outputs(path: str | os.PathLike, x: Tensor, extra: Sequence[str] = ()) -> list[Tensor]:
-    """onnxruntime's run of the file as written: the logits, then the tensors named in `extra`
-    (intermediate tensors, added as graph outputs). Its QDQ-to-int8 rewrites are off, since they
-    change the numbers of a QDQ graph with float weights. The inputs are fed in the file's input
-    type, and in batches of its batch size when the file fixes one (an export at batch 1).
-    A file onnxruntime refuses is bad input: UnsupportedModelError with onnxruntime's reason."""
-    import onnxruntime
-
-    from .export import onnxruntime_session
-
-    quiet = onnxruntime.RunOptions()
-    quiet.log_severity_level = 4  # a failing kernel would also log its error to stderr: the exception says it
-    try:
-        session = onnxruntime_session(_with_outputs(path, extra) if extra else path)
-        feed = session.get_inputs()[0]
-        data = x.detach().cpu().numpy().astype(_ORT_TYPES.get(feed.type, np.float32))
-        fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
-        names = [session.get_outputs()[0].name, *extra]
-        outputs = [session.run(names, {feed.name: chunk}, quiet) for chunk in _batches(data, fixed)]
-    except _ort_errors() as err:
-        raise UnsupportedModelError(f"{path}: onnxruntime cannot run it, so the SNN cannot be verified "
-                                    f"(--no-verify skips that): {first_line(err)}") from None
-    return [torch.from_numpy(np.concatenate([o[i] for o in outputs])[:len(data)]) for i in range(len(names))]
-
-
-def onnxruntime_logits(path: str | os.PathLike, x: Tensor) -> Tensor:
-    """onnxruntime's logits for `x` (onnxruntime_outputs)."""
-    return onnxruntime_outputs(path, x)[0]
 
 
 def random_inputs(path: str | os.PathLike, samples: int, seed: int = 0) -> Tensor:
@@ -168,3 +100,49 @@ def _dtype(snn: SNN) -> torch.dtype:
     """The SNN's floating dtype (that of its first floating weight or buffer; float32 if none)."""
     tensors = (t for t in (*snn.parameters(), *snn.buffers()) if t.is_floating_point())
     return next(tensors, torch.zeros(())).dtype
+
+
+def verification_inputs(model: str, verify_data: str | None, calib: str | None, calib_x, samples: int):
+    """Real inputs where there are any (--verify-data, else the calibration data), else noise,
+    with a description of which."""
+    if verify_data:
+        x = model_inputs(model, verify_data, "test", samples)
+        return x, f"{len(x)} inputs of {verify_data}"
+    if calib_x is not None:
+        return calib_x[:samples], f"{min(samples, len(calib_x))} calibration inputs of {calib}"
+    return random_inputs(model, samples), f"{samples} inputs of uniform noise (no --verify-data or --calib)"
+
+
+def verify_converted(path: str, snn: SNN, source_graph: torch.nn.Module, verify_data: str | None, calib: str | None,
+                     calib_x, samples: int, min_agreement: float | None) -> Verification:
+    """`verify_snn` on the verification inputs; onnxruntime runs the model as imported
+    (the output chosen, the input sized: ann2snn.onnx_import.save_as_imported)."""
+    from .onnx_import import save_as_imported
+
+    with tempfile.TemporaryDirectory() as folder:
+        reference = save_as_imported(path, source_graph, folder)
+        x, inputs = verification_inputs(reference, verify_data, calib, calib_x, samples)
+        return verify_snn(reference, snn, source_graph, x, inputs=inputs,
+                          min_agreement=None if min_agreement is None else min_agreement / 100)
+
+
+def describe_verification(v: dict) -> str:
+    """The verification in words: the exactness gate, then the comparison with onnxruntime."""
+    gate = v["exact"]
+    exact = (f"exactness gate on {gate['samples']} inputs: {gate['levels_compared']:,} levels at "
+             f"{len(gate['sites'])} sites equal to the quantized source's: "
+             f"{'yes' if gate['passed'] else 'NO (' + '; '.join(gate['problems'][:2]) + ')'}")
+    if gate["ties"] or gate["evaluation_ties"]:
+        exact += (f" ({gate['ties']:,} of them, and {gate['evaluation_ties']:,} of the evaluation's against the "
+                  f"simulation, exact ties: z / theta a half-integer, rounded up or down by float64's last bit; "
+                  f"given the same level there, everything else matches)")
+    comparison = (f"{v['reference']}: prediction agreement {100 * v['agreement']:.2f}%, max |logit difference| "
+                  f"{v['max_abs_logit_diff']:.3g}")
+    if v["levels"] is not None:
+        t = v["levels"]["totals"]
+        comparison += (f"; levels: {t['compared']:,} compared, {t['equal']:,} equal, {t['ties']} ties, "
+                       f"{t['near_boundary']} near a boundary, {t['downstream']} downstream of one, "
+                       f"{t['unexplained']} unexplained")
+    if v["lossy"]:
+        comparison += " (post-training quantization of a float model: lossy, not part of the gate)"
+    return f"verified on {v['inputs']}\n{exact}\n{comparison}\n{'PASSED' if v['passed'] else 'FAILED'}"

@@ -160,7 +160,7 @@ def test_a_qoperator_op_it_cannot_express_is_refused_in_one_line(float_files, tm
 
 
 def _integer_outputs(path: str, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
-    from ann2snn.verify import onnxruntime_outputs
+    from ann2snn.ort_run import onnxruntime_outputs
 
     return dict(zip(names, (t.numpy().astype(np.int64) for t in onnxruntime_outputs(path, x, names)[1:])))
 

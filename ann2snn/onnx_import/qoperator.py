@@ -16,7 +16,8 @@ onnxruntime computes in the original file. Whatever quantized tensor cannot be e
 refused in one line.
 
 Each op is one small function in a table (`_op`), with the bound on how far onnxruntime's own
-kernel for it may round away from that meaning (`KernelError`, used by ann2snn/ort_check.py).
+kernel for it may round away from that meaning (`KernelError`, used by ann2snn/ort_check.py). The
+nodes each function writes, and the graph it writes them for, are qoperator_rewrite.py's.
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError
-from .registry import GraphView, decode_attribute, find_converter, node_problem, op_label, support_problem
+from .qoperator_rewrite import Refused, Rewrite, op_attributes, optional_input
+from .registry import GraphView, find_converter, node_problem, op_label, support_problem
 
 MS = "com.microsoft"
 PASS = "qoperator_to_qdq"
@@ -52,14 +54,10 @@ _REQUANTIZED = KernelError(6.0, 0.0)
 _EXACT = KernelError(0.0, 0.0)  # integers moved or compared, never rounded
 
 
-class _Refused(Exception):
-    """A node the rewrite cannot express; the message says why."""
-
-
 @dataclass
 class _Op:
-    expand: Callable[["_Rewrite", onnx.NodeProto], None]
-    kernel: Callable[[onnx.NodeProto, "_Rewrite"], KernelError]
+    expand: Callable[[Rewrite, onnx.NodeProto], None]
+    kernel: Callable[[onnx.NodeProto, Rewrite], KernelError]
 
 
 _OPS: dict[tuple[str, str], _Op] = {}
@@ -78,96 +76,7 @@ def _key(node: onnx.NodeProto) -> tuple[str, str]:
     return ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
 
 
-class _Rewrite:
-    """The graph being rewritten: its constants, the names in use, and the scale and zero point of
-    every quantized tensor (the outputs of QuantizeLinear and of the QOperator nodes)."""
-
-    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
-        self.opset = opset
-        self.constants = {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-                self.constants[node.output[0]] = node.attribute[0].t
-        self.node_names = {n.name for n in graph.node}
-        self.values = {v for n in graph.node for v in [*n.input, *n.output]}
-        self.values |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]} | set(self.constants)
-        self.quantized: dict[str, tuple[str, str]] = {}   # tensor -> (scale, zero point) names
-        self.initializers: list[TensorProto] = []
-        self.nodes: list[onnx.NodeProto] = []               # the current node's replacement
-
-    def fresh(self, base: str, names: set[str] | None = None) -> str:
-        """A name not in `names` (the value names unless given), then taken."""
-        names = self.values if names is None else names
-        name, index = base, 1
-        while name in names:
-            index += 1
-            name = f"{base}_{index}"
-        names.add(name)
-        return name
-
-    def node_name(self, base: str) -> str:
-        return self.fresh(base, self.node_names)
-
-    def constant(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray:
-        if index >= len(node.input) or not node.input[index]:
-            raise _Refused(f"{what} (input {index}) is absent")
-        if node.input[index] not in self.constants:
-            raise _Refused(f"{what} ({node.input[index]!r}) is not a constant; the QDQ form needs fixed scales")
-        return numpy_helper.to_array(self.constants[node.input[index]])
-
-    def initializer(self, array: np.ndarray, base: str) -> str:
-        name = self.fresh(base)
-        self.initializers.append(numpy_helper.from_array(array, name))
-        self.constants[name] = self.initializers[-1]
-        return name
-
-    def dequantize(self, node: onnx.NodeProto, tensor: str, scale: str, zero_point: str | None,
-                   axis: int | None = None) -> str:
-        """A DequantizeLinear of `tensor`, its float output's name."""
-        output = self.fresh(f"{tensor}_dequantized")
-        inputs = [tensor, scale] + ([zero_point] if zero_point else [])
-        per_axis = numpy_helper.to_array(self.constants[scale]).size > 1 if scale in self.constants else False
-        attributes = {"axis": axis} if per_axis and axis is not None else {}
-        if attributes and self.opset < 13:
-            raise _Refused(f"per-channel scales need DequantizeLinear's axis (opset 13); the model imports opset "
-                           f"{self.opset}")
-        name = self.node_name(f"{node.name or node.output[0]}/DequantizeLinear")
-        self.nodes.append(helper.make_node("DequantizeLinear", inputs, [output], name, **attributes))
-        return output
-
-    def quantize(self, node: onnx.NodeProto, value: str, scale: str, zero_point: str | None, output: str) -> None:
-        """A QuantizeLinear of `value` into the QOperator node's own output, under the node's name."""
-        self.nodes.append(helper.make_node("QuantizeLinear", [value, scale] + ([zero_point] if zero_point else []),
-                                           [output], self.node_name(node.name or output)))
-        self.quantized[output] = (scale, zero_point or "")
-
-    def float_op(self, node: onnx.NodeProto, op_type: str, inputs: list[str], outputs: int = 1,
-                 **attributes) -> list[str]:
-        names = [self.fresh(f"{node.output[k]}_float") for k in range(outputs)]
-        name = self.node_name(f"{node.name or node.output[0]}/{op_type}")
-        self.nodes.append(helper.make_node(op_type, inputs, names, name, **attributes))
-        return names
-
-    def scalar(self, node: onnx.NodeProto, index: int, what: str) -> float:
-        value = self.constant(node, index, what)
-        if value.size != 1:
-            raise _Refused(f"{what} has {value.size} values; onnxruntime reads one (per tensor)")
-        return float(value.reshape(()))
-
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    """The node's attributes for its float op: channels_last (an NHWC layout) is refused when set."""
-    given = {a.name: decode_attribute(helper.get_attribute_value(a)) for a in node.attribute}
-    if given.pop("channels_last", 0):
-        raise _Refused("channels_last=1 (an NHWC layout) is not supported")
-    return given
-
-
-def _input(node: onnx.NodeProto, index: int) -> str:
-    return node.input[index] if index < len(node.input) else ""
-
-
-def _bias_scale(rw: _Rewrite, scales: list[np.ndarray], base: str) -> str:
+def _bias_scale(rw: Rewrite, scales: list[np.ndarray], base: str) -> str:
     """The int32 bias's scale, the product of `scales` in float32 (as onnxruntime multiplies them)."""
     product = np.float32(1.0)
     for scale in scales:
@@ -176,51 +85,51 @@ def _bias_scale(rw: _Rewrite, scales: list[np.ndarray], base: str) -> str:
 
 
 @_op("QLinearConv")
-def _qlinear_conv(rw: _Rewrite, node: onnx.NodeProto) -> None:
+def _qlinear_conv(rw: Rewrite, node: onnx.NodeProto) -> None:
     x, xs, xz, w, ws, wz, ys, yz = node.input[:8]
-    attributes = _attributes(node)
+    attributes = op_attributes(node)
     inputs = [rw.dequantize(node, x, xs, xz), rw.dequantize(node, w, ws, wz, axis=0)]
-    if _input(node, 8):
+    if optional_input(node, 8):
         scale = _bias_scale(rw, [rw.constant(node, 1, "x_scale"), rw.constant(node, 4, "w_scale")], node.input[8])
         inputs.append(rw.dequantize(node, node.input[8], scale, None, axis=0))
     rw.quantize(node, rw.float_op(node, "Conv", inputs, **attributes)[0], ys, yz, node.output[0])
 
 
 @_op("QLinearMatMul")
-def _qlinear_matmul(rw: _Rewrite, node: onnx.NodeProto) -> None:
+def _qlinear_matmul(rw: Rewrite, node: onnx.NodeProto) -> None:
     a, as_, az, b, bs, bz, ys, yz = node.input[:8]
     if rw.constant(node, 1, "a_scale").size != 1:
-        raise _Refused("a per-row a_scale is not supported")
+        raise Refused("a per-row a_scale is not supported")
     if rw.constant(node, 4, "b_scale").size != 1 and rw.constant(node, 3, "b").ndim != 2:
-        raise _Refused("a per-column b_scale needs a 2-D b")
+        raise Refused("a per-column b_scale needs a 2-D b")
     inputs = [rw.dequantize(node, a, as_, az), rw.dequantize(node, b, bs, bz, axis=1)]
     rw.quantize(node, rw.float_op(node, "MatMul", inputs)[0], ys, yz, node.output[0])
 
 
 @_op("QGemm", MS)
-def _qgemm(rw: _Rewrite, node: onnx.NodeProto) -> None:
+def _qgemm(rw: Rewrite, node: onnx.NodeProto) -> None:
     a, as_, az, b, bs, bz = node.input[:6]
-    attributes = _attributes(node)
+    attributes = op_attributes(node)
     alpha = float(attributes.get("alpha", 1.0))
     inputs = [rw.dequantize(node, a, as_, az),
               rw.dequantize(node, b, bs, bz, axis=0 if attributes.get("transB", 0) else 1)]
-    if _input(node, 6):
+    if optional_input(node, 6):
         # C is quantized with scale alpha * a_scale * b_scale: the kernel adds it to A B before scaling
         c = rw.constant(node, 6, "C")
         scale = _bias_scale(rw, [np.float32(alpha), rw.constant(node, 1, "a_scale"), rw.constant(node, 4, "b_scale")],
                             node.input[6])
         if numpy_helper.to_array(rw.constants[scale]).size > 1 and (c.ndim == 0 or c.shape[-1] == 1):
-            raise _Refused("a per-column b_scale with a C that does not vary along the columns")
+            raise Refused("a per-column b_scale with a C that does not vary along the columns")
         inputs.append(rw.dequantize(node, node.input[6], scale, None, axis=max(c.ndim - 1, 0)))
     outputs = rw.float_op(node, "Gemm", inputs, **attributes)
-    if _input(node, 7):
-        rw.quantize(node, outputs[0], node.input[7], _input(node, 8), node.output[0])
+    if optional_input(node, 7):
+        rw.quantize(node, outputs[0], node.input[7], optional_input(node, 8), node.output[0])
     else:   # no y_scale: the float output itself
         name = rw.node_name(node.name or node.output[0])
         rw.nodes.append(helper.make_node("Identity", outputs, [node.output[0]], name))
 
 
-def _add_kernel(node: onnx.NodeProto, rw: _Rewrite) -> KernelError:
+def _add_kernel(node: onnx.NodeProto, rw: Rewrite) -> KernelError:
     """MlasQLinearAdd (x86): C = A rA + (B rB + F) by two fused multiply-adds on the raw integers A
     and B, rA = fl(A_scale / C_scale), F = fl(zC - fl(fl(rA zA) + fl(rB zB))). With a, b the exact
     ratios and P = |A| a + |B| b + |zA| a + |zB| b + |zC|, which bounds every intermediate: rA and rB
@@ -229,49 +138,49 @@ def _add_kernel(node: onnx.NodeProto, rw: _Rewrite) -> KernelError:
     within 8 u P of the exact value. And |A| a <= |A - zA| a + |zA| a: P <= m + 2 |zA| a + 2 |zB| b + |zC|."""
     scale_c = rw.scalar(node, 6, "C_scale")
     ratios = [rw.scalar(node, 1, "A_scale") / scale_c, rw.scalar(node, 4, "B_scale") / scale_c]
-    zeros = [abs(rw.scalar(node, k, "zero point")) if _input(node, k) else 0.0 for k in (2, 5, 7)]
+    zeros = [abs(rw.scalar(node, k, "zero point")) if optional_input(node, k) else 0.0 for k in (2, 5, 7)]
     return KernelError(8.0, 8.0 * (2 * zeros[0] * ratios[0] + 2 * zeros[1] * ratios[1] + zeros[2]))
 
 
 @_op("QLinearAdd", MS, kernel=_add_kernel)
-def _qlinear_add(rw: _Rewrite, node: onnx.NodeProto) -> None:
-    inputs = [rw.dequantize(node, node.input[0], node.input[1], _input(node, 2)),
-              rw.dequantize(node, node.input[3], node.input[4], _input(node, 5))]
-    rw.quantize(node, rw.float_op(node, "Add", inputs)[0], node.input[6], _input(node, 7), node.output[0])
+def _qlinear_add(rw: Rewrite, node: onnx.NodeProto) -> None:
+    inputs = [rw.dequantize(node, node.input[0], node.input[1], optional_input(node, 2)),
+              rw.dequantize(node, node.input[3], node.input[4], optional_input(node, 5))]
+    rw.quantize(node, rw.float_op(node, "Add", inputs)[0], node.input[6], optional_input(node, 7), node.output[0])
 
 
-def _average_pool_kernel(node: onnx.NodeProto, rw: _Rewrite) -> KernelError:
+def _average_pool_kernel(node: onnx.NodeProto, rw: Rewrite) -> KernelError:
     """QLinearAveragePool dequantizes in float32 (one rounding per value), sums the k values of a
     window (k - 1 roundings of at most u sum |x|), divides by the count, then y / y_scale and
     + y_zero_point: within (k + 3) u m + u |zY| of the exact value (k + 4 and 2 |zY| leave room for
     second order terms). A window over the whole image is QLinearGlobalAveragePool's kernel, within that."""
-    kernel = int(np.prod(_attributes(node).get("kernel_shape", [1])))
-    zero = abs(rw.scalar(node, 4, "y_zero_point")) if _input(node, 4) else 0.0
+    kernel = int(np.prod(op_attributes(node).get("kernel_shape", [1])))
+    zero = abs(rw.scalar(node, 4, "y_zero_point")) if optional_input(node, 4) else 0.0
     return KernelError(kernel + 4.0, 2 * zero)
 
 
 @_op("QLinearAveragePool", MS, kernel=_average_pool_kernel)
-def _qlinear_average_pool(rw: _Rewrite, node: onnx.NodeProto) -> None:
-    x = rw.dequantize(node, node.input[0], node.input[1], _input(node, 2))
-    rw.quantize(node, rw.float_op(node, "AveragePool", [x], **_attributes(node))[0], node.input[3],
-                _input(node, 4), node.output[0])
+def _qlinear_average_pool(rw: Rewrite, node: onnx.NodeProto) -> None:
+    x = rw.dequantize(node, node.input[0], node.input[1], optional_input(node, 2))
+    rw.quantize(node, rw.float_op(node, "AveragePool", [x], **op_attributes(node))[0], node.input[3],
+                optional_input(node, 4), node.output[0])
 
 
 @_op("QLinearGlobalAveragePool", MS)
-def _qlinear_global_average_pool(rw: _Rewrite, node: onnx.NodeProto) -> None:
-    _attributes(node)
+def _qlinear_global_average_pool(rw: Rewrite, node: onnx.NodeProto) -> None:
+    op_attributes(node)
     x = rw.dequantize(node, node.input[0], node.input[1], node.input[2])
     rw.quantize(node, rw.float_op(node, "GlobalAveragePool", [x])[0], node.input[3], node.input[4], node.output[0])
 
 
 @_op("QLinearConcat", MS)
-def _qlinear_concat(rw: _Rewrite, node: onnx.NodeProto) -> None:
+def _qlinear_concat(rw: Rewrite, node: onnx.NodeProto) -> None:
     triples = node.input[2:]
     if not triples or len(triples) % 3:
-        raise _Refused(f"{len(triples)} inputs after Y_scale and Y_zero_point; (tensor, scale, zero point) triples "
+        raise Refused(f"{len(triples)} inputs after Y_scale and Y_zero_point; (tensor, scale, zero point) triples "
                        "are needed")
     inputs = [rw.dequantize(node, *triples[k:k + 3]) for k in range(0, len(triples), 3)]
-    rw.quantize(node, rw.float_op(node, "Concat", inputs, **_attributes(node))[0], node.input[0], node.input[1],
+    rw.quantize(node, rw.float_op(node, "Concat", inputs, **op_attributes(node))[0], node.input[0], node.input[1],
                 node.output[0])
 
 
@@ -282,21 +191,22 @@ _STRUCTURAL: dict[str, tuple[int, ...]] = {}
 def _moves_values(op_type: str, quantized_inputs: tuple[int, ...] = (0,)) -> None:
     """Register `op_type` on a quantized tensor as DequantizeLinear -> op -> QuantizeLinear with the
     input's own scale and zero point: exact, since it only moves (or compares) values."""
-    def expand(rw: _Rewrite, node: onnx.NodeProto) -> None:
+    def expand(rw: Rewrite, node: onnx.NodeProto) -> None:
         scale, zero = rw.quantized[node.input[0]]
         if op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
-            raise _Refused("the Indices output is not supported")
+            raise Refused("the Indices output is not supported")
         inputs = list(node.input)
         for k in quantized_inputs:
             if k < len(inputs) and inputs[k]:
                 inputs[k] = rw.dequantize(node, inputs[k], scale, zero)
-        if op_type == "Pad" and _attributes(node).get("mode", "constant") == "constant" and not _input(node, 2):
+        if (op_type == "Pad" and op_attributes(node).get("mode", "constant") == "constant"
+                and not optional_input(node, 2)):
             # the integer 0 it pads with is the value -zero_point * scale
             dtype = helper.tensor_dtype_to_np_dtype(rw.constants[zero].data_type) if zero else np.uint8
             pad = rw.initializer(np.zeros((), dtype), f"{node.output[0]}_pad_value")
             inputs = inputs[:2] + [rw.dequantize(node, pad, scale, zero)] + inputs[3:]
         outputs = [o for o in node.output if o]
-        floats = rw.float_op(node, op_type, inputs, outputs=len(outputs), **_attributes(node))
+        floats = rw.float_op(node, op_type, inputs, outputs=len(outputs), **op_attributes(node))
         for value, output in zip(floats, outputs):
             rw.quantize(node, value, scale, zero, output)
 
@@ -328,9 +238,9 @@ def _supported_list() -> str:
     return f"{', '.join(qoperator)}; on quantized tensors also {', '.join(sorted(_STRUCTURAL))}"
 
 
-def _plan(model: onnx.ModelProto) -> tuple[list[tuple[int, onnx.NodeProto, list[onnx.NodeProto] | str]], _Rewrite]:
+def _plan(model: onnx.ModelProto) -> tuple[list[tuple[int, onnx.NodeProto, list[onnx.NodeProto] | str]], Rewrite]:
     """Every node the rewrite concerns: its index, the node, and its replacement or why there is none."""
-    rw = _Rewrite(model.graph, _opset(model))
+    rw = Rewrite(model.graph, _opset(model))
     plan = []
     for index, node in enumerate(model.graph.node):
         key = _key(node)
@@ -338,7 +248,7 @@ def _plan(model: onnx.ModelProto) -> tuple[list[tuple[int, onnx.NodeProto, list[
             plan.append((index, node, _DYNAMIC))
             continue
         if key == ("", "QuantizeLinear") and len(node.input) > 1:
-            rw.quantized[node.output[0]] = (node.input[1], _input(node, 2))
+            rw.quantized[node.output[0]] = (node.input[1], optional_input(node, 2))
             continue
         reads = [k for k, name in enumerate(node.input) if name in rw.quantized]
         if key in _KEPT or not (_is_qoperator(node) or reads):
@@ -353,7 +263,7 @@ def _plan(model: onnx.ModelProto) -> tuple[list[tuple[int, onnx.NodeProto, list[
         try:
             _OPS[key].expand(rw, node)
             plan.append((index, node, rw.nodes))
-        except _Refused as why:
+        except Refused as why:
             plan.append((index, node, str(why)))
     return plan, rw
 
