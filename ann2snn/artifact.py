@@ -25,13 +25,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx, nn
 
-from . import __version__
 from .errors import ArtifactError
 from .levels import MAX_TIMESTEPS, check_levels_exact
 from .neuron import BitSerialIFNode
-from .ops import FUNCTION_OPS, METHOD_KINDS, MODULE_OPS
+from .ops import FUNCTION_OPS, LAYERS, METHOD_KINDS, MODULE_OPS
 from .quant import QuantDequant
-from .snn import SNN
+from .version import __version__
 
 FORMAT = "ann2snn-snn"
 FORMAT_VERSION = 1
@@ -132,7 +131,7 @@ def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
 def _module_entry(module: nn.Module) -> dict:
     if type(module) in MODULE_FIELDS:
         config = {field: getattr(module, field) for field in MODULE_FIELDS[type(module)]}
-        if hasattr(module, "bias") and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        if hasattr(module, "bias") and isinstance(module, LAYERS):
             config["bias"] = module.bias is not None
         return {"type": f"nn.{type(module).__name__}", "config": config}
     if type(module).__name__ in CUSTOM_MODULES:
@@ -317,12 +316,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_snn(snn: SNN, path: str | os.PathLike) -> None:
-    gm = snn.graph_module
+def write_artifact(path: str | os.PathLike, gm: fx.GraphModule, timesteps: int, report: dict, source: dict) -> None:
+    """Write an SNN's graph, tensors, T, conversion report and source description (SNN.save)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "ann2snn_version": __version__,
-        "timesteps": snn.timesteps, "graph": describe_graph(gm), "report": snn.report, "source": snn.source,
+        "timesteps": timesteps, "graph": describe_graph(gm), "report": report, "source": source,
     }
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"ann2snn": json.dumps(meta)}))
 
@@ -350,8 +349,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_snn(path: str | os.PathLike) -> SNN:
-    """Load an .snn artifact; needs neither the source ONNX file nor pickle."""
+def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, int, dict, dict]:
+    """(graph, T, report, source) of an .snn artifact, every part checked (ann2snn.load_snn)."""
     meta = read_metadata(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -369,10 +368,7 @@ def load_snn(path: str | os.PathLike) -> SNN:
                 or not isinstance(report.get("rewrites", []), list):
             raise ArtifactError("report and source must be JSON objects, the report's sites an object of objects")
         gm = build_graph(meta["graph"], tensors)
-        # eval: modules are built in training mode, where an unfolded BatchNorm would normalize with
-        # the batch's statistics and a Dropout drop
-        return SNN(gm, timesteps, report=meta["report"],
-                   source={**meta["source"], "ann2snn_version": meta["ann2snn_version"]}).eval()
+        return gm, timesteps, meta["report"], {**meta["source"], "ann2snn_version": meta["ann2snn_version"]}
     except ArtifactError as err:
         raise ArtifactError(f"{path}: {err}") from None
     except RecursionError:

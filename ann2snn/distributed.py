@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from .ops import NORMS
+
 
 @dataclass(frozen=True)
 class Context:
@@ -189,16 +191,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
 def sync_batch_norm(model: nn.Module) -> list[tuple[nn.Module, type]]:
     """Make every nn.BatchNorm1d/2d/3d of `model` a SyncBatchNorm, in place: the module objects,
     their parameters, buffers and state-dict keys stay the same, only their forward changes.
     Returns what `unsync_batch_norm` needs to undo it."""
     swapped = []
     for module in model.modules():
-        if type(module) in _BATCH_NORMS:
+        if type(module) in NORMS:
             swapped.append((module, type(module)))
             module.__class__ = SyncBatchNorm
     return swapped

@@ -16,6 +16,7 @@ from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import DataError
 from .kernels.native import native_neuron_available
 from .neuron import BitSerialIFNode
+from .ops import CONVS
 from .snn import SNN
 
 # Progress bars show up after this many seconds: a run refused on its first batches (bad data)
@@ -76,7 +77,7 @@ def _accepted_shape(graph: fx.GraphModule, found: tuple[int, ...], dtype: torch.
     """A sample shape the graph takes, as near to `found` as the probes get: the input channels of
     its first convolution, with the found size, else with the first square size that fits."""
     modules = [graph.get_submodule(n.target) for n in graph.graph.nodes if n.op == "call_module"]
-    convs = [m for m in modules if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    convs = [m for m in modules if isinstance(m, CONVS)]
     channels = [convs[0].in_channels] if convs else []
     candidates = [(c, *found[1:]) for c in channels + [found[0]]]
     if len(found) == 3:

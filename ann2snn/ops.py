@@ -156,3 +156,5 @@ VALUE_MOVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.squ
 # Ops a per-channel constant passes through unchanged, max(z + c) = max(z) + c: a bias shift may sit
 # before them (ann2snn/passes/shift_bias.py).
 SHIFT_TRANSPARENT_MODULES = MAX_POOLS + (nn.Identity, nn.Dropout)
+# A residual sum (not a difference, which would negate it): one branch's bias carries the shift.
+SHIFT_TRANSPARENT_FUNCTIONS = (operator.add, torch.add)

@@ -26,7 +26,8 @@ from .passes.calibrate import (activation_sites, calibrate_clips, clamp_bounds, 
 from .passes.graph_utils import free_name
 from .passes.trace import SiteTracer
 from .quant import QuantClippedActivation
-from .train import MIN_CLIP, TrainConfig, spike_regularizer
+from .train.config import MIN_CLIP, TrainConfig
+from .train.regularizer import spike_regularizer
 
 # Tensor methods and in-place variants with the functional form that `clip_bound` recognises.
 _METHOD_FUNCTIONS = {"relu": torch.relu, "relu_": torch.relu, "clamp": torch.clamp, "clamp_": torch.clamp,

@@ -8,6 +8,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, fx, nn
 
+from .artifact import read_artifact, write_artifact
 from .lower import lower_to_evaluator, lower_to_simulator
 from .lower.cuda_graph import CudaGraphRunner
 from .passes.graph_utils import neuron_nodes
@@ -88,6 +89,12 @@ class SNN(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the .snn artifact (graph as JSON, tensors as safetensors, atomically)."""
-        from .artifact import save_snn
+        write_artifact(path, self.graph_module, self.timesteps, self.report, self.source)
 
-        save_snn(self, path)
+
+def load_snn(path: str | os.PathLike) -> SNN:
+    """Load an .snn artifact; needs neither the source ONNX file nor pickle."""
+    graph_module, timesteps, report, source = read_artifact(path)
+    # eval: modules are built in training mode, where an unfolded BatchNorm would normalize with
+    # the batch's statistics and a Dropout drop
+    return SNN(graph_module, timesteps, report=report, source=source).eval()

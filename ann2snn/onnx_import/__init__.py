@@ -10,7 +10,6 @@ names. Every refusal is an UnsupportedModelError with one line that begins with 
 """
 from __future__ import annotations
 
-import operator
 import os
 from collections import Counter
 from typing import Sequence
@@ -18,12 +17,12 @@ from typing import Sequence
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import fx, nn
 
 from . import converters  # noqa: F401  (registers the converters)
 from .builder import GraphBuilder, sanitize
+from ..ops import FUNCTION_OPS, MODULE_OPS
 from ..quant import QuantDequant
 from .qoperator import expand_qoperator, qoperator_support
 from .reader import (FLOAT_INPUTS, check_finite, fix_input_shape, graph_inputs, infer_shapes, network_input,
@@ -32,13 +31,11 @@ from .registry import GraphView, find_converter, support_problem, supported_op_t
 from ..passes.graph_utils import conversion_report
 from ..errors import UnsupportedModelError
 
-# What an imported graph may contain: the passes and the .snn serializer handle exactly these.
-CONTRACT_MODULES = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear, nn.MaxPool1d, nn.MaxPool2d,
-                    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten,
-                    nn.Identity, nn.ReLU, nn.Hardtanh, QuantDequant, nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
-CONTRACT_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.cat, torch.flatten,
-                      torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze, torch.clamp, torch.relu,
-                      torch.matmul, F.pad, torch.mean)
+# What an imported graph may contain: the ops of ann2snn/ops.py, which the passes, the simulator,
+# energy and the .snn serializer handle, and the float activations and QDQ pairs that the passes
+# turn into sites. Indexing and attributes it never emits.
+CONTRACT_MODULES = tuple(MODULE_OPS) + (nn.ReLU, nn.Hardtanh, QuantDequant)
+CONTRACT_FUNCTIONS = tuple(fn for fn, op in FUNCTION_OPS.items() if op.kind != "access")
 
 __all__ = ["load_onnx", "inspect_onnx", "save_as_imported", "supported_op_types", "QuantDequant",
            "CONTRACT_MODULES", "CONTRACT_FUNCTIONS"]

@@ -1,9 +1,6 @@
 """Small helpers shared by the passes: module lookup and node predicates on torch.fx graphs."""
 from __future__ import annotations
 
-import operator
-
-import torch
 from torch import fx, nn
 
 from ..neuron import BitSerialIFNode
@@ -12,7 +9,6 @@ from ..quant import QuantClippedActivation
 
 # layers and unfolded norms: a bias shift goes into their bias (ann2snn/ops.py)
 LINEAR_PRODUCERS = LAYERS + NORMS
-ADD_TARGETS = (operator.add, torch.add)
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..ops import SHIFT_TRANSPARENT_MODULES
+from ..ops import NORMS, SHIFT_TRANSPARENT_FUNCTIONS, SHIFT_TRANSPARENT_MODULES
 from ..quant import QuantClippedActivation
-from .graph_utils import ADD_TARGETS, LINEAR_PRODUCERS, conversion_report, module_of, site_nodes
+from .graph_utils import LINEAR_PRODUCERS, conversion_report, module_of, site_nodes
 
 
 def use_count(value: fx.Node) -> int:
@@ -35,7 +35,7 @@ def find_bias_carrier(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
         return value
     if isinstance(module, SHIFT_TRANSPARENT_MODULES):
         return find_bias_carrier(gm, value.args[0])
-    if value.op == "call_function" and value.target in ADD_TARGETS and "alpha" not in value.kwargs:
+    if value.op == "call_function" and value.target in SHIFT_TRANSPARENT_FUNCTIONS and "alpha" not in value.kwargs:
         for branch in value.args[:2]:
             carrier = find_bias_carrier(gm, branch)
             if carrier is not None:
@@ -46,7 +46,7 @@ def find_bias_carrier(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
 def _add_to_bias(layer: nn.Module, shift: torch.Tensor) -> None:
     channels = layer.weight.shape[0]
     shift = shift.to(layer.weight.dtype).expand(channels)
-    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+    if isinstance(layer, NORMS):
         if layer.bias is None:
             raise ValueError("a BatchNorm without affine bias cannot carry a bias shift")
         layer.bias.data += shift
