@@ -338,7 +338,10 @@ def test_save_into_a_new_folder_and_overwrite(tmp_path):
 
 def test_a_fresh_interpreter_loads_artifacts_of_every_kind(tmp_path, qdq_model):
     """No module type an artifact may hold depends on what was imported before (the QDQ importer's
-    QuantDequant used to register itself on import, so only the CLI could load QDQ artifacts)."""
+    QuantDequant used to register itself on import, so only the CLI could load QDQ artifacts). Every
+    kind: the zoo, a float ONNX file, and onnxruntime's QDQ flavours (signed input, the defaults,
+    uint8, symmetric, per-channel, A16W8), its QOperator format and a PT2E export; each loaded alone
+    in a fresh interpreter computes the logits of the SNN it was saved from."""
     import subprocess
     import sys
     from pathlib import Path
@@ -347,19 +350,34 @@ def test_a_fresh_interpreter_loads_artifacts_of_every_kind(tmp_path, qdq_model):
     from ann2snn.export import export_onnx
     from ann2snn.quant import QuantDequant
     from test_cli import digits_model
+    from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
+    from test_pt2e import pt2e_onnx
+    from test_quantizers import FLAVOURS
 
-    paths = []
-    snn = convert_onnx(qdq_model)   # onnxruntime's quantize_static: the input keeps a QDQ pair
-    assert any(isinstance(m, QuantDequant) for m in snn.modules()), "the QDQ artifact must hold a QuantDequant"
-    paths.append(tmp_path / "qdq.snn")
-    snn.save(paths[-1])
+    snns = {"qdq signed input": convert_onnx(qdq_model)}   # the input keeps a QDQ pair
+    assert any(isinstance(m, QuantDequant) for m in snns["qdq signed input"].modules())
     float_onnx = tmp_path / "float.onnx"
     export_onnx(digits_model(quantize=False), (1, 8, 8), float_onnx, qdq=False)
-    convert_onnx(float_onnx, T=3, calib=torch.rand(16, 1, 8, 8)).save(tmp_path / "float.snn")
-    paths.append(tmp_path / "float.snn")
-    make_snn(torch.float32)[0].save(tmp_path / "zoo.snn")
-    paths.append(tmp_path / "zoo.snn")
-    script = "import sys, ann2snn\nfor p in sys.argv[1:]:\n    ann2snn.load_snn(p)\nprint('loaded', len(sys.argv) - 1)"
-    done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
+    snns["float onnx"] = convert_onnx(float_onnx, T=3, calib=torch.rand(16, 1, 8, 8))
+    snns["zoo"], _, zoo_x = make_snn(torch.float32)
+    torch.manual_seed(0)
+    float_file = export(randomize_batch_norms(QuantNet()), (3, 8, 8), str(tmp_path / "quant_net.onnx"), "torchscript-17")
+    flavours = {**FLAVOURS, "A16W8": dict(activation_type="QUInt16", weight_type="QInt8", per_channel=True),
+                "QOperator": dict(quant_format="QOperator", activation_type="QUInt8")}
+    for i, (flavour, options) in enumerate(flavours.items()):
+        snns[flavour] = convert_onnx(quantize(float_file, tmp_path / f"flavour{i}.onnx", **dict(options)))
+    snns["pt2e"] = convert_onnx(pt2e_onnx("digits-cnn", "x86", tmp_path / "pt2e.onnx"))
+    args = []
+    for i, (kind, snn) in enumerate(snns.items()):
+        shape = {"float onnx": (1, 8, 8), "pt2e": (1, 8, 8), "zoo": tuple(zoo_x.shape[1:])}.get(kind, (3, 8, 8))
+        x = torch.rand((4, *shape), generator=torch.Generator().manual_seed(i), dtype=torch.float32)
+        snn.save(tmp_path / f"{i}.snn")
+        torch.save({"x": x, "logits": snn.evaluate(x).logits}, tmp_path / f"{i}.pt")
+        args += [str(tmp_path / f"{i}.snn"), str(tmp_path / f"{i}.pt")]
+    script = ("import sys, torch, ann2snn\nfor snn, data in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+              "    want = torch.load(data)\n"
+              "    assert torch.equal(ann2snn.load_snn(snn).evaluate(want['x']).logits, want['logits']), snn\n"
+              "print('loaded', len(sys.argv) // 2)")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "loaded 3", done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == f"loaded {len(snns)}", done.stderr
