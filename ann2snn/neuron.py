@@ -1,22 +1,23 @@
 """The modified integrate-and-fire neuron of METHOD.md section 3 (bit-serial, MSB first).
 
-A SpikingJelly node with the usual split of charge, fire and reset:
+A SpikingJelly node (`SimpleBaseNode`, whose split of charge, fire and reset it keeps):
 - charge (integrate phase): the membrane doubles each step, U = 2 U + I_t, so after the input
   window U carries every input spike at its binary weight;
-- fire: at output step t the threshold is 2^(T-1-t) * theta, halving every step;
-- reset: by subtraction of that threshold.
+- fire: SpikingJelly's Heaviside step of U - v_threshold, where at output step t the threshold is
+  2^(T-1-t) * theta, halving every step;
+- reset: SpikingJelly's soft reset, by subtraction of that threshold.
 Firing T steps from potential V emits the binary digits of clamp(floor(V / theta), 0, 2^T - 1).
 """
 from __future__ import annotations
 
 import torch
-from spikingjelly.activation_based import base
+from spikingjelly.activation_based import neuron, surrogate
 from torch import Tensor
 
 from .levels import MAX_TIMESTEPS, cap_potential, channel_view, step_thresholds
 
 
-class BitSerialIFNode(base.MemoryModule):
+class BitSerialIFNode(neuron.SimpleBaseNode):
     """Bit-serial IF neuron, multi-step: integrates an input window, then fires T steps MSB first.
 
     theta: one quantization step (scalar or per channel over dimension 1 of [N, C, ...]).
@@ -30,7 +31,8 @@ class BitSerialIFNode(base.MemoryModule):
 
     def __init__(self, theta: Tensor, levels: int, timesteps: int, membrane_offset: Tensor | None = None,
                  step_mode: str = "m") -> None:
-        super().__init__()
+        # v_reset None: reset by subtraction; the surrogate only shapes gradients, its forward is the step
+        super().__init__(v_threshold=1.0, v_reset=None, surrogate_function=surrogate.Sigmoid(), step_mode=step_mode)
         if levels > 2**timesteps - 1:
             raise ValueError(f"{levels} levels need more than T={timesteps} time steps")
         self.levels = int(levels)
@@ -38,8 +40,6 @@ class BitSerialIFNode(base.MemoryModule):
         self.register_buffer("theta", torch.as_tensor(theta).detach().clone().reshape(-1).squeeze())
         offset = torch.zeros(()) if membrane_offset is None else torch.as_tensor(membrane_offset)
         self.register_buffer("membrane_offset", offset.detach().clone().reshape(-1).squeeze())
-        self.register_memory("v", 0.0)
-        self.step_mode = step_mode
 
     def artifact_config(self) -> dict:
         return {"levels": self.levels, "timesteps": self.timesteps, "theta_shape": list(self.theta.shape),
@@ -62,16 +62,10 @@ class BitSerialIFNode(base.MemoryModule):
     def _theta_like(self, x: Tensor) -> Tensor:
         return channel_view(self.theta.to(x.dtype), x.dim())
 
-    # charge / fire / reset, in SpikingJelly's split
+    # charge is this neuron's own; fire and reset are SimpleBaseNode's, at each step's v_threshold
     def neuronal_charge(self, current: Tensor) -> None:
         """Integrate phase: the membrane doubles, then adds this step's synaptic current."""
         self.v = 2.0 * self.v + current
-
-    def neuronal_fire(self, threshold: Tensor) -> Tensor:
-        return (self.v >= threshold).to(self.v.dtype)
-
-    def neuronal_reset(self, spike: Tensor, threshold: Tensor) -> None:
-        self.v = self.v - spike * threshold
 
     def multi_step_forward(self, current_seq: Tensor) -> Tensor:
         if not isinstance(self.v, Tensor):
@@ -82,9 +76,10 @@ class BitSerialIFNode(base.MemoryModule):
         offset = channel_view(self.membrane_offset.to(current_seq.dtype), current_seq.dim() - 1)
         self.v = cap_potential(self.v + offset, theta, self.levels, self.timesteps)
         spikes = []
-        for threshold in step_thresholds(theta, self.timesteps):
-            spike = self.neuronal_fire(threshold)
-            self.neuronal_reset(spike, threshold)
+        for threshold in step_thresholds(theta, self.timesteps):   # it ends at theta, one step
+            self.v_threshold = threshold
+            spike = self.neuronal_fire()
+            self.neuronal_reset(spike)
             spikes.append(spike)
         return torch.stack(spikes)
 

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from spikingjelly.activation_based import functional, monitor
+from spikingjelly.activation_based import functional, monitor, neuron
 from torch import nn
 
 import ann2snn
@@ -180,7 +180,9 @@ def test_node_integrates_by_doubling_and_fires_binary_planes(t_in, timesteps, pe
         else torch.tensor(0.25, dtype=torch.float64)
     offset = theta / 2
     node = BitSerialIFNode(theta, 2**timesteps - 1, timesteps, offset)
-    assert node.step_mode == "m"
+    # a SpikingJelly node: its fire (Heaviside of v - v_threshold) and soft reset are SimpleBaseNode's
+    assert isinstance(node, neuron.SimpleBaseNode) and node.step_mode == "m" and node.v_reset is None
+    assert "neuronal_fire" not in vars(BitSerialIFNode) and "neuronal_reset" not in vars(BitSerialIFNode)
     currents = dyadic_currents(t_in, timesteps, n, c, seed=t_in * 10 + timesteps)
     spikes = node(currents)
     assert spikes.shape == (timesteps, n, c)
@@ -191,8 +193,8 @@ def test_node_integrates_by_doubling_and_fires_binary_planes(t_in, timesteps, pe
     levels = exact_levels(potential, t, 2**timesteps - 1)
     assert torch.equal(decode_levels(spikes), levels)
     assert torch.equal(spikes, fire_msb_first(potential, t, 2**timesteps - 1, timesteps))
-    # reset by subtraction: what is left on the membrane is V - level * theta
-    assert torch.equal(node.v, potential - levels * t)
+    # reset by subtraction: what is left on the membrane is V - level * theta; the last threshold, theta
+    assert torch.equal(node.v, potential - levels * t) and torch.equal(node.v_threshold, t)
     # the spread of the inputs makes both silent and firing neurons
     assert (levels == 0).any() and (levels > 0).any()
 
