@@ -57,8 +57,10 @@ def demo(timesteps, output_dir, epochs, as_json):
     if as_json:
         click.echo(strict_json({"rows": rows, "output_dir": output_dir}))
         return
+    accuracies = ("float ANN", "quantized ANN", "SNN")
+    percent = [{**row, **{k: 100 * row[k] for k in accuracies}} for row in rows]
     click.echo("Test accuracy (%) on the 450 held-out digits, and spikes per image of the SNN:")
-    click.echo(format_table(rows, ["T", "float ANN", "quantized ANN", "SNN", "same prediction", "spikes/img"]))
+    click.echo(format_table(percent, ["T", *accuracies, "same prediction", "spikes/img"]))
     click.echo(f"weights, ONNX exports and .snn files in {output_dir}/")
 
 

@@ -14,7 +14,7 @@ def run_demo(timesteps: tuple[int, ...] = (2, 3, 4), output_dir: str | Path = "r
              float_epochs: int = 30, qat_epochs: int = 30, progress: bool = True) -> list[dict]:
     """Float training, then quantization-aware fine-tuning and conversion for each T.
 
-    Returns one row per T: float ANN, quantized ANN and SNN test accuracy (the SNN simulated
+    Returns one row per T: float ANN, quantized ANN and SNN test accuracy as fractions (the SNN simulated
     time step by time step), how many test images get the same prediction from the quantized ANN
     and the SNN, and the SNN's spikes per image. Writes the weights, the QDQ ONNX export and the
     .snn of every T to `output_dir`.
@@ -41,9 +41,9 @@ def run_demo(timesteps: tuple[int, ...] = (2, 3, 4), output_dir: str | Path = "r
         snn_prediction = simulated.logits.argmax(1)
         rows.append({
             "T": steps,
-            "float ANN": 100 * float_run.test_accuracy,
-            "quantized ANN": 100 * (ann_prediction == y).double().mean().item(),
-            "SNN": 100 * (snn_prediction == y).double().mean().item(),
+            "float ANN": float_run.test_accuracy,
+            "quantized ANN": (ann_prediction == y).double().mean().item(),
+            "SNN": (snn_prediction == y).double().mean().item(),
             "same prediction": f"{int((snn_prediction == ann_prediction).sum())}/{len(y)}",
             "spikes/img": sum(c.sum().item() for c in simulated.spikes.values()) / len(y),
         })

@@ -202,4 +202,6 @@ def test_demo_runs_and_the_snn_equals_the_quantized_ann(tmp_path):
     (row,) = json.loads(done.stdout)["rows"]
     assert row["T"] == 2 and row["same prediction"] == "450/450" and row["SNN"] == row["quantized ANN"]
     assert row["spikes/img"] > 0
+    # accuracies as fractions, as in every command's --json
+    assert all(0.5 < row[k] <= 1.0 for k in ("float ANN", "quantized ANN", "SNN")) and abs(450 * row["SNN"] - round(450 * row["SNN"])) < 1e-9
     assert (tmp_path / "demo" / "digits_T2.snn").exists() and (tmp_path / "demo" / "digits_T2.onnx").exists()
