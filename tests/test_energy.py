@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ann2snn
 from ann2snn.energy import (LayerCounts, OpCounts, OperationCounter, available_tables, estimate_energy,
                             format_report, load_table, parse_table)
-from ann2snn.errors import Ann2SnnError
+from ann2snn.errors import Ann2SnnError, UnsupportedModelError
 from ann2snn.lower import lower_to_simulator
 from ann2snn.lower.simulator import SimulatedLayer, SimulatedNeuron, SimulatedStructural
 from ann2snn.quant import QuantClippedActivation
@@ -253,6 +253,53 @@ def test_synaptic_ops_equal_a_brute_force_count(converted, name):
     got = {layer.name: layer.synaptic_ops for layer in counts["evaluate"].layers if layer.input != "analog"}
     assert expected and got == expected
     assert any(v > 0 for v in got.values())
+
+
+class SpikesIntoMatmul(nn.Module):
+    """Spikes into torch.matmul: a layer written as a function, which energy has no rule to count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.site = nn.Conv2d(1, 2, 3), site(2, torch.Generator().manual_seed(3))
+        self.weight = nn.Parameter(torch.randn(2 * 4 * 4, 3, generator=torch.Generator().manual_seed(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.flatten(self.site(self.conv(x)), 1), self.weight)
+
+
+@pytest.mark.parametrize("mode", ["simulate", "evaluate"])
+def test_energy_refuses_spikes_through_an_op_it_cannot_count(mode):
+    snn = ann2snn.convert(SpikesIntoMatmul().double(), T=3)
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    simulated, evaluated = snn.simulate(x), snn.evaluate(x)   # the SNN itself runs
+    assert torch.equal(simulated.spikes["site"], evaluated.spikes["site"])
+    torch.testing.assert_close(simulated.logits, evaluated.logits)
+    with pytest.raises(UnsupportedModelError, match="^energy: no rule for counting spikes through matmul$"):
+        OperationCounter(snn, mode)
+
+
+@pytest.mark.parametrize("mode", ["simulate", "evaluate"])
+def test_counting_runs_the_lowered_executor_with_observers(converted, mode):
+    """Energy has no executor of its own: the counter is the simulator's or the evaluator's graph
+    with observers in it, and its neurons are those executors' own."""
+    from ann2snn.energy.observe import LayerObserver, SpikeObserver
+    from ann2snn.lower.evaluator import TimeFoldedNeuron
+
+    _, snn, x, _ = converted["random"]
+    counter = OperationCounter(snn, mode)
+    neuron_type = SimulatedNeuron if mode == "simulate" else TimeFoldedNeuron
+    modules = dict(counter.lowered.named_modules())
+    assert sum(isinstance(m, SpikeObserver) for m in modules.values()) == len(snn.site_names) \
+        == sum(isinstance(m, neuron_type) for m in modules.values())
+    assert any(isinstance(m, LayerObserver) for m in modules.values())
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in modules.values() if isinstance(m, neuron_type)]
+    try:
+        counter(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == len(snn.site_names)
 
 
 def test_first_layer_costs_macs_and_later_layers_synaptic_ops(converted):
