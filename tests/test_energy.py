@@ -278,6 +278,30 @@ def test_energy_refuses_spikes_through_an_op_it_cannot_count(mode):
         OperationCounter(snn, mode)
 
 
+class ObserverNamedLayer(nn.Module):
+    """A layer named as energy would name the observer of the layer before it (energy_conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.conv, self.site = nn.Conv2d(1, 2, 3), site(2, g)
+        self.energy_conv, self.site2 = nn.Conv2d(2, 2, 3), site(2, g)
+        self.fc = nn.Linear(2 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.site2(self.energy_conv(self.site(self.conv(x)))), 1))
+
+
+@pytest.mark.parametrize("mode", ["simulate", "evaluate"])
+def test_observers_never_take_the_name_of_a_layer(mode):
+    snn = ann2snn.convert(ObserverNamedLayer().double(), T=3)
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    counter = OperationCounter(snn, mode)
+    reference = snn.simulate(x) if mode == "simulate" else snn.evaluate(x)
+    assert torch.equal(counter(x), reference.logits)
+    assert [layer.name for layer in counter.result().layers] == ["conv", "energy_conv", "fc"]
+
+
 @pytest.mark.parametrize("mode", ["simulate", "evaluate"])
 def test_counting_runs_the_lowered_executor_with_observers(converted, mode):
     """Energy has no executor of its own: the counter is the simulator's or the evaluator's graph

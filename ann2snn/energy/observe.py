@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
 from ..ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, METHOD_KINDS, NORMS, STRUCTURAL
+from ..passes.graph_utils import free_name
 from .events import Events, Levels, Op, Planes, structural_events, summed_events, total
 from .fanout import pool_fanout, pool_params, window_sums
 
@@ -153,7 +154,7 @@ def observe(lowered: fx.GraphModule, snn_graph: fx.GraphModule, mode: str) -> li
         with lowered.graph.inserting_after(anchor):
             if module is None:
                 return lowered.graph.call_function(target, args, kwargs or {})
-            name = f"energy_{node.name}"
+            name = free_name(lowered, f"energy_{node.name}")   # never a module of the network
             lowered.add_submodule(name, module)
             return lowered.graph.call_module(name, args, kwargs or {})
 
