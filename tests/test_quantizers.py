@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import helper, numpy_helper
 
-from hostile import invoke
+from hostile import assert_refused, invoke
 from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
 
 FLAVOURS = {
@@ -59,3 +62,82 @@ def test_16_bit_activations_convert_exactly_at_T_16(float_file, tmp_path):
     check = report["verify"]
     assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
     assert report["timesteps"] == 16 and {site["levels"] for site in report["sites"]} == {65535}
+
+
+# --- QCDQ: a Clip of the integers between QuantizeLinear and DequantizeLinear (Brevitas' low-bit export) ---
+
+def qcdq(path: str, out, low: int, high: int, weights: tuple[int, int] | None = None) -> str:
+    """`path` (a QDQ file) as Brevitas writes fewer bits than the integer type holds: a Clip of the
+    integers to [low, high] between every activation QuantizeLinear and its DequantizeLinear, and
+    with `weights` one of the int8 weights before their DequantizeLinear."""
+    model = onnx.load(path)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = []
+
+    def clip(value: str, dtype, bounds: tuple[int, int], name: str) -> str:
+        low_high = [numpy_helper.from_array(np.array(b, dtype), f"{name}_{k}") for k, b in zip(("min", "max"), bounds)]
+        model.graph.initializer.extend(low_high)
+        nodes.append(helper.make_node("Clip", [value, *(t.name for t in low_high)], [f"{value}_clipped"], name=name))
+        return f"{value}_clipped"
+
+    for node in model.graph.node:
+        if weights and node.op_type == "DequantizeLinear" and constants.get(node.input[0], np.zeros(0)).dtype == np.int8:
+            node.input[0] = clip(node.input[0], np.int8, weights, f"{node.name}_weight_clip")
+        nodes.append(node)
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            clipped = clip(node.output[0], constants[node.input[2]].dtype, (low, high), f"{node.name}_clip")
+            for user in model.graph.node:
+                user.input[:] = [clipped if v == node.output[0] and user.op_type == "DequantizeLinear" else v
+                                 for v in user.input]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return str(out)
+
+
+QCDQ = {  # name: (quantize_static options, the activations' Clip, the weights' Clip, T, L)
+    "uint8 clipped to 4 bits": (dict(activation_type="QUInt8"), (0, 15), None, 4, 15),
+    "uint8 clipped to 2 bits": (dict(activation_type="QUInt8"), (0, 3), None, 2, 3),
+    "symmetric int8 clipped to 4 bits, 4-bit weights": (dict(extra_options={"ActivationSymmetric": True}),
+                                                        (-8, 7), (-7, 7), 3, 7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QCDQ))
+def test_qcdq_converts_exactly_at_its_own_bit_width(float_file, tmp_path, name):
+    options, activations, weights, timesteps, levels = QCDQ[name]
+    path = qcdq(quantize(float_file, tmp_path / "qdq.onnx", **dict(options)), tmp_path / "qcdq.onnx",
+                *activations, weights)
+    result = invoke("convert", path, "--json")
+    assert result.exit_code == 0, (result.stderr, result.stdout[-2000:])
+    report = json.loads(result.stdout)
+    check = report["verify"]
+    assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
+    assert check["levels"]["totals"]["compared"] > 0 and check["agreement"] == 1.0
+    assert report["timesteps"] == timesteps and {site["levels"] for site in report["sites"]} == {levels}
+    # the sites are read back from the Clip's output: the clipped integers onnxruntime computes
+    assert all(site["source"]["sources"][-2].endswith("_clip") for site in report["sites"])
+
+
+def test_a_clip_that_leaves_one_level_is_refused(float_file, tmp_path):
+    path = qcdq(quantize(float_file, tmp_path / "qdq.onnx", activation_type="QUInt8"), tmp_path / "qcdq.onnx", 3, 3)
+    assert_refused(invoke("convert", path), path, "x_QuantizeLinear_clip", "Clip", "fewer than two levels")
+
+
+def test_clipped_integers_that_feed_another_op_are_refused(float_file, tmp_path):
+    path = qcdq(quantize(float_file, tmp_path / "qdq.onnx", activation_type="QUInt8"), tmp_path / "qcdq.onnx", 0, 15)
+    model = onnx.load(path)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    dequantize = next(n for n in model.graph.node if n.output[0] == conv.input[0])
+    conv.input[0] = dequantize.input[0]   # the Conv reads the clipped integers themselves
+    onnx.save(model, path)
+    assert_refused(invoke("convert", path), path, "/conv1/Conv", "x_QuantizeLinear_Output_clipped",
+                   "quantized (integer) tensor")
+
+
+def test_onnxruntimes_own_4_bit_types_are_refused_by_name(float_file, tmp_path):
+    """quantize_static's QUInt4 activations: com.microsoft QuantizeLinear / DequantizeLinear (uint4)."""
+    path = quantize(float_file, tmp_path / "uint4.onnx", activation_type="QUInt4", weight_type="QInt8")
+    assert {n.domain for n in onnx.load(path).graph.node if n.op_type.endswith("QuantizeLinear")} == {"com.microsoft"}
+    assert_refused(invoke("convert", path), path, "com.microsoft::", "QuantizeLinear", "opset 17", "not supported")

@@ -54,6 +54,10 @@ class Quantized:
     fused: dict = field(default_factory=dict)  # (scale, zero point) bytes -> QuantDequant node
 
 
+# The ops that may read a QuantizeLinear's integers: its DequantizeLinear, and a Clip between them
+# (QCDQ, Brevitas' export of fewer bits than the integer type holds).
+READS_INTEGERS = frozenset({"DequantizeLinear", "Clip"})
+
 Value = Any  # fx.Node | np.ndarray | BatchDependent | Quantized | None (an absent optional input)
 
 
@@ -249,7 +253,7 @@ class NodeContext:
         if not self.has_input(index):
             return None
         value = self.builder.env[self.node.input[index]]
-        if isinstance(value, Quantized) and self.op_type != "DequantizeLinear":
+        if isinstance(value, Quantized) and self.op_type not in READS_INTEGERS:
             self.fail(f"QuantizeLinear {value.node_name!r} is not followed by DequantizeLinear "
                       f"(its integer output feeds {self.op_type})")
         return value

@@ -13,7 +13,8 @@ zero point 0, as the ops define it. An op that only moves values (MaxPool, Resha
 with its input's own scale and zero point, which is exact. Every QuantizeLinear keeps the
 QOperator node's name and output tensor, so a site is named and read back (ort_check) by what
 onnxruntime computes in the original file. Whatever quantized tensor cannot be expressed so is
-refused in one line.
+refused in one line. A Clip of the integers between QuantizeLinear and DequantizeLinear (QCDQ,
+Brevitas' export of fewer bits) stays as well: the importer reads it as a narrower range.
 
 Each op is one small function in a table (`_op`), with the bound on how far onnxruntime's own
 kernel for it may round away from that meaning (`KernelError`, used by ann2snn/ort_check.py). The
@@ -249,6 +250,9 @@ def _plan(model: onnx.ModelProto) -> tuple[list[tuple[int, onnx.NodeProto, list[
             continue
         if key == ("", "QuantizeLinear") and len(node.input) > 1:
             rw.quantized[node.output[0]] = (node.input[1], optional_input(node, 2))
+            continue
+        if key == ("", "Clip") and node.input[0] in rw.quantized:   # QCDQ: the importer reads it as fewer levels
+            rw.quantized[node.output[0]] = rw.quantized[node.input[0]]
             continue
         reads = [k for k, name in enumerate(node.input) if name in rw.quantized]
         if key in _KEPT or not (_is_qoperator(node) or reads):

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..builder import Quantized
 from ..registry import add_converter
+from .quantize import clip_levels
 
 
 @add_converter("Relu", 6)
@@ -47,8 +49,9 @@ def clamp(ctx, x, low: float | None, high: float | None) -> list:
 @add_converter("Clip", 12)
 @add_converter("Clip", 13)
 def convert_clip(ctx) -> list:
-    x = ctx.dynamic(0)
-    return clamp(ctx, x, _scalar(ctx, 1, "min"), _scalar(ctx, 2, "max"))
+    if isinstance(ctx.input(0), Quantized):   # QCDQ: between QuantizeLinear and DequantizeLinear
+        return [clip_levels(ctx, ctx.input(0), _scalar(ctx, 1, "min"), _scalar(ctx, 2, "max"))]
+    return clamp(ctx, ctx.dynamic(0), _scalar(ctx, 1, "min"), _scalar(ctx, 2, "max"))
 
 
 def _min_max(ctx, bound: str) -> list:

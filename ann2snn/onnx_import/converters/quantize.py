@@ -6,6 +6,9 @@ scale and zero point; its integer output is used by nothing else.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
 import torch
 from onnx import TensorProto, helper
@@ -94,6 +97,18 @@ def convert_quantize(ctx) -> list:
     if not np.all(np.isfinite(top)):
         ctx.fail(f"scale {float(scale.max()):g} times {max(-qmin, qmax)} levels overflows {ctx.probe(x).dtype}")
     return [ctx.builder.quantized(Quantized(x, scale, zero, qmin, qmax, axis, ctx.node.name))]
+
+
+def clip_levels(ctx, q: Quantized, low: float | None, high: float | None) -> Quantized:
+    """QCDQ: a Clip of QuantizeLinear's integers narrows their range, so the pair quantizes to
+    fewer levels (Clip(0, 15) of uint8: 4 bits). The clipped integers are the pair's levels, read
+    back from the Clip's output (ort_check)."""
+    qmin = q.qmin if low is None else max(q.qmin, math.ceil(low))
+    qmax = q.qmax if high is None else min(q.qmax, math.floor(high))
+    if qmin >= qmax:
+        ctx.fail(f"clips the integers of QuantizeLinear {q.node_name!r} to [{qmin}, {qmax}]: fewer than two levels")
+    q.fused["clip"] = ctx.node.name   # undone through the Clip: not an unfused QuantizeLinear
+    return ctx.builder.quantized(replace(q, qmin=qmin, qmax=qmax, node_name=ctx.node.name, fused={}))
 
 
 def convert_dequantize(ctx) -> list:
