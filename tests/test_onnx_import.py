@@ -759,7 +759,7 @@ def test_inspect_onnx_summarizes_a_qdq_model(qdq_model):
     assert summary["all_ops_supported"]
     assert len(summary["qdq_pairs"]) == 7
     relu = summary["qdq_pairs"]["/Relu_output_0_QuantizeLinear"]
-    assert relu["zero_point"] == 0 and relu["dtype"] == "UINT8" and relu["scale"] > 0
+    assert relu["zero_point"] == 0 and relu["dtype"] == "UINT8" and relu["scale"] > 0 and relu["clip"] is None
 
 
 def test_inspect_onnx_flags_unsupported_ops(tmp_path):

@@ -118,6 +118,8 @@ def test_qcdq_converts_exactly_at_its_own_bit_width(float_file, tmp_path, name):
     assert report["timesteps"] == timesteps and {site["levels"] for site in report["sites"]} == {levels}
     # the sites are read back from the Clip's output: the clipped integers onnxruntime computes
     assert all(site["source"]["sources"][-2].endswith("_clip") for site in report["sites"])
+    pairs = json.loads(invoke("inspect", path, "--json").stdout)["qdq_pairs"]
+    assert pairs and {pair["clip"] for pair in pairs.values()} == {"{}..{}".format(*activations)}
 
 
 def test_a_clip_that_leaves_one_level_is_refused(float_file, tmp_path):

@@ -153,8 +153,14 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
     }
 
 
+def _range(low: float | None, high: float | None) -> str:
+    """A Clip's range as text: 0..15 (an absent bound left empty)."""
+    return f"{'' if low is None else f'{low:g}'}..{'' if high is None else f'{high:g}'}"
+
+
 def _qdq_pairs(model: onnx.ModelProto) -> dict:
-    """QuantizeLinear -> DequantizeLinear pairs on activations, keyed by the QuantizeLinear's name."""
+    """QuantizeLinear -> DequantizeLinear pairs on activations, keyed by the QuantizeLinear's name;
+    with a Clip of the integers between them (QCDQ), its range."""
     constants = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
@@ -167,11 +173,13 @@ def _qdq_pairs(model: onnx.ModelProto) -> dict:
     for index, node in enumerate(model.graph.node):
         if node.op_type != "QuantizeLinear":
             continue
-        dequantizers = [c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+        clips = [c for c in consumers.get(node.output[0], []) if c.op_type == "Clip"]
+        dequantizers = [c for source in [node, *clips] for c in consumers.get(source.output[0], [])
+                        if c.op_type == "DequantizeLinear"]
         if not dequantizers:
             continue
 
-        def value(position: int) -> list | float | None:
+        def value(position: int, node: onnx.NodeProto = node) -> list | float | None:
             if position >= len(node.input) or node.input[position] not in constants:
                 return None
             try:  # a summary: a scale that is no number (a string tensor) is shown as unknown, not refused
@@ -188,5 +196,6 @@ def _qdq_pairs(model: onnx.ModelProto) -> dict:
             # the names as one string: the CLI summarizes a list as a numeric range
             "input": node.input[0], "dequantize": ", ".join(d.name for d in dequantizers), "scale": value(1),
             "zero_point": value(2) if zero is not None else 0.0,
-            "dtype": type_name(zero.data_type) if zero is not None else "UINT8", "axis": axis}
+            "dtype": type_name(zero.data_type) if zero is not None else "UINT8", "axis": axis,
+            "clip": ", ".join(_range(value(1, c), value(2, c)) for c in clips) or None}
     return pairs
