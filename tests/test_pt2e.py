@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import warnings
 
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from ann2snn import models
 from hostile import invoke
@@ -30,6 +32,9 @@ def pt2e_onnx(name: str, quantizer_name: str, path) -> str:
 
     if quantizer_name == "x86":
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    elif quantizer_name == "xnnpack 4-bit":   # activations in [-8, 7]: the export keeps zero point -8 only
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+            is_per_channel=True, act_qmin=-8, act_qmax=7, weight_qmin=-7, weight_qmax=7))
     else:
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     torch.manual_seed(0)
@@ -58,3 +63,18 @@ def test_pt2e_export_converts_exactly(tmp_path, name, quantizer_name):
     assert report["source"]["kind"] == "qdq" and report["timesteps"] == 8
     relus = sum(1 for module in models.build_model(name, num_classes=10).modules() if isinstance(module, torch.nn.ReLU))
     assert len(report["sites"]) >= min(relus, 2)
+
+
+def test_a_zero_point_inside_the_range_behind_a_relu_is_a_site(tmp_path):
+    """XNNPACK with activations in [-8, 7]: torch.onnx writes int8 QuantizeLinear with zero point -8 and
+    drops the narrower range, so onnxruntime computes integers -8 .. 127. Behind the ReLU they start at
+    the zero point: levels 0 .. 135, a site at L = 135, T = 8, exact against onnxruntime."""
+    path = pt2e_onnx("digits-cnn", "xnnpack 4-bit", tmp_path / "pt2e.onnx")
+    zero_points = {int(numpy_helper.to_array(t)) for t in onnx.load(path).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and t.dims == []}
+    assert -8 in zero_points
+    report = json.loads(invoke("convert", path, "--json").stdout)
+    check = report["verify"]
+    assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
+    assert report["timesteps"] == 8 and {site["levels"] for site in report["sites"]} == {135}
+    assert len(report["sites"]) == 3 and all(site["source"]["zero_point"] == -8 for site in report["sites"])

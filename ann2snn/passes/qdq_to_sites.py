@@ -139,13 +139,12 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
         if (module.per_axis and module.axis != 1) or not bool((zero == zero.reshape(-1)[0]).all()):
             continue
         zero = int(zero.reshape(-1)[0])
-        if zero not in (0, module.qmin):
-            continue  # a zero point inside the range: negative levels, no clipped ReLU
         chain, low, high = _clamp_chain(gm, qdq)
         if chain and bool(torch.as_tensor(low).ne(0).any()):
             chain, high = [], math.inf  # not ReLU-like: only the QDQ itself can be the site
         if not chain and module.qmin != zero:
-            continue
+            continue  # a zero point inside the range with no ReLU before it: negative levels
+        # behind a ReLU the integers start at the zero point, whatever it is: levels 0 .. qmax - zero
         scale = module.scale
         lam_max = (module.qmax - zero) * scale
         bound = torch.as_tensor(high, dtype=scale.dtype)
