@@ -596,8 +596,8 @@ def qdq_model(tmp_path_factory) -> str:
 def quantize(float_file: str, path, quant_format: str = "QDQ", signed: bool = False, **options) -> str:
     """`float_file` quantized by onnxruntime's quantize_static in `quant_format` (QDQ or QOperator) on
     random images in [0, 1), or standard normal ones when `signed` (like normalized images: the input
-    QDQ gets a nonzero zero point); QuantType options by name."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    QDQ gets a nonzero zero point); QuantType and CalibrationMethod options by name."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Images(CalibrationDataReader):
         def __init__(self) -> None:
@@ -608,9 +608,9 @@ def quantize(float_file: str, path, quant_format: str = "QDQ", signed: bool = Fa
         def get_next(self):
             return next(self.batches, None)
 
-    for key in ("activation_type", "weight_type"):
+    for key, names in (("activation_type", QuantType), ("weight_type", QuantType), ("calibrate_method", CalibrationMethod)):
         if key in options:
-            options[key] = getattr(QuantType, options[key])
+            options[key] = getattr(names, options[key])
     quantize_static(float_file, str(path), Images(), quant_format=getattr(QuantFormat, quant_format), **options)
     return str(path)
 

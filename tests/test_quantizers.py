@@ -25,6 +25,15 @@ FLAVOURS = {
     "uint8 activations": dict(activation_type="QUInt8"),
     "symmetric int8 activations": dict(extra_options={"ActivationSymmetric": True}),
     "per-channel weights": dict(activation_type="QUInt8", per_channel=True),
+    "uint8 weights, reduced range": dict(activation_type="QUInt8", weight_type="QUInt8", reduce_range=True),
+    "asymmetric weights": dict(extra_options={"WeightSymmetric": False}),
+    "QDQ pairs on the float weights": dict(extra_options={"AddQDQPairToWeight": True}),
+    # Relu kept behind a pair whose zero point is -128: the pair after it changes nothing and goes
+    "kept removable activations": dict(extra_options={"QDQKeepRemovableActivations": True}),
+    # a pair of its own for each consumer: one site each would fire the same spikes twice
+    "a dedicated pair per consumer": dict(extra_options={"DedicatedQDQPair": True}),
+    "entropy calibration": dict(calibrate_method="Entropy"),
+    "percentile calibration": dict(calibrate_method="Percentile"),
 }
 EXPECTED_T = {"symmetric int8 activations": 7}
 

@@ -90,32 +90,71 @@ def _exact_clip(scale: Tensor, levels: int) -> Tensor:
     return clip
 
 
-def _grid(gm: fx.GraphModule, node: fx.Node) -> tuple[Tensor, Tensor, int, int] | None:
-    """(scale, zero point, qmin, qmax) of the quantization grid `node`'s values lie on, if known."""
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A clamp from below at 0 or lower and none from above: no change to values that are not negative."""
+    bounds = clamp_bounds(gm, node)
+    return bounds is not None and bool(torch.as_tensor(bounds[0]).max() <= 0) and bool(
+        torch.as_tensor(bounds[1]).min() == math.inf)
+
+
+def _grid(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple[Tensor, Tensor, int, int], list[fx.Node]] | None:
+    """(scale, zero point, qmin, qmax) of the quantization grid `node`'s values lie on, if known; and
+    the ReLUs passed on the way, which leave a grid without negative levels as it is (onnxruntime's
+    QDQKeepRemovableActivations writes QuantizeLinear -> DequantizeLinear -> Relu -> QuantizeLinear)."""
+    relus = []
     while isinstance(node, fx.Node):
         module = module_of(gm, node)
         if isinstance(module, QuantDequant):
-            return module.scale, module.zero_point, module.qmin, module.qmax
-        if isinstance(module, QuantClippedActivation):
-            return module.theta().detach().reshape(-1), torch.zeros(1), 0, module.levels
-        if not _moves_values(gm, node):
+            grid = module.scale, module.zero_point, module.qmin, module.qmax
+        elif isinstance(module, QuantClippedActivation):
+            grid = module.theta().detach().reshape(-1), torch.zeros(1), 0, module.levels
+        elif _is_relu(gm, node):
+            relus.append(node)
+            node = node.args[0]
+            continue
+        elif _moves_values(gm, node):
+            node = node.args[0]
+            continue
+        else:
             return None
-        node = node.args[0]
+        negative_levels = bool((grid[2] - grid[1] < 0).any())
+        return None if relus and negative_levels else (grid, relus)
     return None
 
 
-def _is_redundant(gm: fx.GraphModule, qdq: fx.Node, module: QuantDequant) -> bool:
-    """A QDQ pair on values already on its grid: the same scale, and every level k of the grid (the
-    integer q - zero point) inside its own range, so it gives back k * scale. A site's levels 0..L
-    under an int8 pair with zero point -128 (levels 0..255) are; zero points need not match."""
-    grid = _grid(gm, qdq.args[0])
-    if grid is None or module.per_axis or module.zero_point.numel() != 1:
-        return False
-    scale, zero_point, qmin, qmax = grid
+def _redundant(gm: fx.GraphModule, qdq: fx.Node, module: QuantDequant) -> list[fx.Node] | None:
+    """For a QDQ pair on values already on its grid, the ReLUs before it that change nothing either
+    (else None). On its grid: the same scale, and every level k of the grid (the integer q - zero
+    point) inside its own range, so it gives back k * scale. A site's levels 0..L under an int8 pair
+    with zero point -128 (levels 0..255) are; zero points need not match."""
+    found = _grid(gm, qdq.args[0])
+    if found is None or module.per_axis or module.zero_point.numel() != 1:
+        return None
+    (scale, zero_point, qmin, qmax), relus = found
     if scale.numel() != 1 or zero_point.numel() != 1 or not torch.equal(scale.to(module.scale.dtype), module.scale):
-        return False
+        return None
     grid_zero, own_zero = int(zero_point.reshape(-1)[0]), int(module.zero_point.reshape(-1)[0])
-    return module.qmin - own_zero <= qmin - grid_zero and qmax - grid_zero <= module.qmax - own_zero
+    fits = module.qmin - own_zero <= qmin - grid_zero and qmax - grid_zero <= module.qmax - own_zero
+    return relus if fits else None
+
+
+def _merge_duplicate_pairs(gm: fx.GraphModule, report: dict) -> None:
+    """One QDQ pair per tensor and grid: onnxruntime's DedicatedQDQPair gives each consumer a copy of
+    its own, which would become as many sites firing the same spikes."""
+    first: dict[tuple, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        module = module_of(gm, node)
+        if not isinstance(module, QuantDequant):
+            continue
+        key = (node.args[0], module.qmin, module.qmax, module.axis, tuple(module.scale.tolist()),
+               tuple(module.zero_point.tolist()))
+        if key not in first:
+            first[key] = node
+            continue
+        node.replace_all_uses_with(first[key])
+        gm.graph.erase_node(node)
+        report["rewrites"].append({"pass": "qdq_to_sites", "merged_duplicate_qdq": node.target,
+                                   "into": first[key].target})
 
 
 def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
@@ -125,15 +164,19 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
     ONNX nodes it replaces) and clip_bound (the Clip / Min bound that set lambda, else None).
     """
     report = conversion_report(gm)
+    _merge_duplicate_pairs(gm, report)
     sites: list[dict] = []
     for qdq in list(gm.graph.nodes):
         module = module_of(gm, qdq)
         if not isinstance(module, QuantDequant):
             continue
-        if _is_redundant(gm, qdq, module):
-            qdq.replace_all_uses_with(qdq.args[0])
-            gm.graph.erase_node(qdq)
-            report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target})
+        relus = _redundant(gm, qdq, module)
+        if relus is not None:
+            for identity in [qdq, *relus]:
+                identity.replace_all_uses_with(identity.args[0])
+                gm.graph.erase_node(identity)
+            report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
+                                       **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
             continue
         zero = module.zero_point
         if (module.per_axis and module.axis != 1) or not bool((zero == zero.reshape(-1)[0]).all()):
