@@ -80,13 +80,15 @@ class Planes:
         return Planes(simulate_method(op.target, *args, **kwargs).steps)
 
     def layer_synaptic_ops(self, layer: nn.Module, fanouts: dict) -> Tensor:
-        """By the definition: the event map convolved with an all-ones kernel of the weight's shape."""
+        """By the definition: the event map convolved with an all-ones kernel of the weight's shape
+        (no fan-out map: `fanouts` is for Levels' fast path, the same signature)."""
         count = self.counts()
         dtype = count_dtype(count.device)
         occupancy = layer._conv_forward(count.to(dtype), conv_ones_kernel(layer, dtype, count.device), None)
         return total(occupancy) * (layer.out_channels // layer.groups)
 
     def pool_synaptic_ops(self, sums: Callable[[Tensor], Tensor], fanouts: dict) -> Tensor:
+        """By the definition: the sum of every pooling window of the event map."""
         return total(sums(self.counts().to(count_dtype(self.planes.device))))
 
     def pooled(self, sums: Callable[[Tensor], Tensor]) -> "Planes":
