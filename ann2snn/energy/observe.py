@@ -148,10 +148,13 @@ def observe(lowered: fx.GraphModule, snn_graph: fx.GraphModule, mode: str) -> li
     analog: dict[fx.Node, bool] = {}       # node of snn_graph -> whether its value has an analog part
     observers: list[RowObserver | SpikeObserver] = []
 
+    def output_of(node: fx.Node) -> fx.Node:
+        """`node`'s last output in `lowered`: a neuron's spike code in the evaluator, else its value."""
+        return fired.get(node.name, values[node.name])
+
     def insert(node: fx.Node, module: nn.Module | None, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
-        """A call after `node`'s value in `lowered`: of `module` (registered by the node's name) or of `target`."""
-        anchor = fired.get(node.name, values[node.name])
-        with lowered.graph.inserting_after(anchor):
+        """A call after `node`'s outputs in `lowered`: of `module` (registered by the node's name) or of `target`."""
+        with lowered.graph.inserting_after(output_of(node)):
             if module is None:
                 return lowered.graph.call_function(target, args, kwargs or {})
             name = free_name(lowered, f"energy_{node.name}")   # never a module of the network
@@ -172,7 +175,7 @@ def observe(lowered: fx.GraphModule, snn_graph: fx.GraphModule, mode: str) -> li
         elif kind == "neuron":
             module = snn_graph.get_submodule(node.target)
             observer = SpikeObserver(node, module.timesteps, mode)
-            events[node] = insert(node, observer, None, (fired.get(node.name, values[node.name]),))
+            events[node] = insert(node, observer, None, (output_of(node),))
             observers.append(observer)
             analog[node] = False
         elif kind == "layer":

@@ -51,7 +51,7 @@ class Quantized:
     qmax: int
     axis: int
     node_name: str
-    fused: dict = field(default_factory=dict)  # (scale, zero point) bytes -> QuantDequant node
+    fused: dict = field(default_factory=dict)  # what undid it: "node", its QuantDequant; or "clip", a QCDQ Clip
 
 
 # The ops that may read a QuantizeLinear's integers: its DequantizeLinear, and a Clip between them

@@ -49,9 +49,10 @@ def clamp(ctx, x, low: float | None, high: float | None) -> list:
 @add_converter("Clip", 12)
 @add_converter("Clip", 13)
 def convert_clip(ctx) -> list:
-    if isinstance(ctx.input(0), Quantized):   # QCDQ: between QuantizeLinear and DequantizeLinear
-        return [clip_levels(ctx, ctx.input(0), _scalar(ctx, 1, "min"), _scalar(ctx, 2, "max"))]
-    return clamp(ctx, ctx.dynamic(0), _scalar(ctx, 1, "min"), _scalar(ctx, 2, "max"))
+    x, low, high = ctx.input(0), _scalar(ctx, 1, "min"), _scalar(ctx, 2, "max")
+    if isinstance(x, Quantized):   # QCDQ: between QuantizeLinear and DequantizeLinear
+        return [clip_levels(ctx, x, low, high)]
+    return clamp(ctx, ctx.dynamic(0), low, high)
 
 
 def _min_max(ctx, bound: str) -> list:
