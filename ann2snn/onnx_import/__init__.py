@@ -27,7 +27,7 @@ from ..quant import QuantDequant
 from .qoperator import expand_qoperator, qoperator_support
 from .reader import (FLOAT_INPUTS, check_finite, fix_input_shape, graph_inputs, infer_shapes, network_input,
                      probe_shape, read_model, select_output, type_name)
-from .registry import GraphView, find_converter, support_problem, supported_op_types
+from .registry import GraphView, find_converter, op_label, support_problem, supported_op_types
 from ..passes.graph_utils import conversion_report
 from ..errors import UnsupportedModelError
 
@@ -118,13 +118,12 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
     """A summary of an ONNX file: opset, IR version, input, op counts (supported or not), QDQ pairs."""
     model, where, opset, upgraded_from = read_model(path)
     inputs = graph_inputs(model)
-    counts = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-                     for node in model.graph.node)
+    counts = Counter(op_label(node) for node in model.graph.node)
     view = GraphView(model.graph, opset)
     qoperator = qoperator_support(model)  # nodes that convert rewrites first (qoperator.py)
     ops, refused = {}, {}
     for index, node in enumerate(model.graph.node):
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        key = op_label(node)
         if index in qoperator:   # rewritten into QDQ first: what convert makes of its expansion
             converter, problem = True, qoperator[index]
         else:
@@ -149,7 +148,7 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
         "ops": ops,
         "all_ops_supported": all(v["supported"] for v in ops.values()),
         "refused_nodes": refused,  # nodes of a supported op that its support check refuses, and why
-        "qdq_pairs": _qdq_pairs(model),
+        "qdq_pairs": _qdq_pairs(model.graph, view),
     }
 
 
@@ -158,23 +157,16 @@ def _range(low: float | None, high: float | None) -> str:
     return f"{'' if low is None else f'{low:g}'}..{'' if high is None else f'{high:g}'}"
 
 
-def _qdq_pairs(model: onnx.ModelProto) -> dict:
+def _qdq_pairs(graph: onnx.GraphProto, view: GraphView) -> dict:
     """QuantizeLinear -> DequantizeLinear pairs on activations, keyed by the QuantizeLinear's name;
     with a Clip of the integers between them (QCDQ), its range."""
-    constants = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-            constants[node.output[0]] = node.attribute[0].t
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    constants = view.constants
     pairs = {}
-    for index, node in enumerate(model.graph.node):
+    for index, node in enumerate(graph.node):
         if node.op_type != "QuantizeLinear":
             continue
-        clips = [c for c in consumers.get(node.output[0], []) if c.op_type == "Clip"]
-        dequantizers = [c for source in [node, *clips] for c in consumers.get(source.output[0], [])
+        clips = [c for c in view.readers(node.output[0]) if c.op_type == "Clip"]
+        dequantizers = [c for source in [node, *clips] for c in view.readers(source.output[0])
                         if c.op_type == "DequantizeLinear"]
         if not dequantizers:
             continue

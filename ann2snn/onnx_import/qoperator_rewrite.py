@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .registry import decode_attribute
+from .registry import decode_attribute, graph_constants
 
 
 class Refused(Exception):
@@ -21,10 +21,7 @@ class Rewrite:
 
     def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
         self.opset = opset
-        self.constants = {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-                self.constants[node.output[0]] = node.attribute[0].t
+        self.constants = graph_constants(graph)
         self.node_names = {n.name for n in graph.node}
         self.values = {v for n in graph.node for v in [*n.input, *n.output]}
         self.values |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]} | set(self.constants)

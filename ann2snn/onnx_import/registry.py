@@ -48,6 +48,15 @@ def decode_attribute(value: Any) -> Any:
     return value
 
 
+def graph_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constant tensors by name: its initializers and the outputs of its Constant nodes."""
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            constants[node.output[0]] = node.attribute[0].t
+    return constants
+
+
 class GraphView:
     """What a support check sees of an ONNX graph, the same for `convert` and `inspect`: a node's
     attributes with the spec's defaults, the constant tensors (initializers, Constant nodes), and
@@ -56,13 +65,11 @@ class GraphView:
     def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
         self.opset = opset
         self.outputs = {value.name for value in graph.output}
-        self.constants = {t.name: t for t in graph.initializer}
-        self._consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.constants = graph_constants(graph)
+        self._readers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-                self.constants[node.output[0]] = node.attribute[0].t
             for name in node.input:
-                self._consumers.setdefault(name, []).append(node)
+                self._readers.setdefault(name, []).append(node)
 
     def attributes(self, node: onnx.NodeProto) -> dict[str, Any]:
         """The node's attributes, the spec's default for each one not given."""
@@ -76,9 +83,13 @@ class GraphView:
             return None
         return numpy_helper.to_array(self.constants[node.input[index]])
 
+    def readers(self, value: str) -> list[onnx.NodeProto]:
+        """The nodes that read `value`."""
+        return self._readers.get(value, [])
+
     def consumers(self, value: str) -> list[onnx.NodeProto] | None:
         """The nodes that read `value`; None when it is also a graph output."""
-        return None if value in self.outputs else self._consumers.get(value, [])
+        return None if value in self.outputs else self.readers(value)
 
 
 # A support check: None when the converter handles the node as the graph uses it, else the reason.
