@@ -34,6 +34,12 @@ def _zoo_model_or_onnx_file(ctx: click.Context, param: click.Parameter, value: s
     raise click.BadParameter(f"{value!r} is neither a zoo model ({', '.join(MODEL_NAMES)}) nor an .onnx file")
 
 
+batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(1), default=None,
+    help="Samples a batch (default: as many as the model's largest activation allows in 1 GiB, at most 256).")
+run_batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(1), default=None,
+    help="Images a batch (default: 128, or fewer where the model's largest activation would take over 1 GiB).")
 min_agreement_option = click.option(
     "--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
     help="A float source: fail below this prediction agreement with onnxruntime's float run.")
@@ -145,26 +151,29 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
 @click.option("--input-shape", default=None, metavar="C,H,W", callback=lambda _c, _p, v: _sample_shape(v),
               help="A sample's shape, for an input with dynamic dimensions (default: the --calib data's).")
 @min_agreement_option
+@batch_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
-            graph_output, input_shape, min_agreement, as_json):
+            graph_output, input_shape, min_agreement, batch_size, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
     from ann2snn.compiler import compile_source, quantized_onnx
-    from ann2snn.inputs import model_inputs
+    from ann2snn.inputs import model_samples
+    from ann2snn.onnx_import import inspect_onnx
     from ann2snn.verify import describe_verification, verify_converted
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
-    calib_x = model_inputs(model, calib, "calib", calib_samples) if calib else None
-    source_graph, source = quantized_onnx(model, timesteps, calib_x, percentile=percentile, output=graph_output,
-                                          input_shape=input_shape)
+    calib_samples = model_samples(calib, "calib", calib_samples, inspect_onnx(model)["input"]["shape"][1:]) \
+        if calib else None
+    source_graph, source = quantized_onnx(model, timesteps, calib_samples, percentile=percentile, output=graph_output,
+                                          input_shape=input_shape, batch_size=batch_size, progress=not as_json)
     snn = compile_source(model, source_graph, source, timesteps)
     result = {"model": model, "timesteps": snn.timesteps, "source": snn.source,
               "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
               "rewrites": snn.report["rewrites"]}
     if verify:
-        result["verify"] = verify_converted(model, snn, source_graph, verify_data, calib, calib_x, verify_samples,
-                                            min_agreement).to_json()
+        result["verify"] = verify_converted(model, snn, source_graph, verify_data, calib, calib_samples, verify_samples,
+                                            min_agreement, batch_size=batch_size, progress=not as_json).to_json()
     if not verify or result["verify"]["passed"]:
         snn.save(out)
         result["output"] = str(out)
@@ -205,9 +214,10 @@ def _sample_shape(text: str | None) -> tuple[int, ...] | None:
 @click.option("--samples", type=click.IntRange(1), default=64, show_default=True,
               help="Inputs drawn from DATA (at random, across classes).")
 @min_agreement_option
+@batch_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
-def verify_command(snn_path, source_path, data, samples, min_agreement, as_json):
+def verify_command(snn_path, source_path, data, samples, min_agreement, batch_size, as_json):
     """Prove an existing .snn exact for its source (exit 0), or show where it is not (exit 1)."""
     from ann2snn.artifact import file_sha256
     from ann2snn.compiler import quantized_onnx
@@ -221,7 +231,8 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, as_json)
     steps = {entry.get("timesteps") for entry in snn.report["sites"].values()}
     source_graph, _ = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips,
                                      output=snn.source.get("output"), input_shape=snn.source.get("input_shape"))
-    check = verify_converted(source_path, snn, source_graph, data, None, None, samples, min_agreement)
+    check = verify_converted(source_path, snn, source_graph, data, None, None, samples, min_agreement,
+                             batch_size=batch_size, progress=not as_json)
     if as_json:
         click.echo(strict_json({"model": snn_path, "against": source_path, **check.to_json()}))
     else:
@@ -267,7 +278,7 @@ def inspect(path, as_json):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, metavar="DATA",
               help="digits, an .npz with x and y, or an image folder (its val/ split when it has one).")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@run_batch_size_option
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--mode", type=click.Choice(["evaluate", "simulate"]), default="evaluate", show_default=True,
@@ -277,17 +288,20 @@ def inspect(path, as_json):
 def eval_command(model, data, batch_size, workers, device, mode, as_json):
     """Top-1/top-5 accuracy, spikes per image per layer and images per second of an .snn on DATA."""
     from ann2snn import distributed
-    from ann2snn.data import load_dataset, make_loader
-    from ann2snn.evaluation import evaluate_snn
+    from ann2snn.data import dataset_input_shape, load_dataset, make_loader
+    from ann2snn.evaluation import auto_batch_size, evaluate_snn
+    from ann2snn.memory import stage
 
     check_device(device)
     context = distributed.init_from_env(device)
     device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
     dataset = distributed.shard(load_dataset(data, split="test"), context)
+    batch_size = batch_size or auto_batch_size(snn, dataset_input_shape(dataset), mode)
     loader = make_loader(dataset, batch_size, workers=workers, pin_memory=device.startswith("cuda"))
-    result = evaluate_snn(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
-                          total=len(loader), context=context)
+    with stage(f"eval ({mode})", "--batch-size"):
+        result = evaluate_snn(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
+                              total=len(loader), context=context)
     if not context.is_main:
         return
     if as_json:
@@ -318,7 +332,7 @@ def _count_ops(graph: dict) -> dict:
               help="Energy table: fp32-45nm or int8-45nm (Horowitz, ISSCC 2014), or your own JSON file.")
 @click.option("--samples", type=click.IntRange(1), default=None,
               help="Count over the first N images (default: the whole split).")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@run_batch_size_option
 @click.option("--mode", type=click.Choice(["evaluate", "simulate"]), default="evaluate", show_default=True,
               help="evaluate: popcounts of the levels (fast); simulate: time-stepped spike planes (same counts).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
@@ -331,8 +345,10 @@ def _count_ops(graph: dict) -> dict:
 def energy(model, data, table, samples, batch_size, mode, device, neuron_updates, memory, plot, as_json):
     """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (METHOD.md 6)."""
     from ann2snn import distributed
-    from ann2snn.data import draw, load_dataset, make_loader
+    from ann2snn.data import dataset_input_shape, draw, load_dataset, make_loader
     from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
+    from ann2snn.evaluation import COUNTING_COPIES, auto_batch_size
+    from ann2snn.memory import stage
 
     check_device(device)
     if plot:
@@ -347,9 +363,11 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
     dataset = draw(load_dataset(data, split="test"), samples)   # at random, across classes
+    batch_size = batch_size or auto_batch_size(snn, dataset_input_shape(dataset), mode, COUNTING_COPIES)
     loader = make_loader(distributed.shard(dataset, context), batch_size)
-    counts = count_operations(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
-                              total=len(loader), context=context)
+    with stage(f"energy ({mode})", "--batch-size"):
+        counts = count_operations(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
+                                  total=len(loader), context=context)
     if not context.is_main:
         return
     report = estimate_energy(counts, energy_table, neuron_updates=neuron_updates, memory=memory)

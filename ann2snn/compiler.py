@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import UnsupportedModelError
+from .inputs import Samples, tensor_samples
 from .levels import check_levels_exact
+from .memory import activation_profile, stage
 from .passes import (float_activations_to_sites, fold_batch_norm, move_max_pool_before_sites,
                      place_neurons, shift_bias, trace)
 from .passes.calibrate import calibrate_clips, clip_bound
@@ -59,17 +61,18 @@ def _float_activations(gm: fx.GraphModule) -> list[str]:
     return [node.meta.get("onnx_node", node.name) for node in gm.graph.nodes if clip_bound(gm, node) is not None]
 
 
-def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
-                   percentile: float = 99.99, batch_size: int = 64,
+def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples | Tensor | None = None,
+                   percentile: float = 99.99, batch_size: int | None = None,
                    clips: dict[str, list[float] | float] | None = None, *, output: str | None = None,
-                   input_shape: Sequence[int] | None = None) -> tuple[fx.GraphModule, dict]:
+                   input_shape: Sequence[int] | None = None, progress: bool = False) -> tuple[fx.GraphModule, dict]:
     """The quantized source of an ONNX file, the ANN its SNN must compute exactly: the imported
     graph with QuantClippedActivation sites (QDQ pairs keep their scale and level count; uint8
     gives T = 8), and the source's description.
 
     Float Relu / Clip / Relu6 sites need `T`, and lambda: from `clips` (site -> lambda, as an
     artifact's report records them) or else calibrated as the `percentile` of each site's
-    activations on `calib`.
+    activations on `calib` (samples streamed in batches of `batch_size`, else as many as
+    memory.ACTIVATION_BUDGET allows; or a tensor of them).
 
     `output` picks one of several graph outputs (the others are dropped before import);
     `input_shape` (a sample's shape) sizes the input's dynamic dimensions, else `calib`'s samples do.
@@ -78,12 +81,13 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
     from .onnx_import import load_onnx
     from .passes.qdq_to_sites import qdq_to_sites
 
-    sample_shape = input_shape or (tuple(calib.shape[1:]) if calib is not None else None)
+    calib = tensor_samples(calib, "calibration inputs") if isinstance(calib, Tensor) else calib
+    sample_shape = input_shape or (calib.shape if calib is not None else None)
     gm, qdq_sites = qdq_to_sites(load_onnx(path, output=output, input_shape=sample_shape))
     _check_input_shape(path, gm, input_shape)
     _check_one_output(path, gm)
     _check_any_batch(path, gm)
-    calib = _calibration_inputs(path, gm, calib)
+    _check_calibration_shape(path, gm, calib)
     report = conversion_report(gm)
     if gm.meta["onnx"].get("upgraded_from"):
         report["rewrites"].append({"pass": "upgrade_opset", "from": gm.meta["onnx"]["upgraded_from"],
@@ -106,7 +110,11 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor 
         if clips is not None:
             _set_clips(path, gm, clips)
         else:
-            calibrate_clips(gm, [(x,) for x in calib.split(batch_size)], percentile, batches=None)
+            with stage("calibration", "--batch-size or --calib-samples"):
+                dtype = gm.meta["onnx"]["dtype"]
+                size = batch_size or activation_profile(gm, calib.shape, dtype).batch(CALIBRATION_BYTES)
+                calibrate_clips(gm, _CalibrationBatches(path, calib, size, dtype), percentile, batches=None,
+                                progress=progress)
         kind = "float" if not qdq_sites else "mixed"
     source = {"file": os.path.basename(str(path)), "sha256": file_sha256(path), "kind": kind,
               "calibration_percentile": percentile if kind != "qdq" else None,
@@ -133,8 +141,8 @@ def compile_source(path: str | os.PathLike, source_graph: fx.GraphModule, source
     return SNN(snn_graph, _timesteps(snn_graph), report=conversion_report(snn_graph), source=source)
 
 
-def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Tensor | None = None,
-                 percentile: float = 99.99, batch_size: int = 64, *, output: str | None = None,
+def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples | Tensor | None = None,
+                 percentile: float = 99.99, batch_size: int | None = None, *, output: str | None = None,
                  input_shape: Sequence[int] | None = None) -> SNN:
     """Import an ONNX file and convert it: `quantized_onnx`, then `compile_source`."""
     source_graph, source = quantized_onnx(path, T, calib, percentile, batch_size, output=output,
@@ -168,19 +176,35 @@ def _check_any_batch(path: str | os.PathLike, gm: fx.GraphModule) -> None:
             "only, an SNN takes any batch size")
 
 
-def _calibration_inputs(path: str | os.PathLike, gm: fx.GraphModule, calib: Tensor | None) -> Tensor | None:
-    """`calib` in the model's dtype, refused when its samples do not have the model's input shape
-    or hold NaN / Inf (which would calibrate every lambda to NaN and still pass verification)."""
-    if calib is None:
-        return None
+def _check_calibration_shape(path: str | os.PathLike, gm: fx.GraphModule, calib: Samples | None) -> None:
+    """Refuse calibration samples without the model's input shape, before anything runs on them."""
     meta = gm.meta["onnx"]
     expected = list(meta["input_shape"][1:])
-    if list(calib.shape[1:]) != expected:
+    if calib is not None and list(calib.shape) != expected:
         raise UnsupportedModelError(
-            f"{path}: the calibration samples have shape {list(calib.shape[1:])}; the model's input "
+            f"{path}: the calibration samples have shape {list(calib.shape)}; the model's input "
             f"{meta['input']!r} takes {expected} per sample")
-    if calib.is_floating_point() and not bool(torch.isfinite(calib).all()):
-        sample = int(torch.nonzero(~torch.isfinite(calib))[0, 0])
-        kind = "NaN" if bool(torch.isnan(calib).any()) else "Inf"
-        raise UnsupportedModelError(f"{path}: the calibration inputs x hold {kind} (first in sample {sample})")
-    return calib.to(meta["dtype"])
+
+
+# Bytes per element of a sample's largest activation that calibration holds: the float32 forward's
+# input and output, the site's values in float32 and their bit patterns (quantile.py).
+CALIBRATION_BYTES = 20
+
+
+class _CalibrationBatches:
+    """The calibration samples in batches of the model's dtype, each time they are iterated (a
+    percentile takes a few passes); refused at the first batch that holds NaN / Inf, which would
+    calibrate every lambda to NaN and still pass verification."""
+
+    def __init__(self, path: str | os.PathLike, samples: Samples, batch_size: int, dtype: torch.dtype) -> None:
+        self.path, self.samples, self.batch_size, self.dtype = path, samples, batch_size, dtype
+
+    def __iter__(self):
+        start = 0
+        for x in self.samples.batches(self.batch_size):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                sample = start + int(torch.nonzero(~torch.isfinite(x))[0, 0])
+                kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+                raise UnsupportedModelError(f"{self.path}: the calibration inputs x hold {kind} (first in sample {sample})")
+            start += len(x)
+            yield (x.to(self.dtype),)

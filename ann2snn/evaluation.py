@@ -1,27 +1,23 @@
 """Data-set evaluation of a converted SNN: accuracy, spikes per image, throughput."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from .data import dataset_input_shape, dataset_source, largest_label
 from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import DataError
 from .kernels.native import native_neuron_available
-from .neuron import BitSerialIFNode
+from .memory import ShapeProbe, activation_profile, on_meta
+from .progress import PROGRESS_DELAY_S, progress_bar  # noqa: F401  (the trainer's bar reads the delay here)
 from .ops import CONVS
 from .snn import SNN
 
-# Progress bars show up after this many seconds: a run refused on its first batches (bad data)
-# leaves its one error line alone on stderr, not under a bar.
-PROGRESS_DELAY_S = 1.0
 # Square input sizes tried, after the data's own, to name the shape a model takes when the data's
 # does not fit: small ones (digits, CIFAR) one by one, then common image sizes.
 _PROBE_SIDES = tuple(range(1, 65)) + (96, 112, 128, 160, 192, 224, 227, 256, 299, 320, 384, 448, 512)
@@ -42,32 +38,12 @@ class EvalResult:
         return asdict(self)
 
 
-class _ShapeProbe(fx.Interpreter):
-    """Runs the SNN graph on meta tensors (shapes only, no arithmetic). A neuron's levels have the
-    shape of its potential, so a neuron passes its input through."""
-
-    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        if isinstance(self.fetch_attr(target), BitSerialIFNode):
-            return args[0]
-        return super().call_module(target, args, kwargs)
-
-
-def _on_meta(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose tensors live on the meta device (no memory, no copying of data)."""
-    memo: dict[int, Any] = {}
-    for tensor in module.parameters():
-        memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
-    for tensor in module.buffers():
-        memo[id(tensor)] = torch.empty_like(tensor, device="meta")
-    return copy.deepcopy(module, memo)
-
-
 def _logit_count(graph: fx.GraphModule, sample_shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
     """The number of logits the graph computes for one sample of `sample_shape`; None when the graph
     cannot take such a sample."""
     try:
         with torch.no_grad():
-            logits = _ShapeProbe(graph).run(torch.empty((1, *sample_shape), dtype=dtype, device="meta"))
+            logits = ShapeProbe(graph).run(torch.empty((1, *sample_shape), dtype=dtype, device="meta"))
         return int(logits.shape[1])
     except Exception:  # shape errors are RuntimeErrors, ValueErrors, IndexErrors, ... from any op
         return None
@@ -105,7 +81,7 @@ def check_data_fits(snn: SNN, dataset: Dataset, labels: bool = True) -> None:
     source = dataset_source(dataset)
     found = dataset_input_shape(dataset)
     dtype = next(snn.parameters(), torch.zeros(())).dtype
-    graph = _on_meta(snn.graph_module)
+    graph = on_meta(snn.graph_module)
     logits = _logit_count(graph, found, dtype)
     if logits is None:
         logits = _takes(snn, found)
@@ -119,6 +95,23 @@ def check_data_fits(snn: SNN, dataset: Dataset, labels: bool = True) -> None:
     if top is not None and top >= logits:
         raise DataError(f"{source}: labels go up to {top}, but the model has {logits} classes "
                         f"(labels 0 to {logits - 1})")
+
+
+# Copies of a sample's largest activation that a batch of the SNN holds at once (its input and
+# output, potential, levels and counts), per time step when simulated; energy's counters hold
+# their event maps on top.
+RUN_COPIES = 6
+COUNTING_COPIES = 12
+# The batch size of eval and energy when the model's activations allow it.
+DEFAULT_BATCH = 128
+
+
+def auto_batch_size(snn: SNN, sample_shape: tuple[int, ...], mode: str = "evaluate", copies: int = RUN_COPIES) -> int:
+    """The batch size that keeps a run's activations within memory.ACTIVATION_BUDGET (at most
+    DEFAULT_BATCH): what `ann2snn eval` and `energy` use without --batch-size."""
+    dtype = next(snn.parameters(), torch.zeros(())).dtype
+    per_element = copies * dtype.itemsize * (snn.timesteps if mode == "simulate" else 1)
+    return activation_profile(snn.graph_module, sample_shape, dtype).batch(per_element, most=DEFAULT_BATCH)
 
 
 def prepare_for_device(snn: SNN, device: torch.device) -> SNN:
@@ -186,9 +179,8 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
     spikes: dict[str, Tensor] = {}
     images = 0
     start = time.perf_counter()
-    progress_bar = tqdm(batches, total=total, desc=f"{mode} on {device.type}", unit="batch", disable=not progress,
-                        delay=PROGRESS_DELAY_S)
-    for x, y in device_batches(progress_bar, device, dtype):
+    bar = progress_bar(batches, total=total, desc=f"{mode} on {device.type}", enabled=progress)
+    for x, y in device_batches(bar, device, dtype):
         logits, counts = run(x)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum()

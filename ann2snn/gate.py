@@ -29,6 +29,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .levels import channel_view, decode_levels, popcount_levels
+from .memory import activation_profile
 from .lower.evaluator import TimeFoldedNeuron
 from .lower.signal import Signal
 from .neuron import BitSerialIFNode
@@ -207,31 +209,6 @@ def pool_moved_sites(snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: pools[name](level) if name in pools else level for name, level in levels.items()}
 
 
-def _relative(a: Tensor, b: Tensor) -> float:
-    return ((a - b).abs().max() / (b.abs().max() + 1e-300)).item()
-
-
-def _compare_levels(snn_levels: dict[str, Tensor], source_levels: dict[str, Tensor],
-                    problems: list[str], ties: dict[str, Tensor]) -> dict[str, SiteCheck]:
-    unmatched = sorted(set(snn_levels) ^ set(source_levels))
-    if unmatched:
-        problems.append(f"sites without a counterpart: {', '.join(unmatched[:5])}")
-    sites = {}
-    for name in [n for n in snn_levels if n in source_levels]:
-        got, want = snn_levels[name], source_levels[name]
-        if got.shape != want.shape:
-            problems.append(f"site {name}: the SNN fires {tuple(got.shape)} levels, the source has {tuple(want.shape)}")
-            sites[name] = SiteCheck(want.numel(), 0)
-            continue
-        differ = (got != want).nonzero()
-        tied = int(ties[name].sum()) if name in ties else 0
-        sites[name] = SiteCheck(want.numel(), want.numel() - differ.shape[0] - tied,
-                                differ[0].tolist() if differ.shape[0] else None, tied)
-        if differ.shape[0]:
-            problems.append(f"site {name}: {differ.shape[0]} of {want.numel()} levels differ from the source")
-    return sites
-
-
 def _compare_with_reference(snn: SNN, reference: SNN, problems: list[str]) -> int:
     """Check 2: the SNN given is `reference` (float64) in the SNN's dtype. Returns tensors compared."""
     from .artifact import describe_graph
@@ -249,33 +226,109 @@ def _compare_with_reference(snn: SNN, reference: SNN, problems: list[str]) -> in
     return len(mine)
 
 
+class ExactnessGate:
+    """`check_exact` over batches of inputs: the float64 reference SNN is built once, each batch's
+    levels and logits are compared as it comes, and `result()` says what all of them showed. Its
+    memory is the two float64 graphs and one batch, whatever the number of inputs.
+
+    `source64` is the quantized source in float64 and eval mode; it is run, never modified.
+    """
+
+    def __init__(self, source64: nn.Module, snn: SNN) -> None:
+        from .compiler import convert
+
+        self.source64 = source64
+        # the same T policy: one T for every neuron, or each site its own (convert's T=None)
+        steps = {m.timesteps for m in snn.graph_module.modules() if isinstance(m, BitSerialIFNode)}
+        self.reference = convert(source64, snn.timesteps if steps == {snn.timesteps} else None)
+        self.moved = set(moved_pools(self.reference))
+        self.tensor_problems: list[str] = []
+        self.tensors = _compare_with_reference(snn, self.reference, self.tensor_problems)
+        self.samples = 0
+        self.sites: dict[str, SiteCheck] = {}
+        self.site_problems: dict[str, str] = {}   # a site's first problem of shape or pairing
+        self.unmatched: list[str] = []
+        self.logit_difference = self.logit_scale = 0.0
+        self.evaluation_difference = self.evaluation_scale = 0.0
+        self.spikes_equal = True
+        self.evaluation_ties = 0
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        x64 = x.double()
+        simulated, fired, fired_ratios = _simulated_levels(self.reference, x64)
+        source_logits, source_levels, ties = _source_with_snn_ties(self.source64, x64, fired, fired_ratios, self.moved)
+        self._compare_levels(fired, pool_moved_sites(self.reference, source_levels), ties)
+        self.logit_difference = max_abs(simulated.logits - source_logits, self.logit_difference)
+        self.logit_scale = max_abs(source_logits, self.logit_scale)
+        evaluated, evaluation_ties = _evaluation_with_simulation_ties(self.reference, x64, fired, fired_ratios)
+        self.evaluation_ties += evaluation_ties
+        self.evaluation_difference = max_abs(evaluated.logits - simulated.logits, self.evaluation_difference)
+        self.evaluation_scale = max_abs(simulated.logits, self.evaluation_scale)
+        self.spikes_equal = self.spikes_equal and all(
+            torch.equal(evaluated.spikes[k], simulated.spikes[k]) for k in simulated.spikes)
+        self.samples += int(x.shape[0])
+
+    def _compare_levels(self, snn_levels: dict[str, Tensor], source_levels: dict[str, Tensor],
+                        ties: dict[str, Tensor]) -> None:
+        self.unmatched = sorted(set(snn_levels) ^ set(source_levels))
+        for name in [n for n in snn_levels if n in source_levels]:
+            got, want = snn_levels[name], source_levels[name]
+            site = self.sites.setdefault(name, SiteCheck(0, 0))
+            site.compared += want.numel()
+            if got.shape != want.shape:
+                self.site_problems.setdefault(
+                    name, f"site {name}: the SNN fires {tuple(got.shape)} levels, the source has {tuple(want.shape)}")
+                continue
+            differ = (got != want).nonzero()
+            tied = int(ties[name].sum()) if name in ties else 0
+            site.equal += want.numel() - differ.shape[0] - tied
+            site.ties += tied
+            if differ.shape[0] and site.first_difference is None:
+                site.first_difference = [int(differ[0, 0]) + self.samples, *differ[0, 1:].tolist()]
+
+    def result(self) -> ExactGate:
+        problems = [f"sites without a counterpart: {', '.join(self.unmatched[:5])}"] if self.unmatched else []
+        for name, site in self.sites.items():
+            if name in self.site_problems:
+                problems.append(self.site_problems[name])
+            elif site.equal + site.ties < site.compared:
+                problems.append(f"site {name}: {site.compared - site.equal - site.ties} of {site.compared} levels "
+                                "differ from the source")
+        logit_difference = self.logit_difference / (self.logit_scale + 1e-300)
+        if not logit_difference <= LOGIT_RELATIVE_TOLERANCE:
+            problems.append(f"logits differ from the source by {logit_difference:.3g} (relative)")
+        evaluation_matches = self.spikes_equal and (
+            self.evaluation_difference / (self.evaluation_scale + 1e-300) <= LOGIT_RELATIVE_TOLERANCE)
+        if not evaluation_matches:
+            problems.append("the time-folded evaluation differs from the simulation")
+        problems += self.tensor_problems
+        return ExactGate(self.samples, self.sites, logit_difference, evaluation_matches, self.tensors, not problems,
+                         problems, self.evaluation_ties)
+
+
+def max_abs(t: Tensor, so_far: float) -> float:
+    """max(|t|, so_far), NaN once either holds a NaN: no comparison with it passes."""
+    value = t.abs().max().item() if t.numel() else 0.0
+    return math.nan if math.isnan(value) or math.isnan(so_far) else max(value, so_far)
+
+
+# The float64 simulation holds about this many copies of a neuron's largest input, per time step.
+GATE_COPIES = 6
+
+
 @torch.no_grad()
-def check_exact(source: nn.Module, snn: SNN, x: Tensor) -> ExactGate:
-    """Prove `snn` exact for the quantized `source` on inputs `x` (module docstring).
+def check_exact(source: nn.Module, snn: SNN, x: Tensor, batch_size: int | None = None) -> ExactGate:
+    """Prove `snn` exact for the quantized `source` on inputs `x` (module docstring), in batches of
+    `batch_size` (None: as many as ACTIVATION_BUDGET allows for the float64 simulation).
 
     `source` is a model whose sites are QuantClippedActivation: a zoo model, or an imported QDQ
     graph after `qdq_to_sites` (calibrated, for a float file). Neither argument is modified.
     """
-    from .compiler import convert
-
-    source64 = copy.deepcopy(source).double().eval()
-    # the same T policy: one T for every neuron, or each site its own (convert's T=None)
-    steps = {m.timesteps for m in snn.graph_module.modules() if isinstance(m, BitSerialIFNode)}
-    reference = convert(source64, snn.timesteps if steps == {snn.timesteps} else None)
-    problems: list[str] = []
-    x64 = x.double()
-    simulated, fired, fired_ratios = _simulated_levels(reference, x64)
-    source_logits, source_levels, ties = _source_with_snn_ties(source64, x64, fired, fired_ratios,
-                                                               set(moved_pools(reference)))
-    sites = _compare_levels(fired, pool_moved_sites(reference, source_levels), problems, ties)
-    logit_difference = _relative(simulated.logits, source_logits)
-    if not logit_difference <= LOGIT_RELATIVE_TOLERANCE:
-        problems.append(f"logits differ from the source by {logit_difference:.3g} (relative)")
-    evaluated, evaluation_ties = _evaluation_with_simulation_ties(reference, x64, fired, fired_ratios)
-    evaluation_matches = _relative(evaluated.logits, simulated.logits) <= LOGIT_RELATIVE_TOLERANCE and all(
-        torch.equal(evaluated.spikes[k], simulated.spikes[k]) for k in simulated.spikes)
-    if not evaluation_matches:
-        problems.append("the time-folded evaluation differs from the simulation")
-    tensors = _compare_with_reference(snn, reference, problems)
-    return ExactGate(int(x.shape[0]), sites, logit_difference, evaluation_matches, tensors, not problems, problems,
-                     evaluation_ties)
+    gate = ExactnessGate(copy.deepcopy(source).double().eval(), snn)
+    if batch_size is None:
+        batch_size = activation_profile(gate.reference.graph_module, tuple(x.shape[1:]), torch.float64).batch(
+            8 * GATE_COPIES * snn.timesteps)
+    for chunk in x.split(batch_size):
+        gate.add(chunk)
+    return gate.result()

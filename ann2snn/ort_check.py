@@ -44,7 +44,8 @@ from .ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, MAX_POOLS, METHOD_KINDS, N
 from .onnx_import.qoperator import KernelError, expand_qoperator, kernel_errors
 from .levels import channel_view
 from .quant import QuantClippedActivation, QuantDequant
-from .ort_run import onnxruntime_outputs
+from .ort_run import OnnxruntimeRunner
+from .memory import activation_profile
 from .snn import SNN
 
 UNIT_ROUNDOFF = 2.0**-24   # float32
@@ -110,6 +111,10 @@ class _ErrorBound(fx.Interpreter):
         self.bound[n] = self._bound(n, value)
         if n in self.magnitudes:
             self.magnitudes[n] = self._magnitude(n, value)
+        for used in self.user_to_last_uses.get(n, []):   # as the Interpreter frees its values: bounded memory
+            self.bound.pop(used, None)
+            if used in self.magnitudes:
+                self.magnitudes[used] = None
         if (n.target if n.op == "call_module" else n.name) in self.overrides:
             # the SNN's own levels from here on: a flip upstream, where the SNN and onnxruntime agree
             # but both differ from float64, must not move the ratios that explain later sites
@@ -251,48 +256,80 @@ def _snn_levels(snn: SNN, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     return output.logits, recorded
 
 
+class LevelComparison:
+    """`compare_with_onnxruntime` over batches: one onnxruntime session and one float64 source
+    (`source64`, run, never modified) for every batch; `add` compares a batch and returns the SNN's
+    and onnxruntime's logits for it, `result()` says what all batches showed."""
+
+    def __init__(self, path: str, snn: SNN, source_graph: fx.GraphModule, source64: fx.GraphModule) -> None:
+        names, self.kernels = _quantize_outputs(path, source_graph, snn)
+        self.order = list(names)
+        self.run_onnxruntime = OnnxruntimeRunner(path, [names[k] for k in self.order])
+        # a site's level is its integer less its zero point (0, or qmin); a kept pair compares its integer
+        self.zero = {site: entry["source"].get("zero_point", 0) for site, entry in snn.report.get("sites", {}).items()
+                     if isinstance(entry.get("source"), dict)}
+        self.snn, self.source_graph, self.source64 = snn, source_graph, source64
+        self.sites = {name: SiteLevels(0, 0, 0, 0, 0, 0) for name in _graph_order(snn)}
+        self.samples = self.predictions_equal = self.explained = self.unexplained_predictions = 0
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        snn = self.snn
+        ort_logits, *ort_tensors = self.run_onnxruntime(x)
+        ort_levels = pool_moved_sites(snn, {k: t.double() - self.zero.get(k, 0) for k, t in zip(self.order, ort_tensors)})
+        logits, mine = _snn_levels(snn, x.to(next(snn.parameters()).dtype))
+        explainer = _ErrorBound(self.source64, _snn_values(self.source_graph, snn, mine), self.kernels)
+        explainer.run(x.double())
+        ratios = explainer.ratios
+        del explainer
+        for site, pool in moved_pools(snn).items():   # a moved pool: the neuron sees the pooled ratio
+            if site in ratios:
+                ratios[site] = tuple(pool(t) for t in ratios[site])
+        differed = torch.zeros(len(x), dtype=torch.bool)   # samples with a difference at an earlier site
+        for name in [n for n in self.sites if n in ort_levels and n in mine]:
+            got, want = mine[name].double(), ort_levels[name].reshape(mine[name].shape)
+            differ = got != want
+            ratio, bound = ratios.pop(name)
+            boundary = torch.floor(ratio) + 0.5
+            tie = differ & (ratio == boundary)
+            near = differ & ~tie & ((ratio - boundary).abs() <= bound)
+            sample_of = differ.flatten(1) if differ.dim() > 1 else differ[:, None]
+            downstream = differ & ~tie & ~near & channel_view(differed, differ.dim(), 0).expand_as(differ)
+            unexplained = differ & ~tie & ~near & ~downstream
+            counts = (got.numel(), int((~differ).sum()), int(tie.sum()), int(near.sum()), int(downstream.sum()),
+                      int(unexplained.sum()))
+            site = self.sites[name]
+            for field, count in zip(("compared", "equal", "ties", "near_boundary", "downstream", "unexplained"), counts):
+                setattr(site, field, getattr(site, field) + count)
+            differed |= sample_of.any(1)
+        predictions = logits.argmax(1) == ort_logits.reshape(len(x), -1).argmax(1)
+        self.samples += len(x)
+        self.predictions_equal += int(predictions.sum())
+        self.explained += int((~predictions & differed).sum())
+        self.unexplained_predictions += int((~predictions & ~differed).sum())
+        return logits, ort_logits
+
+    def result(self) -> OnnxruntimeComparison:
+        sites = {name: site for name, site in self.sites.items() if site.compared}
+        passed = all(s.unexplained == 0 for s in sites.values()) and self.unexplained_predictions == 0
+        return OnnxruntimeComparison(self.samples, sites, self.predictions_equal, self.explained, passed)
+
+
+# The level comparison holds about this many bytes per activation of a sample: onnxruntime's
+# float32 outputs of every site, the float64 ratios and bounds of the explanation.
+COMPARISON_BYTES = 32
+
+
 @torch.no_grad()
 def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
                              x: Tensor) -> tuple[OnnxruntimeComparison, Tensor]:
-    """Levels of onnxruntime's run of the QDQ file `path` against the SNN's, on inputs `x`; and
-    onnxruntime's logits."""
-    names, kernels = _quantize_outputs(path, source_graph, snn)
-    order = list(names)
-    ort_logits, *ort_tensors = onnxruntime_outputs(path, x, [names[k] for k in order])
-    # a site's level is its integer less its zero point (0, or qmin); a kept pair compares its integer
-    zero = {site: entry["source"].get("zero_point", 0) for site, entry in snn.report.get("sites", {}).items()
-            if isinstance(entry.get("source"), dict)}
-    ort_levels = pool_moved_sites(snn, {k: t.double() - zero.get(k, 0) for k, t in zip(order, ort_tensors)})
-
-    logits, mine = _snn_levels(snn, x.to(next(snn.parameters()).dtype))
-
-    explainer = _ErrorBound(copy.deepcopy(source_graph).double().eval(), _snn_values(source_graph, snn, mine),
-                            kernels)
-    explainer.run(x.double())
-    ratios = explainer.ratios
-    for site, pool in moved_pools(snn).items():   # a moved pool: the neuron sees the pooled ratio
-        if site in ratios:
-            ratios[site] = tuple(pool(t) for t in ratios[site])
-    differed = torch.zeros(len(x), dtype=torch.bool)   # samples with a difference at an earlier site
-    sites: dict[str, SiteLevels] = {}
-    for name in [n for n in _graph_order(snn) if n in ort_levels and n in mine]:
-        got, want = mine[name].double(), ort_levels[name].reshape(mine[name].shape)
-        differ = got != want
-        ratio, bound = ratios[name]
-        boundary = torch.floor(ratio) + 0.5
-        tie = differ & (ratio == boundary)
-        near = differ & ~tie & ((ratio - boundary).abs() <= bound)
-        sample_of = differ.flatten(1) if differ.dim() > 1 else differ[:, None]
-        downstream = differ & ~tie & ~near & channel_view(differed, differ.dim(), 0).expand_as(differ)
-        unexplained = differ & ~tie & ~near & ~downstream
-        sites[name] = SiteLevels(got.numel(), int((~differ).sum()), int(tie.sum()), int(near.sum()),
-                                 int(downstream.sum()), int(unexplained.sum()))
-        differed |= sample_of.any(1)
-    predictions = logits.argmax(1) == ort_logits.reshape(len(x), -1).argmax(1)
-    explained = int((~predictions & differed).sum())
-    unexplained_predictions = int((~predictions & ~differed).sum())
-    passed = all(s.unexplained == 0 for s in sites.values()) and unexplained_predictions == 0
-    return OnnxruntimeComparison(len(x), sites, int(predictions.sum()), explained, passed), ort_logits
+    """Levels of onnxruntime's run of the QDQ file `path` against the SNN's, on inputs `x` (in
+    batches: LevelComparison); and onnxruntime's logits."""
+    source64 = copy.deepcopy(source_graph).double().eval()
+    comparison = LevelComparison(path, snn, source_graph, source64)
+    batch = activation_profile(source64, tuple(x.shape[1:]), torch.float64).batch(COMPARISON_BYTES, held="total")
+    ort_logits = torch.cat([comparison.add(chunk)[1] for chunk in x.split(batch)])
+    return comparison.result(), ort_logits
 
 
 def _abs_layer(layer: nn.Module, x: Tensor, with_bias: bool) -> Tensor:

@@ -2,8 +2,9 @@
 (ann2snn/verify.py) and the level comparison (ann2snn/ort_check.py) compare the SNN with."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,8 +12,10 @@ from torch import Tensor
 
 from .errors import UnsupportedModelError
 from .export import onnxruntime_session
+from .memory import OutOfMemory, is_allocation_failure
 from .onnx_import.builder import first_line
 from .onnx_import.qoperator import expand_qoperator
+from .onnx_import.reader import infer_shapes
 
 # onnxruntime runs the inputs in batches of this many samples
 VERIFY_BATCH = 256
@@ -29,11 +32,11 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
-def _batches(x: np.ndarray, fixed: int | None) -> list[np.ndarray]:
-    """`x` in batches of VERIFY_BATCH samples; of exactly `fixed` ones, the last padded with zeros,
-    for a file whose batch size is fixed."""
+def _padded(x: np.ndarray, fixed: int | None) -> list[np.ndarray]:
+    """`x` as it is; for a file whose batch size is fixed, in batches of exactly `fixed` samples,
+    the last padded with zeros."""
     if fixed is None:
-        return [x[i:i + VERIFY_BATCH] for i in range(0, len(x), VERIFY_BATCH)]
+        return [x]
     padded = np.concatenate([x, np.zeros((-len(x) % fixed, *x.shape[1:]), x.dtype)])
     return np.split(padded, len(padded) // fixed)
 
@@ -44,8 +47,7 @@ def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
 
     model = onnx.load(str(path))
     # onnx infers no types for com.microsoft ops: their QDQ meaning has the same outputs, typed
-    typed = {v.name: v for v in
-             onnx.shape_inference.infer_shapes(expand_qoperator(model, str(path))[0]).graph.value_info}
+    typed = {v.name: v for v in infer_shapes(expand_qoperator(model, str(path))[0], str(path)).graph.value_info}
     for name in names:
         if name not in typed:
             raise UnsupportedModelError(f"{path}: tensor {name!r} has no inferred type to read it back")
@@ -53,27 +55,50 @@ def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
     return model.SerializeToString()
 
 
-def onnxruntime_outputs(path: str | os.PathLike, x: Tensor, extra: Sequence[str] = ()) -> list[Tensor]:
-    """onnxruntime's run of the file as written: the logits, then the tensors named in `extra`
-    (intermediate tensors, added as graph outputs). Its QDQ-to-int8 rewrites are off, since they
-    change the numbers of a QDQ graph with float weights. The inputs are fed in the file's input
-    type, and in batches of its batch size when the file fixes one (an export at batch 1).
-    A file onnxruntime refuses is bad input: UnsupportedModelError with onnxruntime's reason."""
-    import onnxruntime
+class OnnxruntimeRunner:
+    """onnxruntime's run of the file as written, one session for every batch: the logits, then
+    the tensors named in `extra` (intermediate tensors, added as graph outputs). Its QDQ-to-int8
+    rewrites are off, since they change the numbers of a QDQ graph with float weights. The inputs
+    are fed in the file's input type, and in batches of its batch size when the file fixes one (an
+    export at batch 1). A file onnxruntime refuses is bad input: UnsupportedModelError with
+    onnxruntime's reason; running out of memory is memory.OutOfMemory."""
 
-    quiet = onnxruntime.RunOptions()
-    quiet.log_severity_level = 4  # a failing kernel would also log its error to stderr: the exception says it
-    try:
-        session = onnxruntime_session(_with_outputs(path, extra) if extra else path)
-        feed = session.get_inputs()[0]
-        data = x.detach().cpu().numpy().astype(_ORT_TYPES.get(feed.type, np.float32))
-        fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
-        names = [session.get_outputs()[0].name, *extra]
-        outputs = [session.run(names, {feed.name: chunk}, quiet) for chunk in _batches(data, fixed)]
-    except _ort_errors() as err:
-        raise UnsupportedModelError(f"{path}: onnxruntime cannot run it, so the SNN cannot be verified "
-                                    f"(--no-verify skips that): {first_line(err)}") from None
-    return [torch.from_numpy(np.concatenate([o[i] for o in outputs])[:len(data)]) for i in range(len(names))]
+    def __init__(self, path: str | os.PathLike, extra: Sequence[str] = ()) -> None:
+        import onnxruntime
+
+        self.path, self.extra = path, list(extra)
+        self.quiet = onnxruntime.RunOptions()
+        self.quiet.log_severity_level = 4  # a failing kernel would also log its error to stderr: the exception says it
+        with self._errors():
+            self.session = onnxruntime_session(_with_outputs(path, extra) if extra else path)
+        feed = self.session.get_inputs()[0]
+        self.feed, self.dtype = feed.name, _ORT_TYPES.get(feed.type, np.float32)
+        self.fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
+        self.names = [self.session.get_outputs()[0].name, *self.extra]
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except _ort_errors() as err:
+            if is_allocation_failure(err):
+                raise OutOfMemory(f"{self.path}: onnxruntime ran out of memory; lower --batch-size or "
+                                  "--verify-samples") from None
+            raise UnsupportedModelError(f"{self.path}: onnxruntime cannot run it, so the SNN cannot be verified "
+                                        f"(--no-verify skips that): {first_line(err)}") from None
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        data = x.detach().cpu().numpy().astype(self.dtype)
+        with self._errors():
+            outputs = [self.session.run(self.names, {self.feed: chunk}, self.quiet) for chunk in _padded(data, self.fixed)]
+        return [torch.from_numpy(np.concatenate([o[i] for o in outputs])[:len(data)]) for i in range(len(self.names))]
+
+
+def onnxruntime_outputs(path: str | os.PathLike, x: Tensor, extra: Sequence[str] = ()) -> list[Tensor]:
+    """onnxruntime's outputs for `x` (OnnxruntimeRunner), run in batches of VERIFY_BATCH samples."""
+    run = OnnxruntimeRunner(path, extra)
+    batches = [run(chunk) for chunk in x.split(VERIFY_BATCH)]
+    return [torch.cat([b[i] for b in batches]) for i in range(len(run.names))]
 
 
 def onnxruntime_logits(path: str | os.PathLike, x: Tensor) -> Tensor:

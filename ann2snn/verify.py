@@ -7,21 +7,20 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
 
-from .errors import Ann2SnnError
-from .inputs import model_inputs
-from .ort_run import VERIFY_BATCH, onnxruntime_logits
+from .gate import GATE_COPIES, ExactnessGate, max_abs
+from .inputs import Samples, model_samples, noise_samples
+from .memory import activation_profile, stage
+from .ort_check import COMPARISON_BYTES, LevelComparison
+from .ort_run import OnnxruntimeRunner
+from .progress import progress_bar
 from .snn import SNN
-
-
-# Verification inputs are held in memory at once: at most this many values (1 GiB of float32,
-# 1,783 ImageNet images). The SNN and onnxruntime then run on them in batches of VERIFY_BATCH.
-MAX_VERIFY_ELEMENTS = 2**28
 
 
 # The exactness gate runs the float64 simulation: on this many of the verification inputs.
 GATE_SAMPLES = 16
+# Bytes per element of a sample's largest activation that the SNN's evaluation holds (float32).
+EVALUATE_BYTES = 24
 
 
 @dataclass
@@ -41,59 +40,65 @@ class Verification:
         return asdict(self)
 
 
-def random_inputs(path: str | os.PathLike, samples: int, seed: int = 0) -> Tensor:
-    """`samples` uniform random inputs of the file's input shape, refused before allocation when
-    they would not fit in memory (a --verify-samples of 10**9)."""
-    from .onnx_import import inspect_onnx
-
-    shape = inspect_onnx(path)["input"]["shape"][1:]
-    values = samples * math.prod(shape)
-    if values > MAX_VERIFY_ELEMENTS:
-        raise Ann2SnnError(f"{path}: {samples:,} verification inputs of shape {shape} are {values:,} values, "
-                           f"more than the {MAX_VERIFY_ELEMENTS:,} verification holds; ask for fewer")
-    return torch.rand((samples, *shape), generator=torch.Generator().manual_seed(seed))
-
-
-def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module, x: Tensor, *, inputs: str,
-               min_agreement: float | None = None) -> Verification:
+def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module, inputs: Samples, *,
+               min_agreement: float | None = None, batch_size: int | None = None,
+               progress: bool = False) -> Verification:
     """The SNN of the ONNX file `path` against its quantized source (the exactness gate, on the
-    first GATE_SAMPLES inputs) and against onnxruntime's run of the file on `x`.
+    first GATE_SAMPLES inputs) and against onnxruntime's run of the file on `inputs`, streamed in
+    batches (`batch_size`, else as many as memory.ACTIVATION_BUDGET allows for each stage).
 
     A QDQ file is the quantized model itself: onnxruntime's level at every site must equal the
     SNN's or be explained (ann2snn/ort_check.py), with no tolerance on the logits. A float file
     (post-training quantization) is compared by prediction agreement, a gate only with
-    `min_agreement`.
+    `min_agreement`. `source_graph` is converted to float64 in place: both checks run it so, and a
+    second copy of a large model's weights would not fit where one does.
     """
-    from .gate import check_exact
-    from .ort_check import compare_with_onnxruntime
-
-    x = x.to(_dtype(snn))  # a float64 or float16 file converts to an SNN of its own dtype
-    gate = check_exact(source_graph, snn, x[:GATE_SAMPLES])
+    dtype = _dtype(snn)  # a float64 or float16 file converts to an SNN of its own dtype
+    source64 = source_graph.double().eval()
+    profile = activation_profile(source64, inputs.shape, torch.float64)
     exact = snn.source.get("kind") == "qdq"
-    levels = None
-    if exact:
-        comparison, reference_logits = compare_with_onnxruntime(str(path), snn, source_graph, x)
-        levels = comparison.to_json()
-    else:
-        reference_logits = onnxruntime_logits(path, x)
+    gate_inputs = inputs.head(GATE_SAMPLES)
+    bar = progress_bar(desc="verification", total=len(gate_inputs) + len(inputs), unit="input", enabled=progress)
+    lower = "--batch-size or --verify-samples"
+    with bar, stage("verification: the exactness gate (float64 simulation)", lower):
+        gate = ExactnessGate(source64, snn)
+        for x in gate_inputs.batches(batch_size or profile.batch(8 * GATE_COPIES * snn.timesteps)):
+            gate.add(x.to(dtype))
+            bar.update(len(x))
+        exactness = gate.result()
+        del gate   # its float64 SNN
+        agreeing, max_diff, finite, shapes_match = 0, 0.0, True, True
+        with stage("verification: onnxruntime and the SNN", lower):
+            comparison = LevelComparison(str(path), snn, source64, source64) if exact else None
+            run_reference = None if exact else OnnxruntimeRunner(path)
+            per_element = COMPARISON_BYTES if exact else EVALUATE_BYTES
+            for x in inputs.batches(batch_size or profile.batch(per_element, held="total" if exact else "largest")):
+                x = x.to(dtype)
+                if comparison is not None:
+                    logits, reference_logits = comparison.add(x)
+                else:
+                    logits, reference_logits = snn.evaluate(x).logits, run_reference(x)[0]
+                bar.update(len(x))
+                # compared in float64, one row of logits per sample, whatever the output's rank and dtype
+                logits = logits.double().reshape(len(x), -1)
+                reference_logits = reference_logits.double().reshape(len(reference_logits), -1)
+                if logits.shape != reference_logits.shape:   # a wrong conversion, not a rounding difference
+                    shapes_match = False
+                    break
+                agreeing += int((logits.argmax(1) == reference_logits.argmax(1)).sum())
+                max_diff = max_abs(logits - reference_logits, max_diff)
+                # NaN logits agree with anything under argmax and compare False with everything: never a pass
+                finite = finite and bool(torch.isfinite(logits).all() and torch.isfinite(reference_logits).all())
     reference = "onnxruntime (quantized model)" if exact else "onnxruntime (float model)"
-    # compared in float64, one row of logits per sample, whatever the output's rank and dtype
-    logits = torch.cat([snn.evaluate(chunk).logits for chunk in x.split(VERIFY_BATCH)]).double().reshape(len(x), -1)
-    reference_logits = reference_logits.double().reshape(len(reference_logits), -1)
-    if logits.shape != reference_logits.shape:  # a wrong conversion, not a rounding difference
-        return Verification(reference, inputs, int(x.shape[0]), 0.0, math.inf, gate.evaluation_matches_simulation,
-                            gate.to_json(), levels, not exact, False)
-    agreement = (logits.argmax(1) == reference_logits.argmax(1)).double().mean().item()
-    max_diff = (logits - reference_logits).abs().max().item()
-    # NaN logits agree with anything under argmax and compare False with everything: never a pass
-    finite = bool(torch.isfinite(logits).all() and torch.isfinite(reference_logits).all())
-    if exact:
-        agrees = levels["passed"]
-    else:
-        agrees = min_agreement is None or agreement >= min_agreement
-    passed = finite and gate.passed and agrees
-    return Verification(reference, inputs, int(x.shape[0]), agreement, max_diff, gate.evaluation_matches_simulation,
-                        gate.to_json(), levels, not exact, passed)
+    levels = comparison.result().to_json() if comparison is not None else None
+    if not shapes_match:
+        return Verification(reference, inputs.description, len(inputs), 0.0, math.inf,
+                            exactness.evaluation_matches_simulation, exactness.to_json(), levels, not exact, False)
+    agreement = agreeing / max(len(inputs), 1)
+    agrees = levels["passed"] if exact else min_agreement is None or agreement >= min_agreement
+    passed = finite and exactness.passed and agrees
+    return Verification(reference, inputs.description, len(inputs), agreement, max_diff,
+                        exactness.evaluation_matches_simulation, exactness.to_json(), levels, not exact, passed)
 
 
 def _dtype(snn: SNN) -> torch.dtype:
@@ -102,27 +107,31 @@ def _dtype(snn: SNN) -> torch.dtype:
     return next(tensors, torch.zeros(())).dtype
 
 
-def verification_inputs(model: str, verify_data: str | None, calib: str | None, calib_x, samples: int):
+def verification_inputs(source_graph: torch.nn.Module, verify_data: str | None, calib: str | None,
+                        calib_samples: Samples | None, samples: int) -> Samples:
     """Real inputs where there are any (--verify-data, else the calibration data), else noise,
-    with a description of which."""
+    each described; refused unless they have the model's input shape."""
+    expected = source_graph.meta["onnx"]["input_shape"][1:]
     if verify_data:
-        x = model_inputs(model, verify_data, "test", samples)
-        return x, f"{len(x)} inputs of {verify_data}"
-    if calib_x is not None:
-        return calib_x[:samples], f"{min(samples, len(calib_x))} calibration inputs of {calib}"
-    return random_inputs(model, samples), f"{samples} inputs of uniform noise (no --verify-data or --calib)"
+        return model_samples(verify_data, "test", samples, expected)
+    if calib_samples is not None:
+        count = min(samples, len(calib_samples))
+        return calib_samples.head(count, f"{count} calibration inputs of {calib}")
+    noise = noise_samples(expected, samples)
+    return noise.head(samples, f"{noise.description} (no --verify-data or --calib)")
 
 
 def verify_converted(path: str, snn: SNN, source_graph: torch.nn.Module, verify_data: str | None, calib: str | None,
-                     calib_x, samples: int, min_agreement: float | None) -> Verification:
+                     calib_samples: Samples | None, samples: int, min_agreement: float | None, *,
+                     batch_size: int | None = None, progress: bool = False) -> Verification:
     """`verify_snn` on the verification inputs; onnxruntime runs the model as imported
     (the output chosen, the input sized: ann2snn.onnx_import.save_as_imported)."""
     from .onnx_import import save_as_imported
 
     with tempfile.TemporaryDirectory() as folder:
         reference = save_as_imported(path, source_graph, folder)
-        x, inputs = verification_inputs(reference, verify_data, calib, calib_x, samples)
-        return verify_snn(reference, snn, source_graph, x, inputs=inputs,
+        inputs = verification_inputs(source_graph, verify_data, calib, calib_samples, samples)
+        return verify_snn(reference, snn, source_graph, inputs, batch_size=batch_size, progress=progress,
                           min_agreement=None if min_agreement is None else min_agreement / 100)
 
 

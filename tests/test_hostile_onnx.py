@@ -22,9 +22,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ann2snn.compiler import convert_onnx
-from ann2snn.errors import Ann2SnnError, UnsupportedModelError
-from ann2snn.verify import MAX_VERIFY_ELEMENTS, random_inputs
+from ann2snn.compiler import convert_onnx, quantized_onnx
+from ann2snn.errors import UnsupportedModelError
+from ann2snn.verify import verification_inputs
 from hostile import assert_refused, invoke, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -382,19 +382,16 @@ def test_convert_onnx_refuses_non_finite_calibration_inputs(bad, tmp_path):
     assert str(info.value) == f"{path}: the calibration inputs x hold {kind} (first in sample 5)"
 
 
-def test_random_verification_inputs_are_refused_before_allocation(tmp_path):
+def test_a_billion_noise_inputs_are_drawn_batch_by_batch(tmp_path):
+    """Verification streams its inputs: a count of 10**9 allocates one batch, not 10**9 samples."""
     path = save(qdq_net(), tmp_path)
-    assert random_inputs(path, 3).shape == (3, 1, 8, 8)
-    with pytest.raises(Ann2SnnError, match=r"1,000,000,000 verification inputs of shape \[1, 8, 8\]"):
-        random_inputs(path, 10**9)
-    assert MAX_VERIFY_ELEMENTS < 10**9 * 64
-
-
-def test_huge_verify_samples_are_refused_before_allocation(tmp_path):
-    path = save(qdq_net(), tmp_path)
-    before = snapshot(tmp_path)
-    assert_refused(invoke("convert", path, "--verify-samples", str(10**9)), str(path), "verification inputs",
-                   before=before, folders=(tmp_path,))
+    source_graph, _ = quantized_onnx(path)
+    inputs = verification_inputs(source_graph, None, None, None, 10**9)
+    assert len(inputs) == 10**9 and inputs.description.startswith("1000000000 inputs of uniform noise")
+    first = next(inputs.batches(32))
+    assert first.shape == (32, 1, 8, 8) and 0 <= float(first.min()) and float(first.max()) < 1
+    # the same noise whatever the batch size
+    assert torch.equal(next(inputs.head(64).batches(64))[:32], first)
 
 
 # --- files that used to crash and are valid -------------------------------------------------------

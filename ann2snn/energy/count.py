@@ -142,9 +142,8 @@ def count_operations(snn, batches: Iterable, *, mode: str = "evaluate", device: 
 
     `context` (a `distributed.Context`, under torchrun): each rank passes its shard of the images
     and the integer counts are summed over ranks, so every rank gets those of one process."""
-    from tqdm import tqdm
-
-    from ..evaluation import PROGRESS_DELAY_S, check_data_fits, prepare_for_device
+    from ..evaluation import check_data_fits, prepare_for_device
+    from ..progress import progress_bar
 
     device = torch.device(device)
     if isinstance(getattr(batches, "dataset", None), Dataset):  # a DataLoader: refuse data that does not fit first
@@ -152,8 +151,7 @@ def count_operations(snn, batches: Iterable, *, mode: str = "evaluate", device: 
     snn = prepare_for_device(snn.eval(), device)
     dtype = next(iter(snn.parameters()), torch.zeros(())).dtype
     counter = OperationCounter(snn, mode)
-    for batch in tqdm(batches, total=total, desc=f"energy ({mode})", unit="batch", disable=not progress,
-                      delay=PROGRESS_DELAY_S):
+    for batch in progress_bar(batches, total=total, desc=f"energy ({mode})", enabled=progress):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         counter(x.to(device, dtype=dtype))
     counts = counter.result()

@@ -78,17 +78,12 @@ def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx
     check_utf8(model, where)
     opset = default_opset(model, where)  # before the checker, whose message for an odd opset is vaguer
     _load_external_data(model, base_dir, where)
-    try:
-        onnx.checker.check_model(model)
+    try:   # the graph without its weights' data (a copy of kilobytes), then each weight alone
+        onnx.checker.check_model(shape_skeleton(model))
+        for tensor in _large_initializers(model):
+            onnx.checker.check_tensor(tensor)
     except onnx.checker.ValidationError as err:
         raise UnsupportedModelError(f"{where}: the ONNX checker rejects the model: {first_line(err)}") from None
-    except ValueError as err:  # over 2 GB in memory: check the file instead
-        if base_dir is None:
-            raise UnsupportedModelError(f"{where}: cannot check the model: {first_line(err)}") from None
-        try:
-            onnx.checker.check_model(os.fspath(path_or_model))
-        except onnx.checker.ValidationError as err2:
-            raise UnsupportedModelError(f"{where}: the ONNX checker rejects the model: {first_line(err2)}") from None
     check_tensors(model, where)
     upgraded_from = None
     if opset < MIN_OPSET:
@@ -111,8 +106,7 @@ def check_utf8(message: Message, where: str, field_path: str = "model") -> None:
     """Every string field is UTF-8, as protobuf requires. onnx's parser hands an invalid one over
     as bytes, which every later name lookup or message would trip on."""
     for field, value in message.ListFields():
-        # `label` is gone from protobuf 6's descriptors, `is_repeated` new in them
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        repeated = _repeated(field)
         items = value if repeated else [value]
         for index, item in enumerate(items):
             at = f"{field_path}.{field.name}" + (f"[{index}]" if repeated else "")
@@ -180,10 +174,61 @@ def upgrade_opset(model: onnx.ModelProto, where: str, opset: int) -> onnx.ModelP
 
 
 def infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """`model` with the value_info (and output types) of onnx's strict shape inference, in place.
+    Inference runs on its `shape_skeleton`: the weights' values never decide a shape, and copying
+    them to C++ and back would take four times a large model's size."""
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model), check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:
         raise UnsupportedModelError(f"{where}: ONNX shape inference fails: {first_line(err)}") from None
+    initializers = {t.name for t in model.graph.initializer}
+    del model.graph.value_info[:], model.graph.output[:]
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in initializers)
+    model.graph.output.extend(inferred.graph.output)
+    return model
+
+
+# A float initializer of more elements than this is a weight, whose values no shape depends on.
+_SKELETON_MIN_ELEMENTS = 1024
+
+
+def _large_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer
+            if t.data_type in _FLOAT_TENSORS and math.prod(t.dims) > _SKELETON_MIN_ELEMENTS]
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    # `label` is gone from protobuf 6's descriptors, `is_repeated` new in them
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
+def _copy_fields(source: Message, target: Message, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if _repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large float initializers (weights) are graph inputs of the same type
+    and shape instead: what the checker and shape inference need of the graph, without its data."""
+    large = _large_initializers(model)
+    names = {t.name for t in large}
+    graph = onnx.GraphProto()
+    _copy_fields(model.graph, graph, skip="initializer")
+    graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
+    declared = {value.name for value in model.graph.input}
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in large if t.name not in declared)
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    skeleton.graph.CopyFrom(graph)
+    return skeleton
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[NetworkInput]:

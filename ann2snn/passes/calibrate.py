@@ -18,12 +18,10 @@ from torch import Tensor, fx, nn
 from ..errors import Ann2SnnError
 from ..quant import QuantClippedActivation
 from ..levels import levels_for_timesteps
+from ..progress import progress_bar
 from .graph_utils import conversion_report, finish, module_of
+from .quantile import streaming_quantiles
 
-# Per-batch sample of a site's activations kept for its percentile (divided among its channels).
-_CALIBRATION_SAMPLES = 1 << 20
-# torch.quantile refuses larger inputs.
-_QUANTILE_MAX = 1 << 24
 
 def module_bounds(module: nn.Module | None) -> tuple[float, float] | None:
     """(low, high) of a clamp module: nn.ReLU (0, inf), nn.Hardtanh and nn.ReLU6 (min, max); None
@@ -172,59 +170,58 @@ def quantize_model(model: nn.Module, timesteps: int, per_channel: bool = False,
 
 @torch.no_grad()
 def calibrate_clips(model: nn.Module, loader: Iterable, percentile: float = 99.9, batches: int | None = 10,
-                    names: Iterable[str] | None = None) -> dict[str, Tensor]:
+                    names: Iterable[str] | None = None, progress: bool = False) -> dict[str, Tensor]:
     """Set each site's lambda to the `percentile` of its positive float activations (per channel for a
     per-channel site), capped at its current lambda (a ReLU6's 6; inf for a ReLU).
 
-    Runs `model` in eval mode on `batches` batches of `loader` ((inputs, labels) pairs; None: all)
-    with every site in float mode (quantize=False); `names` restricts which sites are set. A channel
-    that never fires takes its layer's value. Returns {site: lambda}.
+    Runs `model` in eval mode on `batches` batches of `loader` ((inputs, labels) pairs; None: all of
+    it, which must then give the same batches each time it is iterated) with every site in float
+    mode (quantize=False); `names` restricts which sites are set. The percentile is exact, in memory
+    that does not grow with the data (quantile.py: a few passes over it). A channel that never
+    fires takes its layer's value. Returns {site: lambda}.
     """
     sites = activation_sites(model)
     chosen = {n: sites[n] for n in (sites if names is None else names)}
     device = first_tensor(model).device
-    samples: dict[str, list[Tensor]] = {name: [] for name in chosen}
-    generator = torch.Generator().manual_seed(0)
+    data = loader if batches is None else list(itertools.islice(loader, batches))  # the same batches each pass
+    seen: set[str] = set()
+    bar = progress_bar(desc="calibration", enabled=progress)
 
-    def record(name: str, site: QuantClippedActivation):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            z = inputs[0].detach().float()
-            rows = z.transpose(0, 1).reshape(z.shape[1], -1) if site.per_channel else z.reshape(1, -1)
-            keep = max(1024, _CALIBRATION_SAMPLES // rows.shape[0])
-            if rows.shape[1] > keep:
-                rows = rows[:, torch.randint(rows.shape[1], (keep,), generator=generator).to(rows.device)]
-            # Zeros are the ReLU's "off" state, not part of the range the levels must cover.
-            samples[name].append(torch.where(rows > 0, rows, torch.nan).cpu())
-        return hook
+    def one_pass(add) -> None:
+        def record(name: str, site: QuantClippedActivation):
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                z = inputs[0].detach()
+                seen.add(name)
+                add(name, z.transpose(0, 1).reshape(z.shape[1], -1) if site.per_channel else z.reshape(1, -1))
+            return hook
 
-    handles = [site.register_forward_hook(record(n, site)) for n, site in chosen.items()]
+        handles = [site.register_forward_hook(record(n, site)) for n, site in chosen.items()]
+        try:
+            for x, *_ in data:
+                model(x.to(device))
+                bar.update()
+        finally:
+            for h in handles:
+                h.remove()
+
     modes = {n: s.quantize for n, s in sites.items()}
     was_training = model.training
     try:
         model.eval()
         for s in sites.values():
             s.quantize = False
-        for i, (x, *_) in enumerate(loader):
-            if batches is not None and i >= batches:
-                break
-            model(x.to(device))
+        quantiles = streaming_quantiles(one_pass, {n: s.clip.numel() if s.per_channel else 1
+                                                   for n, s in chosen.items()}, percentile / 100)
     finally:
+        bar.close()
         model.train(was_training)
-        for h in handles:
-            h.remove()
         for n, s in sites.items():
             s.quantize = modes[n]
     result = {}
     for name, site in chosen.items():
-        if not samples[name]:
+        if name not in seen:
             raise Ann2SnnError(f"calibration: site {name!r} saw no data")
-        values = torch.cat(samples[name], dim=1)
-        if values.numel() > _QUANTILE_MAX:
-            values = values[:, torch.randperm(values.shape[1], generator=generator)[:_QUANTILE_MAX // values.shape[0]]]
-        values = values.double()
-        q = percentile / 100
-        per_row = torch.nanquantile(values, q, dim=1)
-        layer = torch.nanquantile(values.flatten(), q)
+        per_row, layer = quantiles[name]
         if torch.isnan(layer):
             raise Ann2SnnError(f"calibration: site {name!r} never had a positive input; cannot set its lambda")
         per_row = torch.where(torch.isnan(per_row), layer, per_row)
