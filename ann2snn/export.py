@@ -32,6 +32,7 @@ from .artifact import write_atomically
 from .errors import Ann2SnnError
 from .quant import QuantClippedActivation
 from .levels import channel_view, timesteps_for_levels
+from .onnx_import.reader import load_checked
 
 # uint8 holds levels 0..255: T <= 8 time steps (torch exports fake quantization as uint8 or int8 QDQ only).
 _QUANT_MAX = 255
@@ -123,7 +124,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
                 training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
                 input_names=["input"], output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        proto = onnx.load(tmp)
+        proto = load_checked(tmp)
         _inline_initializer_aliases(proto.graph)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
@@ -139,10 +140,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
 
 def onnx_initializers(path: str | os.PathLike) -> dict[str, Tensor]:
     """The initializers of an ONNX file by name, including names the exporter aliased via Identity."""
-    try:
-        proto = onnx.load(str(path), load_external_data=True)
-    except Exception as err:  # protobuf DecodeError, OSError, missing external data
-        raise Ann2SnnError(f"{path}: not a readable ONNX file ({type(err).__name__}: {err})") from None
+    proto = load_checked(path)
     tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "Identity" and node.input[0] in tensors:
@@ -152,8 +150,12 @@ def onnx_initializers(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def onnxruntime_session(path: str | os.PathLike | bytes) -> "onnxruntime.InferenceSession":  # noqa: F821
     """A CPU onnxruntime session that computes the QDQ graph as written (no int8 weight rewriting);
-    `path` may also be a serialized model."""
+    `path` may also be a serialized model. onnxruntime reads a file's external data itself: the file
+    is checked first as every load is (reader.load_checked)."""
     import onnxruntime
+
+    if not isinstance(path, bytes):
+        load_checked(path, load_external_data=False)
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3

@@ -42,7 +42,9 @@ def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
     """The file's model with the tensors `names` added as graph outputs (typed by shape inference)."""
     import onnx
 
-    model = onnx.load(str(path))
+    from .onnx_import.reader import load_checked
+
+    model = load_checked(path)
     # onnx infers no types for com.microsoft ops: their QDQ meaning has the same outputs, typed
     typed = {v.name: v for v in
              onnx.shape_inference.infer_shapes(expand_qoperator(model, str(path))[0]).graph.value_info}

@@ -460,7 +460,7 @@ def _init_case(case: str, inputs: dict[str, Path], path: Path) -> tuple[str, ...
         return ('"ann2snn" metadata must be a JSON object', "list")
     if case == "garbage_onnx":
         path.write_bytes(b"\x08\x07 garbage")
-        return ("not a readable ONNX file",)
+        return ("a truncated or corrupt ONNX file",)
     raise AssertionError(case)
 
 
