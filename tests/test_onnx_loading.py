@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-from hostile import invoke, snapshot
+from hostile import assert_refused, invoke, snapshot
 from test_hostile_onnx import external
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,3 +77,38 @@ def test_verify_refuses_external_data_linked_out_of_the_folder(tmp_path):
     before = snapshot(tmp_path)
     assert_one_line(run("verify", snn, "--against", model), model, "tensor 'w'", "'weights.bin'", OUTSIDE)
     assert snapshot(tmp_path) == before
+
+
+def subgraph_external(tmp_path: Path) -> Path:
+    """A model whose If branch holds a Constant tensor 'hidden' stored in ../secret.bin: a tensor
+    that onnx's external-data loader reads, though it is no initializer of the main graph."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(4, np.float32).tobytes())
+    hidden = onnx.helper.make_tensor("hidden", onnx.TensorProto.FLOAT, [4], np.zeros(4, np.float32).tobytes(),
+                                     raw=True)
+    onnx.external_data_helper.set_external_data(hidden, location="../secret.bin", offset=0, length=16)
+    hidden.ClearField("raw_data")
+    hidden.data_location = onnx.TensorProto.EXTERNAL
+    branch = onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["b"], value=hidden)], "branch", [],
+                                    [onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [4])])
+    nodes = [onnx.helper.make_node("Constant", [], ["c"], value=onnx.helper.make_tensor("c", onnx.TensorProto.BOOL,
+                                                                                      [], [True])),
+             onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                   ["N", 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])])
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "model.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("build, fragments", [
+    pytest.param(subgraph_external, ("tensor 'hidden'", OUTSIDE), id="subgraph-tensor-outside"),
+    pytest.param(lambda tmp_path: external(tmp_path, offset="4096"), ("tensor 'w' ends at byte 4,", "past the end of "
+                                                                      "'weights.bin'"), id="past-the-end"),
+])
+def test_every_stored_tensor_is_checked(tmp_path, build, fragments):
+    path = build(tmp_path)
+    before = snapshot(tmp_path)
+    assert_refused(invoke("inspect", path), str(path), *fragments, before=before, folders=(tmp_path,))
