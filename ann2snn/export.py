@@ -32,7 +32,6 @@ from .artifact import write_atomically
 from .errors import Ann2SnnError
 from .quant import QuantClippedActivation
 from .levels import channel_view, timesteps_for_levels
-from .onnx_import.reader import load_checked
 
 # uint8 holds levels 0..255: T <= 8 time steps (torch exports fake quantization as uint8 or int8 QDQ only).
 _QUANT_MAX = 255
@@ -114,6 +113,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
     example = torch.zeros((2, *input_shape))
 
     def write(tmp: str) -> None:
+        from .onnx_import.reader import load_checked   # here: `import ann2snn` loads no importer
+
         with warnings.catch_warnings():
             # PRESERVE on an eval-mode model exports inference BN nodes but skips the eval peephole
             # that folds BN into Conv and renames the weights; torch warns about it, and about the
@@ -140,6 +141,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
 
 def onnx_initializers(path: str | os.PathLike) -> dict[str, Tensor]:
     """The initializers of an ONNX file by name, including names the exporter aliased via Identity."""
+    from .onnx_import.reader import load_checked
+
     proto = load_checked(path)
     tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
     for node in proto.graph.node:
@@ -153,6 +156,8 @@ def onnxruntime_session(path: str | os.PathLike | bytes) -> "onnxruntime.Inferen
     `path` may also be a serialized model. onnxruntime reads a file's external data itself: the file
     is checked first as every load is (reader.load_checked)."""
     import onnxruntime
+
+    from .onnx_import.reader import load_checked
 
     if not isinstance(path, bytes):
         load_checked(path, load_external_data=False)
