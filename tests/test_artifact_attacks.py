@@ -178,12 +178,17 @@ def integer_theta(meta, tensors, code):
     tensors["act_in.theta"] = tensors["act_in.theta"].to(torch.int64)
 
 
+def integer_tensors(meta, tensors, code):
+    # all of them: no floating-point dtype left for the others to share
+    tensors.update({name: t.to(torch.int32) for name, t in tensors.items()})
+
+
 REFUSED: list[Callable] = [
     placeholder_default, placeholder_annotation, node_name, get_attr_path, get_attr_dotted_expression,
     call_module_target, module_name_only, keyword_name, dict_key, dtype_tag, getattr_any_attribute,
     getattr_expression, function_eval, method_dunder, output_target, module_type_escape, module_config_key,
     module_config_object, float_tag, node_reference_expression, unknown_op, huge_module, timesteps_out_of_range,
-    neuron_timesteps_out_of_range, integer_theta,
+    neuron_timesteps_out_of_range, integer_theta, integer_tensors,
 ]
 
 
