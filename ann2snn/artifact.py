@@ -17,6 +17,7 @@ import math
 import os
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -246,28 +247,45 @@ def build_graph(description: dict, tensors: dict[str, torch.Tensor]) -> fx.Graph
     missing = set(gm.state_dict()) - set(state)
     if missing:
         raise ArtifactError(f"the artifact lacks tensors {sorted(missing)[:5]}")
+    dtype = _check_tensors(gm.state_dict(), state)
     gm.load_state_dict(state, strict=True, assign=True)  # keep the saved dtype
-    _check_dtypes(gm)
+    _check_loaded(gm, dtype)
     return gm
 
 
-def _check_dtypes(gm: fx.GraphModule) -> None:
-    """One floating-point dtype for every tensor (BN's step counter aside): what `save` writes; none
-    left on the meta device the modules were built on (a tensor the file does not hold); and every
-    neuron's levels exact in that dtype (what the compiler checks)."""
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """Every tensor of the file as the graph description expects it, checked before load_state_dict
+    (whose error names no tensor): the shape its module's configuration gives, and one floating-point
+    dtype for all, that of most of them (what `save` writes), but BN's step counter, which keeps its
+    own. Returns that dtype (None: no floating-point tensor)."""
+    counts = Counter(state[name].dtype for name, t in expected.items() if t.is_floating_point())
+    dtype = counts.most_common(1)[0][0] if counts else None
+    if dtype is not None and dtype not in _FLOATING:
+        raise ArtifactError(f"the tensors are {str(dtype).removeprefix('torch.')}: an SNN's tensors share one "
+                            "floating-point dtype")
+    for name, want in expected.items():
+        got = state[name]
+        want_dtype = dtype if want.is_floating_point() else want.dtype
+        if got.shape != want.shape or got.dtype != want_dtype:
+            raise ArtifactError(f"tensor {name} should be {str(want_dtype).removeprefix('torch.')} of shape "
+                                f"{list(want.shape)}, the file holds {str(got.dtype).removeprefix('torch.')} "
+                                f"of shape {list(got.shape)}")
+    return dtype
+
+
+def _check_loaded(gm: fx.GraphModule, dtype: torch.dtype | None) -> None:
+    """No tensor left on the meta device the modules were built on (a tensor the file does not
+    hold), and every neuron's levels exact in the SNN's dtype (what the compiler checks)."""
     for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
         if t.is_meta:
             raise ArtifactError(f"the artifact lacks tensor {name}")
-    dtypes = {name: t.dtype for name, t in gm.state_dict().items() if not name.endswith("num_batches_tracked")}
-    floating = {d for d in dtypes.values() if d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
-    if len(set(dtypes.values())) > 1 or len(floating) != len(set(dtypes.values())):
-        name = next(n for n, d in dtypes.items() if d != next(iter(dtypes.values())) or d not in floating)
-        raise ArtifactError(f"tensor {name} is {str(dtypes[name]).removeprefix('torch.')}: an SNN's tensors "
-                            "share one floating-point dtype")
     for name, module in gm.named_modules():
-        if isinstance(module, BitSerialIFNode) and floating:
+        if isinstance(module, BitSerialIFNode) and dtype is not None:
             try:
-                check_levels_exact(module.levels, next(iter(floating)))
+                check_levels_exact(module.levels, dtype)
             except ValueError as err:
                 raise ArtifactError(f"neuron {name}: {err}") from None
 

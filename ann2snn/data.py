@@ -4,8 +4,11 @@
 
 - ``"digits"``: scikit-learn's bundled 8x8 digits, [1, 8, 8] float32 in [0, 1], a fixed stratified
   75/25 train/test split (random_state 0, 1347 / 450 images); "calib" is the train split.
-- a ``.npz`` file with ``x`` (N, C, H, W) and ``y`` (N,), used for every split, or with
+- a ``.npz`` file with ``x`` and ``y`` (N,), used for every split, or with
   ``x_train, y_train, x_test, y_test`` (train and calib use the first pair, test the second).
+  ``x`` is (N, C, H, W), (N, features) or three-dimensional: (N, H, W) one-channel images, or
+  (N, C, L) signals for a model that takes those (fit_sample_rank). Arrays that np.savez stored
+  uncompressed are memory-mapped, samples read when used (ann2snn/npz.py).
 - a directory: an ImageNet-style image folder, one sub-folder per class (sorted names give the
   class indices). With ``train/`` and ``val/`` (or ``test/``) sub-folders, "train" and "calib" read
   ``train/`` and "test" reads ``val/`` (else ``test/``); otherwise the folder itself is every split.
@@ -24,9 +27,10 @@ Every failure raises `DataError` with one line naming the path and the problem.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import DataError
 from .idx import IDX_CLASSES, IDX_FOLDERS, idx_folder, is_idx_folder, read_idx_split
 from .image_folder import load_image_folder
+from .npz import read_npz
 
 SPLITS = ("train", "test", "calib")
 DIGITS_TEST_FRACTION = 0.25
@@ -50,24 +55,37 @@ MAX_CLASSES = 100_000
 
 
 class ArrayDataset(Dataset):
-    """In-memory (x, y) pairs: x float32 [N, C, H, W], y int64 [N]."""
+    """(x, y) pairs: y int64 [N]; x [N, ...] a tensor, or an array of an .npz file (memory-mapped,
+    npz.py) whose samples are read, as float32, when they are used."""
 
-    def __init__(self, x: Tensor, y: Tensor, num_classes: int, name: str = "", source: str | None = None) -> None:
-        self.x = x
+    def __init__(self, x: Tensor | np.ndarray, y: Tensor, num_classes: int, name: str = "", source: str | None = None,
+                 channel_axis_added: bool = False) -> None:
+        self.samples = x
         self.y = y
         self.num_classes = int(num_classes)
         self.name = name
         self.source = source if source is not None else name  # what error messages name: the file
+        self.channel_axis_added = channel_axis_added  # (N, H, W) read as (N, 1, H, W): fit_sample_rank
+
+    @property
+    def x(self) -> Tensor:
+        """All samples as one tensor (of an .npz file: float32, in memory unless stored as float32)."""
+        if isinstance(self.samples, Tensor):
+            return self.samples
+        return torch.from_numpy(np.asarray(self.samples, dtype=np.float32))
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.samples.shape[0])
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.x[index], self.y[index]
+        sample = self.samples[index]
+        if isinstance(sample, np.ndarray):
+            sample = torch.from_numpy(np.array(sample, dtype=np.float32))  # a copy: read from the file now
+        return sample, self.y[index]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
+        return tuple(self.samples.shape[1:])
 
     def __repr__(self) -> str:
         return f"ArrayDataset({self.name!r}, {len(self)} samples, input {self.input_shape}, {self.num_classes} classes)"
@@ -87,32 +105,43 @@ def _load_digits(split: str) -> ArrayDataset:
                         torch.from_numpy(np.ascontiguousarray(ys)), 10, name=f"digits:{split}", source="digits")
 
 
-def _array_pair(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> tuple[Tensor, Tensor]:
-    x = _images(path, x, xname)
+def _array_pair(path: Path, x: np.ndarray, y: np.ndarray, xname: str,
+                yname: str) -> tuple[np.ndarray, Tensor, bool]:
+    x, added = _samples(path, x, xname)
     y = _labels(path, np.asarray(y), yname)
     if len(y) != len(x):
         raise DataError(f"{path}: {xname!r} has {len(x)} samples but {yname!r} has {len(y)}")
-    return x, y
+    return x, y, added
 
 
-def _images(path: Path, x: np.ndarray, name: str) -> Tensor:
-    """x as float32 (N, C, H, W), every value finite: a NaN or Inf image would give NaN logits,
-    which argmax turns into a silently wrong accuracy."""
+# Values converted at a time where samples are checked to be finite: memory stays this small.
+_CHECK_CHUNK = 2**20
+
+
+def _samples(path: Path, x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
+    """x as samples (N, features), (N, C, L) or (N, C, H, W), left where it is (a memory map stays
+    one): (N, H, W) is read as one-channel images (N, 1, H, W), and whether it was so; every value
+    finite in float32, checked chunk by chunk: a NaN or Inf image would give NaN logits, which
+    argmax turns into a silently wrong accuracy."""
     # complex is a numpy number, but casting it to float32 drops the imaginary part
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
         raise DataError(f"{path}: array {name!r} must hold real numbers, found dtype {x.dtype}")
-    if x.ndim == 3:  # (N, H, W): one channel
-        x = x[:, None]
-    if x.ndim != 4:
-        raise DataError(f"{path}: array {name!r} must have shape (N, C, H, W) or (N, H, W), found {tuple(x.shape)}")
+    if not 2 <= x.ndim <= 4:
+        raise DataError(f"{path}: array {name!r} must have shape (N, C, H, W), (N, H, W), (N, C, L) or "
+                        f"(N, features), found {tuple(x.shape)}")
+    added = x.ndim == 3
+    x = x[:, None] if added else x
     if x.size == 0:
         raise DataError(f"{path}: array {name!r} is empty (shape {tuple(x.shape)})")
-    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if not bool(torch.isfinite(images).all()):  # after the cast: float64 values beyond float32 become inf
-        bad = torch.nonzero(~torch.isfinite(images))[0].tolist()
-        raise DataError(f"{path}: array {name!r} must be finite in float32, found {images[tuple(bad)].item()} "
-                        f"at index {tuple(bad)}")
-    return images
+    if np.issubdtype(x.dtype, np.floating):  # integers and booleans are finite in float32
+        step = max(1, _CHECK_CHUNK // math.prod(x.shape[1:]))
+        for start in range(0, len(x), step):
+            chunk = np.asarray(x[start:start + step], dtype=np.float32)  # float64 beyond float32 becomes inf
+            bad = np.argwhere(~np.isfinite(chunk))
+            if len(bad):
+                raise DataError(f"{path}: array {name!r} must be finite in float32, found {chunk[tuple(bad[0])]} "
+                                f"at index {(start + int(bad[0][0]), *map(int, bad[0][1:]))}")
+    return x, added
 
 
 def _labels(path: Path, y: np.ndarray, name: str) -> Tensor:
@@ -135,11 +164,7 @@ def _labels(path: Path, y: np.ndarray, name: str) -> Tensor:
 
 
 def _load_npz(path: Path, split: str) -> ArrayDataset:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except Exception as err:  # zipfile, pickle refusal, truncated file, not an npz
-        raise DataError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from None
+    arrays = read_npz(path)
     if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
         pairs = {name: _array_pair(path, arrays[f"x_{name}"], arrays[f"y_{name}"], f"x_{name}", f"y_{name}")
                  for name in ("train", "test")}
@@ -147,14 +172,14 @@ def _load_npz(path: Path, split: str) -> ArrayDataset:
             raise DataError(f"{path}: x_train samples have shape {tuple(pairs['train'][0].shape[1:])} "
                             f"but x_test samples {tuple(pairs['test'][0].shape[1:])}")
         classes = 1 + max(int(pairs["train"][1].max()), int(pairs["test"][1].max()))
-        x, y = pairs["test"] if split == "test" else pairs["train"]
+        x, y, added = pairs["test"] if split == "test" else pairs["train"]
     elif {"x", "y"} <= set(arrays):
-        x, y = _array_pair(path, arrays["x"], arrays["y"], "x", "y")
+        x, y, added = _array_pair(path, arrays["x"], arrays["y"], "x", "y")
         classes = 1 + int(y.max())
     else:
         raise DataError(f"{path}: .npz needs arrays 'x' and 'y' (or x_train, y_train, x_test, y_test); "
                         f"found {', '.join(sorted(arrays)) or 'none'}")
-    return ArrayDataset(x, y, classes, name=f"{path}:{split}", source=str(path))
+    return ArrayDataset(x, y, classes, name=f"{path}:{split}", source=str(path), channel_axis_added=added)
 
 
 def _load_idx(folder: Path, split: str) -> ArrayDataset:
@@ -224,6 +249,13 @@ def dataset_source(dataset: Dataset) -> str:
     return str(source) if source is not None else type(inner).__name__
 
 
+def sample_fits(found: Sequence[int], expected: Sequence[int | str | None]) -> bool:
+    """A sample of shape `found` fits a model input whose shape without the batch is `expected`
+    (a name, None or a size <= 0: a free dimension)."""
+    return len(found) == len(expected) and all(
+        not isinstance(e, int) or e <= 0 or e == int(f) for f, e in zip(found, expected))
+
+
 def check_input_shape(data: str | os.PathLike, found: Sequence[int], expected: Sequence[int | str | None]) -> None:
     """Refuse samples of shape `found` (C, H, W) from `data` for a model whose input, without the
     batch dimension, is `expected` (a name or None: a free dimension), before anything runs on them.
@@ -231,12 +263,27 @@ def check_input_shape(data: str | os.PathLike, found: Sequence[int], expected: S
     For `ann2snn convert --calib` (cli.py), after loading the calibration inputs:
     `check_input_shape(calib, tuple(calib_x.shape[1:]), inspect_onnx(model)["input"]["shape"][1:])`.
     """
-    found, expected = tuple(int(d) for d in found), tuple(expected)
-    fits = len(found) == len(expected) and all(
-        not isinstance(e, int) or e <= 0 or e == f for f, e in zip(found, expected))
-    if not fits:
+    if not sample_fits(found, expected):
         shown = "(" + ", ".join(str(e) if isinstance(e, int) and e > 0 else "any" for e in expected) + ")"
-        raise DataError(f"{data}: the model takes samples of shape {shown}, found samples of shape {found}")
+        raise DataError(f"{data}: the model takes samples of shape {shown}, found samples of shape "
+                        f"{tuple(int(d) for d in found)}")
+
+
+def sample_shapes(dataset: Dataset) -> list[tuple[int, ...]]:
+    """The shapes the samples of `dataset` may be read as: theirs, and for an (N, H, W) array read
+    as one-channel images (1, H, W), also the (C, L) signals it stores."""
+    shape = dataset_input_shape(dataset)
+    return [shape, shape[1:]] if getattr(_unwrap(dataset), "channel_axis_added", False) else [shape]
+
+
+def fit_sample_rank(dataset: Dataset, takes: Callable[[tuple[int, ...]], bool]) -> None:
+    """An (N, H, W) array read as one-channel images goes back to the (C, L) signals it stores when
+    the model `takes` those and not the images: in place, on the data set behind `dataset` (a
+    Subset's too), before a loader reads it."""
+    shapes = sample_shapes(dataset)
+    if len(shapes) == 2 and not takes(shapes[0]) and takes(shapes[1]):
+        inner = _unwrap(dataset)
+        inner.samples, inner.channel_axis_added = inner.samples[:, 0], False
 
 
 def largest_label(dataset: Dataset) -> int | None:
@@ -299,6 +346,6 @@ def make_loader(
 
 
 __all__ = [
-    "ArrayDataset", "load_dataset", "dataset_input_shape", "dataset_source", "check_input_shape", "largest_label",
-    "num_classes", "make_loader", "MAX_CLASSES", "SPLITS",
+    "ArrayDataset", "load_dataset", "dataset_input_shape", "dataset_source", "check_input_shape", "sample_fits",
+    "sample_shapes", "fit_sample_rank", "largest_label", "num_classes", "make_loader", "MAX_CLASSES", "SPLITS",
 ]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx
 from torch.utils.data import Dataset
 
-from .data import dataset_input_shape, dataset_source, largest_label
+from .data import dataset_input_shape, dataset_source, fit_sample_rank, largest_label, sample_shapes
 from .distributed import Context, all_reduce_max, all_reduce_sum
 from .errors import DataError
 from .kernels.native import native_neuron_available
@@ -56,8 +56,7 @@ def _accepted_shape(graph: fx.GraphModule, found: tuple[int, ...], dtype: torch.
     convs = [m for m in modules if isinstance(m, CONVS)]
     channels = [convs[0].in_channels] if convs else []
     candidates = [(c, *found[1:]) for c in channels + [found[0]]]
-    if len(found) == 3:
-        candidates += [(c, side, side) for c in channels + [found[0]] for side in _PROBE_SIDES]
+    candidates += [(c, side, side) for c in channels + [found[0]] for side in _PROBE_SIDES]
     return next((shape for shape in candidates if _logit_count(graph, shape, dtype) is not None), None)
 
 
@@ -72,25 +71,36 @@ def _takes(snn: SNN, sample_shape: tuple[int, ...]) -> int | None:
         return None
 
 
+# How messages name a sample's dimensions, by its rank.
+_SAMPLE_AXES = {1: "(features)", 2: "(C, L)", 3: "(C, H, W)"}
+
+
 def check_data_fits(snn: SNN, dataset: Dataset, labels: bool = True) -> None:
     """Refuse, before the run, a data set whose samples the SNN cannot take (naming the shape it
     takes and the shape found) or, with `labels`, whose labels reach past its logits (such a label
-    can never be predicted: the accuracy would be silently wrong)."""
+    can never be predicted: the accuracy would be silently wrong). An (N, H, W) array goes back to
+    (N, C, L) signals for an SNN that takes those (data.fit_sample_rank)."""
     if len(dataset) == 0:  # type: ignore[arg-type]  # nothing will run (e.g. an empty shard)
         return
     source = dataset_source(dataset)
-    found = dataset_input_shape(dataset)
     dtype = next(snn.parameters(), torch.zeros(())).dtype
     graph = on_meta(snn.graph_module)
-    logits = _logit_count(graph, found, dtype)
+
+    def logit_count(shape: tuple[int, ...]) -> int | None:
+        count = _logit_count(graph, shape, dtype)
+        return count if count is not None else _takes(snn, shape)
+
+    fit_sample_rank(dataset, lambda shape: logit_count(shape) is not None)
+    found = dataset_input_shape(dataset)
+    logits = logit_count(found)
     if logits is None:
-        logits = _takes(snn, found)
-    if logits is None:
-        expected = _accepted_shape(graph, found, dtype)
+        shapes = sample_shapes(dataset)
+        expected = next(filter(None, (_accepted_shape(graph, shape, dtype) for shape in shapes)), None)
         if expected is None:
             raise DataError(f"{source}: the model cannot take samples of shape {found}")
-        raise DataError(f"{source}: the model takes samples of shape {expected} (C, H, W), "
-                        f"found samples of shape {found}")
+        found = next((shape for shape in shapes if len(shape) == len(expected)), found)  # as the file has it
+        named = f"{expected} {_SAMPLE_AXES.get(len(expected), '')}".rstrip()
+        raise DataError(f"{source}: the model takes samples of shape {named}, found samples of shape {found}")
     top = largest_label(dataset) if labels else None
     if top is not None and top >= logits:
         raise DataError(f"{source}: labels go up to {top}, but the model has {logits} classes "

@@ -113,6 +113,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
     example = torch.zeros((2, *input_shape))
 
     def write(tmp: str) -> None:
+        from .onnx_import.reader import load_checked   # here: `import ann2snn` loads no importer
+
         with warnings.catch_warnings():
             # PRESERVE on an eval-mode model exports inference BN nodes but skips the eval peephole
             # that folds BN into Conv and renames the weights; torch warns about it, and about the
@@ -123,7 +125,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
                 training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
                 input_names=["input"], output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        proto = onnx.load(tmp)
+        proto = load_checked(tmp)
         _inline_initializer_aliases(proto.graph)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
@@ -139,10 +141,9 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
 
 def onnx_initializers(path: str | os.PathLike) -> dict[str, Tensor]:
     """The initializers of an ONNX file by name, including names the exporter aliased via Identity."""
-    try:
-        proto = onnx.load(str(path), load_external_data=True)
-    except Exception as err:  # protobuf DecodeError, OSError, missing external data
-        raise Ann2SnnError(f"{path}: not a readable ONNX file ({type(err).__name__}: {err})") from None
+    from .onnx_import.reader import load_checked
+
+    proto = load_checked(path)
     tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "Identity" and node.input[0] in tensors:
@@ -152,8 +153,14 @@ def onnx_initializers(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def onnxruntime_session(path: str | os.PathLike | bytes) -> "onnxruntime.InferenceSession":  # noqa: F821
     """A CPU onnxruntime session that computes the QDQ graph as written (no int8 weight rewriting);
-    `path` may also be a serialized model."""
+    `path` may also be a serialized model. onnxruntime reads a file's external data itself: the file
+    is checked first as every load is (reader.load_checked)."""
     import onnxruntime
+
+    from .onnx_import.reader import load_checked
+
+    if not isinstance(path, bytes):
+        load_checked(path, load_external_data=False)
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -71,11 +71,16 @@ def _rebatched(chunks: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
         yield torch.cat(pending) if len(pending) > 1 else pending[0]
 
 
-def data_samples(data: str, split: str, samples: int, seed: int = 0) -> Samples:
-    """`samples` images of DATA's `split`, drawn at random with `seed` across its classes."""
-    from .data import dataset_input_shape, draw, load_dataset
+def data_samples(data: str, split: str, samples: int, seed: int = 0,
+                 takes: Callable[[tuple[int, ...]], bool] | None = None) -> Samples:
+    """`samples` images of DATA's `split`, drawn at random with `seed` across its classes; (C, L)
+    signals rather than one-channel images where the model `takes` those (data.fit_sample_rank)."""
+    from .data import dataset_input_shape, draw, fit_sample_rank, load_dataset
 
-    dataset = draw(load_dataset(data, split=split, seed=seed), samples, seed)
+    dataset = load_dataset(data, split=split, seed=seed)
+    if takes is not None:
+        fit_sample_rank(dataset, takes)
+    dataset = draw(dataset, samples, seed)
     count = len(dataset)  # type: ignore[arg-type]
     return Samples(dataset_input_shape(dataset), count, f"{count} inputs of {data}", dataset)
 
@@ -95,8 +100,8 @@ def tensor_samples(x: Tensor, description: str) -> Samples:
 def model_samples(data: str, split: str, samples: int, expected: Sequence[int | str | None]) -> Samples:
     """`data_samples`, refused unless a sample has the shape `expected` (the model's input without
     the batch; a name or None is a free dimension)."""
-    from .data import check_input_shape
+    from .data import check_input_shape, sample_fits
 
-    drawn = data_samples(data, split, samples)
+    drawn = data_samples(data, split, samples, takes=lambda shape: sample_fits(shape, expected))
     check_input_shape(data, drawn.shape, expected)
     return drawn

@@ -221,9 +221,9 @@ def _quantize_outputs(path: str, source_graph: fx.GraphModule,
                       snn: SNN) -> tuple[dict[str, str], dict[str, KernelError]]:
     """Module name -> the ONNX tensor that holds its integer levels (a QuantizeLinear's output, or a
     QOperator node's); and module name -> the error of the QOperator kernel that computes them."""
-    import onnx
+    from .onnx_import.reader import load_checked
 
-    original = onnx.load(str(path), load_external_data=False)
+    original = load_checked(path, load_external_data=False)
     # a QOperator node is imported as a QuantizeLinear of its own name and output (qoperator.py)
     produced_by = {node.name: node.output[0] for node in expand_qoperator(original, str(path))[0].graph.node}
     names = {}

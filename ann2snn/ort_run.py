@@ -15,7 +15,7 @@ from .export import onnxruntime_session
 from .memory import OutOfMemory, is_allocation_failure
 from .onnx_import.builder import first_line
 from .onnx_import.qoperator import expand_qoperator
-from .onnx_import.reader import infer_shapes
+from .onnx_import.reader import infer_shapes, load_checked
 
 # onnxruntime runs the inputs in batches of this many samples
 VERIFY_BATCH = 256
@@ -43,9 +43,7 @@ def _padded(x: np.ndarray, fixed: int | None) -> list[np.ndarray]:
 
 def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
     """The file's model with the tensors `names` added as graph outputs (typed by shape inference)."""
-    import onnx
-
-    model = onnx.load(str(path))
+    model = load_checked(path)
     # onnx infers no types for com.microsoft ops: their QDQ meaning has the same outputs, typed
     typed = {v.name: v for v in infer_shapes(expand_qoperator(model, str(path))[0], str(path)).graph.value_info}
     for name in names:

@@ -178,12 +178,17 @@ def integer_theta(meta, tensors, code):
     tensors["act_in.theta"] = tensors["act_in.theta"].to(torch.int64)
 
 
+def integer_tensors(meta, tensors, code):
+    # all of them: no floating-point dtype left for the others to share
+    tensors.update({name: t.to(torch.int32) for name, t in tensors.items()})
+
+
 REFUSED: list[Callable] = [
     placeholder_default, placeholder_annotation, node_name, get_attr_path, get_attr_dotted_expression,
     call_module_target, module_name_only, keyword_name, dict_key, dtype_tag, getattr_any_attribute,
     getattr_expression, function_eval, method_dunder, output_target, module_type_escape, module_config_key,
     module_config_object, float_tag, node_reference_expression, unknown_op, huge_module, timesteps_out_of_range,
-    neuron_timesteps_out_of_range, integer_theta,
+    neuron_timesteps_out_of_range, integer_theta, integer_tensors,
 ]
 
 
@@ -246,6 +251,30 @@ def test_cli_refuses_a_hostile_artifact_with_one_line(original, tmp_path, comman
     assert len(lines) == 1 and lines[0].startswith("ann2snn: error:") and str(path) in lines[0], done.stderr
     assert not marker.exists()
 
+
+
+# A tensor of another shape or dtype than the graph description expects (load_state_dict's own error
+# names none): refused naming the tensor, what it should be and what the file holds.
+TAMPERED = {
+    "shape": (lambda t: t.reshape(-1)[:5].clone(), "float32 of shape [5]"),
+    "dtype": (lambda t: t.double(), "float64 of shape [4, 3, 3, 3]"),
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "eval"])
+@pytest.mark.parametrize("tamper", sorted(TAMPERED))
+def test_cli_names_a_tampered_tensor(original, tmp_path, tamper, command):
+    edit, holds = TAMPERED[tamper]
+    meta, tensors = copy.deepcopy(original[0]), dict(original[1])
+    assert tensors["conv.weight"].shape == (4, 3, 3, 3) and tensors["conv.weight"].dtype == torch.float32
+    tensors["conv.weight"] = edit(tensors["conv.weight"])
+    path = write(tmp_path / "tampered.snn", meta, tensors)
+    args = [str(path)] if command == "inspect" else [str(path), "--data", "digits"]
+    done = subprocess.run([sys.executable, "-m", "ann2snn", command, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (f"ann2snn: error: {path}: tensor conv.weight should be float32 of shape [4, 3, 3, 3], "
+                           f"the file holds {holds}\n"), done.stderr
 
 HOSTILE_TEXT = st.one_of(
     st.sampled_from(['x=({code})', '{code}', 'a"); {code}; ("', "a'); {code}; ('", "a.b\n{code}", "a, b=({code})",

@@ -102,7 +102,7 @@ def test_npz_grayscale_without_channel_axis(tmp_path):
 @pytest.mark.parametrize("arrays, problem", [
     ({"a": np.zeros(3)}, "needs arrays"),
     ({"x": np.zeros((4, 1, 2, 2)), "y": np.zeros(3, dtype=int)}, "4 samples"),
-    ({"x": np.zeros((4, 2)), "y": np.zeros(4, dtype=int)}, "shape"),
+    ({"x": np.zeros((4, 1, 1, 2, 2)), "y": np.zeros(4, dtype=int)}, "shape"),
     ({"x": np.zeros((2, 1, 2, 2)), "y": np.array([0.5, 1.0])}, "integers"),
     ({"x": np.zeros((2, 1, 2, 2)), "y": np.array([-1, 1])}, ">= 0"),
     ({"x": np.zeros((0, 1, 2, 2)), "y": np.zeros(0, dtype=int)}, "empty"),

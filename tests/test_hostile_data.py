@@ -92,7 +92,8 @@ NPZ_CASES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "missing_x": (_npz(y=Y4), ("needs arrays", "found y")),
     "missing_y": (_npz(x=_good_x()), ("needs arrays", "found x")),
     "no_arrays": (_npz(), ("needs arrays", "found none")),
-    "x_rank2": (_npz(x=np.zeros((4, 64)), y=Y4), ("(N, C, H, W)", "(4, 64)")),
+    "x_rank2": (_npz(x=np.zeros((4, 64)), y=Y4), ("takes samples of shape (1, 8, 8) (C, H, W)",
+                                                  "found samples of shape (64,)")),
     "x_rank5": (_npz(x=np.zeros((4, 1, 1, 8, 8)), y=Y4), ("(N, C, H, W)", "(4, 1, 1, 8, 8)")),
     "x_scalar": (_npz(x=np.float32(1.0), y=Y4), ("(N, C, H, W)", "found ()")),
     "x_strings": (_npz(x=np.full((4, 1, 8, 8), "a"), y=Y4), ("real numbers", "<U1")),
@@ -460,7 +461,7 @@ def _init_case(case: str, inputs: dict[str, Path], path: Path) -> tuple[str, ...
         return ('"ann2snn" metadata must be a JSON object', "list")
     if case == "garbage_onnx":
         path.write_bytes(b"\x08\x07 garbage")
-        return ("not a readable ONNX file",)
+        return ("a truncated or corrupt ONNX file",)
     raise AssertionError(case)
 
 

@@ -199,3 +199,44 @@ def test_no_module_outgrows_one_sitting():
 @pytest.mark.parametrize("name", ["ann2snn.levels", "ann2snn.ops", "ann2snn.energy.observe"])
 def test_the_walk_sees_the_modules(name):
     assert name in MODULES and MODULES[name].is_file()
+
+
+# --- one reader of ONNX files ----------------------------------------------------------------------
+
+READER = "ann2snn.onnx_import.reader"
+# What reads an ONNX file, or its external data, unchecked; and what lets onnxruntime do so.
+ONNX_LOADERS = {"onnx.load", "onnx.load_model", "onnx.load_external_data_for_model",
+                "onnx.external_data_helper.load_external_data_for_model"}
+SESSION_MAKER = "ann2snn.export"   # onnxruntime_session: checks the file first
+
+
+def onnx_loads(name: str, source: str) -> list[str]:
+    """Calls in `source` that load an ONNX file past reader.load_checked's checks (the external data
+    inside the model's folder): onnx's loaders, under their dotted names or imported from onnx, and
+    onnxruntime sessions."""
+    imported = {a.asname or a.name: f"{node.module}.{a.name}" for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom) and node.module in ("onnx", "onnx.external_data_helper",
+                                                                        "onnxruntime")
+                for a in node.names}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            called = ast.unparse(node.func)
+            called = imported.get(called, called)
+            if called in ONNX_LOADERS and name != READER:
+                found.append(f"{name}:{node.lineno} calls {called}")
+            if called.endswith("InferenceSession") and name != SESSION_MAKER:
+                found.append(f"{name}:{node.lineno} calls {called}")
+    return found
+
+
+def test_onnx_files_are_loaded_by_the_reader_alone():
+    bench = {f"bench.{p.stem}": p for p in (REPO / "bench").glob("*.py")}
+    problems = [problem for name, path in {**MODULES, **bench}.items()
+                for problem in onnx_loads(name, path.read_text())]
+    assert problems == []
+    broken = ("import onnx\nfrom onnx import load_model as read\nimport onnxruntime as ort\n"
+              "m = onnx.load(p)\nn = read(p)\ns = ort.InferenceSession(p)\n")
+    assert onnx_loads("m", broken) == ["m:4 calls onnx.load", "m:5 calls onnx.load_model",
+                                       "m:6 calls ort.InferenceSession"]
+    assert onnx_loads(READER, "import onnx\nm = onnx.load(p)\n") == []

@@ -66,18 +66,15 @@ def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx
     opset; and the opset it was upgraded from (upgrade_opset), else None."""
     where = describe(path_or_model)
     if isinstance(path_or_model, onnx.ModelProto):
-        model, base_dir = onnx.ModelProto(), None
+        model = onnx.ModelProto()
         model.CopyFrom(path_or_model)  # never modify the caller's proto
+        _load_external_data(model, None, where)  # refuses any: no folder to read it from
     else:
-        path = os.fspath(path_or_model)
-        if not os.path.isfile(path):
-            raise UnsupportedModelError(f"{where}: no such file")
-        model, base_dir = _parse(path, where), os.path.dirname(os.path.abspath(path))
+        model = load_checked(path_or_model)
     if not model.HasField("graph") or model.ir_version == 0:
         raise UnsupportedModelError(f"{where}: not an ONNX model (it has no graph or no IR version)")
     check_utf8(model, where)
     opset = default_opset(model, where)  # before the checker, whose message for an odd opset is vaguer
-    _load_external_data(model, base_dir, where)
     try:   # the graph without its weights' data (a copy of kilobytes), then each weight alone
         onnx.checker.check_model(shape_skeleton(model))
         for tensor in _large_initializers(model):
@@ -89,6 +86,19 @@ def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx
     if opset < MIN_OPSET:
         model, upgraded_from, opset = upgrade_opset(model, where, opset), opset, UPGRADE_TO
     return model, where, opset, upgraded_from
+
+
+def load_checked(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX file parsed by onnx, its external data checked (inside the model's folder, no link
+    out, no absolute path, within its file) and, with `load_external_data`, read. The one way the
+    package loads an ONNX file: an UnsupportedModelError naming the file for what it refuses."""
+    where = describe(path)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UnsupportedModelError(f"{where}: no such file")
+    model = _parse(path, where)
+    _load_external_data(model, os.path.dirname(os.path.abspath(path)), where, load=load_external_data)
+    return model
 
 
 def _parse(path: str, where: str) -> onnx.ModelProto:
@@ -125,8 +135,23 @@ def _tensors(model: onnx.ModelProto):
                 yield attribute.t
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: str | None, where: str) -> None:
-    external = [t for t in _tensors(model) if onnx.external_data_helper.uses_external_data(t)]
+def _stored_tensors(graph: onnx.GraphProto | onnx.FunctionProto):
+    """Every tensor whose data onnx's external-data loader reads: initializers and node attributes,
+    in subgraphs (If, Loop, Scan bodies) too."""
+    yield from getattr(graph, "initializer", ())
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from [attribute.t] if attribute.HasField("t") else ()
+            yield from attribute.tensors
+            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _stored_tensors(subgraph)
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: str | None, where: str, load: bool = True) -> None:
+    """Refuse external data outside `base_dir` (the model's folder), missing, or past its file's end
+    (before anything is read); with `load`, read it into the model."""
+    graphs = [model.graph, *model.functions]
+    external = [t for g in graphs for t in _stored_tensors(g) if onnx.external_data_helper.uses_external_data(t)]
     if not external:
         return
     if base_dir is None:
@@ -134,14 +159,25 @@ def _load_external_data(model: onnx.ModelProto, base_dir: str | None, where: str
                                     "from its file path")
     root = os.path.realpath(base_dir)
     for tensor in external:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        resolved = os.path.realpath(os.path.join(root, location))
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location", "")
+        resolved = os.path.realpath(os.path.join(root, location))  # a link resolves to where it points
         if os.path.commonpath([root, resolved]) != root or os.path.isabs(location):
             raise UnsupportedModelError(f"{where}: external data of tensor {tensor.name!r} at {location!r} lies "
                                         "outside the model's folder")
         if not os.path.isfile(resolved):
             raise UnsupportedModelError(f"{where}: external data file {location!r} of tensor {tensor.name!r} "
                                         "is missing")
+        try:
+            end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+        except ValueError:
+            raise UnsupportedModelError(f"{where}: external data of tensor {tensor.name!r} has an offset or "
+                                        "length that is no integer") from None
+        if end > os.path.getsize(resolved):
+            raise UnsupportedModelError(f"{where}: external data of tensor {tensor.name!r} ends at byte {end:,}, "
+                                        f"past the end of {location!r} ({os.path.getsize(resolved):,} bytes)")
+    if not load:
+        return
     try:
         onnx.external_data_helper.load_external_data_for_model(model, root)
     except (OSError, ValueError, onnx.checker.ValidationError) as err:
