@@ -191,6 +191,7 @@ def helper_head(tail: list, opset: int = 13) -> onnx.ModelProto:
 
 HEADS = {
     "torch LogSoftmax": lambda: with_head(nn.LogSoftmax(1)),
+    "torch Sigmoid": lambda: with_head(nn.Sigmoid()),
     "torch Flatten, Softmax": lambda: PooledClassifier(nn.Flatten(), nn.Softmax(1)),
     "torch reshape, Softmax": lambda: PooledClassifier(Reshaped(), nn.Softmax(1)),
     "helper Reshape, Softmax": lambda: helper_head([helper.make_node("Reshape", ["g", "shape"], ["f"], name="reshape"),
@@ -219,7 +220,7 @@ def test_a_head_converts_and_matches_onnxruntime(case, tmp_path, files):
     path = quantize(float_file(case, tmp_path), tmp_path / "qdq.onnx")
     report = convert(path, "-o", tmp_path / "head.snn", "--verify-data", files["data"])
     assert_verified(report)
-    head = ("LogSoftmax" if "LogSoftmax" in case else "Softmax")
+    head = next(op for op in ("LogSoftmax", "Softmax", "Sigmoid") if op in case)
     assert any(r.get("op") == head for r in report["rewrites"])
     expected = onnxruntime_run(path, images())
     got = ann2snn.load_snn(tmp_path / "head.snn").evaluate(torch.from_numpy(images())).logits.numpy()
@@ -229,6 +230,26 @@ def test_a_head_converts_and_matches_onnxruntime(case, tmp_path, files):
         assert np.abs(got - expected).max() <= kept[-1].scale.item() * 1.001 and (got == expected).mean() >= 0.99
     else:   # onnxruntime leaves it in float: float32 rounding apart
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pair_written_after_a_log_softmax_is_compared_with_onnxruntime(tmp_path, files):
+    """quantize_static leaves a LogSoftmax in float; a pair written after it (int8, [-12.7, 0]) is part
+    of the head: kept, run after the SNN, and its levels compared with onnxruntime's."""
+    model = onnx.load(quantize(float_file("torch LogSoftmax", tmp_path), tmp_path / "q.onnx"))
+    output = model.graph.output[0].name
+    model.graph.node[-1].output[0] = "log_probabilities"
+    model.graph.node.extend([helper.make_node("QuantizeLinear", ["log_probabilities", "s", "z"], ["q"], name="head_q"),
+                             helper.make_node("DequantizeLinear", ["q", "s", "z"], [output], name="head_dq")])
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                                    numpy_helper.from_array(np.array(127, np.int8), "z")])
+    path = str(tmp_path / "pair.onnx")
+    onnx.save(model, path)
+    report = convert(path, "-o", tmp_path / "pair.snn", "--verify-data", files["data"])
+    assert_verified(report)
+    assert report["verify"]["levels"]["sites"]["head_q"]["compared"] == 64 * 10
+    got = ann2snn.load_snn(tmp_path / "pair.snn").evaluate(torch.from_numpy(images())).logits.numpy()
+    expected = onnxruntime_run(path, images())
+    assert (got == expected).mean() >= 0.99 and np.abs(got - expected).max() <= 0.05 * 1.001
 
 
 def test_a_float_softmax_head_converts_with_calibration_and_ranks_as_the_logits(files, tmp_path):
