@@ -30,7 +30,8 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
                 later = _first_non_head_user(gm, node)
                 raise UnsupportedModelError(
                     f"{node_label(gm, node)} is not after the last layer: {node_label(gm, later)} follows it; an "
-                    "SNN applies it only to its output, after the last layer (inside the network, retrain it with ReLU)")
+                    "SNN applies it only to its output, after the last layer (inside the network, retrain it "
+                    "with ReLU)")
             report["rewrites"].append({"pass": "place_neurons", "output_op": node.target,
                                        "op": type(module).__name__, "note": "applied to the output potentials"})
             continue

@@ -189,8 +189,10 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
             report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
                                        **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
             continue
+        if _after_output_op(gm, qdq):
+            continue   # probabilities of the output head: kept, run in float after the SNN
         zero = module.zero_point
-        if _after_output_op(gm, qdq) or (module.per_axis and module.axis != 1) or not bool((zero == zero.reshape(-1)[0]).all()):
+        if (module.per_axis and module.axis != 1) or not bool((zero == zero.reshape(-1)[0]).all()):
             continue
         zero = int(zero.reshape(-1)[0])
         chain, low, high = _clamp_chain(gm, qdq)
