@@ -1,6 +1,7 @@
 """Data-set evaluation of a converted SNN: accuracy, spikes per image, throughput."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
@@ -11,7 +12,7 @@ from torch.utils.data import Dataset
 
 from .data import dataset_input_shape, dataset_source, fit_sample_rank, largest_label, sample_shapes
 from .distributed import Context, all_reduce_max, all_reduce_sum
-from .errors import DataError
+from .errors import Ann2SnnError, DataError
 from .kernels.native import native_neuron_available
 from .memory import ShapeProbe, activation_profile, on_meta
 from .progress import PROGRESS_DELAY_S, progress_bar  # noqa: F401  (the trainer's bar reads the delay here)
@@ -38,13 +39,13 @@ class EvalResult:
         return asdict(self)
 
 
-def _logit_count(graph: fx.GraphModule, sample_shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
-    """The number of logits the graph computes for one sample of `sample_shape`; None when the graph
-    cannot take such a sample."""
+def _output_shape(graph: fx.GraphModule, sample_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The shape of the graph's output for one sample of `sample_shape`; None when the graph cannot
+    take such a sample."""
     try:
         with torch.no_grad():
             logits = ShapeProbe(graph).run(torch.empty((1, *sample_shape), dtype=dtype, device="meta"))
-        return int(logits.shape[1])
+        return tuple(logits.shape[1:])
     except Exception:  # shape errors are RuntimeErrors, ValueErrors, IndexErrors, ... from any op
         return None
 
@@ -57,18 +58,28 @@ def _accepted_shape(graph: fx.GraphModule, found: tuple[int, ...], dtype: torch.
     channels = [convs[0].in_channels] if convs else []
     candidates = [(c, *found[1:]) for c in channels + [found[0]]]
     candidates += [(c, side, side) for c in channels + [found[0]] for side in _PROBE_SIDES]
-    return next((shape for shape in candidates if _logit_count(graph, shape, dtype) is not None), None)
+    return next((shape for shape in candidates if _output_shape(graph, shape, dtype) is not None), None)
 
 
-def _takes(snn: SNN, sample_shape: tuple[int, ...]) -> int | None:
-    """The number of logits for one sample of `sample_shape`, run for real on a zero image: the check
+def _takes(snn: SNN, sample_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The output's shape for one sample of `sample_shape`, run for real on a zero image: the check
     of a meta probe that failed (an op may have no meta kernel). None: the SNN cannot take it."""
     param = next(snn.parameters(), torch.zeros(()))
     try:
         zeros = torch.zeros((1, *sample_shape), dtype=param.dtype, device=param.device)
-        return int(snn.evaluate(zeros).logits.shape[1])
+        return tuple(snn.evaluate(zeros).logits.shape[1:])
     except Exception:
         return None
+
+
+def class_scores(snn: SNN, logits: Tensor) -> Tensor:
+    """The output as one row of class scores per sample: (N, classes), or (N, classes, 1, ...) as a
+    convolutional classifier may end; any other output (a map per class) has no top-1."""
+    if logits.dim() > 2 and math.prod(logits.shape[2:]) != 1:
+        name = f"the SNN of {snn.source['file']}" if snn.source.get("file") else "the SNN"
+        raise Ann2SnnError(f"{name}: its output per sample has shape {tuple(logits.shape[1:])}, not one score per "
+                           "class: top-1 accuracy needs an output (N, classes) (energy and verify take any output)")
+    return logits.flatten(1) if logits.dim() > 2 else logits
 
 
 # How messages name a sample's dimensions, by its rank.
@@ -86,14 +97,14 @@ def check_data_fits(snn: SNN, dataset: Dataset, labels: bool = True) -> None:
     dtype = next(snn.parameters(), torch.zeros(())).dtype
     graph = on_meta(snn.graph_module)
 
-    def logit_count(shape: tuple[int, ...]) -> int | None:
-        count = _logit_count(graph, shape, dtype)
-        return count if count is not None else _takes(snn, shape)
+    def output_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        found = _output_shape(graph, shape, dtype)
+        return found if found is not None else _takes(snn, shape)
 
-    fit_sample_rank(dataset, lambda shape: logit_count(shape) is not None)
+    fit_sample_rank(dataset, lambda shape: output_shape(shape) is not None)
     found = dataset_input_shape(dataset)
-    logits = logit_count(found)
-    if logits is None:
+    shape = output_shape(found)
+    if shape is None:
         shapes = sample_shapes(dataset)
         expected = next(filter(None, (_accepted_shape(graph, shape, dtype) for shape in shapes)), None)
         if expected is None:
@@ -101,7 +112,10 @@ def check_data_fits(snn: SNN, dataset: Dataset, labels: bool = True) -> None:
         found = next((shape for shape in shapes if len(shape) == len(expected)), found)  # as the file has it
         named = f"{expected} {_SAMPLE_AXES.get(len(expected), '')}".rstrip()
         raise DataError(f"{source}: the model takes samples of shape {named}, found samples of shape {found}")
-    top = largest_label(dataset) if labels else None
+    if not labels:
+        return
+    logits = class_scores(snn, torch.empty((1, *shape), device="meta")).shape[1]
+    top = largest_label(dataset)
     if top is not None and top >= logits:
         raise DataError(f"{source}: labels go up to {top}, but the model has {logits} classes "
                         f"(labels 0 to {logits - 1})")
@@ -177,13 +191,15 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
     Counts stay on the device until the end: no host synchronization per batch. Under torchrun
     each rank passes its shard and the counts are summed over ranks, so the result equals a
     single-process run.
+    Classes are ranked by the last layer's potentials (SNN.before_head): as the output ranks them, the
+    output head's ops keeping their order, and also where its QDQ rounding makes two probabilities equal.
     """
     device = torch.device(device)
     if isinstance(getattr(batches, "dataset", None), Dataset):  # a DataLoader: check its data set first
         check_data_fits(snn, batches.dataset)
-    snn = prepare_for_device(snn, device)
-    run = snn.simulate if mode == "simulate" else snn.evaluate
-    dtype = next(snn.parameters()).dtype
+    ranked = prepare_for_device(snn, device).before_head()
+    run = ranked.simulate if mode == "simulate" else ranked.evaluate
+    dtype = next(ranked.parameters()).dtype
     correct1 = torch.zeros((), dtype=torch.int64, device=device)
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
     spikes: dict[str, Tensor] = {}
@@ -192,6 +208,7 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
     bar = progress_bar(batches, total=total, desc=f"{mode} on {device.type}", enabled=progress)
     for x, y in device_batches(bar, device, dtype):
         logits, counts = run(x)
+        logits = class_scores(snn, logits)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum()
         correct5 += (top == y[:, None]).any(1).sum()

@@ -12,6 +12,8 @@ A module's kind says how it treats spikes, and so how every part handles it:
   it before the neuron, METHOD.md section 3); a per-channel constant passes through it;
 - "output" (softmax, log-softmax, sigmoid): applied to the output potentials only, not spiking,
   counted in neither network's energy.
+The output head is what follows the last layer and computes on its output alone: ops of the kinds
+in HEAD_KINDS (and a QDQ pair's fake quantization, ann2snn/quant.py), run in float after the SNN.
 Each entry also lists the constructor arguments the .snn artifact saves (the weights travel with
 the state dict).
 
@@ -94,6 +96,9 @@ AVERAGE_POOLS = modules_of("average_pool")
 MAX_POOLS = modules_of("max_pool")
 OUTPUT_OPS = modules_of("output")
 STRUCTURAL = modules_of("structural")
+# the module kinds the output head may hold (module docstring); their function and method kinds below
+HEAD_KINDS = ("output", "structural")
+HEAD_MODULES = modules_of(*HEAD_KINDS)
 
 
 
@@ -146,6 +151,11 @@ def functions_of(*kinds: str) -> tuple[Callable, ...]:
 
 def methods_of(*kinds: str) -> frozenset[str]:
     return frozenset(name for name, kind in METHOD_KINDS.items() if kind in kinds)
+
+
+# the output head's functions and methods: moves of the output's values (flatten, reshape, squeeze, ...)
+HEAD_FUNCTIONS = functions_of("structural")
+HEAD_METHODS = methods_of("structural")
 
 
 # Ops that select or move the values of one tensor without arithmetic: a quantization grid survives

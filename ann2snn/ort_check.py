@@ -13,7 +13,11 @@ of these, or the comparison fails:
   error is bounded per element by running the source graph once more and propagating a bound:
   a convolution or linear layer of fan-in n adds (n + 2) u times the sum of |w x| (u = 2^-24)
   and passes |W| times its input's bound on; sums, pools and layout ops pass bounds on; a site
-  whose level agrees resets it;
+  whose level agrees resets it; an op of the output head (a QDQ pair after a Softmax is compared
+  too) spreads its input's bound B (the row's largest) as its derivative does: Softmax by a factor
+  e^(2B) - 1 of its output, LogSoftmax by 2B, Sigmoid by B / 4, and adds twice its own roundings
+  (u per subtraction, sum term and division, u |z - max z| where exp reads a rounded argument, 8 u
+  for exp and log themselves);
 - downstream: the sample already differed at an earlier site, which changes what follows.
 
 A QOperator file (QLinearConv, QLinearAdd, ...: onnx_import/qoperator.py) is imported as its QDQ
@@ -40,7 +44,8 @@ from torch import Tensor, fx, nn
 from .gate import moved_pools, pool_moved_sites, run_recording
 from .lower.evaluator import TimeFoldedNeuron
 from .neuron import BitSerialIFNode
-from .ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, MAX_POOLS, METHOD_KINDS, NORMS, STRUCTURAL, functions_of
+from .ops import (AVERAGE_POOLS, FUNCTION_OPS, LAYERS, MAX_POOLS, METHOD_KINDS, NORMS, OUTPUT_OPS, STRUCTURAL,
+                  functions_of)
 from .onnx_import.qoperator import KernelError, expand_qoperator, kernel_errors
 from .levels import channel_view
 from .quant import QuantClippedActivation, QuantDequant
@@ -144,6 +149,8 @@ class _ErrorBound(fx.Interpreter):
                 return channel_view(scale.abs(), value.dim()) * bound_in + 2 * rounding
             if isinstance(module, AVERAGE_POOLS):
                 return module(bound_in) + 4 * rounding
+            if isinstance(module, OUTPUT_OPS):
+                return _output_op_bound(module, x, bound_in, value)
             return module(bound_in)                        # max pools, flatten, identity, dropout
         if n.op == "call_function" and n.target in _SUMS:
             return sum(self.bound[a] for a in inputs) + rounding
@@ -302,7 +309,8 @@ class LevelComparison:
             for field, count in zip(("compared", "equal", "ties", "near_boundary", "downstream", "unexplained"), counts):
                 setattr(site, field, getattr(site, field) + count)
             differed |= sample_of.any(1)
-        predictions = logits.argmax(1) == ort_logits.reshape(len(x), -1).argmax(1)
+        # one row per sample, whatever the output's rank (an (N, C, H, W) output too), as verify.py compares
+        predictions = logits.reshape(len(x), -1).argmax(1) == ort_logits.reshape(len(x), -1).argmax(1)
         self.samples += len(x)
         self.predictions_equal += int(predictions.sum())
         self.explained += int((~predictions & differed).sum())
@@ -330,6 +338,22 @@ def compare_with_onnxruntime(path: str, snn: SNN, source_graph: fx.GraphModule,
     batch = activation_profile(source64, tuple(x.shape[1:]), torch.float64).batch(COMPARISON_BYTES, held="total")
     ort_logits = torch.cat([comparison.add(chunk)[1] for chunk in x.split(batch)])
     return comparison.result(), ort_logits
+
+
+def _output_op_bound(module: nn.Module, z: Tensor, bound_in: Tensor, y: Tensor) -> Tensor:
+    """The bound after an output op y = f(z) of the output head (module docstring)."""
+    u = UNIT_ROUNDOFF
+    if not hasattr(module, "dim"):   # Sigmoid: f' = y (1 - y) <= 1/4; exp(-z) reads -z exactly
+        return bound_in / 4 + 2 * u * (y * (1 - y) * (z.abs() + 8) + 2 * y)
+    dim = module.dim
+    spread = bound_in.amax(dim, keepdim=True)
+    shifted = (z - z.amax(dim, keepdim=True)).abs()
+    # the row's exp terms and their sum: their largest rounding, n terms summed, exp's own 8 u
+    row = shifted.amax(dim, keepdim=True) + z.shape[dim] + 8
+    if isinstance(module, nn.Softmax):   # y_i e^(d_i) / sum_j y_j e^(d_j), |d| <= B; and a division
+        return y * (torch.expm1(2 * spread) + 2 * u * (shifted + row + 9))
+    # LogSoftmax: (z_i - max) - log(sum), |log(sum)| <= |z_i - max| + |y_i|
+    return 2 * spread + 2 * u * (2 * shifted + 2 * y.abs() + row + 9)
 
 
 def _abs_layer(layer: nn.Module, x: Tensor, with_bias: bool) -> Tensor:

@@ -1,6 +1,7 @@
 """The converted SNN: one graph of bit-serial neurons, run by simulation or evaluation."""
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
@@ -11,7 +12,7 @@ from torch import Tensor, fx, nn
 from .artifact import read_artifact, write_artifact
 from .lower import lower_to_evaluator, lower_to_simulator
 from .lower.cuda_graph import CudaGraphRunner
-from .passes.graph_utils import neuron_nodes
+from .passes.graph_utils import head_arithmetic, neuron_nodes
 
 
 @contextmanager
@@ -28,7 +29,7 @@ def ieee_float32() -> Iterator[None]:
 
 
 class SNNOutput(NamedTuple):
-    logits: Tensor
+    logits: Tensor   # the network's output as its source computes it: through the output head, if any
     spikes: dict[str, Tensor]  # per neuron layer (site): spikes per sample, shape [N]
 
 
@@ -86,6 +87,19 @@ class SNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.evaluate(x).logits
+
+    def before_head(self) -> "SNN":
+        """This SNN without the arithmetic of its output head (the Softmax, LogSoftmax, Sigmoid and QDQ
+        pairs after the last layer; reshapes stay), sharing its modules: the same spikes, and as output
+        the last layer's potentials. Each of those ops keeps the order of a sample's classes, so these
+        rank the classes as the output does, and also where a QDQ pair's rounding makes two equal."""
+        graph = copy.deepcopy(self.graph_module.graph)
+        nodes = {n.name: n for n in graph.nodes}
+        for node in reversed(head_arithmetic(self.graph_module)):
+            nodes[node.name].replace_all_uses_with(nodes[node.name].args[0])
+            graph.erase_node(nodes[node.name])
+        return SNN(fx.GraphModule(self.graph_module, graph), self.timesteps, self.report, self.source).train(
+            self.training)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the .snn artifact (graph as JSON, tensors as safetensors, atomically)."""

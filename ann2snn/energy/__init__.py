@@ -17,6 +17,8 @@ Events are the binary spike planes of the neurons, carried unchanged through str
 maps' events; after an average pool, the events are the nonzero entries of the pooled planes.
 Residual additions and BN folded into biases cost nothing (as in SpikingJelly's SynOpCounter);
 average pools fed by analog values are not counted in either network.
+The output head (a final Softmax, the QDQ pairs around it, reshapes: passes/graph_utils.output_head)
+is float work on the SNN's output that the ANN does alike: counted in neither network, and named.
 
 Two counting paths, which give identical counts (METHOD.md section 7). Both run one of the SNN's
 two executors, lowered as for `simulate` or `evaluate`, with observers put into its graph

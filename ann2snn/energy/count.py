@@ -1,7 +1,7 @@
 """Counting spikes, synaptic operations and MACs per layer, on the simulator's spike planes or the evaluator's level maps."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -13,6 +13,7 @@ from ..errors import Ann2SnnError
 from ..lower import lower_to_evaluator, lower_to_simulator
 from ..neuron import BitSerialIFNode
 from ..ops import LAYERS
+from ..passes.graph_utils import head_arithmetic
 from ..snn import ieee_float32
 from .observe import RowObserver, SpikeObserver, observe
 
@@ -43,6 +44,7 @@ class OpCounts:
     timesteps: int
     mode: str
     layers: list[LayerCounts]
+    head: list[str] = field(default_factory=list)   # the output head's computing ops (Softmax, QuantDequant, ...)
 
 
 class OperationCounter:
@@ -98,8 +100,9 @@ class OperationCounter:
                 name=neuron.node.target, kind="neurons", input="-", site=neuron.node.target,
                 neurons=neuron.neurons, timesteps=neuron.timesteps, spikes=int(neuron.spikes), input_spikes=0,
                 synaptic_ops=0, snn_macs=0, snn_adds=0, macs=0, ann_adds=0, weighted=False)))
+        head = [type(self.snn_graph.get_submodule(n.target)).__name__ for n in head_arithmetic(self.snn_graph)]
         return OpCounts(images=self.images, timesteps=self.timesteps, mode=self.mode,
-                        layers=[row for _, row in sorted(layers, key=lambda item: item[0])])
+                        layers=[row for _, row in sorted(layers, key=lambda item: item[0])], head=head)
 
     def _stops(self, node: fx.Node) -> bool:
         """A neuron or a layer: where a layer's currents end."""

@@ -18,7 +18,7 @@ from torch import Tensor, fx, nn
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
 from ..ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, METHOD_KINDS, NORMS, STRUCTURAL
-from ..passes.graph_utils import free_name
+from ..passes.graph_utils import free_name, output_head
 from .events import Events, Levels, Op, Planes, structural_events, summed_events, total
 from .fanout import pool_fanout, pool_params, window_sums
 
@@ -147,6 +147,7 @@ def observe(lowered: fx.GraphModule, snn_graph: fx.GraphModule, mode: str) -> li
     events: dict[fx.Node, fx.Node] = {}    # node of snn_graph -> the node of its events in `lowered`
     analog: dict[fx.Node, bool] = {}       # node of snn_graph -> whether its value has an analog part
     observers: list[RowObserver | SpikeObserver] = []
+    head = set(output_head(snn_graph))
 
     def output_of(node: fx.Node) -> fx.Node:
         """`node`'s last output in `lowered`: a neuron's spike code in the evaluator, else its value."""
@@ -170,7 +171,9 @@ def observe(lowered: fx.GraphModule, snn_graph: fx.GraphModule, mode: str) -> li
         with_events = [a for a in inputs if a in events]
         constants = [a for a in node.args if not isinstance(a, fx.Node)]
         source = node.args[0] if node.args else None
-        if kind == "input":
+        if kind == "input" or node in head:
+            # the output head: float work on the SNN's output after its last layer, which the ANN does
+            # alike; counted in neither network (count.OpCounts.head names its ops)
             analog[node] = True
         elif kind == "neuron":
             module = snn_graph.get_submodule(node.target)

@@ -19,6 +19,8 @@ from .costs import EnergyTable, load_table
 MEMORY_MODEL = ("one weight read per MAC or synaptic op of a conv/linear layer (memory_weight); per neuron one "
                 "state read and one write per time step in the SNN, once in the ANN (memory_state)")
 NEURON_MODEL = "neurons * T * neuron_update"
+HEAD_MODEL = ("float work on the SNN's output after its last layer, as in the ANN; counted in neither network "
+              "(the table prices MACs and accumulates, not exp or division)")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class EnergyReport:
     memory: bool
     layers: list[dict]
     total: dict
+    head: list[str]      # the output head's computing ops (OpCounts.head), not counted: HEAD_MODEL
 
     @property
     def terms(self) -> list[str]:
@@ -46,7 +49,8 @@ class EnergyReport:
         return {"images": self.images, "timesteps": self.timesteps, "mode": self.mode,
                 "table": self.table.to_json(), "terms": self.terms,
                 "options": {"neuron_updates": self.neuron_updates, "memory": self.memory},
-                "layers": self.layers, "total": self.total}
+                "layers": self.layers, "total": self.total,
+                "output_head": {"ops": self.head, "counted": False, "why": HEAD_MODEL}}
 
 
 def estimate_energy(counts: OpCounts, table: EnergyTable | None = None, *, neuron_updates: bool = False,
@@ -90,7 +94,7 @@ def estimate_energy(counts: OpCounts, table: EnergyTable | None = None, *, neuro
             total[key] = sum(r[key] for r in rows)
     total["ratio"] = total["ann_energy_pj"] / total["snn_energy_pj"] if total["snn_energy_pj"] > 0 else None
     return EnergyReport(images=images, timesteps=counts.timesteps, mode=counts.mode, table=table,
-                        neuron_updates=neuron_updates, memory=memory, layers=rows, total=total)
+                        neuron_updates=neuron_updates, memory=memory, layers=rows, total=total, head=counts.head)
 
 
 def energy_report(snn, batches: Iterable, table: EnergyTable | str | os.PathLike | None = None, *,
@@ -127,6 +131,8 @@ def format_report(report: EnergyReport) -> str:
              "neurons, spikes: the neuron layer each layer drives; SOPs: accumulates driven by the layer's input "
              "spikes; SNN MACs: layers driven by analog values (the input image)",
              format_table(rows, columns, headers)]
+    if report.head:
+        lines.append(f"output head ({', '.join(report.head)}): {HEAD_MODEL}")
     ratio = t["ratio"]
     lines.append(f"SNN {t['snn_energy_pj'] / 1e6:.4g} uJ, ANN {t['ann_energy_pj'] / 1e6:.4g} uJ per image: "
                  + (f"ANN / SNN energy ratio {ratio:.3g}x" if ratio is not None else "ANN / SNN energy ratio undefined"))

@@ -9,7 +9,8 @@ from ..neuron import BitSerialIFNode
 from ..levels import MAX_TIMESTEPS
 from ..quant import QuantClippedActivation
 from ..ops import OUTPUT_OPS
-from .graph_utils import conversion_report, finish, is_output_op, module_of, set_module, site_nodes
+from .graph_utils import (conversion_report, finish, head_input, module_of, node_label, output_head, set_module,
+                          site_nodes)
 
 FLOAT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
@@ -21,20 +22,22 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
     levels than T steps can carry is refused: converting it would not be error-free.
     """
     report = conversion_report(gm)
+    head = output_head(gm)
     for node in gm.graph.nodes:
         module = module_of(gm, node)
         if isinstance(module, OUTPUT_OPS):
-            if not is_output_op(gm, node):
+            if node not in head:
+                later = _first_non_head_user(gm, node)
                 raise UnsupportedModelError(
-                    f"node {node.name} ({type(module).__name__}) is not after the last layer: an SNN applies it "
-                    "only to its output potentials (inside the network, retrain it with ReLU)")
+                    f"{node_label(gm, node)} is not after the last layer: {node_label(gm, later)} follows it; an "
+                    "SNN applies it only to its output, after the last layer (inside the network, retrain it "
+                    "with ReLU)")
             report["rewrites"].append({"pass": "place_neurons", "output_op": node.target,
                                        "op": type(module).__name__, "note": "applied to the output potentials"})
             continue
         if isinstance(module, FLOAT_ACTIVATIONS):
-            raise UnsupportedModelError(
-                f"node {node.name} ({type(module).__name__}) is a float activation: quantize it first "
-                "(ann2snn.prepare, or convert with calibration data)")
+            raise UnsupportedModelError(f"{node_label(gm, node)} is a float activation: quantize it first "
+                                        "(ann2snn.prepare, or convert with calibration data)")
     for node in site_nodes(gm):
         site: QuantClippedActivation = gm.get_submodule(node.target)
         if not site.quantize:
@@ -58,3 +61,18 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
         entry.update({"lambda": site.clip.detach().tolist(), "theta": theta.tolist(), "levels": site.levels,
                       "timesteps": steps, "per_channel": site.per_channel})
     return finish(gm)
+
+
+def _first_non_head_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The first op after `node`, past any of the head's kinds (reshapes, QDQ pairs), that no output head
+    holds: a layer, a sum, an activation (the op that makes `node` not part of the head)."""
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop(0)
+        if user in seen or user.op == "output":
+            continue
+        seen.add(user)
+        if head_input(gm, user) is None:
+            return user
+        stack.extend(user.users)
+    return next(iter(node.users))   # its value reaches the output twice: the first use names it

@@ -19,7 +19,9 @@ rounds half up. The two differ only where z / theta is exactly k + 1/2.
 
 A QDQ whose input already lies on its grid (the output of a site or QDQ with the same scale,
 zero point and range, directly or through MaxPool / Flatten / reshapes) is the identity: it is
-removed. Every other QuantDequant stays as it is.
+removed. A QDQ on the output of a Softmax, LogSoftmax or Sigmoid (onnxruntime quantizes the
+probabilities too) is part of the output head, not a site: it stays, and runs in float after the SNN.
+Every other QuantDequant stays as it is.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
-from ..ops import VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES
+from ..ops import OUTPUT_OPS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES
 from ..quant import QuantClippedActivation, QuantDequant
 from .calibrate import clamp_bounds
 from .graph_utils import conversion_report, finish, free_name, module_of
@@ -70,6 +72,15 @@ def _clamp_chain(gm: fx.GraphModule, qdq: fx.Node) -> tuple[list[fx.Node], float
         low, high = _combine(max, torch.maximum, low, bounds[0]), _combine(min, torch.minimum, high, bounds[1])
         value = value.args[0]
     return chain, low, high
+
+
+def _after_output_op(gm: fx.GraphModule, qdq: fx.Node) -> bool:
+    """`qdq` quantizes the output of an output op (Softmax, ...), directly or behind reshapes and
+    other QDQ pairs: values of the output head, which no neuron fires."""
+    value = qdq.args[0]
+    while isinstance(value, fx.Node) and (isinstance(module_of(gm, value), QuantDequant) or _moves_values(gm, value)):
+        value = value.args[0]
+    return isinstance(value, fx.Node) and isinstance(module_of(gm, value), OUTPUT_OPS)
 
 
 def _combine(scalar_op, tensor_op, a, b):
@@ -178,6 +189,8 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
             report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
                                        **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
             continue
+        if _after_output_op(gm, qdq):
+            continue   # probabilities of the output head: kept, run in float after the SNN
         zero = module.zero_point
         if (module.per_axis and module.axis != 1) or not bool((zero == zero.reshape(-1)[0]).all()):
             continue
