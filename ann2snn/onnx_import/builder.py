@@ -3,8 +3,10 @@
 Every ONNX value becomes one of:
 - an `fx.Node`: a tensor that depends on the network input; its dimension 0 is the batch, always
   (converters refuse what would move it), so the batch size stays dynamic;
-- a `numpy.ndarray`: a constant (an initializer; fold_constants.py has made every node whose
-  outputs are constant one, by onnx's reference implementation, so folding follows the spec exactly);
+- a `numpy.ndarray`: a constant: an initializer (fold_constants.py has made the outputs of every node
+  computed from constants and inferred static shapes initializers, by onnx's reference
+  implementation, so folding follows the spec exactly), or shape arithmetic on a Shape that only
+  the probe's static shape knows, folded here the same way;
 - a `BatchDependent`: a small integer tensor computed from the batch size, e.g. Shape -> Gather(0) ->
   Concat before a Reshape; evaluated at the two probe batch sizes (fold_constants.evaluate), so a
   Reshape can tell which entry is the batch (it changes with it) from the static ones (they do not);
@@ -143,8 +145,7 @@ class GraphBuilder:
         if missing:
             raise UnsupportedModelError(f"{self.where}: node {node.name!r} ({node.op_type}) reads undefined "
                                         f"value {missing[0]!r} (the graph is not topologically sorted)")
-        if any(isinstance(v, BatchDependent) for v in inputs) and not any(isinstance(v, (fx.Node, Quantized))
-                                                                          for v in inputs):
+        if not any(isinstance(v, (fx.Node, Quantized)) for v in inputs):
             outputs = ctx.fold(inputs)
         else:
             outputs = converter(ctx)
@@ -274,7 +275,8 @@ class NodeContext:
         return self.builder.call_function(fn, args, kwargs, self.name + suffix, self.node)
 
     def fold(self, inputs: list[Value]) -> list[Value]:
-        """Shape arithmetic on batch-dependent values (all others fold_constants folded before)."""
+        """Shape arithmetic on what only the probes know: batch-dependent values, and the shapes
+        that shape inference left unknown (fold_constants.py folded everything else before)."""
         try:
             return evaluate(self.node, inputs, self.opset)
         except Exception as err:  # the reference implementation raises many kinds
