@@ -93,6 +93,8 @@ def test_a_caffe_style_export_converts_and_verifies(files, kind):
     assert {"/Shape", "/Gather", "/Div", "/Concat", "/Cast_3", "/Cast_4"} <= set(folded)
     # the Reshape's batch entry stays dynamic: its Shape -> Gather(0) is not folded
     assert not {"/Shape_2", "/Gather_2", "/Unsqueeze_4", "/Concat_4"} & set(folded)
+    if kind == "qdq":   # quantize_static's weights: int8 initializers behind a DequantizeLinear, folded too
+        assert "conv1.weight_DequantizeLinear" in folded
     if kind == "float":   # the shift of the second site passes through the reflect padding into conv2's bias
         assert report["sites"][1]["bias_shift"] | {"amount": None} == {"kind": "bias", "target": "conv2_Conv",
                                                                         "amount": None}
