@@ -26,9 +26,10 @@ from torch import nn
 import ann2snn
 from ann2snn.energy import OperationCounter
 from ann2snn.errors import UnsupportedModelError
-from ann2snn.onnx_import import load_onnx
+from ann2snn.onnx_import import inspect_onnx, load_onnx
 from ann2snn.onnx_import.fold_constants import fold_constants
 from ann2snn.onnx_import.reader import infer_shapes
+from ann2snn.onnx_import.registry import find_converter
 from ann2snn.passes.graph_utils import conversion_report
 from hostile import invoke
 from test_energy import _reach, simulator_planes, site
@@ -316,3 +317,22 @@ def test_a_pad_next_to_a_site_converts_exactly(tmp_path, mode, where, value, shi
     assert report["verify"]["max_abs_logit_diff"] < 1e-4, report["verify"]
     if shift is not None:
         assert report["sites"][0]["bias_shift"]["kind"] == shift
+
+
+def test_an_op_with_no_converter_folds_and_inspect_calls_it_supported(tmp_path):
+    """Floor has no converter: in shape arithmetic it is computed at import, and `inspect` says so."""
+    nodes = [*spatial_pads()[:2],
+             helper.make_node("Cast", ["hw"], ["hw_float"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("Div", ["hw_float", "two_and_a_half"], ["ratio"], name="ratio"),
+             helper.make_node("Floor", ["ratio"], ["floor"], name="floor"),
+             helper.make_node("Cast", ["floor"], ["third"], name="to_int", to=TensorProto.INT64),
+             spatial_pads()[3], helper.make_node("Pad", ["x", "pads"], ["y"], name="pad", mode="edge")]
+    path = str(tmp_path / "floor.onnx")
+    onnx.save(model(nodes, {**PAD_INITS, "two_and_a_half": np.array(2.5, np.float32)}), path)
+    assert find_converter("Floor", 13) is None
+    summary = inspect_onnx(path)
+    assert summary["ops"]["Floor"] == {"count": 1, "supported": True} and summary["all_ops_supported"]
+    assert summary["folded_nodes"] == ["shape", "gather", "to_float", "ratio", "floor", "to_int", "concat"]
+    x = np.random.default_rng(0).random((2, 2, 6, 6), dtype=np.float32)
+    expected = np.pad(x, [(0, 0), (0, 0), (2, 2), (2, 2)], mode="edge")   # floor(6 / 2.5) = 2
+    np.testing.assert_array_equal(load_onnx(path)(torch.from_numpy(x)).numpy(), expected)
