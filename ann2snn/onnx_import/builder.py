@@ -32,6 +32,7 @@ from ..errors import UnsupportedModelError
 from .fold_constants import BatchDependent, evaluate
 from .registry import GraphView, attribute_defaults, decode_attribute, first_line, get_converter, node_problem
 
+
 @dataclass
 class Quantized:
     """A QuantizeLinear on a tensor: becomes a QuantDequant when its DequantizeLinear comes."""

@@ -95,8 +95,13 @@ def convert_pad(ctx) -> list:
         refuse_batch_move(ctx, f"padding dimension 0 by {pairs[0]}")
     check_padded_size(ctx, ctx.shape(x)[1:], pairs[1:])
     fill = 0.0 if value is None or value.size == 0 else float(np.asarray(value).reshape(-1)[0])
-    how = {"mode": PAD_MODES[mode].torch_mode} if PAD_MODES[mode].copies_values else {"value": fill}
-    padded = ctx.call_function(F.pad, x, torch_pad(pairs[1:]), **how)
+    if PAD_MODES[mode].copies_values:   # torch copies along the dimensions after the channels only
+        if pairs[1] != (0, 0):
+            ctx.fail(f"attribute mode={mode!r} is supported only to widen the dimensions after the channels "
+                     f"(pads {pads})")
+        padded = ctx.call_function(F.pad, x, torch_pad(pairs[2:]), mode=PAD_MODES[mode].torch_mode)
+    else:
+        padded = ctx.call_function(F.pad, x, torch_pad(pairs[1:]), value=fill)
     if pairs[1] == (0, 0) and all(p >= 0 for pair in pairs for p in pair):  # spatial widening only
         padded.meta["onnx_pad"] = PadValue(ctx.node.name, x, pairs[2:], mode, fill if mode == "constant" else 0.0,
                                            is_non_negative(ctx.builder.root, x))
