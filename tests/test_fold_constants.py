@@ -30,6 +30,7 @@ from ann2snn.onnx_import import inspect_onnx, load_onnx
 from ann2snn.onnx_import.fold_constants import fold_constants
 from ann2snn.onnx_import.reader import infer_shapes
 from ann2snn.onnx_import.registry import find_converter
+from ann2snn.ops import PAD_MODES
 from ann2snn.passes.graph_utils import conversion_report
 from hostile import invoke
 from test_energy import _reach, simulator_planes, site
@@ -106,6 +107,14 @@ def test_a_caffe_style_export_converts_and_verifies(files, kind):
     assert summary["folded_nodes"] == folded
     text = run_cli("inspect", path).stdout
     assert "folded_nodes:" in text and "'/Gather'" in text
+    # the artifact saves F.pad's mode: loaded, both executors fire the same spikes (float32 logits,
+    # summed in different orders, to rounding)
+    snn = ann2snn.load_snn(path.removesuffix(".onnx") + ".snn")
+    x = torch.from_numpy(np.load(files["calib"])["x"][:4])
+    simulated, evaluated = snn.simulate(x), snn.evaluate(x)
+    assert simulated.spikes.keys() == evaluated.spikes.keys()
+    assert all(torch.equal(simulated.spikes[k], evaluated.spikes[k]) for k in simulated.spikes)
+    torch.testing.assert_close(simulated.logits, evaluated.logits, rtol=1e-5, atol=1e-6)
 
 
 def test_the_snn_takes_any_batch_size(files):
@@ -116,6 +125,22 @@ def test_the_snn_takes_any_batch_size(files):
         with torch.no_grad():
             got = gm(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(got, session.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", sorted(PAD_MODES))
+def test_the_pad_modes_of_the_table_are_onnx_s(mode):
+    """ops.PAD_MODES: F.pad in the torch mode computes onnxruntime's Pad in the ONNX mode; a mode
+    that copies values pads a spike plane to a spike plane."""
+    nodes = [helper.make_node("Pad", ["x", "pads", "fill"], ["y"], name="pad", mode=mode)]
+    pads = [0, 0, 2, 1, 0, 0, 1, 2]
+    m = model(nodes, {"pads": np.array(pads, np.int64), "fill": np.array(0.0, np.float32)}, x_shape=(2, 2, 4, 5))
+    x = (np.random.default_rng(1).random((2, 2, 4, 5)) < 0.3).astype(np.float32)   # a spike plane
+    session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    how = {"mode": PAD_MODES[mode].torch_mode} if PAD_MODES[mode].copies_values else {}
+    got = F.pad(torch.from_numpy(x), (1, 2, 2, 1), **how).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert PAD_MODES[mode].copies_values == (expected[:, :, 0].sum() > 0)   # the border holds copies of spikes
 
 
 # --- the pass alone ---------------------------------------------------------------------------
