@@ -164,7 +164,7 @@ def _without(model: onnx.ModelProto, folded: set[int], known: dict[str, Known], 
                     graph.initializer.append(numpy_helper.from_array(known[name], name))
                 except (TypeError, ValueError) as err:
                     raise UnsupportedModelError(f"{where}: folded value {name!r} of dtype {known[name].dtype} "
-                                                f"cannot be stored: {err}") from None
+                                                f"cannot be stored: {first_line(err)}") from None
     names = [graph.node[i].name or f"{op_label(graph.node[i])}_{i}" for i in sorted(folded)
              if graph.node[i].op_type != "Constant"]
     del graph.node[:]
