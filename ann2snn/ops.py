@@ -168,3 +168,20 @@ VALUE_MOVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.squ
 SHIFT_TRANSPARENT_MODULES = MAX_POOLS + (nn.Identity, nn.Dropout)
 # A residual sum (not a difference, which would negate it): one branch's bias carries the shift.
 SHIFT_TRANSPARENT_FUNCTIONS = (operator.add, torch.add)
+
+
+@dataclass(frozen=True)
+class PadMode:
+    torch_mode: str       # F.pad's name of it
+    copies_values: bool   # the border repeats the tensor's own values
+
+
+# Padding modes, by ONNX Pad's name. A mode that copies values pads a spike plane to a spike plane
+# (the simulator pads each step alike, energy counts the copies' events: a border input reaches
+# more synapses) and lets a per-channel constant through, pad(z + c) = pad(z) + c, so a bias shift
+# may sit before it (shift_bias.py). Constant padding carries no spikes; its value enters once
+# (the simulator's const), and the border gets no shift.
+PAD_MODES: dict[str, PadMode] = {"constant": PadMode("constant", False), "edge": PadMode("replicate", True),
+                                 "reflect": PadMode("reflect", True)}
+VALUE_COPYING_PADS = frozenset(mode.torch_mode for mode in PAD_MODES.values() if mode.copies_values)
+

@@ -85,6 +85,21 @@ def test_checker_failure(tmp_path):
     refusal(save(model, tmp_path / "broken.onnx"), "ONNX checker rejects the model", "undefined_value")
 
 
+@pytest.mark.parametrize("name, b_shape, y_type, fragments", [
+    ("add", (1, 3, 4, 4), TensorProto.FLOAT, ["at node 'add' (Add, number 2 of 3)", "Incompatible dimensions"]),
+    ("", (1, 3, 4, 4), TensorProto.FLOAT, ["at node <unnamed> (Add, number 2 of 3)", "Incompatible dimensions"]),
+    ("", (1, 2, 5, 5), TensorProto.INT64, ["at node <unnamed> (Add, number 2 of 3)", "elem type differs"]),
+])
+def test_a_shape_inference_failure_names_the_node_at_fault(name, b_shape, y_type, fragments, tmp_path):
+    """onnx's message names a node by its op type alone (and its name where it has one): the line
+    says which node it is, found by inferring ever longer prefixes of the graph."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Relu", ["r"], ["s"]),
+             helper.make_node("Add", ["s", "b"], ["y"], name=name)]
+    model = make_model(nodes, initializers={"b": np.ones(b_shape, np.float32)}, y_shape=["N", 2, 5, 5])
+    model.graph.output[0].type.tensor_type.elem_type = y_type
+    refusal(save(model, tmp_path / "broken.onnx"), "ONNX shape inference fails", *fragments)
+
+
 def test_unsupported_op(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("LeakyRelu", ["c"], ["y"], name="gate")]
@@ -95,13 +110,13 @@ def test_unsupported_op(tmp_path):
         assert op in listed
 
 
-CONST = {"w": np.ones((3, 2, 3, 3), np.float32), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+CONST = {"w": np.ones((3, 2, 3, 3), np.float32), "pads": np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64),
          "flat": np.array([-1], np.int64), "b": np.ones((50, 4), np.float32)}
 
 
 @pytest.mark.parametrize("nodes, x_shape, fragments", [
     ([helper.make_node("Pad", ["x", "pads"], ["y"], name="pad", mode="reflect")], ("N", 2, 5, 5),
-     ["'pad'", "Pad", "opset 13", "mode='reflect'"]),
+     ["'pad'", "Pad", "opset 13", "mode='reflect'", "widen the dimensions after the channels"]),
     (conv_relu(auto_pad="SAME_SIDEWAYS"), ("N", 2, 5, 5), ["'conv'", "Conv", "auto_pad='SAME_SIDEWAYS'"]),
     ([helper.make_node("Gemm", ["x", "b"], ["y"], name="fc", transA=1)], (50, 3), ["'fc'", "Gemm", "transA=1"]),
     ([helper.make_node("Reshape", ["x", "flat"], ["y"], name="to_vector")], ("N", 2, 5, 5),

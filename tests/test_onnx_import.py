@@ -201,13 +201,10 @@ REFUSED = {
     "test_transpose_all_permutations_4": "batch",
     "test_transpose_all_permutations_5": "batch",
     "test_unsqueeze_axis_0": _BATCH,
-    # the old pytorch folders: a bias that is data, a bound that spans the batch, reflect padding
+    # the old pytorch folders: a bias that is data, a bound that spans the batch
     "test_operator_addmm": "not a constant",
-    "test_operator_pad": "mode='reflect'",
     "test_operator_max": "broadcasts across the batch",
     "test_operator_min": "broadcasts across the batch",
-    "test_ReflectionPad2d": "mode='reflect'",
-    "test_ReplicationPad2d": "mode='edge'",
     "test_operator_index": "Slice of the network's data",
     # a softmax over the batch: an output operation acts on a class axis
     "test_softmax_axis_0": "only a class axis after the batch",

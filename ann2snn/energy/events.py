@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..levels import pack_spikes, popcount_levels, spike_code_arithmetic_dtype, unpack_spikes
 from ..lower.signal import Signal, align_steps
 from ..lower.simulator import fold_time, simulate_call, simulate_method
+from ..ops import VALUE_COPYING_PADS
 from .fanout import call_argument, conv_fanout, conv_ones_kernel, pool_fanout
 
 
@@ -42,8 +43,10 @@ class Op:
         self.target, self.call = target, call   # call: call_module, call_function or call_method
 
     def arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.target is F.pad:  # padding carries no events, whatever the pad value
-            return (args[0], call_argument(args, kwargs, 1, "pad", None)), {}
+        if self.target is F.pad:  # constant padding carries no events, whatever its value; edge, reflect copy them
+            mode = call_argument(args, kwargs, 2, "mode", "constant")
+            return (args[0], call_argument(args, kwargs, 1, "pad", None)), \
+                ({"mode": mode} if mode in VALUE_COPYING_PADS else {})
         return args, kwargs
 
 

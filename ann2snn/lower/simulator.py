@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
 from ..neuron import BitSerialIFNode
-from ..ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS, OUTPUT_OPS, STRUCTURAL, functions_of
+from ..ops import AVERAGE_POOLS, LAYERS, MAX_POOLS, NORMS, OUTPUT_OPS, STRUCTURAL, VALUE_COPYING_PADS, functions_of
 from ..levels import channel_view
 from .signal import Signal, add_signals, scale_signal
 
@@ -208,10 +208,17 @@ def _mean_steps(s: Tensor, dim, keepdim: bool = False) -> Tensor:
     return torch.mean(s, tuple(_time_dim(d) for d in dims), keepdim=keepdim)
 
 
-def _pad_steps(s: Tensor, pad, mode: str = "constant", value: float = 0.0) -> Tensor:
+def _pad(x: Signal, pad, mode: str = "constant", value: float | None = None) -> Signal:
+    """Padding that copies values (edge, reflect) pads each step's plane and const alike: a border
+    copy of a spike plane is a spike plane. Constant padding carries no spikes; its value enters
+    once, with const."""
+    if mode in VALUE_COPYING_PADS:
+        return x.map(lambda s: fold_time(lambda t: F.pad(t, pad, mode=mode), s), lambda c: F.pad(c, pad, mode=mode))
     if mode != "constant":
         raise UnsupportedModelError(f"pad mode {mode!r} cannot be simulated")
-    return F.pad(s, pad)  # padding carries no spikes; the pad value enters once, with const
+    const = torch.zeros_like(x.steps[0]) if x.const is None and value else x.const
+    return Signal(steps=None if x.steps is None else F.pad(x.steps, pad),
+                  const=None if const is None else F.pad(const, pad, value=value or 0.0))
 
 
 def _on_potential(fn: Callable) -> Callable:
@@ -238,7 +245,7 @@ FUNCTION_RULES: dict[Callable, Callable] = {
     torch.unsqueeze: _structural(_unsqueeze_steps, torch.unsqueeze),
     torch.mean: _structural(_mean_steps, torch.mean),
     torch.matmul: _structural(torch.matmul, torch.matmul),
-    F.pad: _structural(_pad_steps, F.pad),
+    F.pad: _pad,
     # every pool function but the mean (above) runs on each step with time folded into the batch
     **{fn: _linear_function(fn) for fn in functions_of("average_pool") if fn is not torch.mean},
     **{fn: _on_potential(fn) for fn in functions_of("max_pool", "activation")},

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from . import converters  # noqa: F401  (registers the converters)
 from .builder import GraphBuilder, sanitize
+from .fold_constants import fold_constants
 from ..ops import FUNCTION_OPS, MODULE_OPS
 from ..quant import QuantDequant
 from .qoperator import expand_qoperator, qoperator_support
@@ -70,6 +71,9 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *, output: str
     model = infer_shapes(model, where)
     data = network_input(model, where)
     check_finite(model, where)
+    folding = fold_constants(model, where, opset)
+    model = folding.model
+    rewrites += folding.rewrite()
     declared = data.dims[0] if isinstance(data.dims[0], int) and data.dims[0] > 0 else None
     builder = GraphBuilder(where, opset, probe_batch=declared or 1, declared_batch=declared,
                            view=GraphView(model.graph, opset))
@@ -115,16 +119,20 @@ def save_as_imported(path: str | os.PathLike, gm: fx.GraphModule, folder: str | 
 
 
 def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
-    """A summary of an ONNX file: opset, IR version, input, op counts (supported or not), QDQ pairs."""
+    """A summary of an ONNX file: opset, IR version, input, op counts (supported or not: a node that
+    constant folding computes at import is), the folded nodes, QDQ pairs."""
     model, where, opset, upgraded_from = read_model(path)
     inputs = graph_inputs(model)
     counts = Counter(op_label(node) for node in model.graph.node)
-    view = GraphView(model.graph, opset)
+    folding = fold_constants(_with_shapes(model), where, opset)
+    view = GraphView(folding.model.graph, opset)   # support checks see the folded constants, as in convert
     qoperator = qoperator_support(model)  # nodes that convert rewrites first (qoperator.py)
     ops, refused = {}, {}
     for index, node in enumerate(model.graph.node):
         key = op_label(node)
-        if index in qoperator:   # rewritten into QDQ first: what convert makes of its expansion
+        if index in folding.folded:   # computed at import: nothing of it is left to convert
+            converter, problem = True, None
+        elif index in qoperator:   # rewritten into QDQ first: what convert makes of its expansion
             converter, problem = True, qoperator[index]
         else:
             converter = find_converter(node.op_type, opset, node.domain)
@@ -148,8 +156,18 @@ def inspect_onnx(path: str | os.PathLike | onnx.ModelProto) -> dict:
         "ops": ops,
         "all_ops_supported": all(v["supported"] for v in ops.values()),
         "refused_nodes": refused,  # nodes of a supported op that its support check refuses, and why
+        "folded_nodes": folding.names,   # computed from constants and static shapes at import (fold_constants.py)
         "qdq_pairs": _qdq_pairs(model.graph, view),
     }
+
+
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with the shapes onnx infers, which fold the Shape nodes of static dimensions; as it
+    is where inference fails (convert refuses such a file, but `inspect` still summarizes it)."""
+    try:
+        return infer_shapes(model, "")
+    except UnsupportedModelError:
+        return model
 
 
 def _range(low: float | None, high: float | None) -> str:

@@ -3,11 +3,13 @@
 Every ONNX value becomes one of:
 - an `fx.Node`: a tensor that depends on the network input; its dimension 0 is the batch, always
   (converters refuse what would move it), so the batch size stays dynamic;
-- a `numpy.ndarray`: a constant (initializer, Constant, or a node whose inputs are all constants,
-  folded at import by onnx's reference implementation, so folding follows the spec exactly);
-- a `BatchDependent`: a small integer tensor computed from the batch size, e.g. Shape -> Gather ->
-  Concat before a Reshape; it is evaluated at two probe batch sizes, so a Reshape can tell which
-  entry is the batch (it changes with it) from the static ones (they do not);
+- a `numpy.ndarray`: a constant: an initializer (fold_constants.py has made the outputs of every node
+  computed from constants and inferred static shapes initializers, by onnx's reference
+  implementation, so folding follows the spec exactly), or shape arithmetic on a Shape that only
+  the probe's static shape knows, folded here the same way;
+- a `BatchDependent`: a small integer tensor computed from the batch size, e.g. Shape -> Gather(0) ->
+  Concat before a Reshape; evaluated at the two probe batch sizes (fold_constants.evaluate), so a
+  Reshape can tell which entry is the batch (it changes with it) from the static ones (they do not);
 - a `Quantized`: the output of a QuantizeLinear on a tensor, waiting for its DequantizeLinear.
 
 Each emitted node also runs once on a probe tensor at import, so converters know static shapes and
@@ -27,17 +29,8 @@ from onnx import helper
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from .registry import GraphView, attribute_defaults, decode_attribute, get_converter, node_problem
-
-# Two batch sizes at which batch-dependent shape arithmetic is evaluated.
-BATCH_PROBES = (2, 3)
-
-
-@dataclass
-class BatchDependent:
-    """An integer tensor computed from the batch size: its values at the two BATCH_PROBES."""
-
-    values: tuple[np.ndarray, np.ndarray]
+from .fold_constants import BatchDependent, evaluate
+from .registry import GraphView, attribute_defaults, decode_attribute, first_line, get_converter, node_problem
 
 
 @dataclass
@@ -67,23 +60,6 @@ def sanitize(name: str, fallback: str) -> str:
     if text[0].isdigit() or keyword.iskeyword(text):
         text = f"n_{text}"
     return text
-
-
-def fold_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
-    """Run `node` on constant inputs with onnx's reference implementation, as opset `opset` defines it."""
-    from onnx.reference import ReferenceEvaluator
-
-    feeds = {name: value for name, value in zip(node.input, inputs) if name}
-    untyped = onnx.TypeProto()
-    # a model, not the bare node: only a model's opset import selects the op's version
-    graph = helper.make_graph([node], "fold", [helper.make_value_info(name, untyped) for name in feeds],
-                              [helper.make_value_info(name, untyped) for name in node.output if name])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    try:
-        evaluator = ReferenceEvaluator(model)
-    except RuntimeError:  # no implementation as old as `opset`: the later one computes the same on valid inputs
-        evaluator = ReferenceEvaluator(node)
-    return [np.asarray(v) for v in evaluator.run(None, feeds)]
 
 
 class GraphBuilder:
@@ -300,15 +276,10 @@ class NodeContext:
         return self.builder.call_function(fn, args, kwargs, self.name + suffix, self.node)
 
     def fold(self, inputs: list[Value]) -> list[Value]:
-        """Constant folding of a node whose inputs are all constants (or batch-dependent shapes)."""
-        if not any(isinstance(v, BatchDependent) for v in inputs):
-            return self._fold(inputs)
-        runs = [self._fold([v.values[k] if isinstance(v, BatchDependent) else v for v in inputs]) for k in (0, 1)]
-        return [a if a.shape == b.shape and np.array_equal(a, b) else BatchDependent((a, b)) for a, b in zip(*runs)]
-
-    def _fold(self, inputs: list[np.ndarray | None]) -> list[np.ndarray]:
+        """Shape arithmetic on what only the probes know: batch-dependent values, and the shapes
+        that shape inference left unknown (fold_constants.py folded everything else before)."""
         try:
-            return fold_node(self.node, inputs, self.opset)
+            return evaluate(self.node, inputs, self.opset)
         except Exception as err:  # the reference implementation raises many kinds
             self.fail(f"cannot fold constant inputs: {first_line(err)}")
 
@@ -320,9 +291,3 @@ def to_torch(array: np.ndarray, where: str, name: str) -> torch.Tensor:
     except TypeError:
         raise UnsupportedModelError(
             f"{where}: constant {name!r} has dtype {array.dtype}, which torch cannot hold") from None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-

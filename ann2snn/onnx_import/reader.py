@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx import TensorProto, numpy_helper
 
 from ..errors import UnsupportedModelError
-from .builder import first_line
+from .registry import first_line
 
 MIN_OPSET = 11
 OLDEST_UPGRADABLE_OPSET = 7   # opsets 7..10 are upgraded (upgrade_opset)
@@ -209,14 +209,30 @@ def upgrade_opset(model: onnx.ModelProto, where: str, opset: int) -> onnx.ModelP
                                     f"onnx.version_converter: {first_line(err)}") from None
 
 
+_INFERENCE_ERRORS = (onnx.shape_inference.InferenceError, ValueError, RuntimeError)
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
 def infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """`model` with the value_info (and output types) of onnx's strict shape inference, in place.
-    Inference runs on its `shape_skeleton`: the weights' values never decide a shape, and copying
-    them to C++ and back would take four times a large model's size."""
+    """`model` with the value_info (and output types) of onnx's strict shape inference, in place
+    (strict: a conflict is an error, which names the node at fault: onnx's own text names only its
+    op type, and its name where it has one). Inference runs on its `shape_skeleton`: the weights'
+    values never decide a shape, and copying them to C++ and back would take four times a large
+    model's size."""
+    skeleton = shape_skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model), check_type=True, strict_mode=True)
-    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as err:
-        raise UnsupportedModelError(f"{where}: ONNX shape inference fails: {first_line(err)}") from None
+        inferred = _inferred(skeleton)
+    except _INFERENCE_ERRORS as err:
+        index, detail = _failing_node(skeleton)
+        if index is None:
+            raise UnsupportedModelError(f"{where}: ONNX shape inference fails: {first_line(err)}") from None
+        node = model.graph.node[index]
+        name = repr(node.name) if node.name else "<unnamed>"
+        raise UnsupportedModelError(f"{where}: ONNX shape inference fails at node {name} ({node.op_type}, number "
+                                    f"{index} of {len(model.graph.node)}): {detail}") from None
     initializers = {t.name for t in model.graph.initializer}
     del model.graph.value_info[:], model.graph.output[:]
     model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in initializers)
@@ -265,6 +281,34 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(model, skeleton, skip="graph")
     skeleton.graph.CopyFrom(graph)
     return skeleton
+
+
+def _failing_node(model: onnx.ModelProto) -> tuple[int | None, str]:
+    """The first node whose inference fails, with onnx's message, found by bisecting on prefixes of
+    the (topologically sorted) graph, each with the graph outputs it computes; (None, "") when no
+    prefix fails alone."""
+    def failure(count: int) -> str | None:
+        prefix = onnx.ModelProto()
+        prefix.CopyFrom(model)
+        nodes = list(prefix.graph.node)[:count]
+        produced = {name for node in nodes for name in node.output}
+        outputs = [value for value in prefix.graph.output if value.name in produced]
+        del prefix.graph.node[:], prefix.graph.output[:]
+        prefix.graph.node.extend(nodes)
+        prefix.graph.output.extend(outputs)
+        try:
+            _inferred(prefix)
+        except _INFERENCE_ERRORS as err:
+            return first_line(err)
+        return None
+
+    low, high = 0, len(model.graph.node)   # the prefix of `low` nodes passes; find the shortest that fails
+    if failure(high) is None:
+        return None, ""
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if failure(middle) is None else (low, middle)
+    return high - 1, failure(high)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[NetworkInput]:

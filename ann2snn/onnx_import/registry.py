@@ -172,3 +172,8 @@ def get_converter(node: onnx.NodeProto, opset: int, where: str = "<model>",
             f"{where}: node {node.name or '<unnamed>'!r}: op {op} (opset {opset}) is not supported{hint}; "
             f"supported op types: {', '.join(supported_op_types())}")
     return converter
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

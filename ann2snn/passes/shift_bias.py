@@ -7,9 +7,10 @@ the bias of a conv followed by BN is the folded one.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import NORMS, SHIFT_TRANSPARENT_FUNCTIONS, SHIFT_TRANSPARENT_MODULES
+from ..ops import NORMS, SHIFT_TRANSPARENT_FUNCTIONS, SHIFT_TRANSPARENT_MODULES, VALUE_COPYING_PADS
 from ..quant import QuantClippedActivation
 from .graph_utils import LINEAR_PRODUCERS, conversion_report, module_of, site_nodes
 
@@ -26,14 +27,16 @@ def find_bias_carrier(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
     """The linear layer whose bias can carry a shift of `value`, or None.
 
     It must feed `value` alone, once (a shared output would shift its other users too). Through
-    a residual add exactly one branch carries the shift.
+    a residual add exactly one branch carries the shift; through edge or reflect padding the shift
+    reaches the border too (ops.PAD_MODES), through constant padding it would not.
     """
     if not isinstance(value, fx.Node) or use_count(value) != 1:
         return None
     module = module_of(gm, value)
     if isinstance(module, LINEAR_PRODUCERS):
         return value
-    if isinstance(module, SHIFT_TRANSPARENT_MODULES):
+    if isinstance(module, SHIFT_TRANSPARENT_MODULES) or (value.target is F.pad and value.kwargs.get("mode")
+                                                         in VALUE_COPYING_PADS):
         return find_bias_carrier(gm, value.args[0])
     if value.op == "call_function" and value.target in SHIFT_TRANSPARENT_FUNCTIONS and "alpha" not in value.kwargs:
         for branch in value.args[:2]:

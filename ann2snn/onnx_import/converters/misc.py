@@ -1,8 +1,9 @@
 """Identity and inference Dropout (pass-through), Pad -> F.pad, ReduceMean -> torch.mean.
 
-Pad: constant mode anywhere (a Conv or MaxPool behind it takes it as its own padding where that is
-exact: conv.py, pooling.py); edge mode only directly in front of MaxPools that take it as their
-own padding, which a bit-serial network can compute (pad_support, which `inspect` runs too).
+Pad: constant, edge and reflect modes (a Conv or MaxPool behind it takes it as its own padding where
+that is exact: conv.py, pooling.py). Edge and reflect padding copy values, so they pad spike planes
+and potentials alike; they widen the dimensions after the channels only (pad_support, which
+`inspect` runs too).
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from ...ops import PAD_MODES
 from ...passes.qdq_to_sites import is_non_negative
 from ..registry import GraphView, add_converter, add_support_check
-from .pooling import edge_pad_problem
 from .utils import (PadValue, axes_argument, check_padded_size, ints, normalize_axis, refuse_batch_move,
                     torch_pad)
 
@@ -48,29 +49,23 @@ def convert_dropout(ctx) -> list:
 
 @add_support_check("Pad")
 def pad_support(node: onnx.NodeProto, view: GraphView) -> str | None:
-    """None for constant padding, and for edge padding of the spatial dimensions read only by
-    MaxPools that take it as their own padding (pooling.edge_pad_problem); else why not."""
+    """None for constant padding, and for padding that copies values (edge, reflect: ops.PAD_MODES)
+    of the dimensions after the channels by constant pads (fold_constants.py folds computed ones);
+    else why not."""
     mode = view.attributes(node)["mode"]
-    if mode == "constant":
+    if mode not in PAD_MODES:
+        return f"attribute mode={mode!r} is not supported (supported: {', '.join(PAD_MODES)})"
+    if not PAD_MODES[mode].copies_values:
         return None
-    refused = f"attribute mode={mode!r} is not supported"
-    if mode != "edge":
-        return f"{refused} (only constant padding, and edge padding directly in front of a MaxPool)"
+    refused = f"attribute mode={mode!r} is supported only"
     pads = view.constant(node, 1)
-    if pads is None or view.constant(node, 3) is not None or (len(node.input) > 3 and node.input[3]):
-        return f"{refused} (edge padding needs constant pads and no axes input)"
+    if pads is None or (len(node.input) > 3 and node.input[3] and view.constant(node, 3) is None):
+        return f"{refused} with constant pads and axes (these depend on the network's data or batch size)"
     pads = ints(pads)
-    rank = len(pads) // 2
-    pairs = list(zip(pads[:rank], pads[rank:]))
-    if rank < 3 or any(p != 0 for pair in pairs[:2] for p in pair) or any(p < 0 for pair in pairs for p in pair):
-        return f"{refused} (edge padding only widens the spatial dimensions; pads {pads})"
-    consumers = view.consumers(node.output[0])
-    if not consumers or any(c.op_type != "MaxPool" for c in consumers):
-        return f"{refused} (edge padding only directly in front of a MaxPool, as its own padding)"
-    for pool in consumers:
-        problem = edge_pad_problem(view.attributes(pool), pairs[2:])
-        if problem is not None:
-            return f"{refused} in front of MaxPool {pool.name!r}: {problem}"
+    axes = ints(view.constant(node, 3)) if len(node.input) > 3 and node.input[3] else range(len(pads) // 2)
+    if any(p < 0 for p in pads) or any(p for axis, begin, end in zip(axes, pads, pads[len(pads) // 2:])
+                                       if axis in (0, 1) for p in (begin, end)):
+        return f"{refused} to widen the dimensions after the channels (pads {pads})"
     return None
 
 
@@ -85,7 +80,7 @@ def pad_support(node: onnx.NodeProto, view: GraphView) -> str | None:
 def convert_pad(ctx) -> list:
     """F.pad; the node remembers the padding (PadValue) for a Conv or MaxPool to take it over."""
     x = ctx.dynamic(0)
-    mode = ctx.attr("mode")  # constant, or edge where pad_support allowed it
+    mode = ctx.attr("mode")  # as pad_support allowed it
     rank = len(ctx.shape(x))
     pads = ints(ctx.constant(1, "pads"))
     value = ctx.constant(2, "constant_value")
@@ -100,8 +95,13 @@ def convert_pad(ctx) -> list:
         refuse_batch_move(ctx, f"padding dimension 0 by {pairs[0]}")
     check_padded_size(ctx, ctx.shape(x)[1:], pairs[1:])
     fill = 0.0 if value is None or value.size == 0 else float(np.asarray(value).reshape(-1)[0])
-    how = {"value": fill} if mode == "constant" else {"mode": "replicate"}
-    padded = ctx.call_function(F.pad, x, torch_pad(pairs[1:]), **how)
+    if PAD_MODES[mode].copies_values:   # torch copies along the dimensions after the channels only
+        if pairs[1] != (0, 0):
+            ctx.fail(f"attribute mode={mode!r} is supported only to widen the dimensions after the channels "
+                     f"(pads {pads})")
+        padded = ctx.call_function(F.pad, x, torch_pad(pairs[2:]), mode=PAD_MODES[mode].torch_mode)
+    else:
+        padded = ctx.call_function(F.pad, x, torch_pad(pairs[1:]), value=fill)
     if pairs[1] == (0, 0) and all(p >= 0 for pair in pairs for p in pair):  # spatial widening only
         padded.meta["onnx_pad"] = PadValue(ctx.node.name, x, pairs[2:], mode, fill if mode == "constant" else 0.0,
                                            is_non_negative(ctx.builder.root, x))

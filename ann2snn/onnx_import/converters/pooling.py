@@ -53,29 +53,8 @@ def _max_pool_takes(pad: PadValue, combined: Pairs, kernel: list[int], dilations
     already holds the border pixel that edge padding repeats."""
     if pad.mode == "constant" and pad.value == -math.inf:
         return True
-    below_input = pad.mode == "edge" or (pad.non_negative and pad.value <= 0)
+    below_input = pad.mode == "edge" or (pad.mode == "constant" and pad.non_negative and pad.value <= 0)
     return below_input and windows_reach_image(kernel, dilations, ceil_mode, combined)
-
-
-def edge_pad_problem(attributes: dict, pad_pairs: Pairs) -> str | None:
-    """Why a MaxPool with `attributes` cannot take an edge Pad of `pad_pairs` (spatial) as its own
-    padding, from the attributes alone (the support check of Pad); None when it can."""
-    spatial = len(pad_pairs)
-    auto_pad = attributes.get("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID"):
-        return f"its auto_pad={auto_pad!r} depends on shapes"
-    pads = attributes.get("pads") if auto_pad == "NOTSET" else None
-    pads = pads or [0] * (2 * spatial)
-    kernel = attributes.get("kernel_shape") or []
-    if len(pads) != 2 * spatial or len(kernel) != spatial:
-        return f"its kernel_shape {kernel} and pads {pads} do not fit {spatial} spatial dimensions"
-    combined = [(a + c, b + d) for (a, b), c, d in zip(pad_pairs, pads[:spatial], pads[spatial:])]
-    dilations = attributes.get("dilations") or [1] * spatial
-    if not windows_reach_image(kernel, dilations, bool(attributes.get("ceil_mode")), combined):
-        return (f"with its kernel {kernel}, dilations {dilations}, ceil_mode {attributes.get('ceil_mode')} and "
-                f"padding {[list(p) for p in combined]}, a window could miss the image (edge padding equals the "
-                "pooling's own padding only for dilation 1, no ceil_mode, padding shorter than the kernel)")
-    return None
 
 
 def _torch_windows(size: int, pad: int, window: int, stride: int, ceil_mode: bool) -> int:

@@ -15,7 +15,7 @@ import torch
 from onnx import helper
 from torch import fx, nn
 
-from ..builder import BATCH_PROBES, BatchDependent
+from ..fold_constants import BATCH_PROBES, BatchDependent
 from ..registry import add_converter
 from .utils import axes_argument, ints, normalize_axis, refuse_batch_move
 

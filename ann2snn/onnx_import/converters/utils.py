@@ -21,7 +21,7 @@ class PadValue:
     node: str           # the Pad's ONNX name
     source: fx.Node     # the tensor before padding
     pairs: Pairs        # (begin, end) of each spatial dimension, all >= 0
-    mode: str           # "constant" or "edge"
+    mode: str           # ONNX's: "constant", "edge" or "reflect"
     value: float        # the constant of constant mode
     non_negative: bool  # the source is >= 0 (a ReLU-like op or a QDQ clamped at zero made it)
 
