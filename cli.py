@@ -288,7 +288,7 @@ def inspect(path, as_json):
 def eval_command(model, data, batch_size, workers, device, mode, as_json):
     """Top-1/top-5 accuracy, spikes per image per layer and images per second of an .snn on DATA."""
     from ann2snn import distributed
-    from ann2snn.data import dataset_input_shape, load_dataset, make_loader
+    from ann2snn.data import load_dataset, make_loader
     from ann2snn.evaluation import auto_batch_size, evaluate_snn
     from ann2snn.memory import stage
 
@@ -297,7 +297,7 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
     device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
     dataset = distributed.shard(load_dataset(data, split="test"), context)
-    batch_size = batch_size or auto_batch_size(snn, dataset_input_shape(dataset), mode)
+    batch_size = batch_size or auto_batch_size(snn, dataset, mode)
     loader = make_loader(dataset, batch_size, workers=workers, pin_memory=device.startswith("cuda"))
     with stage(f"eval ({mode})", "--batch-size"):
         result = evaluate_snn(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
@@ -345,7 +345,7 @@ def _count_ops(graph: dict) -> dict:
 def energy(model, data, table, samples, batch_size, mode, device, neuron_updates, memory, plot, as_json):
     """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (METHOD.md 6)."""
     from ann2snn import distributed
-    from ann2snn.data import dataset_input_shape, draw, load_dataset, make_loader
+    from ann2snn.data import draw, load_dataset, make_loader
     from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
     from ann2snn.evaluation import COUNTING_COPIES, auto_batch_size
     from ann2snn.memory import stage
@@ -363,7 +363,7 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     device = distributed.local_device(device, context)
     snn = ann2snn.load_snn(model)
     dataset = draw(load_dataset(data, split="test"), samples)   # at random, across classes
-    batch_size = batch_size or auto_batch_size(snn, dataset_input_shape(dataset), mode, COUNTING_COPIES)
+    batch_size = batch_size or auto_batch_size(snn, dataset, mode, COUNTING_COPIES, labels=False)
     loader = make_loader(distributed.shard(dataset, context), batch_size)
     with stage(f"energy ({mode})", "--batch-size"):
         counts = count_operations(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,

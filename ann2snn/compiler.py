@@ -72,7 +72,7 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples
     Float Relu / Clip / Relu6 sites need `T`, and lambda: from `clips` (site -> lambda, as an
     artifact's report records them) or else calibrated as the `percentile` of each site's
     activations on `calib` (samples streamed in batches of `batch_size`, else as many as
-    memory.ACTIVATION_BUDGET allows; or a tensor of them).
+    the activation budget (memory.activation_budget) allows; or a tensor of them).
 
     `output` picks one of several graph outputs (the others are dropped before import);
     `input_shape` (a sample's shape) sizes the input's dynamic dimensions, else `calib`'s samples do.

@@ -10,6 +10,7 @@ from functools import wraps
 import click
 
 from .errors import Ann2SnnError
+from .memory import is_allocation_failure
 
 
 # Exit codes, one meaning each (README, `ann2snn --help`).
@@ -59,6 +60,9 @@ def reports_errors(command):
             except Exception as err:
                 if debug:
                     raise
+                if is_allocation_failure(err):   # outside the stages that name themselves (memory.stage)
+                    click.echo("ann2snn: error: out of memory; lower --batch-size (or the samples asked for)", err=True)
+                    sys.exit(EXIT_BAD_INPUT)
                 click.echo(f"ann2snn: error: internal error, please report it with the command that caused it "
                            f"(--debug shows the traceback): {type(err).__name__}: "
                            f"{_one_line(str(err).strip().splitlines()[0] if str(err).strip() else '')}", err=True)

@@ -130,12 +130,17 @@ COUNTING_COPIES = 12
 DEFAULT_BATCH = 128
 
 
-def auto_batch_size(snn: SNN, sample_shape: tuple[int, ...], mode: str = "evaluate", copies: int = RUN_COPIES) -> int:
-    """The batch size that keeps a run's activations within memory.ACTIVATION_BUDGET (at most
-    DEFAULT_BATCH): what `ann2snn eval` and `energy` use without --batch-size."""
+def auto_batch_size(snn: SNN, dataset: Dataset, mode: str = "evaluate", copies: int = RUN_COPIES,
+                    labels: bool = True) -> int:
+    """The batch size that keeps a run's activations within the activation budget
+    (memory.activation_budget; at most DEFAULT_BATCH): what `ann2snn eval` and `energy` use without
+    --batch-size. The data set is checked first (check_data_fits), so that the probe runs on samples
+    the SNN takes."""
+    check_data_fits(snn, dataset, labels)
     dtype = next(snn.parameters(), torch.zeros(())).dtype
     per_element = copies * dtype.itemsize * (snn.timesteps if mode == "simulate" else 1)
-    return activation_profile(snn.graph_module, sample_shape, dtype).batch(per_element, most=DEFAULT_BATCH)
+    profile = activation_profile(snn.graph_module, dataset_input_shape(dataset), dtype)
+    return profile.batch(per_element, most=DEFAULT_BATCH)
 
 
 def prepare_for_device(snn: SNN, device: torch.device) -> SNN:

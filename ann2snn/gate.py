@@ -320,7 +320,7 @@ GATE_COPIES = 6
 @torch.no_grad()
 def check_exact(source: nn.Module, snn: SNN, x: Tensor, batch_size: int | None = None) -> ExactGate:
     """Prove `snn` exact for the quantized `source` on inputs `x` (module docstring), in batches of
-    `batch_size` (None: as many as ACTIVATION_BUDGET allows for the float64 simulation).
+    `batch_size` (None: as many as the activation budget allows for the float64 simulation).
 
     `source` is a model whose sites are QuantClippedActivation: a zoo model, or an imported QDQ
     graph after `qdq_to_sites` (calibrated, for a float file). Neither argument is modified.

@@ -3,13 +3,14 @@
 Everything that runs over a data set runs in batches, so peak memory depends on the batch size and
 the model, never on the number of samples. The batch size of each stage follows from the model's
 largest activation (and, where every activation is held, their sum) per sample, probed on the meta
-device, and ACTIVATION_BUDGET; `--batch-size` overrides it.
+device, and the activation budget (1 GiB, or ANN2SNN_MEMORY_BUDGET); `--batch-size` overrides it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -18,8 +19,11 @@ from torch import Tensor, fx, nn
 
 from .errors import Ann2SnnError
 
-# Bytes of activations one batch of a stage may hold (the weights come on top of this).
+# Bytes of activations one batch of a stage may hold (the weights come on top of this), unless the
+# environment variable ANN2SNN_MEMORY_BUDGET says otherwise (bytes, or with a suffix K, M or G).
 ACTIVATION_BUDGET = 1 << 30
+BUDGET_VARIABLE = "ANN2SNN_MEMORY_BUDGET"
+_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 # The most samples a batch holds, whatever the budget allows (a small model's batches stay as they were).
 MAX_BATCH = 256
 # What torch, numpy and onnxruntime say when an allocation fails.
@@ -51,6 +55,22 @@ def stage(name: str, lower: str) -> Iterator[None]:
         if not is_allocation_failure(err):
             raise
         raise OutOfMemory(f"{name}: out of memory; lower {lower}") from None
+
+
+def activation_budget() -> int:
+    """ANN2SNN_MEMORY_BUDGET in bytes, else ACTIVATION_BUDGET; refused unless a positive size."""
+    text = os.environ.get(BUDGET_VARIABLE, "").strip()
+    if not text:
+        return ACTIVATION_BUDGET
+    scale = _SUFFIXES.get(text[-1].upper(), 1)
+    digits = text[:-1] if text[-1].upper() in _SUFFIXES else text
+    try:
+        budget = int(float(digits) * scale)
+    except ValueError:
+        budget = 0
+    if budget <= 0:
+        raise Ann2SnnError(f"{BUDGET_VARIABLE}={text!r} is not a size such as 512M or 2G")
+    return budget
 
 
 def on_meta(module: nn.Module) -> nn.Module:
@@ -93,13 +113,12 @@ class ActivationProfile:
     largest: int
     total: int
 
-    def batch(self, bytes_per_element: float, held: str = "largest", budget: int = ACTIVATION_BUDGET,
-              most: int = MAX_BATCH) -> int:
-        """The batch size whose activations take at most `budget` bytes, at `bytes_per_element` of
-        the largest activation (or, `held="total"`, of every activation: a run that keeps them all),
-        and at most `most`."""
+    def batch(self, bytes_per_element: float, held: str = "largest", most: int = MAX_BATCH) -> int:
+        """The batch size whose activations take at most `activation_budget()` bytes, at
+        `bytes_per_element` of the largest activation (or, `held="total"`, of every activation: a
+        run that keeps them all), and at most `most`."""
         per_sample = bytes_per_element * (self.largest if held == "largest" else self.total)
-        return max(1, min(most, int(budget // max(per_sample, 1))))
+        return max(1, min(most, int(activation_budget() // max(per_sample, 1))))
 
 
 def activation_profile(graph: fx.GraphModule, sample_shape: tuple[int, ...], dtype: torch.dtype) -> ActivationProfile:
@@ -117,5 +136,5 @@ def activation_profile(graph: fx.GraphModule, sample_shape: tuple[int, ...], dty
     return ActivationProfile(max(sizes), sum(sizes))
 
 
-__all__ = ["ACTIVATION_BUDGET", "ActivationProfile", "OutOfMemory", "ShapeProbe", "activation_profile",
+__all__ = ["ACTIVATION_BUDGET", "ActivationProfile", "activation_budget", "OutOfMemory", "ShapeProbe", "activation_profile",
            "is_allocation_failure", "on_meta", "stage"]

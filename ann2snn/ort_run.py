@@ -15,7 +15,8 @@ from .export import onnxruntime_session
 from .memory import OutOfMemory, is_allocation_failure
 from .onnx_import.builder import first_line
 from .onnx_import.qoperator import expand_qoperator
-from .onnx_import.reader import infer_shapes, load_checked
+from .onnx_import.inference import infer_shapes
+from .onnx_import.reader import load_checked
 
 # onnxruntime runs the inputs in batches of this many samples
 VERIFY_BATCH = 256

@@ -45,7 +45,7 @@ def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module,
                progress: bool = False) -> Verification:
     """The SNN of the ONNX file `path` against its quantized source (the exactness gate, on the
     first GATE_SAMPLES inputs) and against onnxruntime's run of the file on `inputs`, streamed in
-    batches (`batch_size`, else as many as memory.ACTIVATION_BUDGET allows for each stage).
+    batches (`batch_size`, else as many as the activation budget (memory.activation_budget) allows for each stage).
 
     A QDQ file is the quantized model itself: onnxruntime's level at every site must equal the
     SNN's or be explained (ann2snn/ort_check.py), with no tolerance on the logits. A float file

@@ -28,7 +28,7 @@ from ann2snn.energy import OperationCounter
 from ann2snn.errors import UnsupportedModelError
 from ann2snn.onnx_import import inspect_onnx, load_onnx
 from ann2snn.onnx_import.fold_constants import fold_constants
-from ann2snn.onnx_import.reader import infer_shapes
+from ann2snn.onnx_import.inference import infer_shapes
 from ann2snn.onnx_import.registry import find_converter
 from ann2snn.ops import PAD_MODES
 from ann2snn.passes.graph_utils import conversion_report

@@ -26,7 +26,8 @@ from .fold_constants import fold_constants
 from ..ops import FUNCTION_OPS, MODULE_OPS
 from ..quant import QuantDequant
 from .qoperator import expand_qoperator, qoperator_support
-from .reader import (FLOAT_INPUTS, check_finite, fix_input_shape, graph_inputs, infer_shapes, network_input,
+from .inference import infer_shapes
+from .reader import (FLOAT_INPUTS, check_finite, fix_input_shape, graph_inputs, network_input,
                      probe_shape, read_model, select_output, type_name)
 from .registry import GraphView, find_converter, op_label, support_problem, supported_op_types
 from ..passes.graph_utils import conversion_report

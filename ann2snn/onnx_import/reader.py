@@ -16,12 +16,12 @@ import onnx.checker
 import onnx.defs
 import onnx.version_converter
 import onnx.external_data_helper
-import onnx.shape_inference
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import TensorProto, numpy_helper
 
 from ..errors import UnsupportedModelError
+from .inference import FLOAT_TENSORS, large_initializers, repeated_field, shape_skeleton
 from .registry import first_line
 
 MIN_OPSET = 11
@@ -32,7 +32,6 @@ UPGRADE_TO = 13
 # that tensor is allocated, since a layer's output is often many times the input.
 MAX_PROBE_ELEMENTS = 2**26
 FLOAT_INPUTS = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16"}
-_FLOAT_TENSORS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 # Integer types that the protobuf stores widened in int32_data: the range each must fit.
 _SMALL_INTEGERS = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767),
                    TensorProto.UINT16: (0, 65535)}
@@ -77,7 +76,7 @@ def read_model(path_or_model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx
     opset = default_opset(model, where)  # before the checker, whose message for an odd opset is vaguer
     try:   # the graph without its weights' data (a copy of kilobytes), then each weight alone
         onnx.checker.check_model(shape_skeleton(model))
-        for tensor in _large_initializers(model):
+        for tensor in large_initializers(model):
             onnx.checker.check_tensor(tensor)
     except onnx.checker.ValidationError as err:
         raise UnsupportedModelError(f"{where}: the ONNX checker rejects the model: {first_line(err)}") from None
@@ -116,7 +115,7 @@ def check_utf8(message: Message, where: str, field_path: str = "model") -> None:
     """Every string field is UTF-8, as protobuf requires. onnx's parser hands an invalid one over
     as bytes, which every later name lookup or message would trip on."""
     for field, value in message.ListFields():
-        repeated = _repeated(field)
+        repeated = repeated_field(field)
         items = value if repeated else [value]
         for index, item in enumerate(items):
             at = f"{field_path}.{field.name}" + (f"[{index}]" if repeated else "")
@@ -207,108 +206,6 @@ def upgrade_opset(model: onnx.ModelProto, where: str, opset: int) -> onnx.ModelP
     except Exception as err:  # the converter raises RuntimeError, ValueError or its own C++ errors
         raise UnsupportedModelError(f"{where}: opset {opset} could not be upgraded to {UPGRADE_TO} by "
                                     f"onnx.version_converter: {first_line(err)}") from None
-
-
-_INFERENCE_ERRORS = (onnx.shape_inference.InferenceError, ValueError, RuntimeError)
-
-
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-
-
-def infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """`model` with the value_info (and output types) of onnx's strict shape inference, in place
-    (strict: a conflict is an error, which names the node at fault: onnx's own text names only its
-    op type, and its name where it has one). Inference runs on its `shape_skeleton`: the weights'
-    values never decide a shape, and copying them to C++ and back would take four times a large
-    model's size."""
-    skeleton = shape_skeleton(model)
-    try:
-        inferred = _inferred(skeleton)
-    except _INFERENCE_ERRORS as err:
-        index, detail = _failing_node(skeleton)
-        if index is None:
-            raise UnsupportedModelError(f"{where}: ONNX shape inference fails: {first_line(err)}") from None
-        node = model.graph.node[index]
-        name = repr(node.name) if node.name else "<unnamed>"
-        raise UnsupportedModelError(f"{where}: ONNX shape inference fails at node {name} ({node.op_type}, number "
-                                    f"{index} of {len(model.graph.node)}): {detail}") from None
-    initializers = {t.name for t in model.graph.initializer}
-    del model.graph.value_info[:], model.graph.output[:]
-    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in initializers)
-    model.graph.output.extend(inferred.graph.output)
-    return model
-
-
-# A float initializer of more elements than this is a weight, whose values no shape depends on.
-_SKELETON_MIN_ELEMENTS = 1024
-
-
-def _large_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in model.graph.initializer
-            if t.data_type in _FLOAT_TENSORS and math.prod(t.dims) > _SKELETON_MIN_ELEMENTS]
-
-
-def _repeated(field: FieldDescriptor) -> bool:
-    # `label` is gone from protobuf 6's descriptors, `is_repeated` new in them
-    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-
-
-def _copy_fields(source: Message, target: Message, skip: str) -> None:
-    for field, value in source.ListFields():
-        if field.name == skip:
-            continue
-        if _repeated(field):
-            getattr(target, field.name).extend(value)
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
-
-
-def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose large float initializers (weights) are graph inputs of the same type
-    and shape instead: what the checker and shape inference need of the graph, without its data."""
-    large = _large_initializers(model)
-    names = {t.name for t in large}
-    graph = onnx.GraphProto()
-    _copy_fields(model.graph, graph, skip="initializer")
-    graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
-    declared = {value.name for value in model.graph.input}
-    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                       for t in large if t.name not in declared)
-    skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip="graph")
-    skeleton.graph.CopyFrom(graph)
-    return skeleton
-
-
-def _failing_node(model: onnx.ModelProto) -> tuple[int | None, str]:
-    """The first node whose inference fails, with onnx's message, found by bisecting on prefixes of
-    the (topologically sorted) graph, each with the graph outputs it computes; (None, "") when no
-    prefix fails alone."""
-    def failure(count: int) -> str | None:
-        prefix = onnx.ModelProto()
-        prefix.CopyFrom(model)
-        nodes = list(prefix.graph.node)[:count]
-        produced = {name for node in nodes for name in node.output}
-        outputs = [value for value in prefix.graph.output if value.name in produced]
-        del prefix.graph.node[:], prefix.graph.output[:]
-        prefix.graph.node.extend(nodes)
-        prefix.graph.output.extend(outputs)
-        try:
-            _inferred(prefix)
-        except _INFERENCE_ERRORS as err:
-            return first_line(err)
-        return None
-
-    low, high = 0, len(model.graph.node)   # the prefix of `low` nodes passes; find the shortest that fails
-    if failure(high) is None:
-        return None, ""
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if failure(middle) is None else (low, middle)
-    return high - 1, failure(high)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[NetworkInput]:
@@ -439,7 +336,7 @@ def check_finite(model: onnx.ModelProto, where: str) -> None:
     Only initializers: a Constant node may hold an infinite bound on purpose (Clip, padding value).
     """
     for tensor in model.graph.initializer:
-        if tensor.data_type in _FLOAT_TENSORS:
+        if tensor.data_type in FLOAT_TENSORS:
             values = numpy_helper.to_array(tensor)
             if not np.all(np.isfinite(values)):
                 kind = "NaN" if np.isnan(values).any() else "Inf"

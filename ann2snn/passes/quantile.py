@@ -70,32 +70,33 @@ class StreamingQuantile:
         positive = values > 0
         high = bits >> self.shift                                   # the bits found already
         digits = (bits >> (self.shift - width)) & ((1 << width) - 1)  # the bits this pass finds
-        counts = torch.zeros_like(self.counts)
         prefix = self.prefix.to(values.device, torch.int32)
         rows = torch.arange(self.rows, device=values.device, dtype=torch.int32)[:, None].expand_as(bits)
+        # the targets that share their bits with ones counted already count the same values: in
+        # most passes the two ranks around q (n - 1) do, and a one-row site's layer is its row
+        same_ranks = torch.equal(prefix[above:], prefix[:above])
         keep = positive & (high == prefix[:self.rows, None])
-        counts[:self.rows] = self._histogram(rows[keep], digits[keep])
-        # the targets that share their bits with ones counted already take their counts: in most
-        # passes the two ranks around q (n - 1) do, and a one-row site's layer is its row
+        self._count(rows[keep], digits[keep], [0] + ([above] if same_ranks else []))
+        layers = [layer] + ([2 * above - 1] if same_ranks else [])
         if self.rows == 1 and prefix[layer] == prefix[0]:
-            counts[layer] = counts[0]
+            self._count(rows[keep], digits[keep], layers)
         else:
             keep = positive & (high == prefix[layer])
-            counts[layer] = self._histogram(torch.zeros_like(digits[keep]), digits[keep])[0]
-        if torch.equal(prefix[above:], prefix[:above]):
-            counts[above:] = counts[:above]
-        else:
+            self._count(torch.zeros_like(digits[keep]), digits[keep], layers)
+        if not same_ranks:
             keep = positive & (high == prefix[above:above + self.rows, None])
-            counts[above:above + self.rows] = self._histogram(rows[keep], digits[keep])
+            self._count(rows[keep], digits[keep], [above])
             keep = positive & (high == prefix[-1])
-            counts[-1] = self._histogram(torch.zeros_like(digits[keep]), digits[keep])[0]
-        self.counts += counts
+            self._count(torch.zeros_like(digits[keep]), digits[keep], [2 * above - 1])
 
-    def _histogram(self, row: Tensor, digit: Tensor) -> Tensor:
-        """(rows, bins) counts of `digit` in each `row`."""
+    def _count(self, row: Tensor, digit: Tensor, bases: list[int]) -> None:
+        """Count each `digit` in histogram row `base + row`, for each of `bases`."""
         width = self.counts.shape[1]
-        flat = torch.bincount((row.long() * width + digit).cpu(), minlength=self.rows * width)
-        return flat[:self.rows * width].reshape(self.rows, width)
+        index = (row.long() * width + digit).cpu()
+        ones = torch.ones_like(index)
+        flat = self.counts.view(-1)
+        for base in bases:
+            flat.index_add_(0, index + base * width, ones)
 
     def end_pass(self) -> None:
         """Fix the next digits of every target from this pass's histograms."""
