@@ -29,10 +29,10 @@ DistributedDataParallel and computes what one process would, up to float roundin
   every epoch (so a resumed run redraws the same), augmentation streams per rank.
 """
 
-from .config import FLOAT_ACTIVATIONS, MIN_CLIP, TrainConfig, TrainResult
+from .config import DEFAULT_LR, FLOAT_ACTIVATIONS, MIN_CLIP, TrainConfig, TrainResult
 from .init import load_init
 from .loop import evaluate_accuracy, is_onnx_source, train
 from .regularizer import spike_regularizer
 
-__all__ = ["FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "evaluate_accuracy", "is_onnx_source",
+__all__ = ["DEFAULT_LR", "FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "evaluate_accuracy", "is_onnx_source",
            "load_init", "spike_regularizer", "train"]
