@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -59,12 +66,36 @@ def test_fine_tuning_a_trained_file_with_the_defaults_holds_or_improves_and_writ
     summary, stderr = fine_tune(float_file, tmp_path / "tuned.onnx", "--epochs", "2")
     tuned = summary["fine_tune"]
     assert (summary["optimizer"], summary["lr"]) == ("adam", 1e-3)
-    assert tuned["backoffs"] == 0 and not tuned["stopped"] and "diverged" not in stderr
+    assert tuned["backoffs"] == 0 and not tuned["stopped"] and "diverged" not in stderr and "epoch 1/" not in stderr
     accuracies = [tuned["start_accuracy"]] + [h["test_acc"] for h in summary["history"]]
     assert tuned["best_epoch"] == int(np.argmax(accuracies)) and tuned["best_accuracy"] == max(accuracies)
     assert summary["test_accuracy"] == tuned["best_accuracy"] >= tuned["start_accuracy"] > 0.5
     assert written_accuracy(float_file, tmp_path / "tuned.safetensors") == tuned["best_accuracy"]
     assert onnxruntime_accuracy(tmp_path / "tuned.onnx") > 0.8
+
+
+def test_a_terminal_gets_a_line_per_epoch(float_file, tmp_path):
+    """tqdm on stderr: on a terminal, the starting model's accuracy and a line per epoch (the run
+    above, with stderr a pipe, printed none)."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "ann2snn", "train", "--model", float_file, "--data", "digits",
+                                "-T", "2", "--epochs", "2", "-o", str(tmp_path / "out.onnx")],
+                               stdout=subprocess.DEVNULL, stderr=slave, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:   # EIO: the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert process.wait(timeout=600) == 0
+    shown = b"".join(chunks).decode()
+    assert "epoch 0 (the starting model): held-out accuracy" in shown
+    assert "epoch 1/2: loss" in shown and "epoch 2/2: loss" in shown and ", best: epoch" in shown
 
 
 def test_a_forced_divergence_is_caught_reported_and_the_starting_model_is_written(float_file, tmp_path):
@@ -147,11 +178,34 @@ def test_the_guard_backs_off_from_a_broken_epoch_and_stops_after_its_back_offs(b
     assert guard.stopped and "stopped after" in message and guard.best.epoch == 0
 
 
-def test_a_finished_fine_tuning_run_resumes_with_its_best_model(float_file, tmp_path):
+def test_a_killed_fine_tuning_run_resumes_to_the_same_best_model(float_file, tmp_path):
+    """The best weights so far sit in the weights file, written after each checkpoint: a run killed
+    after a checkpoint (before or after that write) resumes to what an uninterrupted run writes."""
+    from ann2snn.checkpoint import load_tensors
     from ann2snn.train import TrainConfig, train
 
-    config = TrainConfig(model=float_file, timesteps=2, epochs=1, fine_tune=True, train_limit=256,
-                         output=str(tmp_path / "w.safetensors"))
-    first = train(config, progress=False)
-    again = train(TrainConfig(**{**vars(config), "resume": True}), progress=False)
-    assert again.fine_tune == first.fine_tune and again.test_accuracy == first.test_accuracy
+    run = {"model": float_file, "timesteps": 2, "epochs": 3, "fine_tune": True, "train_limit": 640}
+    output = tmp_path / "killed.safetensors"
+    script = ("import torch; torch.set_num_threads(1)\n"
+              "from ann2snn.train import TrainConfig, train\n"
+              f"train(TrainConfig(**{run!r}, output={str(output)!r}), progress=False)\n")
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{output}.ckpt").exists():
+            assert process.poll() is None, "the training subprocess ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    resumed = train(TrainConfig(**run, output=str(output), resume=True), progress=False)
+    fresh = train(TrainConfig(**run, output=str(tmp_path / "fresh.safetensors")), progress=False)
+    assert resumed.fine_tune == fresh.fine_tune and resumed.test_accuracy == fresh.test_accuracy
+    got, want = load_tensors(output)[0], load_tensors(tmp_path / "fresh.safetensors")[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    again = train(TrainConfig(**run, output=str(output), resume=True), progress=False)   # a finished run
+    assert again.fine_tune == fresh.fine_tune and again.test_accuracy == fresh.test_accuracy

@@ -6,9 +6,10 @@
 
 (quantize_model and calibrate_clips are the calibration pass's, ann2snn/passes/calibrate.py.) The
 package: config.py (TrainConfig, TrainResult), regularizer.py, init.py (--init files), batches.py
-(the epoch's batches, one process or torchrun), loop.py (the run).
+(the epoch's batches, one process or torchrun), guard.py (fine-tuning: the starting model, the
+best epoch, the divergence guard), loop.py (the run).
 
-`train(TrainConfig(...))` runs SGD with momentum and a per-step cosine learning-rate schedule,
+`train(TrainConfig(...))` runs SGD with momentum (or Adam) and a per-step cosine learning-rate schedule,
 checkpoints every epoch (no pickle, see `checkpoint.py`) and resumes bit for bit: the shuffle
 order of epoch e comes from a loader generator seeded with seed + e (as do the augmentation
 streams of an image folder, in workers or not), and the checkpoint holds the optimizer, scheduler

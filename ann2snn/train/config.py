@@ -29,7 +29,8 @@ class TrainConfig:
     seed: int = 0
     init: str | None = None           # safetensors state dict or ONNX file to start from
     workers: int = 0
-    output: str | None = None         # final weights (safetensors); the checkpoint is <output>.ckpt
+    output: str | None = None         # final weights (safetensors; fine_tune: the best so far, during the run);
+                                      # the checkpoint is <output>.ckpt
     onnx: str | None = None           # also export the final model here (QDQ, or float if float_only)
     float_only: bool = False          # train the float ANN: clipped ReLU sites with quantize=False
     float_activation: str = "clipped"  # float_only: "clipped" (trainable lambda) or "plain" (the zoo's ReLUs)

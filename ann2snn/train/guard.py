@@ -85,16 +85,19 @@ class DivergenceGuard:
                     f"the starting model's {100 * self.start_accuracy:.2f}%")
         return None
 
-    def verdict(self, history: list[dict[str, Any]]) -> str | None:
-        """The line saying that no fine-tuned epoch beat the starting model (which is then what the run
-        keeps), or None when one did."""
-        if self.best.epoch > 0:
-            return None
-        tuned = max(history, key=lambda h: h["test_acc"], default=None)
-        best_tuned = f"; the best fine-tuned epoch, {tuned['epoch']}, reached {100 * tuned['test_acc']:.2f}%" \
-            if tuned is not None else ""
-        return (f"no fine-tuned epoch beat the starting model's held-out accuracy of "
-                f"{100 * self.start_accuracy:.2f}%{best_tuned}: keeping the starting model")
+    def finish(self, model: nn.Module, history: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
+        """Load the best weights into `model`. Returns the run's record (TrainResult.fine_tune) and the
+        line saying that no fine-tuned epoch beat the starting model (then the one kept), or None."""
+        model.load_state_dict(self.best.state)
+        verdict = None
+        if self.best.epoch == 0:
+            tuned = max(history, key=lambda h: h["test_acc"], default=None)
+            best_tuned = f"; the best fine-tuned epoch, {tuned['epoch']}, reached {100 * tuned['test_acc']:.2f}%" \
+                if tuned is not None else ""
+            verdict = (f"no fine-tuned epoch beat the starting model's held-out accuracy of "
+                       f"{100 * self.start_accuracy:.2f}%{best_tuned}: keeping the starting model")
+        warnings = [h["guard"] for h in history if h.get("guard")] + ([verdict] if verdict else [])
+        return {**self.to_json(), "epochs_done": len(history), "warnings": warnings}, verdict
 
     def to_json(self) -> dict[str, Any]:
         return {"start_accuracy": self.start_accuracy, "best_epoch": self.best.epoch,

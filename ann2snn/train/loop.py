@@ -345,12 +345,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     unsync_batch_norm(swapped)  # plain BatchNorm again for the export and the caller
     fine_tune = None
     if guard is not None:  # the best epoch, the starting model included, is what the run returns
-        model.load_state_dict(guard.best.state)
-        per_site = None
-        verdict = guard.verdict(history)
+        fine_tune, verdict = guard.finish(model, history)
         _warn(verdict, context)
-        fine_tune = {**guard.to_json(), "epochs_done": len(history), "warnings": [h["guard"] for h in history if h.get("guard")] +
-                     ([verdict] if verdict else [])}
+        per_site = None
     if per_site is None:  # nothing trained here (e.g. resuming a finished run), or the best epoch's weights
         test_acc, per_site = _evaluate(model, test_loader, device, context)
     result = TrainResult(history=history, test_accuracy=test_acc, spikes_per_image=sum(per_site.values()),
