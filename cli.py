@@ -101,8 +101,8 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
           float_activation, max_grad_norm, init, resume, device, workers, seed, output, as_json):
     """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`.
 
-    Fine-tuning (--model FILE.onnx or --init): the starting model's held-out accuracy is measured
-    before the first step; an epoch whose loss is not finite or whose held-out accuracy falls more
+    Fine-tuning (--model FILE.onnx or --init): the starting model's held-out accuracy (on the data's
+    test split) is measured before the first step; an epoch whose loss is not finite or whose held-out accuracy falls more
     than 5 points below the start restores the best weights and halves the learning rate (3 times,
     then the run stops), each time with a warning line on stderr; the best epoch by held-out
     accuracy, the starting model included, is what is written. When no epoch beat the starting

@@ -6,11 +6,8 @@ import json
 import math
 import os
 import pty
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,6 +23,7 @@ from ann2snn.prepare import onnx_network
 from ann2snn.train import evaluate_accuracy, load_init
 from ann2snn.train.guard import COLLAPSE_DROP, MAX_BACKOFFS, DivergenceGuard
 from test_cli import run_cli
+from test_train import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
@@ -134,6 +132,14 @@ def test_training_from_scratch_refuses_a_loss_that_is_not_finite(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_the_help_states_the_guards_limits():
+    from hostile import invoke
+
+    shown = " ".join(invoke("train", "--help").stdout.split())
+    assert f"more than {100 * COLLAPSE_DROP:g} points below the start" in shown
+    assert f"halves the learning rate ({MAX_BACKOFFS} times, then the run stops)" in shown
+
+
 # --- the guard alone ----------------------------------------------------------------------------
 
 
@@ -179,29 +185,14 @@ def test_the_guard_backs_off_from_a_broken_epoch_and_stops_after_its_back_offs(b
 
 
 def test_a_killed_fine_tuning_run_resumes_to_the_same_best_model(float_file, tmp_path):
-    """The best weights so far sit in the weights file, written after each checkpoint: a run killed
-    after a checkpoint (before or after that write) resumes to what an uninterrupted run writes."""
+    """The best weights so far sit in the weights file, written just before each checkpoint: a run
+    killed after its first checkpoint resumes to what an uninterrupted run writes."""
     from ann2snn.checkpoint import load_tensors
     from ann2snn.train import TrainConfig, train
 
     run = {"model": float_file, "timesteps": 2, "epochs": 3, "fine_tune": True, "train_limit": 640}
     output = tmp_path / "killed.safetensors"
-    script = ("import torch; torch.set_num_threads(1)\n"
-              "from ann2snn.train import TrainConfig, train\n"
-              f"train(TrainConfig(**{run!r}, output={str(output)!r}), progress=False)\n")
-    process = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 120
-        while not Path(f"{output}.ckpt").exists():
-            assert process.poll() is None, "the training subprocess ended before its first checkpoint"
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-
+    kill_at_first_checkpoint(run, output)
     resumed = train(TrainConfig(**run, output=str(output), resume=True), progress=False)
     fresh = train(TrainConfig(**run, output=str(tmp_path / "fresh.safetensors")), progress=False)
     assert resumed.fine_tune == fresh.fine_tune and resumed.test_accuracy == fresh.test_accuracy

@@ -12,7 +12,7 @@ FILE.onnx` and `--init` run) never hands back a model worse than the one it star
 - the best epoch by held-out accuracy (the start included; the earlier one on a tie) is the model
   the run returns and writes.
 
-The best weights so far are also written to the run's weights file after every checkpoint, so that
+The best weights so far are also written to the run's weights file with every checkpoint, so that
 a resumed run continues with the same best model.
 """
 from __future__ import annotations
@@ -111,31 +111,30 @@ class DivergenceGuard:
             **self.to_json(), "epochs_done": epochs_done}})
 
     @classmethod
-    def resume(cls, path: str | Path, model: nn.Module, history: list[dict[str, Any]]) -> "DivergenceGuard":
-        """The guard of an interrupted run from its weights file (written after each checkpoint, so it
-        is at most one epoch behind the checkpoint; that epoch's model is `model`, the checkpoint's)."""
+    def resume(cls, path: str | Path, history: list[dict[str, Any]]) -> "DivergenceGuard":
+        """The guard of an interrupted run from its weights file. The file is written just before each
+        checkpoint, so it is of the checkpoint's epoch or, killed in between, of the next one, which
+        the resumed run computes again to the same weights."""
         path = Path(path)
         try:
             state, meta = load_tensors(path)
             saved = meta["fine_tune"]
-            behind = len(history) - int(saved["epochs_done"])
+            ahead = int(saved["epochs_done"]) - len(history)
             start = float(saved["start_accuracy"])
             best = BestModel(int(saved["best_epoch"]), float(saved["best_accuracy"]), state)
         except (Ann2SnnError, KeyError, TypeError, ValueError) as err:
             raise Ann2SnnError(f"{path}: cannot resume the fine-tuning run: its best weights are unreadable "
                                f"({type(err).__name__}: {err})") from None
-        if behind not in (0, 1):
+        if ahead not in (0, 1):
             raise Ann2SnnError(f"{path}: cannot resume the fine-tuning run: its best weights are of epoch "
                                f"{saved['epochs_done']}, the checkpoint of epoch {len(history)}")
         guard = cls.__new__(cls)
         guard.start_accuracy, guard.best = start, best
         guard.backoffs = sum(1 for h in history if h.get("guard") and not h.get("stopped"))
         guard.stopped = any(h.get("stopped") for h in history)
-        last = history[-1] if history else None
-        if behind and last is not None and not last.get("guard") and last["test_acc"] > best.accuracy:
-            guard.best = BestModel(last["epoch"], last["test_acc"], _copy_state(model))
         return guard
 
 
 def _copy_state(model: nn.Module) -> dict[str, Tensor]:
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+    """A copy in host memory: the best weights need no room on the accelerator."""
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}

@@ -289,7 +289,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         history = resume.history
     guard: DivergenceGuard | None = None
     if config.fine_tune:  # the starting model, measured before the first step, is epoch 0
-        guard = DivergenceGuard.resume(config.output, model, history) if resume is not None \
+        guard = DivergenceGuard.resume(config.output, history) if resume is not None \
             else DivergenceGuard(model, _evaluate(model, test_loader, device, context)[0])
 
     trained: nn.Module = model
@@ -336,10 +336,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                       f"{100 * entry['train_acc']:.2f}%, held-out accuracy {100 * test_acc:.2f}%{best}", file=sys.stderr)
         if ckpt_path is not None:
             if context.is_main:
+                if guard is not None:  # first: a checkpoint always has its best weights on disk
+                    guard.save(config.output, epoch + 1)
                 save_checkpoint(ckpt_path, epoch=epoch + 1, config=dataclasses.asdict(config), history=history,
                                 model=model, optimizer=optimizer, scheduler=scheduler)
-                if guard is not None:
-                    guard.save(config.output, epoch + 1)
             barrier(context)
     bar.close()
     unsync_batch_norm(swapped)  # plain BatchNorm again for the export and the caller
