@@ -102,10 +102,10 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
     """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`.
 
     Fine-tuning (--model FILE.onnx or --init): the starting model's held-out accuracy (on the data's
-    test split) is measured before the first step; an epoch whose loss is not finite or whose held-out accuracy falls more
-    than 5 points below the start restores the best weights and halves the learning rate (3 times,
-    then the run stops), each time with a warning line on stderr; the best epoch by held-out
-    accuracy, the starting model included, is what is written. When no epoch beat the starting
+    test split) is measured before the first step; an epoch whose loss is not finite or whose
+    held-out accuracy falls more than 5 points below the start restores the best weights and halves
+    the learning rate (3 times, then the run stops), each time with a warning line on stderr; the
+    best epoch by held-out accuracy, the starting model included, is what is written. When no epoch beat the starting
     model, the starting model is written, with a warning line saying so (exit code 0; the JSON's
     fine_tune.best_epoch is 0).
     """

@@ -78,7 +78,8 @@ def test_a_terminal_gets_a_line_per_epoch(float_file, tmp_path):
     master, slave = pty.openpty()
     process = subprocess.Popen([sys.executable, "-m", "ann2snn", "train", "--model", float_file, "--data", "digits",
                                 "-T", "2", "--epochs", "2", "-o", str(tmp_path / "out.onnx")],
-                               stdout=subprocess.DEVNULL, stderr=slave, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                               stdout=subprocess.DEVNULL, stderr=slave,
+                               env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     os.close(slave)
     chunks = []
     while True:
@@ -128,7 +129,8 @@ def test_training_from_scratch_refuses_a_loss_that_is_not_finite(tmp_path):
     done = run_cli("train", "--model", "digits-cnn", "--data", "digits", "--epochs", "1", "--lr", "1e6",
                    "-o", str(tmp_path / "out.onnx"))
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "ann2snn: error: training diverged at epoch 1: the loss is nan; lower the learning rate or clip the gradient norm"]
+        "ann2snn: error: training diverged at epoch 1: the loss is nan; lower the learning rate or clip the "
+        "gradient norm"]
     assert not list(tmp_path.iterdir())
 
 
@@ -143,14 +145,14 @@ def test_the_help_states_the_guards_limits():
 # --- the guard alone ----------------------------------------------------------------------------
 
 
-def _run(start_accuracy: float = 0.9):
+def _run(start_accuracy: float = 0.9, start_competes: bool = True):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()   # a momentum buffer the back-off must drop
-    return model, optimizer, scheduler, DivergenceGuard(model, start_accuracy)
+    return model, optimizer, scheduler, DivergenceGuard(model, start_accuracy, 100.0, start_competes)
 
 
 def test_the_guard_keeps_a_better_epoch_and_passes_a_small_dip():
@@ -162,6 +164,24 @@ def test_the_guard_keeps_a_better_epoch_and_passes_a_small_dip():
     assert guard.after_epoch(2, model, 0.4, 0.95, optimizer, scheduler) is None
     assert guard.best.epoch == 2 and torch.equal(guard.best.state["weight"], model.weight)
     assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.state
+
+
+def test_with_the_spike_regularizer_the_start_is_no_candidate_and_a_lower_best_is_said():
+    """beta > 0: the best epoch that did not diverge is written, even below the start, with a line saying so."""
+    model, optimizer, scheduler, guard = _run(start_competes=False)
+    assert guard.after_epoch(1, model, 0.5, 0.87, optimizer, scheduler) is None
+    assert guard.after_epoch(2, model, 0.5, 0.86, optimizer, scheduler) is None
+    assert guard.best.epoch == 1
+    history = [{"epoch": 1, "test_acc": 0.87, "spikes_per_image": 40.0, "guard": None},
+               {"epoch": 2, "test_acc": 0.86, "spikes_per_image": 30.0, "guard": None}]
+    record, verdict = guard.finish(model, history)
+    assert record["best_epoch"] == 1 and record["below_start"] and record["warnings"] == [verdict]
+    assert verdict == ("the best fine-tuned epoch, 1, reached 87.00% at 40 spikes per image, below the starting "
+                       "model's held-out accuracy of 90.00% at 100: writing epoch 1, as --beta trades accuracy for "
+                       "spikes")
+    _, _, _, competing = _run(start_competes=True)
+    assert competing.after_epoch(1, model, 0.5, 0.87, optimizer, scheduler) is None and competing.best.epoch == 0
+    assert not competing.finish(model, history[:1])[0]["below_start"]
 
 
 @pytest.mark.parametrize("broken", ["nan loss", "inf weight", "collapse"])

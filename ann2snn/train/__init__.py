@@ -35,5 +35,5 @@ from .init import load_init
 from .loop import evaluate_accuracy, is_onnx_source, train
 from .regularizer import spike_regularizer
 
-__all__ = ["DEFAULT_LR", "FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "evaluate_accuracy", "is_onnx_source",
-           "load_init", "spike_regularizer", "train"]
+__all__ = ["DEFAULT_LR", "FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "evaluate_accuracy",
+           "is_onnx_source", "load_init", "spike_regularizer", "train"]

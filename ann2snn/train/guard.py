@@ -1,16 +1,19 @@
 """Fine-tuning from trained weights: the starting model's accuracy, the best epoch, a divergence guard.
 
 A run that starts from trained weights (`TrainConfig.fine_tune`, what `ann2snn train --model
-FILE.onnx` and `--init` run) never hands back a model worse than the one it started from:
+FILE.onnx` and `--init` run) never hands back a model worse than the one it started from without
+saying so:
 
 - the starting model (the trained weights with their sites quantized and calibrated) is evaluated
-  on the held-out split before the first step: it is epoch 0 of the search for the best epoch;
+  on the held-out split before the first step: it is epoch 0;
 - after every epoch, a loss or a weight that is not finite, or a held-out accuracy more than
   COLLAPSE_DROP below the starting model's, is a divergence: the best weights so far come back, the
   optimizer's state (momentum, Adam's moments) is dropped and the learning rate halved; the
   divergence after MAX_BACKOFFS back-offs stops the run;
-- the best epoch by held-out accuracy (the start included; the earlier one on a tie) is the model
-  the run returns and writes.
+- the best epoch by held-out accuracy (the earlier one on a tie) is the model the run returns and
+  writes. Without the spike regularizer the starting model takes part; with it (beta > 0) only the
+  epochs that did not diverge do, since the start was not trained for fewer spikes: a best epoch
+  below the starting model's accuracy is then written with a warning line saying so.
 
 The best weights so far are also written to the run's weights file with every checkpoint, so that
 a resumed run continues with the same best model.
@@ -44,9 +47,9 @@ class BestModel:
 class DivergenceGuard:
     """The starting model's accuracy, the best epoch so far, and the back-offs of one run."""
 
-    def __init__(self, model: nn.Module, start_accuracy: float) -> None:
-        self.start_accuracy = start_accuracy
-        self.best = BestModel(0, start_accuracy, _copy_state(model))
+    def __init__(self, model: nn.Module, start_accuracy: float, start_spikes: float, start_competes: bool) -> None:
+        self.start_accuracy, self.start_spikes, self.start_competes = start_accuracy, start_spikes, start_competes
+        self.best = BestModel(0, start_accuracy, _copy_state(model))   # also where a back-off returns to
         self.backoffs = 0
         self.stopped = False
 
@@ -56,13 +59,14 @@ class DivergenceGuard:
         the message of a back-off or stop, else None."""
         reason = self._divergence(model, loss, accuracy)
         if reason is None:
-            if accuracy > self.best.accuracy:
+            if accuracy > self.best.accuracy or (self.best.epoch == 0 and not self.start_competes):
                 self.best = BestModel(epoch, accuracy, _copy_state(model))
             return None
         kept = f"epoch {self.best.epoch} ({100 * self.best.accuracy:.2f}%)"
         if self.backoffs >= MAX_BACKOFFS:
             self.stopped = True
-            return f"training diverged at epoch {epoch}: {reason}; stopped after {MAX_BACKOFFS} back-offs, keeping {kept}"
+            return (f"training diverged at epoch {epoch}: {reason}; stopped after {MAX_BACKOFFS} back-offs, "
+                    f"keeping {kept}")
         self.backoffs += 1
         model.load_state_dict(self.best.state)
         optimizer.state.clear()
@@ -89,19 +93,28 @@ class DivergenceGuard:
         """Load the best weights into `model`. Returns the run's record (TrainResult.fine_tune) and the
         line saying that no fine-tuned epoch beat the starting model (then the one kept), or None."""
         model.load_state_dict(self.best.state)
+        start = f"the starting model's held-out accuracy of {100 * self.start_accuracy:.2f}%"
         verdict = None
-        if self.best.epoch == 0:
+        if self.best.epoch == 0 and self.start_competes:
             tuned = max(history, key=lambda h: h["test_acc"], default=None)
             best_tuned = f"; the best fine-tuned epoch, {tuned['epoch']}, reached {100 * tuned['test_acc']:.2f}%" \
                 if tuned is not None else ""
-            verdict = (f"no fine-tuned epoch beat the starting model's held-out accuracy of "
-                       f"{100 * self.start_accuracy:.2f}%{best_tuned}: keeping the starting model")
+            verdict = f"no fine-tuned epoch beat {start}{best_tuned}: keeping the starting model"
+        elif self.best.epoch == 0:
+            verdict = f"every fine-tuned epoch diverged: keeping the starting model ({start})"
+        elif self.best.accuracy < self.start_accuracy:
+            spikes = next(h["spikes_per_image"] for h in history if h["epoch"] == self.best.epoch)
+            verdict = (f"the best fine-tuned epoch, {self.best.epoch}, reached {100 * self.best.accuracy:.2f}% at "
+                       f"{spikes:.0f} spikes per image, below {start} at {self.start_spikes:.0f}: writing epoch "
+                       f"{self.best.epoch}, as --beta trades accuracy for spikes")
         warnings = [h["guard"] for h in history if h.get("guard")] + ([verdict] if verdict else [])
         return {**self.to_json(), "epochs_done": len(history), "warnings": warnings}, verdict
 
     def to_json(self) -> dict[str, Any]:
-        return {"start_accuracy": self.start_accuracy, "best_epoch": self.best.epoch,
-                "best_accuracy": self.best.accuracy, "backoffs": self.backoffs, "stopped": self.stopped}
+        return {"start_accuracy": self.start_accuracy, "start_spikes_per_image": self.start_spikes,
+                "best_epoch": self.best.epoch, "best_accuracy": self.best.accuracy,
+                "below_start": self.best.accuracy < self.start_accuracy, "backoffs": self.backoffs,
+                "stopped": self.stopped}
 
     # -- resuming ------------------------------------------------------------------------------
 
@@ -111,7 +124,7 @@ class DivergenceGuard:
             **self.to_json(), "epochs_done": epochs_done}})
 
     @classmethod
-    def resume(cls, path: str | Path, history: list[dict[str, Any]]) -> "DivergenceGuard":
+    def resume(cls, path: str | Path, history: list[dict[str, Any]], start_competes: bool) -> "DivergenceGuard":
         """The guard of an interrupted run from its weights file. The file is written just before each
         checkpoint, so it is of the checkpoint's epoch or, killed in between, of the next one, which
         the resumed run computes again to the same weights."""
@@ -120,7 +133,7 @@ class DivergenceGuard:
             state, meta = load_tensors(path)
             saved = meta["fine_tune"]
             ahead = int(saved["epochs_done"]) - len(history)
-            start = float(saved["start_accuracy"])
+            start, start_spikes = float(saved["start_accuracy"]), float(saved["start_spikes_per_image"])
             best = BestModel(int(saved["best_epoch"]), float(saved["best_accuracy"]), state)
         except (Ann2SnnError, KeyError, TypeError, ValueError) as err:
             raise Ann2SnnError(f"{path}: cannot resume the fine-tuning run: its best weights are unreadable "
@@ -129,7 +142,8 @@ class DivergenceGuard:
             raise Ann2SnnError(f"{path}: cannot resume the fine-tuning run: its best weights are of epoch "
                                f"{saved['epochs_done']}, the checkpoint of epoch {len(history)}")
         guard = cls.__new__(cls)
-        guard.start_accuracy, guard.best = start, best
+        guard.start_accuracy, guard.start_spikes, guard.start_competes, guard.best = \
+            start, start_spikes, start_competes, best
         guard.backoffs = sum(1 for h in history if h.get("guard") and not h.get("stopped"))
         guard.stopped = any(h.get("stopped") for h in history)
         return guard

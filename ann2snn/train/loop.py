@@ -289,8 +289,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         history = resume.history
     guard: DivergenceGuard | None = None
     if config.fine_tune:  # the starting model, measured before the first step, is epoch 0
-        guard = DivergenceGuard.resume(config.output, history) if resume is not None \
-            else DivergenceGuard(model, _evaluate(model, test_loader, device, context)[0])
+        start_competes = config.beta == 0   # with the spike regularizer, the dense start is no candidate
+        if resume is not None:
+            guard = DivergenceGuard.resume(config.output, history, start_competes)
+        else:
+            start_accuracy, start_sites = _evaluate(model, test_loader, device, context)
+            guard = DivergenceGuard(model, start_accuracy, sum(start_sites.values()), start_competes)
 
     trained: nn.Module = model
     swapped: list = []
@@ -333,7 +337,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         if not bar.disable:
             best = f", best: epoch {guard.best.epoch}" if guard is not None else ""
             bar.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}, train accuracy "
-                      f"{100 * entry['train_acc']:.2f}%, held-out accuracy {100 * test_acc:.2f}%{best}", file=sys.stderr)
+                      f"{100 * entry['train_acc']:.2f}%, held-out accuracy {100 * test_acc:.2f}%{best}",
+                      file=sys.stderr)
         if ckpt_path is not None:
             if context.is_main:
                 if guard is not None:  # first: a checkpoint always has its best weights on disk
