@@ -105,9 +105,11 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
     test split) is measured before the first step; an epoch whose loss is not finite or whose
     held-out accuracy falls more than 5 points below the start restores the best weights and halves
     the learning rate (3 times, then the run stops), each time with a warning line on stderr; the
-    best epoch by held-out accuracy, the starting model included, is what is written. When no epoch beat the starting
-    model, the starting model is written, with a warning line saying so (exit code 0; the JSON's
-    fine_tune.best_epoch is 0).
+    best epoch by held-out accuracy, the starting model included, is what is written. When no epoch
+    beat the starting model, the starting model is written, with a warning line saying so (exit
+    code 0; the JSON's fine_tune.best_epoch is 0). With --beta above 0 the starting model is no
+    candidate: the best epoch that did not diverge is written, with a warning line if it is below
+    the starting model's accuracy (fine_tune.below_start).
     """
     from ann2snn.train import TrainConfig, is_onnx_source, train as run_training
 

@@ -125,6 +125,15 @@ def test_the_starting_accuracy_is_measured_on_the_file_given(float_file, tmp_pat
     assert summary["fine_tune"]["best_epoch"] == 1 and summary["test_accuracy"] > 0.5
 
 
+def test_with_the_spike_regularizer_a_fine_tuned_epoch_is_written(float_file, tmp_path):
+    summary, stderr = fine_tune(float_file, tmp_path / "sparse.onnx", "--epochs", "1", "--beta", "1e-3")
+    tuned = summary["fine_tune"]
+    assert tuned["best_epoch"] == 1 and summary["test_accuracy"] == summary["history"][0]["test_acc"]
+    assert summary["spikes_per_image"] < tuned["start_spikes_per_image"]
+    below = summary["test_accuracy"] < tuned["start_accuracy"]
+    assert tuned["below_start"] == below and ("below the starting model's" in stderr) == below
+
+
 def test_training_from_scratch_refuses_a_loss_that_is_not_finite(tmp_path):
     done = run_cli("train", "--model", "digits-cnn", "--data", "digits", "--epochs", "1", "--lr", "1e6",
                    "-o", str(tmp_path / "out.onnx"))
