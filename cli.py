@@ -81,7 +81,11 @@ def demo(timesteps, output_dir, epochs, as_json):
 @click.option("--beta", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Weight of the spike regularizer (spikes per image, METHOD.md section 5).")
 @click.option("--epochs", type=click.IntRange(1), default=40, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None,
+              help="SGD with momentum 0.9, or Adam (default: adam when fine-tuning, else sgd).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Peak learning rate of the cosine schedule (default: sgd 0.05 from scratch and 0.01 when "
+                   "fine-tuning, adam 0.001).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--per-channel", is_flag=True, help="One lambda per output channel instead of per layer.")
 @click.option("--float", "float_only", is_flag=True, help="Train the float ANN (clipped ReLUs, no quantization).")
@@ -99,16 +103,28 @@ def demo(timesteps, output_dir, epochs, as_json):
               help="The exported ONNX file (QDQ; float with --float); weights go beside it as .safetensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
-def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel, float_only, float_activation,
-          max_grad_norm, init, resume, device, workers, seed, output, as_json):
-    """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`."""
-    from ann2snn.train import TrainConfig, train as run_training
+def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, per_channel, float_only,
+          float_activation, max_grad_norm, init, resume, device, workers, seed, output, as_json):
+    """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`.
+
+    Fine-tuning (--model FILE.onnx or --init): the starting model's held-out accuracy (on the data's
+    test split) is measured before the first step; an epoch whose loss is not finite or whose
+    held-out accuracy falls more than 5 points below the start restores the best weights and halves
+    the learning rate (3 times, then the run stops), each time with a warning line on stderr; the
+    best epoch by held-out accuracy, the starting model included, is what is written. When no epoch
+    beat the starting model, the starting model is written, with a warning line saying so (exit
+    code 0; the JSON's fine_tune.best_epoch is 0). With --beta above 0 the starting model is no
+    candidate: the best epoch that did not diverge is written, with a warning line if it is below
+    the starting model's accuracy (fine_tune.below_start).
+    """
+    from ann2snn.train import TrainConfig, is_onnx_source, train as run_training
 
     weights = str(Path(output).with_suffix(".safetensors"))
     check_device(device)
     for written in (output, weights, weights + ".ckpt"):
         check_output(written, data, init)
     config = TrainConfig(model=model_name, data=data, timesteps=timesteps, beta=beta, epochs=epochs, lr=lr,
+                         optimizer=optimizer, fine_tune=init is not None or is_onnx_source(model_name),
                          batch_size=batch_size, per_channel=per_channel, float_only=float_only,
                          float_activation=float_activation, max_grad_norm=max_grad_norm, init=init,
                          resume=resume, device=device, workers=workers, seed=seed, output=weights, onnx=output)
@@ -117,7 +133,8 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
 
     if not distributed.init_from_env(device).is_main:  # under torchrun, process 0 reports
         return
-    summary = {"onnx": output, "weights": weights, "checkpoint": weights + ".ckpt", **result.to_json()}
+    summary = {"onnx": output, "weights": weights, "checkpoint": weights + ".ckpt",
+               "optimizer": config.optimizer_name, "lr": config.learning_rate, **result.to_json()}
     if as_json:
         click.echo(strict_json(summary))
         return
@@ -125,7 +142,10 @@ def train(model_name, data, timesteps, beta, epochs, lr, batch_size, per_channel
                               "test acc": 100 * h["test_acc"], "spikes/img": h["spikes_per_image"]}
                              for h in result.history[-5:]],
                             ["epoch", "loss", "train acc", "test acc", "spikes/img"]))
-    click.echo(f"test accuracy {100 * result.test_accuracy:.2f}%, {result.spikes_per_image:.1f} spikes/img; "
+    tuned = result.fine_tune
+    best = "" if tuned is None else \
+        f" (epoch {tuned['best_epoch']}, the best; the starting model {100 * tuned['start_accuracy']:.2f}%)"
+    click.echo(f"test accuracy {100 * result.test_accuracy:.2f}%{best}, {result.spikes_per_image:.1f} spikes/img; "
                f"wrote {output} and {weights}")
 
 

@@ -155,12 +155,13 @@ def run_config(output: Path, **kw) -> TrainConfig:
     return TrainConfig(**RUN, output=str(output), **kw)
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    output = tmp_path / "killed.safetensors"
+def kill_at_first_checkpoint(run: dict, output: Path) -> None:
+    """train(TrainConfig(**run, output=output)) in a subprocess, killed (SIGKILL) as soon as its first
+    checkpoint, OUTPUT.ckpt, exists."""
     ckpt = Path(f"{output}.ckpt")
     script = ("import torch; torch.set_num_threads(1)\n"
               "from ann2snn.train import TrainConfig, train\n"
-              f"train(TrainConfig(**{RUN!r}, output={str(output)!r}), progress=False)\n")
+              f"train(TrainConfig(**{run!r}, output={str(output)!r}), progress=False)\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:
         deadline = time.monotonic() + 120
@@ -173,6 +174,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         process.kill()
         process.wait()
     assert process.returncode == -signal.SIGKILL
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    output = tmp_path / "killed.safetensors"
+    ckpt = Path(f"{output}.ckpt")
+    kill_at_first_checkpoint(RUN, output)
     killed_at = load_checkpoint(ckpt).epoch
     assert 1 <= killed_at < 4 and not output.exists()
 

@@ -6,9 +6,10 @@
 
 (quantize_model and calibrate_clips are the calibration pass's, ann2snn/passes/calibrate.py.) The
 package: config.py (TrainConfig, TrainResult), regularizer.py, init.py (--init files), batches.py
-(the epoch's batches, one process or torchrun), loop.py (the run).
+(the epoch's batches, one process or torchrun), guard.py (fine-tuning: the starting model, the
+best epoch, the divergence guard), loop.py (the run).
 
-`train(TrainConfig(...))` runs SGD with momentum and a per-step cosine learning-rate schedule,
+`train(TrainConfig(...))` runs SGD with momentum (or Adam) and a per-step cosine learning-rate schedule,
 checkpoints every epoch (no pickle, see `checkpoint.py`) and resumes bit for bit: the shuffle
 order of epoch e comes from a loader generator seeded with seed + e (as do the augmentation
 streams of an image folder, in workers or not), and the checkpoint holds the optimizer, scheduler
@@ -29,10 +30,10 @@ DistributedDataParallel and computes what one process would, up to float roundin
   every epoch (so a resumed run redraws the same), augmentation streams per rank.
 """
 
-from .config import FLOAT_ACTIVATIONS, MIN_CLIP, TrainConfig, TrainResult
+from .config import DEFAULT_LR, FLOAT_ACTIVATIONS, MIN_CLIP, TrainConfig, TrainResult
 from .init import load_init
 from .loop import evaluate_accuracy, is_onnx_source, train
 from .regularizer import spike_regularizer
 
-__all__ = ["FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "evaluate_accuracy", "is_onnx_source",
-           "load_init", "spike_regularizer", "train"]
+__all__ = ["DEFAULT_LR", "FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "evaluate_accuracy",
+           "is_onnx_source", "load_init", "spike_regularizer", "train"]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,7 +24,8 @@ from ..evaluation import PROGRESS_DELAY_S
 from ..export import export_onnx
 from ..passes.calibrate import activation_sites, calibrate_clips, quantize_model
 from .batches import RANK_SEED_STRIDE, epoch_loader, global_batch_sizes
-from .config import FLOAT_ACTIVATIONS, MIN_CLIP, RESUME_FREE_FIELDS, TrainConfig, TrainResult
+from .config import FLOAT_ACTIVATIONS, MIN_CLIP, OPTIMIZERS, RESUME_FREE_FIELDS, TrainConfig, TrainResult
+from .guard import DivergenceGuard
 from .init import load_init
 from .regularizer import sample_spikes, spike_regularizer
 
@@ -97,13 +100,17 @@ def _check_data_fits(config: TrainConfig, source: str, input_shape: tuple[int, .
 # Training
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum; no weight decay on the clipping thresholds (it would only shrink lambda)."""
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum, or Adam; no weight decay on the clipping thresholds (it would only shrink lambda)."""
+    if config.optimizer_name not in OPTIMIZERS:
+        raise Ann2SnnError(f"optimizer {config.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     clips = [s.clip for s in activation_sites(model).values()]
     clip_ids = {id(p) for p in clips}
     weights = [p for p in model.parameters() if id(p) not in clip_ids]
-    return torch.optim.SGD([{"params": weights, "weight_decay": config.weight_decay},
-                            {"params": clips, "weight_decay": 0.0}], lr=config.lr, momentum=config.momentum)
+    groups = [{"params": weights, "weight_decay": config.weight_decay}, {"params": clips, "weight_decay": 0.0}]
+    if config.optimizer_name == "adam":
+        return torch.optim.Adam(groups, lr=config.learning_rate)
+    return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
 
 
 def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...],
@@ -236,6 +243,12 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
     return sums
 
 
+def _warn(message: str | None, context: Context) -> None:
+    """The guard's line on stderr, at once (also under --json, and with the progress bar off)."""
+    if message and context.is_main:
+        tqdm.write(f"ann2snn: warning: {message}", file=sys.stderr)
+
+
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     """Train per `config`; see the module docstring. Returns the history and the final test metrics."""
     start_time = time.perf_counter()
@@ -274,6 +287,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if resume is not None:
         _restore(resume, ckpt_path, model, optimizer, scheduler)
         history = resume.history
+    guard: DivergenceGuard | None = None
+    if config.fine_tune:  # the starting model, measured before the first step, is epoch 0
+        start_competes = config.beta == 0   # with the spike regularizer, the dense start is no candidate
+        if resume is not None:
+            guard = DivergenceGuard.resume(config.output, history, start_competes)
+        else:
+            start_accuracy, start_sites = _evaluate(model, test_loader, device, context)
+            guard = DivergenceGuard(model, start_accuracy, sum(start_sites.values()), start_competes)
 
     trained: nn.Module = model
     swapped: list = []
@@ -283,11 +304,15 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=len(history) * steps_per_epoch,
-               disable=not progress or not context.is_main,
+               disable=True if not progress or not context.is_main else None,   # None: off unless a terminal
                desc="float" if config.float_only else f"QAT T={config.timesteps}", unit="step",
                delay=PROGRESS_DELAY_S)  # a bad image in the first batches: its error line alone
+    if guard is not None and not history and not bar.disable:
+        bar.write(f"epoch 0 (the starting model): held-out accuracy {100 * guard.start_accuracy:.2f}%", file=sys.stderr)
     per_site: dict[str, float] | None = None
     for epoch in range(len(history), config.epochs):
+        if guard is not None and guard.stopped:
+            break
         epoch_start = time.perf_counter()
         if context.distributed:  # dropout masks: one stream per rank and epoch, the same after a resume
             torch.manual_seed(config.seed + epoch + RANK_SEED_STRIDE * context.rank)
@@ -295,23 +320,44 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                             config.beta, config.max_grad_norm, device, bar, global_sizes, context.world_size)
         loss_sum, ce_sum, spike_sum, correct, images = all_reduce_sum(sums, context).tolist()
         test_acc, per_site = _evaluate(model, test_loader, device, context)
-        history.append({
+        entry = {
             "epoch": epoch + 1, "loss": loss_sum / images, "ce": ce_sum / images, "spike_term": spike_sum / images,
             "train_acc": correct / images, "test_acc": test_acc, "spikes_per_image": sum(per_site.values()),
-            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start})
+            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}
+        if guard is None and not math.isfinite(entry["loss"]):
+            raise Ann2SnnError(f"training diverged at epoch {epoch + 1}: the loss is {entry['loss']}; "
+                               "lower the learning rate or clip the gradient norm")
+        if guard is not None:
+            warning = guard.after_epoch(epoch + 1, model, entry["loss"], test_acc, optimizer, scheduler)
+            entry.update(guard=warning, stopped=guard.stopped)
+            _warn(warning, context)
+        history.append(entry)
         bar.set_postfix(loss=f"{loss_sum / images:.3f}", acc=f"{correct / images:.3f}", test=f"{test_acc:.3f}",
                         spk=f"{sum(per_site.values()):.0f}")
+        if not bar.disable:
+            best = f", best: epoch {guard.best.epoch}" if guard is not None else ""
+            bar.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}, train accuracy "
+                      f"{100 * entry['train_acc']:.2f}%, held-out accuracy {100 * test_acc:.2f}%{best}",
+                      file=sys.stderr)
         if ckpt_path is not None:
             if context.is_main:
+                if guard is not None:  # first: a checkpoint always has its best weights on disk
+                    guard.save(config.output, epoch + 1)
                 save_checkpoint(ckpt_path, epoch=epoch + 1, config=dataclasses.asdict(config), history=history,
                                 model=model, optimizer=optimizer, scheduler=scheduler)
             barrier(context)
     bar.close()
     unsync_batch_norm(swapped)  # plain BatchNorm again for the export and the caller
-    if per_site is None:  # nothing left to train (e.g. resuming a finished run): evaluate once
+    fine_tune = None
+    if guard is not None:  # the best epoch, the starting model included, is what the run returns
+        fine_tune, verdict = guard.finish(model, history)
+        _warn(verdict, context)
+        per_site = None
+    if per_site is None:  # nothing trained here (e.g. resuming a finished run), or the best epoch's weights
         test_acc, per_site = _evaluate(model, test_loader, device, context)
     result = TrainResult(history=history, test_accuracy=test_acc, spikes_per_image=sum(per_site.values()),
-                         spikes_per_site=per_site, seconds=time.perf_counter() - start_time, model=model)
+                         spikes_per_site=per_site, seconds=time.perf_counter() - start_time, model=model,
+                         fine_tune=fine_tune)
     if config.output is not None and context.is_main:
         meta = {"format": "ann2snn-weights", "config": dataclasses.asdict(config), "input_shape": list(input_shape),
                 "num_classes": classes, **result.to_json()}
