@@ -13,8 +13,10 @@ from ann2snn.errors import Ann2SnnError
 from ann2snn.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 QDQ: T <= 8
 from ann2snn.levels import MAX_TIMESTEPS
 from ann2snn.paths import check_device, check_output
-from ann2snn.tables import channel_summary, format_table, site_rows
+from ann2snn.tables import channel_summary, count_ops, format_table, site_rows
 from ann2snn.models import MODEL_NAMES
+from ann2snn.options import (batch_size_option, min_agreement_option, run_batch_size_option, sample_shape,
+                             zoo_model_or_onnx_file)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,23 +28,6 @@ def cli(debug: bool) -> None:
     Exit codes: 0 success; 1 the conversion was built but failed verification (nothing written);
     2 bad input or usage (one line naming the file and the problem); 3 an internal error.
     """
-
-
-def _zoo_model_or_onnx_file(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in MODEL_NAMES or value.lower().endswith(".onnx"):
-        return value
-    raise click.BadParameter(f"{value!r} is neither a zoo model ({', '.join(MODEL_NAMES)}) nor an .onnx file")
-
-
-batch_size_option = click.option(
-    "--batch-size", type=click.IntRange(1), default=None,
-    help="Samples a batch (default: as many as the model's largest activation allows in 1 GiB, at most 256).")
-run_batch_size_option = click.option(
-    "--batch-size", type=click.IntRange(1), default=None,
-    help="Images a batch (default: 128, or fewer where the model's largest activation would take over 1 GiB).")
-min_agreement_option = click.option(
-    "--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
-    help="A float source: fail below this prediction agreement with onnxruntime's float run.")
 
 
 @cli.command()
@@ -71,7 +56,7 @@ def demo(timesteps, output_dir, epochs, as_json):
 
 
 @cli.command()
-@click.option("--model", "model_name", default="digits-cnn", show_default=True, callback=_zoo_model_or_onnx_file,
+@click.option("--model", "model_name", default="digits-cnn", show_default=True, callback=zoo_model_or_onnx_file,
               metavar="NAME|FILE.onnx", help=f"A zoo model ({', '.join(MODEL_NAMES)}) or a float ONNX file to fine-tune.")
 @click.option("--data", default="digits", show_default=True, metavar="DATA",
               help="digits, fashion-mnist, mnist, an .npz with x and y, a folder of IDX files, or an image folder "
@@ -168,7 +153,7 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
               help="Verification inputs, drawn at random across classes.")
 @click.option("--output-name", "graph_output", default=None, metavar="NAME",
               help="The graph output with the logits, for a model with several (the others are dropped).")
-@click.option("--input-shape", default=None, metavar="C,H,W", callback=lambda _c, _p, v: _sample_shape(v),
+@click.option("--input-shape", default=None, metavar="C,H,W", callback=lambda _c, _p, v: sample_shape(v),
               help="A sample's shape, for an input with dynamic dimensions (default: the --calib data's).")
 @min_agreement_option
 @batch_size_option
@@ -210,19 +195,6 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         click.echo(f"wrote {out}" if "output" in result else "no output written: verification failed")
     if verify and not result["verify"]["passed"]:
         sys.exit(EXIT_VERIFICATION_FAILED)
-
-
-def _sample_shape(text: str | None) -> tuple[int, ...] | None:
-    """--input-shape C,H,W as a tuple of positive sizes."""
-    if text is None:
-        return None
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{text!r} is not a list of positive sizes such as 3,32,32")
-    return sizes
 
 
 @cli.command(name="verify")
@@ -275,7 +247,7 @@ def inspect(path, as_json):
         meta = read_metadata(path)
         summary = {"kind": "snn", "timesteps": meta["timesteps"], "ann2snn_version": meta["ann2snn_version"],
                    "source": meta["source"], "sites": meta["report"].get("sites", {}),
-                   "ops": _count_ops(meta["graph"])}
+                   "ops": count_ops(meta["graph"])}
     else:
         from ann2snn.onnx_import import inspect_onnx
 
@@ -332,16 +304,6 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
     click.echo(f"{result.images} images ({mode}, {result.device}): top-1 {100 * result.top1:.2f}%, "
                f"top-5 {100 * result.top5:.2f}%, {result.spikes_per_image:.1f} spikes/img, "
                f"{result.images_per_second:.1f} img/s")
-
-
-def _count_ops(graph: dict) -> dict:
-    counts: dict[str, int] = {}
-    for node in graph["nodes"]:
-        if node["op"] in ("placeholder", "output"):
-            continue
-        op = graph["modules"][node["target"]]["type"] if node["op"] == "call_module" else node["target"]
-        counts[op] = counts.get(op, 0) + 1
-    return counts
 
 
 @cli.command()

@@ -241,6 +241,7 @@ class ExactnessGate:
         # the same T policy: one T for every neuron, or each site its own (convert's T=None)
         steps = {m.timesteps for m in snn.graph_module.modules() if isinstance(m, BitSerialIFNode)}
         self.reference = convert(source64, snn.timesteps if steps == {snn.timesteps} else None)
+        _share_equal_tensors(self.reference.graph_module, source64)
         self.moved = set(moved_pools(self.reference))
         self.tensor_problems: list[str] = []
         self.tensors = _compare_with_reference(snn, self.reference, self.tensor_problems)
@@ -305,6 +306,24 @@ class ExactnessGate:
         problems += self.tensor_problems
         return ExactGate(self.samples, self.sites, logit_difference, evaluation_matches, self.tensors, not problems,
                          problems, self.evaluation_ties)
+
+
+def _share_equal_tensors(target: nn.Module, source: nn.Module) -> None:
+    """Each tensor of `target` equal to `source`'s of the same name becomes that tensor: a layer
+    without BN keeps its weights through the passes, and a second float64 copy of a large model's
+    weights would not fit where one does. Both are only read."""
+    tensors = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    for name, tensor in [*target.named_parameters(), *target.named_buffers()]:
+        same = tensors.get(name)
+        if same is None or same is tensor or same.shape != tensor.shape or same.dtype != tensor.dtype \
+                or not torch.equal(same, tensor):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = target.get_submodule(owner)
+        if leaf in module._parameters and isinstance(same, nn.Parameter):
+            module._parameters[leaf] = same
+        elif leaf in module._buffers and not isinstance(same, nn.Parameter):
+            module._buffers[leaf] = same
 
 
 def max_abs(t: Tensor, so_far: float) -> float:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
+import onnx
 import torch
 from torch import Tensor
 
@@ -42,16 +45,27 @@ def _padded(x: np.ndarray, fixed: int | None) -> list[np.ndarray]:
     return np.split(padded, len(padded) // fixed)
 
 
-def _with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
-    """The file's model with the tensors `names` added as graph outputs (typed by shape inference)."""
-    model = load_checked(path)
+def _with_outputs(path: str | os.PathLike, names: Sequence[str], folder: str) -> str | bytes:
+    """The file's model with the tensors `names` added as graph outputs (typed by shape inference):
+    a copy of the file in `folder` with those outputs appended as a second serialized ModelProto
+    (protobuf merges repeated fields when it parses the two), so that the weights are never held in
+    Python; a model with external data, whose paths are relative to its own folder, as bytes."""
+    model = load_checked(path, load_external_data=False)
     # onnx infers no types for com.microsoft ops: their QDQ meaning has the same outputs, typed
     typed = {v.name: v for v in infer_shapes(expand_qoperator(model, str(path))[0], str(path)).graph.value_info}
-    for name in names:
-        if name not in typed:
-            raise UnsupportedModelError(f"{path}: tensor {name!r} has no inferred type to read it back")
-        model.graph.output.append(typed[name])
-    return model.SerializeToString()
+    missing = [name for name in names if name not in typed]
+    if missing:
+        raise UnsupportedModelError(f"{path}: tensor {missing[0]!r} has no inferred type to read it back")
+    outputs = [typed[name] for name in names]
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        model = load_checked(path)
+        model.graph.output.extend(outputs)
+        return model.SerializeToString()
+    target = os.path.join(folder, os.path.basename(str(path)))
+    with open(path, "rb") as original, open(target, "wb") as copy:
+        shutil.copyfileobj(original, copy)
+        copy.write(onnx.ModelProto(graph=onnx.GraphProto(output=outputs)).SerializeToString())
+    return target
 
 
 class OnnxruntimeRunner:
@@ -68,8 +82,8 @@ class OnnxruntimeRunner:
         self.path, self.extra = path, list(extra)
         self.quiet = onnxruntime.RunOptions()
         self.quiet.log_severity_level = 4  # a failing kernel would also log its error to stderr: the exception says it
-        with self._errors():
-            self.session = onnxruntime_session(_with_outputs(path, extra) if extra else path)
+        with self._errors(), tempfile.TemporaryDirectory() as folder:
+            self.session = onnxruntime_session(_with_outputs(path, extra, folder) if extra else path)
         feed = self.session.get_inputs()[0]
         self.feed, self.dtype = feed.name, _ORT_TYPES.get(feed.type, np.float32)
         self.fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None

@@ -46,3 +46,14 @@ def channel_summary(value) -> str | float:
     if isinstance(value, list):
         return f"{min(value):.4g}..{max(value):.4g} ({len(value)} ch)"
     return value
+
+
+def count_ops(graph: dict) -> dict:
+    """How many nodes of each op an artifact's graph description holds (its modules by type)."""
+    counts: dict[str, int] = {}
+    for node in graph["nodes"]:
+        if node["op"] in ("placeholder", "output"):
+            continue
+        op = graph["modules"][node["target"]]["type"] if node["op"] == "call_module" else node["target"]
+        counts[op] = counts.get(op, 0) + 1
+    return counts

@@ -8,9 +8,10 @@ dynamic batch, dynamo=False). From that file, for each T:
 
     calibration only   `ann2snn convert float.onnx -T N --calib DATA --verify-data DATA`
                        (the CLI, in a subprocess): lambda of every site from 512 training images
-    QAT beta = b       ann2snn.train.train(TrainConfig(model="float.onnx", ...)): what `ann2snn
-                       train --model float.onnx -T N --beta b` runs, with train_limit (the CLI has
-                       no option for it), then `ann2snn convert qat.onnx --verify-data DATA`
+    QAT beta = b       ann2snn.train.train(TrainConfig(model="float.onnx", ...)) with train_limit
+                       (the CLI has no option for it), SGD at --lr, the last epoch kept (`ann2snn
+                       train --model` fine-tunes with Adam and keeps the best epoch instead), then
+                       `ann2snn convert qat.onnx --verify-data DATA`
 
 Every SNN is evaluated (time-folded `SNN.evaluate`) on all test images: accuracy and spikes per
 image, and how many of its predictions equal its quantized ANN's (the source graph that `ann2snn
