@@ -41,8 +41,8 @@ def convert_conv(ctx) -> list:
         x = ctx.call_function(F.pad, x, torch_pad(pairs), suffix="_pad")
         padding = (0,) * spatial
     conv = _CONVS[len(shape)](shape[1], weight.shape[0], kernel, stride=strides, padding=padding,
-                              dilation=dilations, groups=groups, bias=bias is not None)
-    conv.weight.data = torch.from_numpy(weight.copy())
+                              dilation=dilations, groups=groups, bias=bias is not None, device="meta")
+    conv.weight = nn.Parameter(torch.from_numpy(weight.copy()))   # meta: no random weights first (as _linear)
     if bias is not None:
-        conv.bias.data = torch.from_numpy(bias.copy())
+        conv.bias = nn.Parameter(torch.from_numpy(bias.copy()))
     return [ctx.call_module(conv, x)]

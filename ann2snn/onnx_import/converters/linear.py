@@ -13,11 +13,13 @@ from .utils import check_batch_broadcast
 
 def _linear(ctx, x, weight: np.ndarray, bias: np.ndarray | None) -> object:
     """x @ weight.T + bias as an nn.Linear; `weight` is [out, in]."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    # built on the meta device: its random initial weights, replaced at once, would cost memory
+    # and time the size of the layer
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     dtype = ctx.probe(x).dtype
-    layer.weight.data = torch.from_numpy(np.array(weight, copy=True)).to(dtype)
+    layer.weight = nn.Parameter(torch.from_numpy(np.array(weight, copy=True)).to(dtype))
     if bias is not None:
-        layer.bias.data = torch.from_numpy(np.array(bias, copy=True)).to(dtype)
+        layer.bias = nn.Parameter(torch.from_numpy(np.array(bias, copy=True)).to(dtype))
     return ctx.call_module(layer, x)
 
 
