@@ -199,6 +199,9 @@ class _CalibrationBatches:
     def __init__(self, path: str | os.PathLike, samples: Samples, batch_size: int, dtype: torch.dtype) -> None:
         self.path, self.samples, self.batch_size, self.dtype = path, samples, batch_size, dtype
 
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
     def __iter__(self):
         start = 0
         for x in self.samples.batches(self.batch_size):

@@ -20,7 +20,7 @@ from ..quant import QuantClippedActivation
 from ..levels import levels_for_timesteps
 from ..progress import progress_bar
 from .graph_utils import conversion_report, finish, module_of
-from .quantile import streaming_quantiles
+from .quantile import passes_needed, streaming_quantiles
 
 
 def module_bounds(module: nn.Module | None) -> tuple[float, float] | None:
@@ -185,7 +185,10 @@ def calibrate_clips(model: nn.Module, loader: Iterable, percentile: float = 99.9
     device = first_tensor(model).device
     data = loader if batches is None else list(itertools.islice(loader, batches))  # the same batches each pass
     seen: set[str] = set()
-    bar = progress_bar(desc="calibration", enabled=progress)
+    rows = {n: s.clip.numel() if s.per_channel else 1 for n, s in chosen.items()}
+    passes = max(map(passes_needed, rows.values()), default=0)
+    bar = progress_bar(desc="calibration", enabled=progress,
+                       total=passes * len(data) if hasattr(data, "__len__") else None)
 
     def one_pass(add) -> None:
         def record(name: str, site: QuantClippedActivation):
@@ -210,8 +213,7 @@ def calibrate_clips(model: nn.Module, loader: Iterable, percentile: float = 99.9
         model.eval()
         for s in sites.values():
             s.quantize = False
-        quantiles = streaming_quantiles(one_pass, {n: s.clip.numel() if s.per_channel else 1
-                                                   for n, s in chosen.items()}, percentile / 100)
+        quantiles = streaming_quantiles(one_pass, rows, percentile / 100)
     finally:
         bar.close()
         model.train(was_training)

@@ -27,6 +27,11 @@ def radix_bits(rows: int) -> int:
     return max(8, min(16, int(math.log2(_HISTOGRAM_BYTES // (8 * (rows + 1))))))
 
 
+def passes_needed(rows: int) -> int:
+    """How many passes over the data the quantiles of a stream of `rows` rows take."""
+    return math.ceil(_VALUE_BITS / radix_bits(rows))
+
+
 class StreamingQuantile:
     """The `q` quantile of the positive values of each row of a stream of (rows, n) batches, and of
     all rows together (the "layer" value), exact (module docstring).
@@ -54,7 +59,7 @@ class StreamingQuantile:
         return min(self.bits, self.shift)
 
     def passes(self) -> range:
-        return range(math.ceil(_VALUE_BITS / self.bits))
+        return range(passes_needed(self.rows))
 
     def add(self, values: Tensor) -> None:
         """One batch: `values` (rows, n), any float dtype; only values > 0 count (zeros, negatives
@@ -139,4 +144,4 @@ def streaming_quantiles(passes: Callable[[Callable[[str, Tensor], None]], None],
     return {name: s.result() for name, s in quantiles.items()}
 
 
-__all__ = ["StreamingQuantile", "streaming_quantiles", "radix_bits"]
+__all__ = ["StreamingQuantile", "passes_needed", "streaming_quantiles", "radix_bits"]
