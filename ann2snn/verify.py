@@ -19,8 +19,9 @@ from .snn import SNN
 
 # The exactness gate runs the float64 simulation: on this many of the verification inputs.
 GATE_SAMPLES = 16
-# Bytes per element of a sample's largest activation that the SNN's evaluation holds (float32).
-EVALUATE_BYTES = 24
+# Bytes per element of a sample's largest activation that a batch of the float comparison holds:
+# the SNN's evaluation and onnxruntime's run, float32 both.
+EVALUATE_BYTES = 48
 
 
 @dataclass
