@@ -108,8 +108,7 @@ class StreamingQuantile:
         if self.count is None:   # the first pass saw every positive value: the ranks follow
             per_row = self.counts[:self.rows].sum(1)
             self.count = torch.cat([per_row, per_row.sum()[None]])
-            position = self.q * (self.count.double() - 1).clamp(min=0)
-            self.position = position
+            position = self._position()
             self.rank = torch.cat([position.floor().long(), position.ceil().long()])
         cumulative = self.counts.cumsum(1)
         digit = (cumulative <= self.rank[:, None]).sum(1).clamp(max=self.counts.shape[1] - 1)
@@ -120,11 +119,16 @@ class StreamingQuantile:
         self.shift -= width
         self.counts = self._empty() if self.shift > 0 else self.counts
 
+    def _position(self) -> Tensor:
+        """Rank q (n - 1) of each target's n values, as torch.nanquantile computes it (float64)."""
+        return self.q * (self.count.double() - 1).clamp(min=0)
+
     def result(self) -> tuple[Tensor, Tensor]:
         values = self.prefix.to(torch.int32).view(torch.float32).double()
         targets = self.rows + 1
         below, above = values[:targets], values[targets:]
-        weight = self.position - self.position.floor()
+        position = self._position()
+        weight = position - position.floor()
         quantile = torch.lerp(below, above, weight)
         quantile = torch.where(self.count > 0, quantile, torch.nan)
         return quantile[:self.rows], quantile[self.rows]
