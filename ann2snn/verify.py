@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -119,7 +119,7 @@ def verification_inputs(source_graph: torch.nn.Module, verify_data: str | None, 
         count = min(samples, len(calib_samples))
         return calib_samples.head(count, f"{count} calibration inputs of {calib}")
     noise = noise_samples(expected, samples)
-    return noise.head(samples, f"{noise.description} (no --verify-data or --calib)")
+    return replace(noise, description=f"{noise.description} (no --verify-data or --calib)")
 
 
 def verify_converted(path: str, snn: SNN, source_graph: torch.nn.Module, verify_data: str | None, calib: str | None,
