@@ -8,14 +8,15 @@ from pathlib import Path
 import click
 
 import ann2snn
-from ann2snn.console import EXIT_VERIFICATION_FAILED, reports_errors, strict_json
+from ann2snn.console.output import EXIT_VERIFICATION_FAILED, reports_errors, strict_json
 from ann2snn.errors import Ann2SnnError
-from ann2snn.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 QDQ: T <= 8
+from ann2snn.train.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 QDQ: T <= 8
 from ann2snn.levels import MAX_TIMESTEPS
-from ann2snn.paths import check_device, check_output
-from ann2snn.tables import channel_summary, count_ops, format_table, site_rows
+from ann2snn.console.paths import check_device, check_output
+from ann2snn.console.tables import channel_summary, count_ops, site_rows
+from ann2snn.tables import format_table
 from ann2snn.models import MODEL_NAMES
-from ann2snn.options import (batch_size_option, min_agreement_option, run_batch_size_option, sample_shape,
+from ann2snn.console.options import (batch_size_option, min_agreement_option, run_batch_size_option, sample_shape,
                              zoo_model_or_onnx_file)
 
 
@@ -42,7 +43,7 @@ def cli(debug: bool) -> None:
 @reports_errors
 def demo(timesteps, output_dir, epochs, as_json):
     """Train a small CNN on scikit-learn's digits, convert it at T = 2, 3, 4, compare ANN and SNN."""
-    from ann2snn.demo import run_demo
+    from ann2snn.train.demo import run_demo
 
     rows = run_demo(tuple(timesteps), output_dir, float_epochs=epochs, qat_epochs=epochs, progress=not as_json)
     if as_json:
@@ -114,7 +115,7 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
                          float_activation=float_activation, max_grad_norm=max_grad_norm, init=init,
                          resume=resume, device=device, workers=workers, seed=seed, output=weights, onnx=output)
     result = run_training(config, progress=not as_json)
-    from ann2snn import distributed
+    from ann2snn.runtime import distributed
 
     if not distributed.init_from_env(device).is_main:  # under torchrun, process 0 reports
         return
@@ -162,10 +163,11 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
             graph_output, input_shape, min_agreement, batch_size, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
-    from ann2snn.compiler import compile_source, quantized_onnx
-    from ann2snn.inputs import model_samples
-    from ann2snn.onnx_import import inspect_onnx
-    from ann2snn.verify import describe_verification, verify_converted
+    from ann2snn.compile.compiler import compile_source
+    from ann2snn.frontend.source import quantized_onnx
+    from ann2snn.data.inputs import model_samples
+    from ann2snn.frontend.importer import inspect_onnx
+    from ann2snn.verify.verification import describe_verification, verify_converted
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
     calib_samples = model_samples(calib, "calib", calib_samples, inspect_onnx(model)["input"]["shape"][1:]) \
@@ -211,9 +213,9 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
 @reports_errors
 def verify_command(snn_path, source_path, data, samples, min_agreement, batch_size, as_json):
     """Prove an existing .snn exact for its source (exit 0), or show where it is not (exit 1)."""
-    from ann2snn.artifact import file_sha256
-    from ann2snn.compiler import quantized_onnx
-    from ann2snn.verify import describe_verification, verify_converted
+    from ann2snn.runtime.artifact import file_sha256
+    from ann2snn.frontend.source import quantized_onnx
+    from ann2snn.verify.verification import describe_verification, verify_converted
 
     snn = ann2snn.load_snn(snn_path)
     if snn.source.get("sha256") not in (None, file_sha256(source_path)):
@@ -241,7 +243,7 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, batch_si
 def inspect(path, as_json):
     """Summarize an .onnx or .snn file: ops (supported or not) and activation sites."""
     if path.lower().endswith(".snn"):
-        from ann2snn.artifact import read_metadata
+        from ann2snn.runtime.artifact import read_metadata
 
         ann2snn.load_snn(path)   # the whole file checked, as eval would load it
         meta = read_metadata(path)
@@ -249,7 +251,7 @@ def inspect(path, as_json):
                    "source": meta["source"], "sites": meta["report"].get("sites", {}),
                    "ops": count_ops(meta["graph"])}
     else:
-        from ann2snn.onnx_import import inspect_onnx
+        from ann2snn.frontend.importer import inspect_onnx
 
         summary = {"kind": "onnx", **inspect_onnx(path)}
     if as_json:
@@ -279,10 +281,10 @@ def inspect(path, as_json):
 @reports_errors
 def eval_command(model, data, batch_size, workers, device, mode, as_json):
     """Top-1/top-5 accuracy, spikes per image per layer and images per second of an .snn on DATA."""
-    from ann2snn import distributed
-    from ann2snn.data import load_dataset, make_loader
-    from ann2snn.evaluation import auto_batch_size, evaluate_snn
-    from ann2snn.memory import stage
+    from ann2snn.runtime import distributed
+    from ann2snn.data.sets import load_dataset, make_loader
+    from ann2snn.runtime.scoring import auto_batch_size, evaluate_snn
+    from ann2snn.runtime.memory import stage
 
     check_device(device)
     context = distributed.init_from_env(device)
@@ -326,11 +328,11 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
 @reports_errors
 def energy(model, data, table, samples, batch_size, mode, device, neuron_updates, memory, plot, as_json):
     """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (METHOD.md 6)."""
-    from ann2snn import distributed
-    from ann2snn.data import draw, load_dataset, make_loader
+    from ann2snn.runtime import distributed
+    from ann2snn.data.sets import draw, load_dataset, make_loader
     from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
-    from ann2snn.evaluation import COUNTING_COPIES, auto_batch_size
-    from ann2snn.memory import stage
+    from ann2snn.runtime.scoring import COUNTING_COPIES, auto_batch_size
+    from ann2snn.runtime.memory import stage
 
     check_device(device)
     if plot:

@@ -3,7 +3,7 @@
 METHOD.md's integers: L = 2^T - 1 levels, the level q(z) = clamp(floor(z / theta + 1/2), 0, L) of
 an activation site (section 1), the level clamp(floor(V / theta), 0, L) that MSB-first firing
 emits from a potential V (section 3), popcount(q) spikes per level (section 5), and the spike
-code of a level. The modules (`ann2snn.quant`, `ann2snn.neuron`) and the kernels' pure-PyTorch
+code of a level. The modules (`ann2snn.runtime.quant`, `ann2snn.runtime.neuron`) and the kernels' pure-PyTorch
 references (`ann2snn.kernels`) compute with these functions, so dependencies point one way:
 levels <- kernels <- quant, neuron <- the compiler.
 """

@@ -13,7 +13,7 @@ A module's kind says how it treats spikes, and so how every part handles it:
 - "output" (softmax, log-softmax, sigmoid): applied to the output potentials only, not spiking,
   counted in neither network's energy.
 The output head is what follows the last layer and computes on its output alone: ops of the kinds
-in HEAD_KINDS (and a QDQ pair's fake quantization, ann2snn/quant.py), run in float after the SNN.
+in HEAD_KINDS (and a QDQ pair's fake quantization, ann2snn/runtime/quant.py), run in float after the SNN.
 Each entry also lists the constructor arguments the .snn artifact saves (the weights travel with
 the state dict).
 
@@ -159,12 +159,12 @@ HEAD_METHODS = methods_of("structural")
 
 
 # Ops that select or move the values of one tensor without arithmetic: a quantization grid survives
-# them, and they commute with a clamp (ann2snn/passes/qdq_to_sites.py).
+# them, and they commute with a clamp (ann2snn/compile/qdq_to_sites.py).
 VALUE_MOVING_MODULES = MAX_POOLS + (nn.Flatten, nn.Identity, nn.Dropout)
 VALUE_MOVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze) + \
     functions_of("max_pool")
 # Ops a per-channel constant passes through unchanged, max(z + c) = max(z) + c: a bias shift may sit
-# before them (ann2snn/passes/shift_bias.py).
+# before them (ann2snn/compile/shift_bias.py).
 SHIFT_TRANSPARENT_MODULES = MAX_POOLS + (nn.Identity, nn.Dropout)
 # A residual sum (not a difference, which would negate it): one branch's bias carries the shift.
 SHIFT_TRANSPARENT_FUNCTIONS = (operator.add, torch.add)

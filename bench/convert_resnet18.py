@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from ann2snn.compiler import convert_onnx
-    from ann2snn.export import onnxruntime_session
+    from ann2snn.frontend.source import convert_onnx
+    from ann2snn.frontend.reader import onnxruntime_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_qdq_resnet18(Path(tmp))

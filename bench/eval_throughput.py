@@ -9,7 +9,7 @@ and `simulate`.
 On the CPU it also times evaluate with the neuron's PyTorch reference instead of its C kernel.
 Targets (issue 6): on a GPU, evaluate >= 0.9x the float ANN and >= 5x SpikingJelly; on the CPU,
 evaluate >= 0.7x the float ANN. Every network runs with IEEE float32 convolutions
-(`ann2snn.snn.ieee_float32`, which the SNN needs to stay exact; cuDNN's default would be TF32).
+(`ann2snn.runtime.snn.ieee_float32`, which the SNN needs to stay exact; cuDNN's default would be TF32).
 
     python bench/eval_throughput.py [--model resnet20] [--batch-size 64] [--device cpu|cuda] [-T 4] [--json]
 """
@@ -27,9 +27,9 @@ from torch import nn
 
 import ann2snn
 from ann2snn import models
-from ann2snn.lower.cuda_graph import CudaGraphRunner
-from ann2snn.quant import QuantClippedActivation
-from ann2snn.snn import ieee_float32
+from ann2snn.runtime.cuda_graph import CudaGraphRunner
+from ann2snn.runtime.quant import QuantClippedActivation
+from ann2snn.runtime.snn import ieee_float32
 
 INPUTS = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
 
@@ -48,11 +48,11 @@ class FoldedTime(nn.Module):
 def spikingjelly_snn(float_model: nn.Module, timesteps: int) -> nn.Module:
     from spikingjelly.activation_based import neuron
 
-    snn = ann2snn.passes.trace(float_model)
+    snn = ann2snn.compile.trace(float_model)
     for name, module in list(snn.named_modules()):
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
             node = neuron.IFNode(v_reset=None, step_mode="m")  # soft reset, rate coding
-            ann2snn.passes.graph_utils.set_module(snn, name, FoldedTime(node, timesteps))
+            ann2snn.runtime.graph.set_module(snn, name, FoldedTime(node, timesteps))
     return snn
 
 

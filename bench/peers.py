@@ -56,7 +56,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench/sparsity.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # run from a checkout without installing
 
-from ann2snn.data import load_dataset, make_loader  # noqa: E402
+from ann2snn.data.sets import load_dataset, make_loader  # noqa: E402
 from ann2snn.tables import format_table  # noqa: E402
 from sparsity import (QUICK, Recipe, accuracy, emit, log, snn_metrics, test_tensors, train_qat,  # noqa: E402
                       train_relu_float)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 import ann2snn  # noqa: E402
 from ann2snn import models  # noqa: E402
-from ann2snn.quant import QuantClippedActivation  # noqa: E402
+from ann2snn.runtime.quant import QuantClippedActivation  # noqa: E402
 
 INPUTS = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
 

@@ -38,8 +38,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
-from ann2snn.compiler import convert  # noqa: E402
-from ann2snn.data import load_dataset  # noqa: E402
+from ann2snn.compile.compiler import convert  # noqa: E402
+from ann2snn.data.sets import load_dataset  # noqa: E402
 from ann2snn.tables import format_table  # noqa: E402
 from ann2snn.train import TrainConfig, train  # noqa: E402
 

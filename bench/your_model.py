@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 
 import ann2snn  # noqa: E402
-from ann2snn.compiler import quantized_onnx  # noqa: E402
-from ann2snn.data import load_dataset, make_loader  # noqa: E402
+from ann2snn.frontend.source import quantized_onnx  # noqa: E402
+from ann2snn.data.sets import load_dataset, make_loader  # noqa: E402
 from ann2snn.tables import format_table  # noqa: E402
 from ann2snn.train import TrainConfig, train  # noqa: E402
 from peers import SJ_MODES, counting_spikes, import_spikingjelly_converter  # noqa: E402

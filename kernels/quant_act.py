@@ -4,7 +4,7 @@ Forward, one pass over z: a(z) = clamp(floor(z / theta + 1/2), 0, L) * theta and
 the spikes per sample, sum of popcount(q). Backward, one pass over z and the incoming gradients:
 - z: the straight-through floor passes the gradient where floor(z / theta + 1/2) lies in [0, L]
   (the clamp's own rule), plus the spike-count surrogate grad_count * [0 <= z <= lambda] / theta
-  (ann2snn.quant.SpikeCountSurrogate);
+  (ann2snn.runtime.quant.SpikeCountSurrogate);
 - lambda = L theta: theta is used twice, as the scale of the output (gradient clamp(q)) and as
   the divisor of z / theta (gradient -g_q z / theta^2); inside [0, L] the two give the QCFS
   (q - z / theta), above it 1 (times L / L), below it 0; the count's surrogate adds

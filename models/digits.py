@@ -11,7 +11,7 @@ class DigitsCNN(nn.Module):
     """conv3x3(1->16)-BN-act, conv3x3(16->32)-BN-act, 2x2 max pool, conv3x3(32->64)-BN-act,
     flatten (64x4x4), Linear(1024, num_classes) with no activation after it.
 
-    Reaches about 97-99% test accuracy on the digits split of `ann2snn.data` in a few seconds of
+    Reaches about 97-99% test accuracy on the digits split of `ann2snn.data.sets` in a few seconds of
     CPU training (Adam, lr 1e-2, batch 64, ~15 epochs).
     """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime.quant import QuantClippedActivation
 
 BLOCKS = ("conv", "grouped", "depthwise", "residual", "concat", "maxpool", "avgpool", "linear_site")
 

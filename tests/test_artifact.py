@@ -13,10 +13,10 @@ from safetensors import safe_open
 from torch import nn
 
 import ann2snn
-import ann2snn.artifact as artifact
+import ann2snn.runtime.artifact as artifact
 from ann2snn.errors import ArtifactError
-from ann2snn.neuron import BitSerialIFNode
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime.neuron import BitSerialIFNode
+from ann2snn.runtime.quant import QuantClippedActivation
 from test_onnx_import import qdq_model  # noqa: F401 (a fixture)
 
 
@@ -346,9 +346,9 @@ def test_a_fresh_interpreter_loads_artifacts_of_every_kind(tmp_path, qdq_model):
     import sys
     from pathlib import Path
 
-    from ann2snn.compiler import convert_onnx
-    from ann2snn.export import export_onnx
-    from ann2snn.quant import QuantDequant
+    from ann2snn.frontend.source import convert_onnx
+    from ann2snn.train.export import export_onnx
+    from ann2snn.runtime.quant import QuantDequant
     from test_cli import digits_model
     from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
     from test_pt2e import pt2e_onnx

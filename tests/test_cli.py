@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 
 import ann2snn
 from ann2snn import models
-from ann2snn.export import export_onnx
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.train.export import export_onnx
+from ann2snn.runtime.quant import QuantClippedActivation
 from random_nets import randomize_batch_norm
 
 
@@ -119,8 +119,8 @@ def test_eval_on_an_image_folder_matches_a_direct_evaluation(tmp_path):
     224): the JSON fields, top-1/top-5 as computed directly from the SNN, both modes alike."""
     from PIL import Image
 
-    from ann2snn.data import load_dataset
-    from ann2snn.quant import QuantClippedActivation
+    from ann2snn.data.sets import load_dataset
+    from ann2snn.runtime.quant import QuantClippedActivation
 
     generator = torch.Generator().manual_seed(3)
     for label in ("cat", "dog", "fox"):

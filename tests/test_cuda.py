@@ -12,8 +12,8 @@ import torch
 
 import ann2snn
 from ann2snn import models
-from ann2snn.evaluation import evaluate_snn
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime.scoring import evaluate_snn
+from ann2snn.runtime.quant import QuantClippedActivation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -1,4 +1,4 @@
-"""Data loading (ann2snn/data.py, ann2snn/image_folder.py): digits, .npz arrays, image folders, loaders, clear errors."""
+"""Data loading (ann2snn/data/sets.py, ann2snn/data/image_folder.py): digits, .npz arrays, image folders, loaders, clear errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ann2snn.data import ArrayDataset, dataset_input_shape, load_dataset, make_loader, num_classes
-from ann2snn.image_folder import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, center_crop,
+from ann2snn.data.sets import ArrayDataset, dataset_input_shape, load_dataset, make_loader, num_classes
+from ann2snn.data.image_folder import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, center_crop,
                                   random_resized_crop_box, resize_shorter)
 from ann2snn.errors import Ann2SnnError, DataError
 

@@ -18,10 +18,10 @@ from torch import nn
 
 import ann2snn
 from ann2snn import models
-from ann2snn.checkpoint import load_tensors
-from ann2snn.data import load_dataset
-from ann2snn.distributed import Context, SyncBatchNorm, shard, sync_batch_norm, unsync_batch_norm
-from ann2snn.passes.calibrate import calibrate_clips, quantize_model
+from ann2snn.train.checkpoint import load_tensors
+from ann2snn.data.sets import load_dataset
+from ann2snn.runtime.distributed import Context, SyncBatchNorm, shard, sync_batch_norm, unsync_batch_norm
+from ann2snn.compile.calibrate import calibrate_clips, quantize_model
 from ann2snn.train import TrainConfig, train
 from ann2snn.train.batches import global_batch_sizes
 from ann2snn.cli import cli
@@ -104,9 +104,9 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 import ann2snn.train.loop as T
-from ann2snn.checkpoint import load_checkpoint
-from ann2snn.data import ArrayDataset
-from ann2snn.distributed import init_from_env
+from ann2snn.train.checkpoint import load_checkpoint
+from ann2snn.data.sets import ArrayDataset
+from ann2snn.runtime.distributed import init_from_env
 
 out, run, limits = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 load_dataset = T.load_dataset
@@ -159,7 +159,7 @@ def _max_difference(a: dict, b: dict) -> float:
 def float64_training(monkeypatch):
     """Single-process training in float64 (model by the default dtype, data by a wrapped loader)."""
     import ann2snn.train.loop as train_module
-    from ann2snn.data import ArrayDataset
+    from ann2snn.data.sets import ArrayDataset
 
     original = train_module.load_dataset
 

@@ -24,9 +24,9 @@ import ann2snn
 from ann2snn.energy import (LayerCounts, OpCounts, OperationCounter, available_tables, estimate_energy,
                             format_report, load_table, parse_table)
 from ann2snn.errors import Ann2SnnError, UnsupportedModelError
-from ann2snn.lower import lower_to_simulator
-from ann2snn.lower.simulator import SimulatedLayer, SimulatedNeuron, SimulatedStructural
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime import lower_to_simulator
+from ann2snn.runtime.simulator import SimulatedLayer, SimulatedNeuron, SimulatedStructural
+from ann2snn.runtime.quant import QuantClippedActivation
 from random_nets import RandomNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +307,7 @@ def test_counting_runs_the_lowered_executor_with_observers(converted, mode):
     """Energy has no executor of its own: the counter is the simulator's or the evaluator's graph
     with observers in it, and its neurons are those executors' own."""
     from ann2snn.energy.observe import LayerObserver, SpikeObserver
-    from ann2snn.lower.evaluator import TimeFoldedNeuron
+    from ann2snn.runtime.evaluator import TimeFoldedNeuron
 
     _, snn, x, _ = converted["random"]
     counter = OperationCounter(snn, mode)

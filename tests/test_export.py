@@ -9,10 +9,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from ann2snn import models
-from ann2snn.data import load_dataset
+from ann2snn.data.sets import load_dataset
 from ann2snn.errors import Ann2SnnError
-from ann2snn.export import export_onnx, onnxruntime_session
-from ann2snn.passes.calibrate import activation_sites, calibrate_clips, quantize_model
+from ann2snn.train.export import export_onnx
+from ann2snn.frontend.reader import onnxruntime_session
+from ann2snn.compile.calibrate import activation_sites, calibrate_clips, quantize_model
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ann2snn.data import load_dataset, make_loader
-from ann2snn.passes.calibrate import quantize_model
-from ann2snn.prepare import onnx_network
+from ann2snn.data.sets import load_dataset, make_loader
+from ann2snn.compile.calibrate import quantize_model
+from ann2snn.train.prepare import onnx_network
 from ann2snn.train import evaluate_accuracy, load_init
 from ann2snn.train.guard import COLLAPSE_DROP, MAX_BACKOFFS, DivergenceGuard
 from test_cli import run_cli
@@ -216,7 +216,7 @@ def test_the_guard_backs_off_from_a_broken_epoch_and_stops_after_its_back_offs(b
 def test_a_killed_fine_tuning_run_resumes_to_the_same_best_model(float_file, tmp_path):
     """The best weights so far sit in the weights file, written just before each checkpoint: a run
     killed after its first checkpoint resumes to what an uninterrupted run writes."""
-    from ann2snn.checkpoint import load_tensors
+    from ann2snn.train.checkpoint import load_tensors
     from ann2snn.train import TrainConfig, train
 
     run = {"model": float_file, "timesteps": 2, "epochs": 3, "fine_tune": True, "train_limit": 640}

@@ -1,4 +1,4 @@
-"""Constant folding at import (ann2snn/onnx_import/fold_constants.py) and Pad with modes edge and
+"""Constant folding at import (ann2snn/frontend/fold_constants.py) and Pad with modes edge and
 reflect, as a Caffe-converted PyTorch export writes them: pads computed by Shape -> Gather -> Div ->
 Concat -> ... -> Cast, and a Reshape whose target keeps the batch dynamic (Shape -> Gather(0) ->
 Unsqueeze -> Concat with -1).
@@ -26,12 +26,12 @@ from torch import nn
 import ann2snn
 from ann2snn.energy import OperationCounter
 from ann2snn.errors import UnsupportedModelError
-from ann2snn.onnx_import import inspect_onnx, load_onnx
-from ann2snn.onnx_import.fold_constants import fold_constants
-from ann2snn.onnx_import.inference import infer_shapes
-from ann2snn.onnx_import.registry import find_converter
+from ann2snn.frontend.importer import inspect_onnx, load_onnx
+from ann2snn.frontend.fold_constants import fold_constants
+from ann2snn.frontend.inference import infer_shapes
+from ann2snn.frontend.registry import find_converter
 from ann2snn.ops import PAD_MODES
-from ann2snn.passes.graph_utils import conversion_report
+from ann2snn.runtime.graph import conversion_report
 from hostile import invoke
 from test_energy import _reach, simulator_planes, site
 from test_onnx_import import quantize

@@ -1,4 +1,4 @@
-"""The exactness gate (ann2snn/gate.py) holds on correct conversions and fails on every broken one.
+"""The exactness gate (ann2snn/verify/gate.py) holds on correct conversions and fails on every broken one.
 
 Correct: the test network of test_artifact (input site with a membrane offset, conv + BN,
 per-channel sites, a MaxPool moved before its site, concat, residual add, linear sites) and the
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import ann2snn
-import ann2snn.compiler as compiler_module
-import ann2snn.neuron as neuron_module
+import ann2snn.compile.compiler as compiler_module
+import ann2snn.runtime.neuron as neuron_module
 from ann2snn import models
-import ann2snn.gate as gate_module
-from ann2snn.gate import _exact_tie, check_exact
-from ann2snn.neuron import BitSerialIFNode
-from ann2snn.quant import QuantClippedActivation
+import ann2snn.verify.gate as gate_module
+from ann2snn.verify.gate import _exact_tie, check_exact
+from ann2snn.runtime.neuron import BitSerialIFNode
+from ann2snn.runtime.quant import QuantClippedActivation
 from test_artifact import make_snn
 from test_onnx_import import qdq_model  # noqa: F401,F811 (a fixture)
 
@@ -145,7 +145,8 @@ def test_a_broken_compiler_fails(correct, broken, monkeypatch):
 
 def test_quantize_static_file_passes(qdq_model):
     """onnxruntime's quantize_static output (uint8 activations, int8 weights, a QDQ input)."""
-    from ann2snn.compiler import compile_source, quantized_onnx
+    from ann2snn.compile.compiler import compile_source
+    from ann2snn.frontend.source import quantized_onnx
 
     source_graph, source = quantized_onnx(qdq_model)
     snn = compile_source(qdq_model, source_graph, source)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ann2snn
-from ann2snn.export import export_onnx
+from ann2snn.train.export import export_onnx
 from hostile import assert_refused, assert_usage_error, invoke, snapshot
 from test_artifact_attacks import REFUSED, original, payload, write  # noqa: F401 (a fixture)
 from test_cli import digits_model
@@ -198,7 +198,7 @@ def test_inspect_refuses_metadata_of_the_wrong_shape(original, tmp_path, edit):
 # --- exit codes ---------------------------------------------------------------------------------
 
 def test_exit_code_1_when_verification_fails_and_nothing_is_written(files, tmp_path, monkeypatch):
-    import ann2snn.compiler as compiler
+    import ann2snn.compile.compiler as compiler
 
     monkeypatch.setattr(compiler, "shift_bias", lambda gm: gm)   # a compiler that forgets METHOD.md section 2
     out = tmp_path / "out.snn"
@@ -209,12 +209,12 @@ def test_exit_code_1_when_verification_fails_and_nothing_is_written(files, tmp_p
 
 
 def test_exit_code_3_for_an_internal_error_with_one_line(files, tmp_path, monkeypatch):
-    import ann2snn.compiler as compiler
+    import ann2snn.frontend.source as source
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(compiler, "quantized_onnx", broken)
+    monkeypatch.setattr(source, "quantized_onnx", broken)
     result = invoke("convert", files["onnx"], "--no-verify", "-o", tmp_path / "out.snn")
     assert result.exit_code == 3
     lines = result.stderr.strip().splitlines()
@@ -227,14 +227,14 @@ def test_exit_code_3_for_an_internal_error_with_one_line(files, tmp_path, monkey
 def test_warnings_before_an_error_are_dropped(files, monkeypatch):
     import warnings
 
-    import ann2snn.compiler as compiler
+    import ann2snn.frontend.source as source
     from ann2snn.errors import UnsupportedModelError
 
     def warns_then_refuses(path, *args, **kwargs):
         warnings.warn("a torch warning on the way")
         raise UnsupportedModelError(f"{path}: refused")
 
-    monkeypatch.setattr(compiler, "quantized_onnx", warns_then_refuses)
+    monkeypatch.setattr(source, "quantized_onnx", warns_then_refuses)
     assert_refused(invoke("convert", files["onnx"], "-o", files["folder"] / "never-written.snn"), "refused")
 
 
@@ -250,7 +250,7 @@ _SLOW_WRITER = textwrap.dedent("""
     import signal, sys, time
     sys.path.insert(0, {root!r})
     from ann2snn import cli
-    from ann2snn.artifact import write_atomically
+    from ann2snn.runtime.artifact import write_atomically
     signal.signal(signal.SIGTERM, cli.exit_on_signal)
 
     def write(tmp):
@@ -275,7 +275,7 @@ def test_an_interrupted_write_leaves_no_file_under_the_final_name(tmp_path, how)
     leftovers = [p.name for p in tmp_path.iterdir()]
     if how == "SIGKILL":   # no handler runs: the next write of the same output removes it
         assert len(leftovers) == 1 and leftovers[0].startswith(".out.snn.")
-        from ann2snn.artifact import write_atomically
+        from ann2snn.runtime.artifact import write_atomically
 
         write_atomically(out, lambda tmp: Path(tmp).write_bytes(b"done"))
         assert [p.name for p in tmp_path.iterdir()] == ["out.snn"]

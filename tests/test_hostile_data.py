@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 
 import ann2snn
 from ann2snn import models
-from ann2snn.data import check_input_shape
+from ann2snn.data.sets import check_input_shape
 from ann2snn.errors import DataError
-from ann2snn.export import export_onnx
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.train.export import export_onnx
+from ann2snn.runtime.quant import QuantClippedActivation
 from hostile import assert_refused, invoke, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

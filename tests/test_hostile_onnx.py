@@ -22,9 +22,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ann2snn.compiler import convert_onnx, quantized_onnx
+from ann2snn.frontend.source import convert_onnx, quantized_onnx
 from ann2snn.errors import UnsupportedModelError
-from ann2snn.verify import verification_inputs
+from ann2snn.verify.verification import verification_inputs
 from hostile import assert_refused, invoke, snapshot
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import ann2snn
-from ann2snn import idx
-from ann2snn.data import load_dataset
+from ann2snn.data import idx
+from ann2snn.data.sets import load_dataset
 from ann2snn.errors import DataError
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime.quant import QuantClippedActivation
 from hostile import assert_refused, invoke, snapshot
 
 SIZES = {"train": 12, "t10k": 6}

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from spikingjelly.activation_based import monitor
 
 import ann2snn
-from ann2snn.gate import pool_moved_sites
-from ann2snn.neuron import BitSerialIFNode
+from ann2snn.verify.gate import pool_moved_sites
+from ann2snn.runtime.neuron import BitSerialIFNode
 from ann2snn.levels import decode_levels
 from random_nets import BLOCKS, RandomNet, ann_site_inputs
 

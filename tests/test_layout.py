@@ -97,31 +97,103 @@ def test_the_cycle_check_finds_a_lazy_cycle(tmp_path):
     assert cycles(import_graph(modules)) == [["p.a", "p.b", "p.a"]]
 
 
-# what each part may import of the package (None: anything but the CLI)
+# what each base module may import of the package (None: anything but the CLI)
 ALLOWED = {
     "ann2snn.levels": set(),                       # torch only: below the kernels and everything else
     "ann2snn.ops": set(),
+    "ann2snn.errors": set(),
+    "ann2snn.version": set(),
+    "ann2snn.progress": set(),
+    "ann2snn.tables": set(),
     "ann2snn.models": set(),                       # the zoo: torch only
     "ann2snn.kernels": {"ann2snn.levels", "ann2snn.kernels"},
 }
+BASE = set(ALLOWED)
+# The stages, lowest first: a stage imports the base, the stages below it and itself, never a stage
+# above it or beside it (a tuple holds stages side by side). Data flows frontend -> compile ->
+# runtime, and each imports what it hands its graph to.
+STAGES = ["ann2snn.data", "ann2snn.runtime", "ann2snn.compile", "ann2snn.frontend", "ann2snn.verify",
+          ("ann2snn.train", "ann2snn.energy"), "ann2snn.pipeline", "ann2snn.console", "ann2snn.cli", "ann2snn.__main__"]
+MAX_PLAIN_MODULES = 10
+
+
+def _part(name: str, parts) -> str | None:
+    return next((p for p in sorted(parts, key=len, reverse=True) if name == p or name.startswith(p + ".")), None)
+
+
+def stage_rank() -> dict[str, int]:
+    return {stage: rank for rank, entry in enumerate(STAGES) for stage in (entry if isinstance(entry, tuple) else (entry,))}
 
 
 def allowed_problems(graph: dict[str, set[str]]) -> list[str]:
+    ranks = stage_rank()
     problems = []
     for name, targets in graph.items():
-        for part, allowed in ALLOWED.items():
-            if name == part or name.startswith(part + "."):
-                problems += [f"{name} imports {t}" for t in targets
-                             if not any(t == a or t.startswith(a + ".") for a in allowed | {part})]
-        if name != "ann2snn.__main__":   # `python -m ann2snn` runs the CLI
+        base = _part(name, BASE)
+        if base:
+            problems += [f"{name} imports {t}" for t in targets
+                         if not any(t == a or t.startswith(a + ".") for a in ALLOWED[base] | {base})]
+            continue
+        stage = _part(name, ranks)
+        if stage is None:
+            if name != "ann2snn":
+                problems.append(f"{name} belongs to no stage")
             problems += [f"{name} imports the CLI" for t in targets if t == "ann2snn.cli"]
+            continue
+        for t in targets:
+            if t == "ann2snn" and ranks[stage] > ranks["ann2snn.pipeline"]:   # the public API, for the CLI
+                continue
+            other = _part(t, ranks)
+            if _part(t, BASE) or other == stage:
+                continue
+            if other is None or ranks[other] >= ranks[stage]:
+                problems.append(f"{name} imports {t}")
     return problems
 
 
 def test_dependencies_point_one_way():
     assert allowed_problems(import_graph(MODULES)) == []
-    broken = {**import_graph(MODULES), "ann2snn.kernels.reference": {"ann2snn.snn"}}
-    assert allowed_problems(broken) == ["ann2snn.kernels.reference imports ann2snn.snn"]
+    broken = {**import_graph(MODULES), "ann2snn.kernels.reference": {"ann2snn.runtime.snn"},
+              "ann2snn.runtime.snn": {"ann2snn.compile.trace"}, "ann2snn.train.loop": {"ann2snn.energy.count"},
+              "ann2snn.flat": set()}
+    assert sorted(allowed_problems(broken)) == [
+        "ann2snn.flat belongs to no stage", "ann2snn.kernels.reference imports ann2snn.runtime.snn",
+        "ann2snn.runtime.snn imports ann2snn.compile.trace", "ann2snn.train.loop imports ann2snn.energy.count"]
+
+
+def plain_modules(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.py"))
+
+
+def test_the_package_is_laid_out_by_stage():
+    """At most 10 plain modules beside the stage packages, and every stage's folder is there."""
+    assert len(plain_modules(REPO / "ann2snn")) <= MAX_PLAIN_MODULES, plain_modules(REPO / "ann2snn")
+    folders = {p.name for p in (REPO / "ann2snn").iterdir() if (p / "__init__.py").is_file()}
+    assert {s.split(".")[1] for s in stage_rank() if "." in s and s.count(".") == 1} - {"pipeline", "cli", "__main__"} <= folders
+
+
+def init_problems(name: str, source: str) -> list[str]:
+    """A stage's __init__ says in two lines what the stage does and exports its public names: a
+    docstring of two lines of text, imports and __all__, nothing else."""
+    tree = ast.parse(source)
+    doc = ast.get_docstring(tree) or ""
+    problems = [] if len([line for line in doc.splitlines() if line.strip()]) == 2 else [f"{name}: not a two-line docstring"]
+    body = tree.body[1:] if doc else tree.body
+    problems += [f"{name}:{node.lineno} is not an import or __all__" for node in body
+                 if not isinstance(node, (ast.Import, ast.ImportFrom))
+                 and not (isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__")]
+    if "__all__" not in source:
+        problems.append(f"{name}: no __all__")
+    return problems
+
+
+def test_each_stage_says_what_it_does():
+    stages = [name for name, path in MODULES.items() if path.name == "__init__.py" and name.count(".") == 1
+              and _part(name, stage_rank())]
+    assert len(stages) >= 7
+    assert [p for name in stages for p in init_problems(name, MODULES[name].read_text())] == []
+    assert init_problems("m", '"""One line."""\ndef f():\n    pass\n') == [
+        "m: not a two-line docstring", "m:2 is not an import or __all__", "m: no __all__"]
 
 
 def test_each_module_imports_alone():
@@ -148,7 +220,7 @@ def op_names() -> set[str]:
 
 # The simulator's rules: how each function runs on Signals, not what it is (test_ops checks that its
 # keys are the table's). The zoo builds networks; it lists no ops.
-NOT_LISTS = {("ann2snn.lower.simulator", "FUNCTION_RULES")}
+NOT_LISTS = {("ann2snn.runtime.simulator", "FUNCTION_RULES")}
 
 
 def op_lists(name: str, source: str, names: set[str]) -> list[str]:
@@ -203,11 +275,11 @@ def test_the_walk_sees_the_modules(name):
 
 # --- one reader of ONNX files ----------------------------------------------------------------------
 
-READER = "ann2snn.onnx_import.reader"
+READER = "ann2snn.frontend.reader"
 # What reads an ONNX file, or its external data, unchecked; and what lets onnxruntime do so.
 ONNX_LOADERS = {"onnx.load", "onnx.load_model", "onnx.load_external_data_for_model",
                 "onnx.external_data_helper.load_external_data_for_model"}
-SESSION_MAKER = "ann2snn.export"   # onnxruntime_session: checks the file first
+SESSION_MAKER = READER   # onnxruntime_session: checks the file first
 
 
 def onnx_loads(name: str, source: str) -> list[str]:

@@ -10,9 +10,9 @@ import torch.fx
 from torch import nn
 
 from ann2snn import models
-from ann2snn.data import load_dataset, make_loader
+from ann2snn.data.sets import load_dataset, make_loader
 from ann2snn.errors import Ann2SnnError
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime.quant import QuantClippedActivation
 
 # Small inputs: the ImageNet-layout models end in adaptive pooling, so 32x32 works for all but the
 # ImageNet head of VGG-16, which is checked at 224x224 separately.

@@ -15,10 +15,10 @@ from spikingjelly.activation_based import functional, monitor, neuron
 from torch import nn
 
 import ann2snn
-from ann2snn.neuron import BitSerialIFNode
+from ann2snn.runtime.neuron import BitSerialIFNode
 from ann2snn.levels import (cap_potential, channel_view, decode_levels, fire_levels, fire_msb_first,
                             popcount_levels, popcount_sum_, step_thresholds)
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime.quant import QuantClippedActivation
 
 TIMESTEPS = list(range(1, 9))
 

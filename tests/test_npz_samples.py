@@ -1,5 +1,5 @@
 """Samples of an .npz file: memory-mapped where np.savez stored them uncompressed and read when
-used (ann2snn/npz.py), and of the rank the model takes: (features,) for an MLP, (C, L) signals for
+used (ann2snn/data/npz.py), and of the rank the model takes: (features,) for an MLP, (C, L) signals for
 a Conv1d model, (C, H, W) images. The models are ONNX files built here, run by the real CLI."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ann2snn.data import load_dataset, make_loader
-from ann2snn.npz import read_npz
+from ann2snn.data.sets import load_dataset, make_loader
+from ann2snn.data.npz import read_npz
 from hostile import assert_refused, invoke, snapshot
 
 RNG = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ann2snn.errors import Ann2SnnError, UnsupportedModelError
-from ann2snn.onnx_import import inspect_onnx, load_onnx
+from ann2snn.frontend.importer import inspect_onnx, load_onnx
 
 
 def make_model(nodes, x_shape=("N", 2, 5, 5), initializers=None, opset=13, inputs=None,

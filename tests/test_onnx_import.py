@@ -32,11 +32,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from ann2snn.errors import UnsupportedModelError
-from ann2snn.onnx_import import CONTRACT_FUNCTIONS, CONTRACT_MODULES, inspect_onnx, load_onnx
-from ann2snn.quant import QuantDequant
-from ann2snn.onnx_import.registry import find_converter, get_converter
-from ann2snn.passes.qdq_to_sites import qdq_to_sites
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.frontend.importer import CONTRACT_FUNCTIONS, CONTRACT_MODULES, inspect_onnx, load_onnx
+from ann2snn.runtime.quant import QuantDequant
+from ann2snn.frontend.registry import find_converter, get_converter
+from ann2snn.compile.qdq_to_sites import qdq_to_sites
+from ann2snn.runtime.quant import QuantClippedActivation
 
 ONNX_DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 
@@ -708,7 +708,8 @@ def test_qdq_site_patterns(case, activation, scale, zero, dtype, per_channel, le
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_ann2snn_export_round_trip(per_channel, tmp_path):
     """ann2snn's own QDQ export (Clip / Relu -> Min[c] -> QDQ) comes back as the same sites."""
-    from ann2snn.export import export_onnx, onnxruntime_session
+    from ann2snn.train.export import export_onnx
+    from ann2snn.frontend.reader import onnxruntime_session
 
     generator = torch.Generator().manual_seed(0)
 

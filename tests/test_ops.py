@@ -18,9 +18,9 @@ from torch import nn
 
 import ann2snn
 from ann2snn.energy import count_operations
-from ann2snn.onnx_import import CONTRACT_MODULES
+from ann2snn.frontend.importer import CONTRACT_MODULES
 from ann2snn.ops import FUNCTION_KINDS, FUNCTION_OPS, KINDS, METHOD_KINDS, MODULE_OPS, kind_of, modules_of
-from ann2snn.quant import QuantClippedActivation, QuantDequant
+from ann2snn.runtime.quant import QuantClippedActivation, QuantDequant
 
 SIZE = 4   # spatial size per dimension
 
@@ -171,9 +171,9 @@ class FunctionNet(nn.Module):
 
 
 def test_the_function_table_is_what_the_simulator_and_the_artifact_know():
-    from ann2snn import artifact
-    from ann2snn.lower.simulator import FUNCTION_RULES
-    from ann2snn.onnx_import import CONTRACT_FUNCTIONS
+    from ann2snn.runtime import artifact
+    from ann2snn.runtime.simulator import FUNCTION_RULES
+    from ann2snn.frontend.importer import CONTRACT_FUNCTIONS
 
     assert set(FUNCTION_RULES) == set(FUNCTION_OPS) - {operator.getitem}   # indexing a Signal: no rule
     assert artifact.FUNCTIONS == {op.name: fn for fn, op in FUNCTION_OPS.items()}

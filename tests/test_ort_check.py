@@ -1,4 +1,4 @@
-"""The SNN against onnxruntime level by level (ann2snn/ort_check.py): every difference explained.
+"""The SNN against onnxruntime level by level (ann2snn/verify/ort_check.py): every difference explained.
 
 Real files: onnxruntime's quantize_static output (a QDQ input kept as a fake quantization,
 residual add, MaxPool) and the digits network's QDQ export, on real and random inputs: no
@@ -15,10 +15,11 @@ import onnx
 import torch
 from onnx import helper
 
-from ann2snn.compiler import compile_source, quantized_onnx
-from ann2snn.data import load_dataset
-from ann2snn.export import export_onnx
-from ann2snn.ort_check import compare_with_onnxruntime
+from ann2snn.compile.compiler import compile_source
+from ann2snn.frontend.source import quantized_onnx
+from ann2snn.data.sets import load_dataset
+from ann2snn.train.export import export_onnx
+from ann2snn.verify.ort_check import compare_with_onnxruntime
 from test_cli import digits_model
 from test_onnx_import import _model, qdq_model  # noqa: F401 (a fixture)
 

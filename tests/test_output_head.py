@@ -21,12 +21,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import ann2snn
-from ann2snn.compiler import compile_source, quantized_onnx
+from ann2snn.compile.compiler import compile_source
+from ann2snn.frontend.source import quantized_onnx
 from ann2snn.errors import UnsupportedModelError
-from ann2snn.evaluation import evaluate_snn
-from ann2snn.ort_check import compare_with_onnxruntime
-from ann2snn.ort_run import onnxruntime_logits
-from ann2snn.quant import QuantClippedActivation, QuantDequant
+from ann2snn.runtime.scoring import evaluate_snn
+from ann2snn.verify.ort_check import compare_with_onnxruntime
+from ann2snn.verify.ort_run import onnxruntime_logits
+from ann2snn.runtime.quant import QuantClippedActivation, QuantDequant
 from hostile import assert_refused, invoke, snapshot
 from test_cli import run_cli
 from test_onnx_import import QuantNet, _model, _weights, export, quantize, randomize_batch_norms

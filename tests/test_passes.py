@@ -13,12 +13,12 @@ from torch import nn
 
 import ann2snn
 from ann2snn.errors import UnsupportedModelError
-from ann2snn.lower import lower_to_evaluator, lower_to_simulator
-from ann2snn.lower.signal import Signal
-from ann2snn.neuron import BitSerialIFNode
-from ann2snn.passes import fold_batch_norm, move_max_pool_before_sites, place_neurons, shift_bias, trace
-from ann2snn.passes.graph_utils import conversion_report, neuron_nodes, site_nodes
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime import lower_to_evaluator, lower_to_simulator
+from ann2snn.runtime.signal import Signal
+from ann2snn.runtime.neuron import BitSerialIFNode
+from ann2snn.compile import fold_batch_norm, move_max_pool_before_sites, place_neurons, shift_bias, trace
+from ann2snn.runtime.graph import conversion_report, neuron_nodes, site_nodes
+from ann2snn.runtime.quant import QuantClippedActivation
 
 F64 = torch.float64
 

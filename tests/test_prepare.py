@@ -1,4 +1,4 @@
-"""ann2snn.prepare / spike_penalty (issue 17): quantization-aware fine-tuning of a model from outside the zoo,
+"""ann2snn.train.prepare / spike_penalty (issue 17): quantization-aware fine-tuning of a model from outside the zoo,
 then an exact conversion and a QDQ export that `ann2snn convert` converts exactly."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import ann2snn
-from ann2snn.data import load_dataset
+from ann2snn.data.sets import load_dataset
 from ann2snn.errors import Ann2SnnError, UnsupportedModelError
-from ann2snn.export import onnxruntime_session
-from ann2snn.gate import check_exact
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.frontend.reader import onnxruntime_session
+from ann2snn.verify.gate import check_exact
+from ann2snn.runtime.quant import QuantClippedActivation
 from hostile import invoke
 
 STEPS = 40
@@ -231,7 +231,7 @@ README_EXAMPLE = '''
 import torch
 import torch.nn.functional as F
 import ann2snn
-from ann2snn.data import load_dataset, make_loader
+from ann2snn.data.sets import load_dataset, make_loader
 
 train = load_dataset("digits", "train")   # or "fashion-mnist", an .npz, an image folder
 model = torch.nn.Sequential(              # your model: anything torch.fx can trace

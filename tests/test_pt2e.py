@@ -7,7 +7,7 @@ the XNNPACK quantizer (int8 activations with zero point -128 after a ReLU, per-c
 weights). Zoo networks in float (ReLU sites) go through both and through the real command; each
 must pass the exactness gate and onnxruntime's comparison with no unexplained level. ResNet-20
 requantizes its global average pool at the last ReLU's scale, which gives exact ties (the gate's
-tie rule; ann2snn/gate.py).
+tie rule; ann2snn/verify/gate.py).
 """
 from __future__ import annotations
 

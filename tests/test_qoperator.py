@@ -160,7 +160,7 @@ def test_a_qoperator_op_it_cannot_express_is_refused_in_one_line(float_files, tm
 
 
 def _integer_outputs(path: str, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
-    from ann2snn.ort_run import onnxruntime_outputs
+    from ann2snn.verify.ort_run import onnxruntime_outputs
 
     return dict(zip(names, (t.numpy().astype(np.int64) for t in onnxruntime_outputs(path, x, names)[1:])))
 
@@ -169,7 +169,7 @@ def test_the_expansion_means_what_each_op_means(float_files, tmp_path):
     """conv2's output gets a zero point 3 higher than the one QLinearAdd reads it with (legal in the
     QOperator format: the Add reinterprets it). onnxruntime's run of the file then changes, and the
     expansion, run by onnxruntime as float QDQ, follows it level for level."""
-    from ann2snn.onnx_import.qoperator import expand_qoperator
+    from ann2snn.frontend.qoperator import expand_qoperator
 
     model = onnx.load(quantize(float_files["QuantNet"], tmp_path / "qoperator.onnx", activation_type="QUInt8"))
     unchanged = tmp_path / "qoperator.onnx"
@@ -201,8 +201,9 @@ def test_the_expansion_means_what_each_op_means(float_files, tmp_path):
 def test_a_genuinely_wrong_level_stays_unexplained(float_files, tmp_path):
     """The SNN of the file against onnxruntime's run of a copy whose conv1 bias (one channel) is
     0.05 of a level higher: the levels it flips lie far outside the kernel's error bound."""
-    from ann2snn.compiler import compile_source, quantized_onnx
-    from ann2snn.ort_check import compare_with_onnxruntime
+    from ann2snn.compile.compiler import compile_source
+    from ann2snn.frontend.source import quantized_onnx
+    from ann2snn.verify.ort_check import compare_with_onnxruntime
 
     path = quantize(float_files["QuantNet"], tmp_path / "qoperator.onnx", activation_type="QUInt8")
     source_graph, source = quantized_onnx(path)
@@ -244,7 +245,7 @@ def test_onnxruntime_qlinear_add_stays_within_its_kernel_error():
     of the QDQ graph alone, which therefore would not do."""
     import onnxruntime
 
-    from ann2snn.onnx_import.qoperator import kernel_errors
+    from ann2snn.frontend.qoperator import kernel_errors
 
     rng = np.random.default_rng(1)
     a, b = np.arange(256).repeat(256), np.tile(np.arange(256), 256)

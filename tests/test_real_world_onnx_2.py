@@ -315,7 +315,7 @@ def keras_cnn(path, flatten: str) -> str:
 
 @pytest.mark.parametrize("flatten", FLATTENS)
 def test_a_keras_style_graph_converts(tmp_path, flatten):
-    from ann2snn.data import load_dataset
+    from ann2snn.data.sets import load_dataset
 
     path = keras_cnn(tmp_path / "keras.onnx", flatten)
     digits = load_dataset("digits", split="calib")

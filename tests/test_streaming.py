@@ -19,13 +19,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ann2snn.compiler import quantized_onnx
+from ann2snn.frontend.source import quantized_onnx
 from ann2snn.errors import Ann2SnnError
-from ann2snn.inputs import noise_samples, tensor_samples
-from ann2snn.memory import ActivationProfile, OutOfMemory, activation_budget, activation_profile, stage
-from ann2snn.passes.quantile import StreamingQuantile, radix_bits
-from ann2snn.verify import verify_snn
-from ann2snn.compiler import compile_source
+from ann2snn.data.inputs import noise_samples, tensor_samples
+from ann2snn.runtime.memory import ActivationProfile, OutOfMemory, activation_budget, activation_profile, stage
+from ann2snn.compile.quantile import StreamingQuantile, radix_bits
+from ann2snn.verify.verification import verify_snn
+from ann2snn.compile.compiler import compile_source
 
 SIDE = 256          # a 1 x 256 x 256 input, 8 channels at full size: 0.5 M activations a sample
 CAP = 800 << 20     # the converting process's data segment, at most

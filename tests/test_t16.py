@@ -1,6 +1,6 @@
 """T up to 16 (issue 16, part 1): 16-bit activations convert, and every part of the stack takes T = 9..16.
 
-A level's spike code is uint8 up to T = 8 and uint16 up to T = 16 (`ann2snn.neuron.spike_code_dtype`).
+A level's spike code is uint8 up to T = 8 and uint16 up to T = 16 (`ann2snn.runtime.neuron.spike_code_dtype`).
 Checked here at T = 9..16: onnxruntime's A16W8 files (QUInt16 and QInt16 activations) through
 `ann2snn convert` (T = 16, the exactness gate, 0 unexplained levels against onnxruntime); float32
 levels against the exact floor of the real quotient; random and zoo networks, whose simulation and
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ann2snn
-from ann2snn import neuron as neuron_module
+from ann2snn.runtime import neuron as neuron_module
 from ann2snn.energy import OperationCounter
 from ann2snn.errors import ArtifactError, UnsupportedModelError
 from ann2snn.levels import (channel_view, decode_levels, fire_levels, fire_msb_first, popcount_levels,

@@ -16,13 +16,13 @@ from safetensors import safe_open
 from torch import nn
 
 from ann2snn import models
-from ann2snn.checkpoint import load_checkpoint, load_tensors, save_tensors
-from ann2snn.data import load_dataset
+from ann2snn.train.checkpoint import load_checkpoint, load_tensors, save_tensors
+from ann2snn.data.sets import load_dataset
 from ann2snn.errors import Ann2SnnError
-from ann2snn.export import export_onnx
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.train.export import export_onnx
+from ann2snn.runtime.quant import QuantClippedActivation
 from ann2snn.levels import popcount_levels, quantize_levels
-from ann2snn.passes.calibrate import activation_sites, calibrate_clips, quantize_model
+from ann2snn.compile.calibrate import activation_sites, calibrate_clips, quantize_model
 from ann2snn.train import TrainConfig, evaluate_accuracy, load_init, spike_regularizer, train
 from ann2snn.train.batches import epoch_loader
 

@@ -52,7 +52,7 @@ def test_train_refuses_files_it_cannot_fine_tune(tmp_path):
 
 
 def test_train_refuses_a_qdq_file_and_names_the_command_that_takes_it(tmp_path):
-    from ann2snn.export import export_onnx
+    from ann2snn.train.export import export_onnx
     from test_cli import digits_model
 
     qdq = tmp_path / "qdq.onnx"

@@ -13,9 +13,9 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-import ann2snn.compiler as compiler_module
-import ann2snn.neuron as neuron_module
-from ann2snn.export import export_onnx
+import ann2snn.compile.compiler as compiler_module
+import ann2snn.runtime.neuron as neuron_module
+from ann2snn.train.export import export_onnx
 from hostile import invoke
 from test_cli import digits_model
 

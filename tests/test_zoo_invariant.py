@@ -8,7 +8,7 @@ from torch import nn
 
 import ann2snn
 from ann2snn import models
-from ann2snn.quant import QuantClippedActivation
+from ann2snn.runtime.quant import QuantClippedActivation
 from random_nets import randomize_batch_norm
 from test_invariant import expected_levels, snn_site_levels
 

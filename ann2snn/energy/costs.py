@@ -16,7 +16,7 @@ from ..errors import Ann2SnnError
 # ==============================================================================================
 # Energy tables
 
-TABLE_PACKAGE_DIR = "energy_tables"
+TABLE_PACKAGE_DIR = "tables"
 DEFAULT_TABLE = "fp32-45nm"
 REQUIRED_ENERGIES = ("mac", "ac")
 OPTIONAL_ENERGIES = ("neuron_update", "memory_weight", "memory_state")
@@ -60,7 +60,7 @@ class EnergyTable:
 
 def available_tables() -> list[str]:
     """Names of the tables shipped with ann2snn (usable as `--table NAME`)."""
-    folder = resources.files("ann2snn").joinpath(TABLE_PACKAGE_DIR)
+    folder = resources.files("ann2snn.energy").joinpath(TABLE_PACKAGE_DIR)
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
@@ -127,7 +127,7 @@ def load_table(spec: str | os.PathLike | None = None) -> EnergyTable:
     """A shipped table by name (None: the default, fp32-45nm), or a user's JSON file by path."""
     text = DEFAULT_TABLE if spec is None else os.fspath(spec)
     if text in available_tables():
-        raw = resources.files("ann2snn").joinpath(TABLE_PACKAGE_DIR, f"{text}.json").read_text(encoding="utf-8")
+        raw = resources.files("ann2snn.energy").joinpath(TABLE_PACKAGE_DIR, f"{text}.json").read_text(encoding="utf-8")
         return parse_table(json.loads(raw), text)
     path = Path(text).expanduser()
     if not path.exists():

@@ -8,13 +8,13 @@ import torch
 from torch import Tensor, fx
 from torch.utils.data import Dataset
 
-from ..distributed import Context, all_reduce_max, all_reduce_sum
+from ..runtime.distributed import Context, all_reduce_max, all_reduce_sum
 from ..errors import Ann2SnnError
-from ..lower import lower_to_evaluator, lower_to_simulator
-from ..neuron import BitSerialIFNode
+from ..runtime import lower_to_evaluator, lower_to_simulator
+from ..runtime.neuron import BitSerialIFNode
 from ..ops import LAYERS
-from ..passes.graph_utils import head_arithmetic
-from ..snn import ieee_float32
+from ..runtime.graph import head_arithmetic
+from ..runtime.snn import ieee_float32
 from .observe import RowObserver, SpikeObserver, observe
 
 
@@ -145,7 +145,7 @@ def count_operations(snn, batches: Iterable, *, mode: str = "evaluate", device: 
 
     `context` (a `distributed.Context`, under torchrun): each rank passes its shard of the images
     and the integer counts are summed over ranks, so every rank gets those of one process."""
-    from ..evaluation import check_data_fits, prepare_for_device
+    from ..runtime.scoring import check_data_fits, prepare_for_device
     from ..progress import progress_bar
 
     device = torch.device(device)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..levels import pack_spikes, popcount_levels, spike_code_arithmetic_dtype, unpack_spikes
-from ..lower.signal import Signal, align_steps
-from ..lower.simulator import fold_time, simulate_call, simulate_method
+from ..runtime.signal import Signal, align_steps
+from ..runtime.simulator import fold_time, simulate_call, simulate_method
 from ..ops import VALUE_COPYING_PADS
 from .fanout import call_argument, conv_fanout, conv_ones_kernel, pool_fanout
 

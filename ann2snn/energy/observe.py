@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
-from ..neuron import BitSerialIFNode
+from ..runtime.neuron import BitSerialIFNode
 from ..ops import AVERAGE_POOLS, FUNCTION_OPS, LAYERS, METHOD_KINDS, NORMS, STRUCTURAL
-from ..passes.graph_utils import free_name, output_head
+from ..runtime.graph import free_name, output_head
 from .events import Events, Levels, Op, Planes, structural_events, summed_events, total
 from .fanout import pool_fanout, pool_params, window_sums
 

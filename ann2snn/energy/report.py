@@ -146,7 +146,7 @@ def plot_energy(report: EnergyReport, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..artifact import write_atomically
+    from ..runtime.artifact import write_atomically
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"

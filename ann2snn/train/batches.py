@@ -6,9 +6,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from ..data import make_loader
-from ..distributed import Context
-from ..image_folder import ImageFolderDataset
+from ..data.sets import make_loader
+from ..runtime.distributed import Context
+from ..data.image_folder import ImageFolderDataset
 from .config import TrainConfig
 
 

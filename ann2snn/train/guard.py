@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_tensors, save_tensors
+from .checkpoint import load_tensors, save_tensors
 from ..errors import Ann2SnnError
 
 # A held-out accuracy this far below the starting model's is a collapse, not the noise of one epoch.

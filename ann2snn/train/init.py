@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_tensors
+from .checkpoint import load_tensors
 from ..errors import Ann2SnnError
-from ..export import onnx_initializers
-from ..passes.calibrate import activation_sites
+from .export import onnx_initializers
+from ..compile.calibrate import activation_sites
 
 
 def load_init(model: nn.Module, path: str | os.PathLike) -> set[str]:
@@ -30,7 +30,7 @@ def load_init(model: nn.Module, path: str | os.PathLike) -> set[str]:
     clips = {f"{name}.clip" for name in activation_sites(model)}
     missing = [k for k in state if k not in source and k not in clips and not k.endswith("num_batches_tracked")]
     if missing:
-        hint = " (an ONNX export in eval mode folds BN into Conv and renames weights; use ann2snn.export)" \
+        hint = " (an ONNX export in eval mode folds BN into Conv and renames weights; use ann2snn.train.export)" \
             if path.suffix.lower() == ".onnx" else ""
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise Ann2SnnError(f"{path}: no tensor for {', '.join(missing[:5])}{more}{hint}")

@@ -15,14 +15,14 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from ..checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint, save_tensors
-from ..data import dataset_input_shape, dataset_source, load_dataset, make_loader, num_classes
-from ..distributed import (Context, all_reduce_sum, barrier, init_from_env, local_device, shard, sync_batch_norm,
+from .checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint, save_tensors
+from ..data.sets import dataset_input_shape, dataset_source, load_dataset, make_loader, num_classes
+from ..runtime.distributed import (Context, all_reduce_sum, barrier, init_from_env, local_device, shard, sync_batch_norm,
                            unsync_batch_norm)
 from ..errors import Ann2SnnError, DataError
-from ..evaluation import PROGRESS_DELAY_S
-from ..export import export_onnx
-from ..passes.calibrate import activation_sites, calibrate_clips, quantize_model
+from ..runtime.scoring import PROGRESS_DELAY_S
+from .export import export_onnx
+from ..compile.calibrate import activation_sites, calibrate_clips, quantize_model
 from .batches import RANK_SEED_STRIDE, epoch_loader, global_batch_sizes
 from .config import FLOAT_ACTIVATIONS, MIN_CLIP, OPTIMIZERS, RESUME_FREE_FIELDS, TrainConfig, TrainResult
 from .guard import DivergenceGuard
@@ -140,7 +140,7 @@ def is_onnx_source(model: str) -> bool:
 def _source_network(model: str, classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """The network to train: a zoo model by name, or a float ONNX file as imported."""
     if is_onnx_source(model):
-        from ..prepare import onnx_network
+        from .prepare import onnx_network
 
         return onnx_network(model, classes, input_shape)
     from .. import models  # the model zoo (models/, installed as ann2snn.models)
@@ -200,7 +200,7 @@ def _train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
     the loss backpropagated is this rank's per-sample sum times world_size / global batch size,
     which DDP's average over ranks turns into the gradient of the global batch's mean.
     """
-    from ..prepare import classification_loss
+    from .prepare import classification_loss
 
     model.train()
     criterion = classification_loss(getattr(model, "module", model))   # DDP wraps the network

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..passes.calibrate import activation_sites, first_tensor
+from ..compile.calibrate import activation_sites, first_tensor
 
 
 def sample_spikes(model: nn.Module) -> Tensor | None:

@@ -1,0 +1,107 @@
+"""The inputs a command runs a model on, read in batches and never all at once: samples of a data
+set drawn at random across its classes, or uniform noise. Peak memory is one batch, whatever the
+number of samples."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+# Uniform noise is drawn in chunks of at most this many values, each from the one seeded
+# generator in turn: the same noise for every batch size.
+NOISE_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Samples:
+    """`count` inputs of `shape` (a sample's), from `dataset` (its images; labels dropped), or
+    uniform noise in [0, 1) seeded by `seed` when `dataset` is None; `description` says which."""
+
+    shape: tuple[int, ...]
+    count: int
+    description: str
+    dataset: Dataset | None = None
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def head(self, count: int, description: str | None = None) -> "Samples":
+        """The first `count` of these samples."""
+        from torch.utils.data import Subset
+
+        count = min(count, self.count)
+        dataset = self.dataset if self.dataset is None or count == self.count else Subset(self.dataset, range(count))
+        return Samples(self.shape, count, description or self.description, dataset, self.seed)
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """The samples in order, `batch_size` at a time (the last batch may be smaller)."""
+        if self.dataset is None:
+            yield from _rebatched(self._noise(), batch_size)
+            return
+        from .sets import make_loader
+
+        for x, *_ in make_loader(self.dataset, batch_size):
+            yield x
+
+    def _noise(self) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        chunk = max(1, NOISE_CHUNK_ELEMENTS // max(1, math.prod(self.shape)))
+        for start in range(0, self.count, chunk):
+            yield torch.rand((min(chunk, self.count - start), *self.shape), generator=generator)
+
+
+def _rebatched(chunks: Iterator[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """The rows of `chunks`, in order, as batches of `batch_size` rows."""
+    pending: list[Tensor] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        while held >= batch_size:
+            joined = torch.cat(pending) if len(pending) > 1 else pending[0]
+            yield joined[:batch_size]
+            rest = joined[batch_size:]
+            pending, held = ([rest] if len(rest) else []), len(rest)
+    if held:
+        yield torch.cat(pending) if len(pending) > 1 else pending[0]
+
+
+def data_samples(data: str, split: str, samples: int, seed: int = 0,
+                 takes: Callable[[tuple[int, ...]], bool] | None = None) -> Samples:
+    """`samples` images of DATA's `split`, drawn at random with `seed` across its classes; (C, L)
+    signals rather than one-channel images where the model `takes` those (data.fit_sample_rank)."""
+    from .sets import dataset_input_shape, draw, fit_sample_rank, load_dataset
+
+    dataset = load_dataset(data, split=split, seed=seed)
+    if takes is not None:
+        fit_sample_rank(dataset, takes)
+    dataset = draw(dataset, samples, seed)
+    count = len(dataset)  # type: ignore[arg-type]
+    return Samples(dataset_input_shape(dataset), count, f"{count} inputs of {data}", dataset)
+
+
+def noise_samples(shape: Sequence[int], samples: int, seed: int = 0) -> Samples:
+    """`samples` uniform random inputs in [0, 1) of a sample's `shape`."""
+    return Samples(tuple(shape), samples, f"{samples} inputs of uniform noise", seed=seed)
+
+
+def tensor_samples(x: Tensor, description: str) -> Samples:
+    """The samples of a tensor (N, ...) held in memory already."""
+    from torch.utils.data import TensorDataset
+
+    return Samples(tuple(x.shape[1:]), len(x), f"{len(x)} {description}", TensorDataset(x))
+
+
+def model_samples(data: str, split: str, samples: int, expected: Sequence[int | str | None]) -> Samples:
+    """`data_samples`, refused unless a sample has the shape `expected` (the model's input without
+    the batch; a name or None is a free dimension)."""
+    from .sets import check_input_shape, sample_fits
+
+    drawn = data_samples(data, split, samples, takes=lambda shape: sample_fits(shape, expected))
+    check_input_shape(data, drawn.shape, expected)
+    return drawn
