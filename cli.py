@@ -283,7 +283,7 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
     """Top-1/top-5 accuracy, spikes per image per layer and images per second of an .snn on DATA."""
     from ann2snn.runtime import distributed
     from ann2snn.data.sets import load_dataset, make_loader
-    from ann2snn.runtime.scoring import auto_batch_size, evaluate_snn
+    from ann2snn.runtime.scoring import auto_batch_size, score_snn
     from ann2snn.runtime.memory import stage
 
     check_device(device)
@@ -294,7 +294,7 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
     batch_size = batch_size or auto_batch_size(snn, dataset, mode)
     loader = make_loader(dataset, batch_size, workers=workers, pin_memory=device.startswith("cuda"))
     with stage(f"eval ({mode})", "--batch-size"):
-        result = evaluate_snn(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
+        result = score_snn(snn, loader, mode=mode, device=device, progress=not as_json and context.is_main,
                               total=len(loader), context=context)
     if not context.is_main:
         return

@@ -1,6 +1,6 @@
 """The CUDA path on a real GPU (skipped without one): the SNN on CUDA in channels_last with the
 Triton neuron gives the CPU's logits and spike counts, evaluate equals simulate there, the replayed
-CUDA graph equals the eager run, and `evaluate_snn`'s side-stream prefetch counts what the CPU
+CUDA graph equals the eager run, and `score_snn`'s side-stream prefetch counts what the CPU
 counts. Exact equality across devices and between the two modes is asserted in float64, where
 METHOD.md section 4 promises it; in float32 a level may move by one where z / theta lies within
 rounding distance of a boundary, so there the graph must equal the eager run exactly and the
@@ -12,7 +12,7 @@ import torch
 
 import ann2snn
 from ann2snn import models
-from ann2snn.runtime.scoring import evaluate_snn
+from ann2snn.runtime.scoring import score_snn
 from ann2snn.runtime.quant import QuantClippedActivation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -78,7 +78,7 @@ def test_cuda_evaluate_snn_prefetch_counts_like_cpu() -> None:
     gen = torch.Generator().manual_seed(3)
     x, y = torch.rand(40, 3, 32, 32, generator=gen), torch.randint(0, 10, (40,), generator=gen)
     batches = [(x[i:i + 16].pin_memory(), y[i:i + 16]) for i in range(0, 40, 16)]
-    on_cpu = evaluate_snn(snn, batches, device="cpu", progress=False)
-    on_gpu = evaluate_snn(_snn("resnet20", 4), batches, device="cuda", progress=False)
+    on_cpu = score_snn(snn, batches, device="cpu", progress=False)
+    on_gpu = score_snn(_snn("resnet20", 4), batches, device="cuda", progress=False)
     assert (on_gpu.top1, on_gpu.top5) == (on_cpu.top1, on_cpu.top5)
     assert on_gpu.layer_spikes_per_image == on_cpu.layer_spikes_per_image

@@ -20,7 +20,7 @@ from torch import nn
 from ann2snn.data.sets import load_dataset, make_loader
 from ann2snn.compile.calibrate import quantize_model
 from ann2snn.train.prepare import onnx_network
-from ann2snn.train import evaluate_accuracy, load_init
+from ann2snn.train import score_accuracy, load_init
 from ann2snn.train.guard import COLLAPSE_DROP, MAX_BACKOFFS, DivergenceGuard
 from test_cli import run_cli
 from test_train import kill_at_first_checkpoint
@@ -57,7 +57,7 @@ def written_accuracy(source: str, weights) -> float:
     level boundary may change, more than the epochs of a run differ.)"""
     network = quantize_model(onnx_network(source, 10, (1, 8, 8)), 2, False, (1, 8, 8))
     load_init(network, weights)
-    return evaluate_accuracy(network, make_loader(load_dataset("digits", "test"), 450), "cpu")[0]
+    return score_accuracy(network, make_loader(load_dataset("digits", "test"), 450), "cpu")[0]
 
 
 def test_fine_tuning_a_trained_file_with_the_defaults_holds_or_improves_and_writes_the_best_epoch(float_file, tmp_path):

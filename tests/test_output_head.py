@@ -24,7 +24,7 @@ import ann2snn
 from ann2snn.compile.compiler import compile_source
 from ann2snn.frontend.source import quantized_onnx
 from ann2snn.errors import UnsupportedModelError
-from ann2snn.runtime.scoring import evaluate_snn
+from ann2snn.runtime.scoring import score_snn
 from ann2snn.verify.ort_check import compare_with_onnxruntime
 from ann2snn.verify.ort_run import onnxruntime_logits
 from ann2snn.runtime.quant import QuantClippedActivation, QuantDequant
@@ -151,7 +151,7 @@ def test_eval_and_energy_give_the_same_top1_and_counts_as_without_the_head(files
     assert int((top2[:, 0] == top2[:, 1]).sum()) >= 5
     assert torch.equal(snns["softmax"].before_head().evaluate(x).logits, snns["plain"].before_head().evaluate(x).logits)
     labels = snns["plain"].before_head().evaluate(x).logits.argmax(1)
-    assert evaluate_snn(snns["softmax"], [(x, labels)], progress=False).top1 == 1.0
+    assert score_snn(snns["softmax"], [(x, labels)], progress=False).top1 == 1.0
     text = invoke("energy", tmp_path / "softmax.snn", "--data", files["data"]).stdout
     assert "output head (QuantDequant, Softmax, QuantDequant): float work on the SNN's output" in text
 

@@ -23,7 +23,7 @@ from ann2snn.train.export import export_onnx
 from ann2snn.runtime.quant import QuantClippedActivation
 from ann2snn.levels import popcount_levels, quantize_levels
 from ann2snn.compile.calibrate import activation_sites, calibrate_clips, quantize_model
-from ann2snn.train import TrainConfig, evaluate_accuracy, load_init, spike_regularizer, train
+from ann2snn.train import TrainConfig, score_accuracy, load_init, spike_regularizer, train
 from ann2snn.train.batches import epoch_loader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,9 +115,9 @@ def test_float_then_qat_reaches_97_percent_and_beta_lowers_spikes(float_weights)
             for beta in (0.0, 1e-3)}
     assert runs[0.0].test_accuracy >= 0.97
     assert runs[1e-3].spikes_per_image < 0.7 * runs[0.0].spikes_per_image
-    # The final metrics are those of evaluate_accuracy, and the per-site counts add up.
+    # The final metrics are those of score_accuracy, and the per-site counts add up.
     loader = [(x, y) for x, y in torch.utils.data.DataLoader(load_dataset("digits", "test"), batch_size=64)]
-    accuracy, spikes = evaluate_accuracy(runs[0.0].model, loader, "cpu")
+    accuracy, spikes = score_accuracy(runs[0.0].model, loader, "cpu")
     assert accuracy == runs[0.0].test_accuracy
     assert spikes == pytest.approx(runs[0.0].spikes_per_image) == pytest.approx(sum(runs[0.0].spikes_per_site.values()))
 

@@ -8,7 +8,7 @@ Every ONNX value becomes one of:
   implementation, so folding follows the spec exactly), or shape arithmetic on a Shape that only
   the probe's static shape knows, folded here the same way;
 - a `BatchDependent`: a small integer tensor computed from the batch size, e.g. Shape -> Gather(0) ->
-  Concat before a Reshape; evaluated at the two probe batch sizes (fold_constants.evaluate), so a
+  Concat before a Reshape; evaluated at the two probe batch sizes (fold_constants.run_node), so a
   Reshape can tell which entry is the batch (it changes with it) from the static ones (they do not);
 - a `Quantized`: the output of a QuantizeLinear on a tensor, waiting for its DequantizeLinear.
 
@@ -29,7 +29,7 @@ from onnx import helper
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from .fold_constants import BatchDependent, evaluate
+from .fold_constants import BatchDependent, run_node
 from .registry import GraphView, attribute_defaults, decode_attribute, first_line, get_converter, node_problem
 
 
@@ -279,7 +279,7 @@ class NodeContext:
         """Shape arithmetic on what only the probes know: batch-dependent values, and the shapes
         that shape inference left unknown (fold_constants.py folded everything else before)."""
         try:
-            return evaluate(self.node, inputs, self.opset)
+            return run_node(self.node, inputs, self.opset)
         except Exception as err:  # the reference implementation raises many kinds
             self.fail(f"cannot fold constant inputs: {first_line(err)}")
 

@@ -56,7 +56,7 @@ def fold_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int)
     return [np.asarray(v) for v in evaluator.run(None, feeds)]
 
 
-def evaluate(node: onnx.NodeProto, inputs: list[Known | None], opset: int) -> list[Known]:
+def run_node(node: onnx.NodeProto, inputs: list[Known | None], opset: int) -> list[Known]:
     """The outputs of `node` on constant or batch-dependent inputs: with a batch-dependent input,
     run at each probe; an output equal at both is a constant."""
     if not any(isinstance(v, BatchDependent) for v in inputs):
@@ -124,7 +124,7 @@ def fold_constants(model: onnx.ModelProto, where: str, opset: int) -> Folding:
             outputs = [shape_of(static[node.input[0]], attributes.get("start", 0), attributes.get("end"))]
         elif not data and _foldable(node, opset):
             try:
-                outputs = evaluate(node, [known[name] if name else None for name in node.input], opset)
+                outputs = run_node(node, [known[name] if name else None for name in node.input], opset)
             except Exception as err:  # the reference implementation raises many kinds
                 raise UnsupportedModelError(
                     node_problem(where, node, opset, f"cannot fold constant inputs: {first_line(err)}")) from None

@@ -1,4 +1,4 @@
-"""Data-set evaluation of a converted SNN: accuracy, spikes per image, throughput."""
+"""Scoring a converted SNN on a data set: accuracy, spikes per image, throughput (each batch run by `evaluate` or `simulate`)."""
 from __future__ import annotations
 
 import math
@@ -25,7 +25,8 @@ _PROBE_SIDES = tuple(range(1, 65)) + (96, 112, 128, 160, 192, 224, 227, 256, 299
 
 
 @dataclass
-class EvalResult:
+class Score:
+    """What `ann2snn eval` reports of a data set: top-1 and top-5 accuracy, spikes, throughput."""
     top1: float
     top5: float
     images: int
@@ -188,9 +189,9 @@ def device_batches(batches: Iterable[tuple[Tensor, Tensor]], device: torch.devic
 
 
 @torch.no_grad()
-def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: str = "evaluate",
+def score_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: str = "evaluate",
                  device: str | torch.device = "cpu", progress: bool = True, total: int | None = None,
-                 context: Context = Context()) -> EvalResult:
+                 context: Context = Context()) -> Score:
     """Top-1 / top-5 accuracy and spikes per image over `batches` of (images, labels).
 
     Counts stay on the device until the end: no host synchronization per batch. Under torchrun
@@ -227,7 +228,7 @@ def evaluate_snn(snn: SNN, batches: Iterable[tuple[Tensor, Tensor]], *, mode: st
     correct1, correct5, images = totals[:3]
     seconds = all_reduce_max(time.perf_counter() - start, context)
     layer = {name: total_spikes / max(images, 1) for name, total_spikes in zip(names, totals[3:])}
-    return EvalResult(
+    return Score(
         top1=correct1 / max(images, 1), top5=correct5 / max(images, 1), images=images,
         spikes_per_image=sum(layer.values()), layer_spikes_per_image=layer,
         images_per_second=images / seconds if seconds > 0 else 0.0, mode=mode, device=str(device))

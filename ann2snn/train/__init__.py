@@ -4,8 +4,8 @@ One process or torchrun; checkpoints resume bit for bit (docs/training.md).
 """
 from .config import DEFAULT_LR, FLOAT_ACTIVATIONS, MIN_CLIP, TrainConfig, TrainResult
 from .init import load_init
-from .loop import evaluate_accuracy, is_onnx_source, train
+from .loop import score_accuracy, is_onnx_source, train
 from .regularizer import spike_regularizer
 
-__all__ = ["DEFAULT_LR", "FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "evaluate_accuracy",
+__all__ = ["DEFAULT_LR", "FLOAT_ACTIVATIONS", "MIN_CLIP", "TrainConfig", "TrainResult", "score_accuracy",
            "is_onnx_source", "load_init", "spike_regularizer", "train"]

@@ -64,7 +64,7 @@ def _evaluate(model: nn.Module, loader: Iterable, device: str | torch.device,
     return totals[0] / images, {n: v / images for n, v in zip(sites, totals[2:])}
 
 
-def evaluate_accuracy(model: nn.Module, loader: Iterable, device: str | torch.device) -> tuple[float, float]:
+def score_accuracy(model: nn.Module, loader: Iterable, device: str | torch.device) -> tuple[float, float]:
     """(top-1 accuracy, spikes per image summed over the quantized sites; 0 for a float model)."""
     accuracy, per_site = _evaluate(model, loader, device)
     return accuracy, sum(per_site.values())
