@@ -65,7 +65,7 @@ def demo(timesteps, output_dir, epochs, as_json):
 @click.option("-T", "timesteps", type=click.IntRange(1, MAX_EXPORT_TIMESTEPS), default=3, show_default=True,
               help="Time steps of the SNN: the sites get L = 2^T - 1 levels.")
 @click.option("--beta", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Weight of the spike regularizer (spikes per image, METHOD.md section 5).")
+              help="Weight of the spike regularizer (spikes per image, docs/method.md section 5).")
 @click.option("--epochs", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None,
               help="SGD with momentum 0.9, or Adam (default: adam when fine-tuning, else sgd).")
@@ -327,7 +327,7 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
 def energy(model, data, table, samples, batch_size, mode, device, neuron_updates, memory, plot, as_json):
-    """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (METHOD.md 6)."""
+    """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (docs/method.md section 6)."""
     from ann2snn.runtime import distributed
     from ann2snn.data.sets import draw, load_dataset, make_loader
     from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy

@@ -1,6 +1,6 @@
 """The arithmetic of levels and spikes, below everything else: it imports torch alone.
 
-METHOD.md's integers: L = 2^T - 1 levels, the level q(z) = clamp(floor(z / theta + 1/2), 0, L) of
+docs/method.md's integers: L = 2^T - 1 levels, the level q(z) = clamp(floor(z / theta + 1/2), 0, L) of
 an activation site (section 1), the level clamp(floor(V / theta), 0, L) that MSB-first firing
 emits from a potential V (section 3), popcount(q) spikes per level (section 5), and the spike
 code of a level. The modules (`ann2snn.runtime.quant`, `ann2snn.runtime.neuron`) and the kernels' pure-PyTorch
@@ -39,7 +39,7 @@ def channel_view(values: Tensor, ndim: int, channel_dim: int = 1) -> Tensor:
 
 
 def quantize_levels(z: Tensor, theta: Tensor, levels: int) -> Tensor:
-    """The integer level q(z) of METHOD.md section 1 (no gradient)."""
+    """The integer level q(z) of docs/method.md section 1 (no gradient)."""
     return torch.clamp(torch.floor(z / theta + 0.5), 0, levels)
 
 
@@ -91,7 +91,7 @@ def popcount_sum_(q: Tensor, levels: int, dims: tuple[int, ...]) -> Tensor:
 
 
 class SpikeCountSurrogate(torch.autograd.Function):
-    """Exact spike count popcount(q(z)) forward; surrogate gradient backward (METHOD.md section 5).
+    """Exact spike count popcount(q(z)) forward; surrogate gradient backward (docs/method.md section 5).
 
     popcount is piecewise constant in q, so its gradient is replaced by a constant slope of one
     spike per level (the mean of the per-bit gradients), times the straight-through derivatives of

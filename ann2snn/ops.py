@@ -9,7 +9,7 @@ A module's kind says how it treats spikes, and so how every part handles it:
   one accumulate per pooling window an input spike reaches;
 - "structural" (flatten, identity, inference dropout): moves values, costs nothing;
 - "max_pool": not linear but monotone, so it acts on the integrated potential (the compiler moves
-  it before the neuron, METHOD.md section 3); a per-channel constant passes through it;
+  it before the neuron, docs/method.md section 3); a per-channel constant passes through it;
 - "output" (softmax, log-softmax, sigmoid): applied to the output potentials only, not spiking,
   counted in neither network's energy.
 The output head is what follows the last layer and computes on its output alone: ops of the kinds

@@ -1,4 +1,4 @@
-"""Spike sparsity against accuracy on digits: the spike regularizer's beta swept per T (METHOD.md 5).
+"""Spike sparsity against accuracy on digits: the spike regularizer's beta swept per T (docs/method.md section 5).
 
 Per seed, one float digits-cnn is trained (float_only; with `--float relu` plain ReLUs instead);
 from its weights, for every T and beta, the same quantization-aware recipe (same seed, epochs,

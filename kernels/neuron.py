@@ -1,4 +1,4 @@
-"""The fused neuron of the time-folded evaluator (METHOD.md sections 3 and 7), in one Triton pass.
+"""The fused neuron of the time-folded evaluator (docs/method.md sections 3 and 7), in one Triton pass.
 
 Per element: V + membrane_offset, then the level q that MSB-first compare-and-subtract firing
 (with the cap at L) decodes to: the exact floor(V / theta) clamped to [0, L], computed directly

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the fused neuron (kernels/neuron.py), and the bit-packed spike code.
 
-The neuron of the time-folded evaluator (METHOD.md section 7): offset, cap, MSB-first firing,
+The neuron of the time-folded evaluator (docs/method.md section 7): offset, cap, MSB-first firing,
 q * theta and popcount(q), written with ann2snn's own `fire_levels` and `popcount_sum_`, so the
 kernel is checked against exactly what the evaluator and the simulator compute.
 """

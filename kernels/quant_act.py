@@ -1,4 +1,4 @@
-"""The fused quantized clipped activation for training (METHOD.md sections 1 and 5), in Triton.
+"""The fused quantized clipped activation for training (docs/method.md sections 1 and 5), in Triton.
 
 Forward, one pass over z: a(z) = clamp(floor(z / theta + 1/2), 0, L) * theta and, on request,
 the spikes per sample, sum of popcount(q). Backward, one pass over z and the incoming gradients:
@@ -214,7 +214,7 @@ def quant_act_fused_triton(z: Tensor, clip: Tensor, levels: int, *,
 
 
 def quant_act_fused(z: Tensor, clip: Tensor, levels: int, *, with_spikes: bool) -> tuple[Tensor, Tensor | None]:
-    """The quantized clipped activation of a site, differentiable (METHOD.md sections 1 and 5).
+    """The quantized clipped activation of a site, differentiable (docs/method.md sections 1 and 5).
 
     z: [N, C, *spatial] or [N, C]; clip: lambda, a scalar or per-channel [C] tensor (trainable);
     levels: L. Returns (a(z), spikes per sample [N] if with_spikes else None), with the gradients

@@ -1,4 +1,4 @@
-"""Random small quantized CNNs for the property tests of the conversion invariant (METHOD.md 4)."""
+"""Random small quantized CNNs for the property tests of the conversion invariant (docs/method.md section 4)."""
 from __future__ import annotations
 
 import torch

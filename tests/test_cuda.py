@@ -2,7 +2,7 @@
 Triton neuron gives the CPU's logits and spike counts, evaluate equals simulate there, the replayed
 CUDA graph equals the eager run, and `score_snn`'s side-stream prefetch counts what the CPU
 counts. Exact equality across devices and between the two modes is asserted in float64, where
-METHOD.md section 4 promises it; in float32 a level may move by one where z / theta lies within
+docs/method.md section 4 promises it; in float32 a level may move by one where z / theta lies within
 rounding distance of a boundary, so there the graph must equal the eager run exactly and the
 devices must agree on all but a few spikes."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""METHOD.md section 6: spikes, synaptic operations, MACs and energy; `ann2snn energy`.
+"""docs/method.md section 6: spikes, synaptic operations, MACs and energy; `ann2snn energy`.
 
 Synaptic ops are checked against a brute-force count over the simulator's binary spike planes
 (explicit loops over every input spike and every output it reaches) and against SpikingJelly's

@@ -200,7 +200,7 @@ def test_inspect_refuses_metadata_of_the_wrong_shape(original, tmp_path, edit):
 def test_exit_code_1_when_verification_fails_and_nothing_is_written(files, tmp_path, monkeypatch):
     import ann2snn.compile.compiler as compiler
 
-    monkeypatch.setattr(compiler, "shift_bias", lambda gm: gm)   # a compiler that forgets METHOD.md section 2
+    monkeypatch.setattr(compiler, "shift_bias", lambda gm: gm)   # a compiler that forgets docs/method.md section 2
     out = tmp_path / "out.snn"
     result = invoke("convert", files["onnx"], "-o", out)
     assert result.exit_code == 1, result.stderr

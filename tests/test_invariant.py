@@ -1,4 +1,4 @@
-"""METHOD.md section 4: the SNN's decoded levels and logits equal the quantized ANN's.
+"""docs/method.md section 4: the SNN's decoded levels and logits equal the quantized ANN's.
 
 Property-based over random small networks (conv, grouped and depthwise conv, linear, BN, residual
 add, concat, max / average / global-average pooling, per-layer and per-channel lambda, T = 1..8).

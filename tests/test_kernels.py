@@ -161,7 +161,7 @@ def _offset(kind: str, channels: int, theta: torch.Tensor) -> torch.Tensor | flo
         return None
     if kind == "scalar":
         return 0.1
-    return (theta.expand(channels) / 2).clone()   # theta / 2: the shift of METHOD.md section 2
+    return (theta.expand(channels) / 2).clone()   # theta / 2: the shift of docs/method.md section 2
 
 
 def _assert_same_neuron_output(got: kernels.NeuronOutput, want: kernels.NeuronOutput) -> None:

@@ -1,4 +1,4 @@
-"""The bit-serial IF neuron of METHOD.md section 3 and its SpikingJelly integration.
+"""The bit-serial IF neuron of docs/method.md section 3 and its SpikingJelly integration.
 
 fire_msb_first (compare with 2^(T-1-t) theta, subtract), decode_levels, the cap for L < 2^T - 1,
 fire_levels (the evaluator's shortcut), and BitSerialIFNode as a multi-step SpikingJelly node:

@@ -1,4 +1,4 @@
-"""Each compiler pass alone on tiny graphs, then both lowerings (METHOD.md sections 2, 3, 7).
+"""Each compiler pass alone on tiny graphs, then both lowerings (docs/method.md sections 2, 3, 7).
 
 trace, fold_batch_norm, shift_bias, move_max_pool_before_sites, place_neurons; and
 lower_to_simulator / lower_to_evaluator on a net with every structural element of section 3.
@@ -351,7 +351,7 @@ class SelfAdd(nn.Module):
 
 
 def test_shift_bias_add_of_a_node_with_itself_shifts_the_sum_by_half_a_step():
-    """METHOD 2: the site's input moves by theta / 2 exactly once. A bias shift of c in c + c moves
+    """docs/method.md section 2: the site's input moves by theta / 2 exactly once. A bias shift of c in c + c moves
     it by theta, so the carrier must not be c (membrane offset instead, or a shift of theta / 4)."""
     model = randomize(SelfAdd()).double()
     gm = trace(model)

@@ -1,4 +1,4 @@
-"""Training (METHOD.md sections 1 and 5): sites, calibration, the spike regularizer, checkpoints."""
+"""Training (docs/method.md sections 1 and 5): sites, calibration, the spike regularizer, checkpoints."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""METHOD.md section 4 on every model of the zoo: random weights, non-trivial BN statistics,
+"""docs/method.md section 4 on every model of the zoo: random weights, non-trivial BN statistics,
 quantized sites, T = 2 and 4; in float64 the SNN's levels and logits equal the quantized ANN's."""
 from __future__ import annotations
 

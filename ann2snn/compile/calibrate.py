@@ -1,4 +1,4 @@
-"""Activation sites of float models (METHOD.md section 1, second source of sites), and calibration.
+"""Activation sites of float models (docs/method.md section 1, second source of sites), and calibration.
 
 Float Relu / Clip(0, c) / Relu6 become activation sites (`float_activations_to_sites` on a graph,
 `quantize_model` on a module tree) whose lambda is then calibrated from data (`calibrate_clips`):

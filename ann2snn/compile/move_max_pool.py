@@ -1,4 +1,4 @@
-"""Pass: MaxPool after an activation site moves before it (METHOD.md section 3).
+"""Pass: MaxPool after an activation site moves before it (docs/method.md section 3).
 
 max commutes with the monotone q(), so pooling the potentials before firing is exact, and the
 spikes then never need a max over spike trains.

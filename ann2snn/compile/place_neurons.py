@@ -1,4 +1,4 @@
-"""Pass: every activation site becomes a bit-serial IF neuron (METHOD.md section 3)."""
+"""Pass: every activation site becomes a bit-serial IF neuron (docs/method.md section 3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Pass: QDQ activation sites of an imported graph become QuantClippedActivation (METHOD.md section 1).
+"""Pass: QDQ activation sites of an imported graph become QuantClippedActivation (docs/method.md section 1).
 
 A QuantDequant with zero point 0 on a non-negative tensor is a quantized clipped ReLU; so is one
 whose zero point is its qmin (onnxruntime's default int8 activations: zero point -128), whose
@@ -14,7 +14,7 @@ a clipped ReLU by itself, so it becomes a site even with nothing before it (onnx
 quantizer drops the Relu in front of such a QDQ). Standard uint8 QDQ gives L = 255, T = 8; 16-bit
 activations (uint16 with zero point 0, int16 with -32768: onnxruntime's A16W8) L = 65535, T = 16.
 
-Rounding: ONNX QuantizeLinear rounds half to even; METHOD.md's q(z) = floor(z / theta + 1/2)
+Rounding: ONNX QuantizeLinear rounds half to even; docs/method.md's q(z) = floor(z / theta + 1/2)
 rounds half up. The two differ only where z / theta is exactly k + 1/2.
 
 A QDQ whose input already lies on its grid (the output of a site or QDQ with the same scale,

@@ -1,4 +1,4 @@
-"""Pass: the BN bias shift of METHOD.md section 2.
+"""Pass: the BN bias shift of docs/method.md section 2.
 
 The neuron computes floor(V / theta); the ANN rounds, floor(z / theta + 1/2). Adding theta / 2 to
 the bias of the linear layer that produces z makes the two equal. Run after fold_batch_norm, so

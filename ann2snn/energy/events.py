@@ -3,7 +3,7 @@
 A layer's synaptic operations are the events at its input times their fan-out, so energy needs,
 beside every value that carries spikes, the spikes themselves: structural ops move them, a residual
 add carries both inputs' events, a scale keeps them, and an average pool passes on the nonzero
-entries of its pooled planes (METHOD.md section 6). Two forms, one per executor:
+entries of its pooled planes (docs/method.md section 6). Two forms, one per executor:
 - `Planes` (the simulator): per-step counts [T, N, ...], binary where one neuron fired them;
 - `Levels` (the evaluator): level maps [N, ...] whose binary digits are the planes; a sum of
   several neurons' spikes keeps one map per neuron, as level maps do not add.

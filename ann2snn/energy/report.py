@@ -55,7 +55,7 @@ class EnergyReport:
 
 def estimate_energy(counts: OpCounts, table: EnergyTable | None = None, *, neuron_updates: bool = False,
                     memory: bool = False) -> EnergyReport:
-    """Per-layer and total energy per image of the SNN and of the same ANN (METHOD.md section 6)."""
+    """Per-layer and total energy per image of the SNN and of the same ANN (docs/method.md section 6)."""
     table = table or load_table()
     e_mac, e_ac = table.pj("mac"), table.pj("ac")
     e_neuron = table.require("neuron_update", "--neuron-updates") if neuron_updates else 0.0

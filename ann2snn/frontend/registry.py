@@ -97,7 +97,7 @@ SupportCheck = Callable[[onnx.NodeProto, GraphView], "str | None"]
 _CHECKS: dict[tuple[str, str], SupportCheck] = {}
 
 
-# Activations no bit-serial neuron can represent (METHOD.md section 1: a site is a clipped ReLU).
+# Activations no bit-serial neuron can represent (docs/method.md section 1: a site is a clipped ReLU).
 NON_SPIKING_ACTIVATIONS = frozenset({"HardSwish", "HardSigmoid", "PRelu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu",
                                      "Mish", "Softplus", "Softsign", "Swish", "Tanh", "ThresholdedRelu"})
 

@@ -1,4 +1,4 @@
-"""Lowering to the time-folded evaluator (METHOD.md section 7, the fast path).
+"""Lowering to the time-folded evaluator (docs/method.md section 7, the fast path).
 
 By linearity sum_t 2^(T-1-t) W s_t = W q, so each layer consumes the levels q (times theta)
 directly and runs at about the cost of the ANN; a neuron's spike count is popcount(q). Levels are

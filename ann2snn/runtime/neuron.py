@@ -1,4 +1,4 @@
-"""The modified integrate-and-fire neuron of METHOD.md section 3 (bit-serial, MSB first).
+"""The modified integrate-and-fire neuron of docs/method.md section 3 (bit-serial, MSB first).
 
 A SpikingJelly node (`SimpleBaseNode`, whose split of charge, fire and reset it keeps):
 - charge (integrate phase): the membrane doubles each step, U = 2 U + I_t, so after the input
@@ -23,7 +23,7 @@ class BitSerialIFNode(neuron.SimpleBaseNode):
     theta: one quantization step (scalar or per channel over dimension 1 of [N, C, ...]).
     levels: the largest level L (2^T - 1 unless the source had an odd level count).
     membrane_offset: added to the potential once, after integration; theta / 2 where no bias of a
-    linear producer could carry the shift of METHOD.md section 2, else 0.
+    linear producer could carry the shift of docs/method.md section 2, else 0.
 
     Input of `forward`: currents [T_in, N, ...], MSB first (the last step has weight 1 and also
     carries the bias, which enters once). Output: binary spike planes [T, N, ...].

@@ -1,4 +1,4 @@
-"""The quantized clipped activation of METHOD.md section 1: the activation site of a source ANN;
+"""The quantized clipped activation of docs/method.md section 1: the activation site of a source ANN;
 and QuantDequant, the fake quantization of an ONNX QDQ pair.
 
     q(z) = clamp(floor(z / theta + 1/2), 0, L),  a(z) = q(z) * theta,  theta = lambda / L

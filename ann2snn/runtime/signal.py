@@ -1,4 +1,4 @@
-"""What flows along the edges of the simulated SNN (METHOD.md sections 3 and 7).
+"""What flows along the edges of the simulated SNN (docs/method.md sections 3 and 7).
 
 A Signal is the sum of two parts that a spiking layer integrates differently:
 - steps [T, N, ...]: synaptic currents per time step, MSB first; step t has weight 2^(T-1-t), so

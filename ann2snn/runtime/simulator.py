@@ -1,4 +1,4 @@
-"""Lowering to the time-stepped simulator (METHOD.md section 7, first way).
+"""Lowering to the time-stepped simulator (docs/method.md section 7, first way).
 
 `lower_to_simulator` rewrites the SNN graph so that every edge carries a Signal: spike planes and
 synaptic currents over [T, N, ...], MSB first, plus what enters once. Layers apply their weights

@@ -6,7 +6,7 @@ Each site z -> q(z) * theta becomes
     per channel:  Relu(z) -> Min(lambda[c]) -> QuantizeLinear(theta[c], 0, axis=1) -> DequantizeLinear
 
 with uint8 and zero point 0, so the compiler reads theta = scale and lambda = the clip bound back
-(METHOD.md section 1). Weights stay float. ONNX rounds half to even where q() rounds half up: the
+(docs/method.md section 1). Weights stay float. ONNX rounds half to even where q() rounds half up: the
 two differ only where z / theta lies exactly (within float rounding) on a level boundary k + 1/2.
 
 BatchNormalization stays a node of its own and every parameter keeps its PyTorch name, so the

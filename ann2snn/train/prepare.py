@@ -2,7 +2,7 @@
 
     qat = ann2snn.prepare(model, T=3, example_input=x)     a copy; its ReLU-like ops are sites
     loss = F.cross_entropy(qat(x), y) + beta * ann2snn.spike_penalty(qat)
-    snn = ann2snn.convert(qat)                             exact (METHOD.md section 4)
+    snn = ann2snn.convert(qat)                             exact (docs/method.md section 4)
     ann2snn.export_onnx(qat, "qat.onnx", x)                QDQ file for `ann2snn convert`
 
 `prepare` traces the model with torch.fx, gives every call of a ReLU-like op (nn.ReLU, nn.ReLU6,
@@ -90,7 +90,7 @@ def prepare(model: nn.Module, T: int = 3, example_input: Tensor | None = None, p
 
 
 def spike_penalty(model: nn.Module) -> Tensor:
-    """The spike regularizer of METHOD.md section 5 for the last forward pass of `model`: spikes per
+    """The spike regularizer of docs/method.md section 5 for the last forward pass of `model`: spikes per
     sample (popcount of the levels, summed over the sites), averaged over the batch; differentiable
     through the surrogate gradient. Add `beta * spike_penalty(qat)` to the loss."""
     return spike_regularizer(model)

@@ -1,4 +1,4 @@
-"""The spike regularizer of quantization-aware training (METHOD.md section 5)."""
+"""The spike regularizer of quantization-aware training (docs/method.md section 5)."""
 from __future__ import annotations
 
 
@@ -16,7 +16,7 @@ def sample_spikes(model: nn.Module) -> Tensor | None:
 
 
 def spike_regularizer(model: nn.Module) -> Tensor:
-    """sum over sites of the per-sample spike counts popcount(q), averaged over the batch (METHOD 5).
+    """sum over sites of the per-sample spike counts popcount(q), averaged over the batch (docs/method.md section 5).
 
     The loss adds beta times this. Reads the counts the last forward pass recorded
     (sites with record_spikes=True); differentiable through the surrogate of SpikeCountSurrogate.

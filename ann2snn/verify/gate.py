@@ -1,4 +1,4 @@
-"""The exactness gate: METHOD.md section 4's invariant, checked element for element.
+"""The exactness gate: docs/method.md section 4's invariant, checked element for element.
 
 An SNN is exact for its quantized source when two things hold, both checked on the inputs given:
 
@@ -19,9 +19,9 @@ simulation) continues with the SNN's level there, site by site: everything else 
 level, the logits) must still be equal, so the ties are the only difference.
 
 So a float32 artifact is proven to be the float32 rounding of an SNN that is exact for the source:
-METHOD.md's "a level may differ by one where z / theta lies within rounding distance of a
+docs/method.md's "a level may differ by one where z / theta lies within rounding distance of a
 boundary" is then the only difference float32 can make. A MaxPool the compiler moved before a
-site (METHOD.md section 3) is applied to the source's levels too: max commutes with q.
+site (docs/method.md section 3) is applied to the source's levels too: max commutes with q.
 """
 from __future__ import annotations
 

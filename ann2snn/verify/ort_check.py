@@ -8,7 +8,7 @@ already shown them equal to the simulation's in float64. Where they differ, the 
 of these, or the comparison fails:
 
 - tie: the source's float64 ratio z / theta lies exactly halfway between two levels; ONNX rounds
-  half to even, METHOD.md's q() rounds half up;
+  half to even, docs/method.md's q() rounds half up;
 - near boundary: the ratio lies within float32's accumulation error of a rounding boundary. The
   error is bounded per element by running the source graph once more and propagating a bound:
   a convolution or linear layer of fan-in n adds (n + 2) u times the sum of |w x| (u = 2^-24)
