@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,36 +227,23 @@ def test_leaky_relu_stays_and_convert_names_it():
     assert "\n" not in str(err.value)
 
 
-# The README's example (/tmp/readme_issue17.md), run as written.
-README_EXAMPLE = '''
-import torch
-import torch.nn.functional as F
-import ann2snn
-from ann2snn.data.sets import load_dataset, make_loader
-
-train = load_dataset("digits", "train")   # or "fashion-mnist", an .npz, an image folder
-model = torch.nn.Sequential(              # your model: anything torch.fx can trace
-    torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-    torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10))
-qat = ann2snn.prepare(model, T=3, example_input=train.x[:256])  # a copy; ReLUs -> trainable sites
-optimizer = torch.optim.SGD(qat.parameters(), lr=0.05, momentum=0.9)
-beta = 1e-4                               # weight of the spike count against accuracy
-for epoch in range(3):
-    for x, y in make_loader(train, 64, shuffle=True, seed=epoch):
-        loss = F.cross_entropy(qat(x), y) + beta * ann2snn.spike_penalty(qat)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-snn = ann2snn.convert(qat.eval())         # exact: fires the levels the trained qat computes
-logits, spikes = snn.evaluate(load_dataset("digits", "test").x)
-ann2snn.export_onnx(qat, "qat.onnx", train.x[:1])  # QDQ ONNX; `ann2snn convert qat.onnx` is exact
-'''
+# The example of docs/python-api.md's prepare section, read from the page and run as written.
+API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
+def docs_example() -> str:
+    """The first Python block after the page's heading of `ann2snn.prepare`."""
+    text = API_PAGE.read_text()
+    section = text[text.index("## Fine-tuning your own model: `ann2snn.prepare`"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(README_EXAMPLE, "README example", "exec"), scope)
+    example = docs_example()
+    assert "ann2snn.prepare(" in example and "ann2snn.export_onnx(" in example
+    exec(compile(example, str(API_PAGE), "exec"), scope)
     test = load_dataset("digits", "test")
     assert (scope["logits"].argmax(1) == test.y).float().mean() > 0.8
     assert (tmp_path / "qat.onnx").is_file()

@@ -1,0 +1,90 @@
+"""The docs cannot go stale: the generated pages equal what docs/generate.py writes from the code, every
+relative link of README.md and docs/*.md points to a file that exists, and the README stays short."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATE = REPO / "docs" / "generate.py"
+README_MAX_LINES = 250
+# [text](target) and ![alt](target), not inside inline code
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(GENERATE), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+def test_the_generated_pages_are_current_and_a_stale_copy_fails(tmp_path):
+    done = generate("--check")
+    assert done.returncode == 0, done.stderr
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("onnx-support.md", "cli.md"):
+        shutil.copy(REPO / "docs" / name, docs / name)
+    assert generate("--check", "--docs", str(docs)).returncode == 0
+    # an op dropped from the support table, an option's help changed: each copy is stale
+    support = docs / "onnx-support.md"
+    support.write_text(support.read_text().replace("| Conv |", "| ConvTranspose |"))
+    cli = docs / "cli.md"
+    cli.write_text(cli.read_text().replace("`--calib DATA`", "`--calibration DATA`"))
+    done = generate("--check", "--docs", str(docs))
+    assert done.returncode == 1
+    assert "onnx-support.md is stale" in done.stderr and "cli.md is stale" in done.stderr
+
+
+def test_the_generated_pages_name_what_the_code_registers():
+    """Spot checks that the pages come from the registry and click, not from a copy of them."""
+    from ann2snn.cli import cli
+    from ann2snn.frontend import supported_op_types
+
+    support = (REPO / "docs" / "onnx-support.md").read_text()
+    assert all(f"| {op} |" in support for op in supported_op_types())
+    reference = (REPO / "docs" / "cli.md").read_text()
+    for name, command in cli.commands.items():
+        assert f"## `ann2snn {name}`" in reference
+        assert all(opt in reference for p in command.params for opt in getattr(p, "opts", []) if opt.startswith("--"))
+
+
+def pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def broken_links(page: Path) -> list[str]:
+    """Relative links of a Markdown page whose file does not exist (web links and #anchors are skipped)."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)   # code blocks hold no links
+    text = re.sub(r"`[^`\n]*`", "", text)
+    broken = []
+    for target in LINK.findall(text):
+        path = target.split("#", 1)[0]
+        if not path or re.match(r"[a-z]+:", path):
+            continue
+        if not (page.parent / path).exists():
+            broken.append(f"{page.name}: {target}")
+    return broken
+
+
+def test_every_relative_link_points_to_a_file():
+    assert len(pages()) >= 10
+    assert [b for page in pages() for b in broken_links(page)] == []
+
+
+def test_the_link_check_finds_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    (tmp_path / "there.md").write_text("# here\n")
+    page.write_text("[ok](there.md#here) [web](https://example.org/x.md) `[code](nowhere.md)`\n"
+                    "![picture](missing.png) and [gone](docs/gone.md)\n```\n[in a block](nope.md)\n```\n")
+    assert broken_links(page) == ["page.md: missing.png", "page.md: docs/gone.md"]
+
+
+def test_the_readme_is_short_and_its_docs_are_linked():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    linked = {Path(t.split("#")[0]).name for t in LINK.findall(readme)}
+    assert {p.name for p in (REPO / "docs").glob("*.md")} <= linked
+    assert "../shared" not in readme and "METHOD.md" not in readme
