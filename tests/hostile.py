@@ -1,4 +1,4 @@
-"""What every hostile-input test checks: the CLI's promise for bad input (README, "Bad input").
+"""What every hostile-input test checks: the CLI's promise for bad input (docs/converting.md, "Exit codes").
 
 A refused command exits with code 2 (1: built but failed verification), prints exactly one line on
 stderr that starts with `ann2snn: error:` and names the file and the problem, prints no

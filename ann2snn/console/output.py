@@ -13,7 +13,7 @@ from ..errors import Ann2SnnError
 from ..runtime.memory import is_allocation_failure
 
 
-# Exit codes, one meaning each (README, `ann2snn --help`).
+# Exit codes, one meaning each (docs/converting.md, `ann2snn --help`).
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3

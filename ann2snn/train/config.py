@@ -56,7 +56,7 @@ class TrainConfig:
 FLOAT_ACTIVATIONS = ("clipped", "plain")
 OPTIMIZERS = ("sgd", "adam")
 # The learning rate by (optimizer, fine_tune) when none is given. Fine-tuning trained weights at
-# SGD's 0.05 drove held-out accuracy far below the start (README, training section, measured).
+# SGD's 0.05 drove held-out accuracy far below the start (docs/training.md, "How the fine-tuning defaults were chosen").
 DEFAULT_LR = {("sgd", False): 0.05, ("sgd", True): 0.01, ("adam", False): 1e-3, ("adam", True): 1e-3}
 
 # Fields a resumed run may change without changing the computation's meaning.
