@@ -69,16 +69,26 @@ def pages() -> list[Path]:
     return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
+def without_code(text: str) -> str:
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), flags=re.M)
+    return {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def broken_links(page: Path) -> list[str]:
-    """Relative links of a Markdown page whose file does not exist (web links and #anchors are skipped)."""
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)   # code blocks hold no links
-    text = re.sub(r"`[^`\n]*`", "", text)
+    """Relative links of a Markdown page to a file that does not exist, or to a heading that its page
+    lacks (web links are skipped; links inside code are no links)."""
     broken = []
-    for target in LINK.findall(text):
-        path = target.split("#", 1)[0]
-        if not path or re.match(r"[a-z]+:", path):
+    for target in LINK.findall(without_code(page.read_text())):
+        path, _, anchor = target.partition("#")
+        if re.match(r"[a-z]+:", path):
             continue
-        if not (page.parent / path).exists():
+        linked = page.parent / path if path else page
+        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
             broken.append(f"{page.name}: {target}")
     return broken
 
@@ -91,9 +101,11 @@ def test_every_relative_link_points_to_a_file():
 def test_the_link_check_finds_a_broken_link(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "there.md").write_text("# here\n")
-    page.write_text("[ok](there.md#here) [web](https://example.org/x.md) `[code](nowhere.md)`\n"
-                    "![picture](missing.png) and [gone](docs/gone.md)\n```\n[in a block](nope.md)\n```\n")
-    assert broken_links(page) == ["page.md: missing.png", "page.md: docs/gone.md"]
+    page.write_text("# A `page`: here\n[ok](there.md#here) [web](https://example.org/x.md) `[code](nowhere.md)`\n"
+                    "[self](#a-page-here) ![picture](missing.png) and [gone](docs/gone.md)\n"
+                    "[no such heading](there.md#there) [nor here](#here)\n```\n[in a block](nope.md)\n```\n")
+    assert broken_links(page) == ["page.md: missing.png", "page.md: docs/gone.md", "page.md: there.md#there",
+                                  "page.md: #here"]
 
 
 def test_the_readme_is_short_and_its_docs_are_linked():
