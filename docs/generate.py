@@ -78,7 +78,7 @@ onnxruntime (the test named):
   (`tests/test_quantizers.py`).
 - PyTorch's PT2E quantization (torchao's `prepare_pt2e` / `convert_pt2e` with the X86 Inductor and
   XNNPACK quantizers, exported by `torch.onnx.export(dynamo=True)`; `tests/test_pt2e.py`).
-- ann2snn's own QDQ export (`ann2snn train`, `ann2snn.export_onnx`; `tests/test_train.py`,
+- ann2snn's own QDQ export (`ann2snn train`, `ann2snn.export_onnx`; `tests/test_cli.py`,
   `tests/test_prepare.py`).
 - onnxruntime's QOperator format (`quant_format=QuantFormat.QOperator`, uint8 or int8 activations,
   symmetric too, per-tensor or per-channel weights; `tests/test_qoperator.py`), rewritten into QDQ
