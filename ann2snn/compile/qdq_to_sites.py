@@ -164,7 +164,7 @@ def _merge_duplicate_pairs(gm: fx.GraphModule, report: dict) -> None:
             continue
         node.replace_all_uses_with(first[key])
         gm.graph.erase_node(node)
-        report["rewrites"].append({"pass": "qdq_to_sites", "merged_duplicate_qdq": node.target,
+        report.rewrites.append({"pass": "qdq_to_sites", "merged_duplicate_qdq": node.target,
                                    "into": first[key].target})
 
 
@@ -186,7 +186,7 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
             for identity in [qdq, *relus]:
                 identity.replace_all_uses_with(identity.args[0])
                 gm.graph.erase_node(identity)
-            report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
+            report.rewrites.append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
                                        **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
             continue
         if _after_output_op(gm, qdq):
