@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..errors import ArtifactError
 from ..levels import check_levels_exact
-from .metadata import ArtifactHeader, check_format
+from .metadata import ArtifactHeader, ConversionReport, Source, check_format
 from .neuron import BitSerialIFNode
 from ..ops import FUNCTION_OPS, LAYERS, METHOD_KINDS, MODULE_OPS
 from .quant import QuantDequant
@@ -331,10 +331,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(path: str | os.PathLike, gm: fx.GraphModule, header: ArtifactHeader) -> None:
-    """Write an SNN's tensors and its header (SNN.save); the header's graph is that of `gm`."""
+def write_artifact(path: str | os.PathLike, gm: fx.GraphModule, timesteps: int, report: ConversionReport,
+                   source: Source) -> None:
+    """Write an SNN's graph, tensors, T, conversion report and source description (SNN.save)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    meta = ArtifactHeader(header.timesteps, describe_graph(gm), header.report, header.source).to_json()
+    meta = ArtifactHeader(timesteps, describe_graph(gm), report, source).to_json()
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"ann2snn": json.dumps(meta)}))
 
 

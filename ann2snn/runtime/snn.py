@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .artifact import read_artifact, write_artifact
-from .metadata import ArtifactHeader, ConversionReport, Source
+from .metadata import ConversionReport, Source
 from .evaluator import lower_to_evaluator
 from .simulator import lower_to_simulator
 from .cuda_graph import CudaGraphRunner
@@ -106,7 +106,7 @@ class SNN(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the .snn artifact (graph as JSON, tensors as safetensors, atomically)."""
-        write_artifact(path, self.graph_module, ArtifactHeader(self.timesteps, {}, self.report, self.source))
+        write_artifact(path, self.graph_module, self.timesteps, self.report, self.source)
 
 
 def load_snn(path: str | os.PathLike) -> SNN:
