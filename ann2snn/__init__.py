@@ -9,5 +9,5 @@ from .train.export import export_onnx
 from .train.prepare import prepare, spike_penalty
 
 
-__all__ = ["__version__", "convert", "convert_onnx", "VerificationError", "load_snn", "SNN", "SNNOutput", "QuantClippedActivation",
-           "export_onnx", "prepare", "spike_penalty"]
+__all__ = ["__version__", "convert", "convert_onnx", "VerificationError", "load_snn", "SNN", "SNNOutput",
+           "QuantClippedActivation", "export_onnx", "prepare", "spike_penalty"]

@@ -10,5 +10,5 @@ from .signal import Signal
 from .simulator import lower_to_simulator
 from .snn import SNN, SNNOutput, load_snn
 
-__all__ = ["ArtifactHeader", "BitSerialIFNode", "ConversionReport", "QuantClippedActivation", "QuantDequant", "SNN", "SNNOutput", "Signal",
-           "Source", "TimeFoldedNeuron", "load_snn", "lower_to_evaluator", "lower_to_simulator"]
+__all__ = ["ArtifactHeader", "BitSerialIFNode", "ConversionReport", "QuantClippedActivation", "QuantDequant", "SNN",
+           "SNNOutput", "Signal", "Source", "TimeFoldedNeuron", "load_snn", "lower_to_evaluator", "lower_to_simulator"]
