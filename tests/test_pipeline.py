@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import ann2snn
 from ann2snn import VerificationError, convert_onnx
+from ann2snn.data.inputs import tensor_samples
 from ann2snn.data.sets import draw, load_dataset
 from ann2snn.errors import Ann2SnnError, ArtifactError, DataError
 from ann2snn.runtime.artifact import read_metadata
@@ -76,10 +77,12 @@ def calibration_forms(folder: Path) -> dict[str, object]:
             return x[i]
 
     return {"path string": str(folder / "drawn.npz"), "zoo name": "digits", "Dataset of (x, y)": dataset,
-            "Dataset of x": BareInputs(), "Tensor": x}
+            "Dataset of x": BareInputs(), "Samples": tensor_samples(x, "drawn inputs"),
+            # calib_samples of a tensor are its first: the noise after them is not used
+            "Tensor": torch.cat([x, torch.rand(16, 1, 8, 8)])}
 
 
-@pytest.mark.parametrize("form", ["path string", "zoo name", "Dataset of (x, y)", "Dataset of x", "Tensor"])
+@pytest.mark.parametrize("form", ["path string", "zoo name", "Dataset of (x, y)", "Dataset of x", "Samples", "Tensor"])
 def test_every_form_of_calibration_data_gives_the_snn_of_the_command(files, form, tmp_path):
     path, command, expected, _ = files["float"]
     snn = convert_onnx(path, 2, calibration_forms(tmp_path)[form], calib_samples=CALIB_SAMPLES)
