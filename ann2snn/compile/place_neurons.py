@@ -33,7 +33,7 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
                     "SNN applies it only to its output, after the last layer (inside the network, retrain it "
                     "with ReLU)")
             report.rewrites.append({"pass": "place_neurons", "output_op": node.target,
-                                       "op": type(module).__name__, "note": "applied to the output potentials"})
+                                    "op": type(module).__name__, "note": "applied to the output potentials"})
             continue
         if isinstance(module, FLOAT_ACTIVATIONS):
             raise UnsupportedModelError(f"{node_label(gm, node)} is a float activation: quantize it first "

@@ -165,7 +165,7 @@ def _merge_duplicate_pairs(gm: fx.GraphModule, report: dict) -> None:
         node.replace_all_uses_with(first[key])
         gm.graph.erase_node(node)
         report.rewrites.append({"pass": "qdq_to_sites", "merged_duplicate_qdq": node.target,
-                                   "into": first[key].target})
+                                "into": first[key].target})
 
 
 def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
@@ -187,7 +187,7 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
                 identity.replace_all_uses_with(identity.args[0])
                 gm.graph.erase_node(identity)
             report.rewrites.append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
-                                       **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
+                                    **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
             continue
         if _after_output_op(gm, qdq):
             continue   # probabilities of the output head: kept, run in float after the SNN

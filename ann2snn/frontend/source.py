@@ -49,7 +49,7 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples
     report = conversion_report(gm)
     if gm.meta["onnx"].get("upgraded_from"):
         report.rewrites.append({"pass": "upgrade_opset", "from": gm.meta["onnx"]["upgraded_from"],
-                                   "to": gm.meta["onnx"]["opset"]})
+                                "to": gm.meta["onnx"]["opset"]})
     for entry in qdq_sites:
         report.sites.setdefault(entry["site"], {})["source"] = {"kind": "qdq", **entry}
     kind = "qdq" if qdq_sites else "float"
