@@ -156,7 +156,7 @@ BROKEN_HEADERS = {
     "no report": (lambda m: m.pop("report"), "the header has no 'report'"),
     "timesteps": (lambda m: m.update(timesteps="2"), "timesteps must be an integer in 1..16, got str"),
     "sites": (lambda m: m["report"].update(sites=[1]), "report and source must be JSON objects"),
-    "source": (lambda m: m.update(source=[]), "report and source must be JSON objects"),
+    "source": (lambda m: m.update(source=[]), "the source must be a JSON object, not list"),
 }
 
 

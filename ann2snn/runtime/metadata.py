@@ -114,8 +114,5 @@ class ArtifactHeader:
             raise ArtifactError(f"timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {shown}")
         if not isinstance(meta["ann2snn_version"], str):
             raise ArtifactError("the header's ann2snn_version is not a string")
-        report = ConversionReport.from_json(meta["report"])
-        if not isinstance(meta["source"], dict):
-            raise ArtifactError("report and source must be JSON objects, the report's sites an object of objects")
-        return cls(timesteps, meta["graph"], report, Source.from_json(meta["source"]), meta["ann2snn_version"],
-                   meta["format_version"])
+        return cls(timesteps, meta["graph"], ConversionReport.from_json(meta["report"]),
+                   Source.from_json(meta["source"]), meta["ann2snn_version"], meta["format_version"])
