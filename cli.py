@@ -163,39 +163,33 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
             graph_output, input_shape, min_agreement, batch_size, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
-    from ann2snn.compile.compiler import compile_source
-    from ann2snn.frontend.source import quantized_onnx
-    from ann2snn.data.inputs import model_samples
-    from ann2snn.frontend.importer import inspect_onnx
-    from ann2snn.verify.verification import describe_verification, verify_converted
+    from ann2snn.errors import VerificationError
+    from ann2snn.verify.verification import describe_verification
 
     out = check_output(output if output else Path(model).with_suffix(".snn"), model, calib)
-    calib_samples = model_samples(calib, "calib", calib_samples, inspect_onnx(model)["input"]["shape"][1:]) \
-        if calib else None
-    source_graph, source = quantized_onnx(model, timesteps, calib_samples, percentile=percentile, output=graph_output,
-                                          input_shape=input_shape, batch_size=batch_size, progress=not as_json)
-    snn = compile_source(model, source_graph, source, timesteps)
-    result = {"model": model, "timesteps": snn.timesteps, "source": snn.source,
-              "sites": [{"site": k, **v} for k, v in snn.report["sites"].items()],
-              "rewrites": snn.report["rewrites"]}
-    if verify:
-        result["verify"] = verify_converted(model, snn, source_graph, verify_data, calib, calib_samples, verify_samples,
-                                            min_agreement, batch_size=batch_size, progress=not as_json).to_json()
-    if not verify or result["verify"]["passed"]:
+    try:
+        snn = ann2snn.convert_onnx(model, timesteps, calib, verify, calib_samples=calib_samples, percentile=percentile,
+                                   verify_data=verify_data, verify_samples=verify_samples, output_name=graph_output,
+                                   input_shape=input_shape, min_agreement=min_agreement, batch_size=batch_size,
+                                   progress=not as_json)
         snn.save(out)
-        result["output"] = str(out)
+    except VerificationError as failed:
+        snn, out = failed.snn, None
+    check = snn.report.verification
+    result = {"model": model, "timesteps": snn.timesteps, "source": snn.source.to_json(),
+              "sites": [{"site": k, **v} for k, v in snn.report.sites.items()], "rewrites": snn.report.rewrites,
+              **({"verify": check.to_json()} if check is not None else {}), **({"output": str(out)} if out else {})}
     if as_json:
         click.echo(strict_json(result))
     else:
-        click.echo(f"{model}: {len(result['sites'])} activation sites, T = {snn.timesteps}, "
-                   f"source {snn.source['kind']}")
+        click.echo(f"{model}: {len(snn.report.sites)} activation sites, T = {snn.timesteps}, source {snn.source.kind}")
         click.echo(format_table(site_rows(snn), ["site", "levels", "T", "lambda", "theta", "bias shift"]))
-        for rewrite in snn.report["rewrites"]:
+        for rewrite in snn.report.rewrites:
             click.echo("rewrite: " + ", ".join(f"{k}={v}" for k, v in rewrite.items()))
-        if verify:
-            click.echo(describe_verification(result["verify"]))
-        click.echo(f"wrote {out}" if "output" in result else "no output written: verification failed")
-    if verify and not result["verify"]["passed"]:
+        if check is not None:
+            click.echo(describe_verification(check))
+        click.echo(f"wrote {out}" if out else "no output written: verification failed")
+    if out is None:
         sys.exit(EXIT_VERIFICATION_FAILED)
 
 
@@ -218,20 +212,20 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, batch_si
     from ann2snn.verify.verification import describe_verification, verify_converted
 
     snn = ann2snn.load_snn(snn_path)
-    if snn.source.get("sha256") not in (None, file_sha256(source_path)):
+    if snn.source.sha256 not in (None, file_sha256(source_path)):
         raise Ann2SnnError(f"{snn_path}: converted from a file with another SHA-256 than {source_path} "
-                           f"({snn.source.get('file')})")
-    clips = {site: entry["lambda"] for site, entry in snn.report["sites"].items() if "lambda" in entry}
-    steps = {entry.get("timesteps") for entry in snn.report["sites"].values()}
+                           f"({snn.source.file})")
+    clips = {site: entry["lambda"] for site, entry in snn.report.sites.items() if "lambda" in entry}
+    steps = {entry.get("timesteps") for entry in snn.report.sites.values()}
     source_graph, _ = quantized_onnx(source_path, snn.timesteps if len(steps) == 1 else None, clips=clips,
-                                     output=snn.source.get("output"), input_shape=snn.source.get("input_shape"))
+                                     output=snn.source.output, input_shape=snn.source.input_shape)
     check = verify_converted(source_path, snn, source_graph, data, None, None, samples, min_agreement,
                              batch_size=batch_size, progress=not as_json)
     if as_json:
         click.echo(strict_json({"model": snn_path, "against": source_path, **check.to_json()}))
     else:
         click.echo(f"{snn_path} against {source_path}:")
-        click.echo(describe_verification(check.to_json()))
+        click.echo(describe_verification(check))
     if not check.passed:
         sys.exit(EXIT_VERIFICATION_FAILED)
 
@@ -244,12 +238,12 @@ def inspect(path, as_json):
     """Summarize an .onnx or .snn file: ops (supported or not) and activation sites."""
     if path.lower().endswith(".snn"):
         from ann2snn.runtime.artifact import read_metadata
+        from ann2snn.runtime.metadata import ArtifactHeader
 
         ann2snn.load_snn(path)   # the whole file checked, as eval would load it
-        meta = read_metadata(path)
-        summary = {"kind": "snn", "timesteps": meta["timesteps"], "ann2snn_version": meta["ann2snn_version"],
-                   "source": meta["source"], "sites": meta["report"].get("sites", {}),
-                   "ops": count_ops(meta["graph"])}
+        header = ArtifactHeader.from_json(read_metadata(path))
+        summary = {"kind": "snn", "timesteps": header.timesteps, "ann2snn_version": header.ann2snn_version,
+                   "source": header.source.to_json(), "sites": header.report.sites, "ops": count_ops(header.graph)}
     else:
         from ann2snn.frontend.importer import inspect_onnx
 

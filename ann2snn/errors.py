@@ -15,3 +15,13 @@ class ArtifactError(Ann2SnnError):
 
 class DataError(Ann2SnnError):
     """A data set argument cannot be read."""
+
+
+class VerificationError(Ann2SnnError):
+    """The SNN was built but failed verification (ann2snn.convert_onnx; the CLI's exit code 1):
+    `verification` says where (an ann2snn.verify.Verification), `snn` is the SNN that failed."""
+
+    def __init__(self, message: str, verification: object, snn: object) -> None:
+        super().__init__(message)
+        self.verification = verification
+        self.snn = snn

@@ -153,8 +153,8 @@ def snn_row(source: Path, snn_path: Path, conversion: dict[str, Any], x: torch.T
             y: torch.Tensor) -> dict[str, Any]:
     """The .snn on the test set, against the quantized ANN that `ann2snn verify` rebuilds."""
     snn = ann2snn.load_snn(snn_path)
-    clips = {site: e["lambda"] for site, e in snn.report["sites"].items() if "lambda" in e}
-    graph, _ = quantized_onnx(source, snn.timesteps, clips=clips, input_shape=snn.source.get("input_shape"))
+    clips = {site: e["lambda"] for site, e in snn.report.sites.items() if "lambda" in e}
+    graph, _ = quantized_onnx(source, snn.timesteps, clips=clips, input_shape=snn.source.input_shape)
     graph.eval()
     spikes = torch.zeros((), dtype=torch.float64)
     snn_logits = []

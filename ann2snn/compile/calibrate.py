@@ -95,7 +95,7 @@ def float_activations_to_sites(gm: fx.GraphModule, timesteps: int) -> fx.GraphMo
             replacement = gm.graph.call_module(target, (node.args[0],))
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-        report["sites"].setdefault(target, {})["source"] = {"kind": "float", "clip_bound": bound}
+        report.sites.setdefault(target, {})["source"] = {"kind": "float", "clip_bound": bound}
     return finish(gm)
 
 

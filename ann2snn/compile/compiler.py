@@ -15,6 +15,7 @@ from .place_neurons import place_neurons
 from .shift_bias import shift_bias
 from .trace import trace
 from ..runtime.graph import conversion_report, neuron_nodes, site_nodes
+from ..runtime.metadata import Source
 from ..runtime.snn import SNN
 
 
@@ -41,13 +42,15 @@ def compile_graph(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
     return gm
 
 
-def convert(model: nn.Module, T: int | None = None, *, source: dict | None = None) -> SNN:
+def convert(model: nn.Module, T: int | None = None, *, source: Source | dict | None = None) -> SNN:
     """Convert a model whose activation sites are QuantClippedActivation into an SNN.
 
     T: time steps; None takes the sites' own T (L = 2^T - 1). The model is left untouched; the
-    SNN keeps the model's dtype.
+    SNN keeps the model's dtype. `source` describes where the model came from (a dict is kept as
+    the artifact's JSON has it).
     """
     gm = compile_graph(trace(model), T)
+    source = source if isinstance(source, Source) else Source.from_json(source or {})
     return SNN(gm, _timesteps(gm), report=conversion_report(gm), source=source)
 
 
@@ -55,7 +58,7 @@ def _timesteps(gm: fx.GraphModule) -> int:
     return max(gm.get_submodule(n.target).timesteps for n in neuron_nodes(gm))
 
 
-def compile_source(path: str | os.PathLike, source_graph: fx.GraphModule, source: dict,
+def compile_source(path: str | os.PathLike, source_graph: fx.GraphModule, source: Source,
                    T: int | None = None) -> SNN:
     """The SNN of a quantized source (`quantized_onnx`); the source graph is left as it was."""
     try:

@@ -32,5 +32,5 @@ def fold_batch_norm(gm: fx.GraphModule) -> fx.GraphModule:
         set_module(gm, producer.target, fused)
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)
-        report["rewrites"].append({"pass": "fold_batch_norm", "batch_norm": node.target, "into": producer.target})
+        report.rewrites.append({"pass": "fold_batch_norm", "batch_norm": node.target, "into": producer.target})
     return finish(gm)

@@ -34,8 +34,8 @@ def move_max_pool_before_sites(gm: fx.GraphModule) -> fx.GraphModule:
         site = pool.args[0]
         if site not in sites or len(site.users) != 1:
             reason = "its site feeds other nodes too" if site in sites else "it is not directly on a site"
-            report["rewrites"].append({"pass": "move_max_pool_before_sites", "max_pool_kept": _pool_name(pool),
-                                       "reason": reason})
+            report.rewrites.append({"pass": "move_max_pool_before_sites", "max_pool_kept": _pool_name(pool),
+                                    "reason": reason})
             continue
         potential = site.args[0]
         for user in list(pool.users):
@@ -43,8 +43,8 @@ def move_max_pool_before_sites(gm: fx.GraphModule) -> fx.GraphModule:
         pool.replace_input_with(site, potential)
         site.replace_input_with(potential, pool)
         pool.append(site)  # the site now runs after the pool
-        report["rewrites"].append({"pass": "move_max_pool_before_sites", "max_pool": _pool_name(pool),
-                                   "site": site.target})
+        report.rewrites.append({"pass": "move_max_pool_before_sites", "max_pool": _pool_name(pool),
+                                "site": site.target})
     gm.graph.lint()
     gm.recompile()
     return gm

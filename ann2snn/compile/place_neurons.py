@@ -32,8 +32,8 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
                     f"{node_label(gm, node)} is not after the last layer: {node_label(gm, later)} follows it; an "
                     "SNN applies it only to its output, after the last layer (inside the network, retrain it "
                     "with ReLU)")
-            report["rewrites"].append({"pass": "place_neurons", "output_op": node.target,
-                                       "op": type(module).__name__, "note": "applied to the output potentials"})
+            report.rewrites.append({"pass": "place_neurons", "output_op": node.target,
+                                    "op": type(module).__name__, "note": "applied to the output potentials"})
             continue
         if isinstance(module, FLOAT_ACTIVATIONS):
             raise UnsupportedModelError(f"{node_label(gm, node)} is a float activation: quantize it first "
@@ -57,7 +57,7 @@ def place_neurons(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
         theta = site.theta().detach()
         offset = node.meta.get("membrane_offset", torch.zeros((), dtype=theta.dtype))
         set_module(gm, node.target, BitSerialIFNode(theta, site.levels, steps, offset))
-        entry = report["sites"].setdefault(node.target, {})
+        entry = report.sites.setdefault(node.target, {})
         entry.update({"lambda": site.clip.detach().tolist(), "theta": theta.tolist(), "levels": site.levels,
                       "timesteps": steps, "per_channel": site.per_channel})
     return finish(gm)

@@ -164,8 +164,8 @@ def _merge_duplicate_pairs(gm: fx.GraphModule, report: dict) -> None:
             continue
         node.replace_all_uses_with(first[key])
         gm.graph.erase_node(node)
-        report["rewrites"].append({"pass": "qdq_to_sites", "merged_duplicate_qdq": node.target,
-                                   "into": first[key].target})
+        report.rewrites.append({"pass": "qdq_to_sites", "merged_duplicate_qdq": node.target,
+                                "into": first[key].target})
 
 
 def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
@@ -186,8 +186,8 @@ def qdq_to_sites(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[dict]]:
             for identity in [qdq, *relus]:
                 identity.replace_all_uses_with(identity.args[0])
                 gm.graph.erase_node(identity)
-            report["rewrites"].append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
-                                       **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
+            report.rewrites.append({"pass": "qdq_to_sites", "removed_identity_qdq": qdq.target,
+                                    **({"removed_identity_relus": [r.name for r in relus]} if relus else {})})
             continue
         if _after_output_op(gm, qdq):
             continue   # probabilities of the output head: kept, run in float after the SNN

@@ -77,6 +77,6 @@ def shift_bias(gm: fx.GraphModule) -> fx.GraphModule:
             node.meta["membrane_offset"] = half_step
             shift = {"kind": "membrane", "target": node.target}
         shift["amount"] = half_step.tolist()
-        report["sites"].setdefault(node.target, {})["bias_shift"] = shift
+        report.sites.setdefault(node.target, {})["bias_shift"] = shift
     gm.recompile()
     return gm

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 def site_rows(snn: SNN) -> list[dict]:
     """One row per activation site of the SNN, for `convert`'s table."""
     rows = []
-    for name, site in snn.report["sites"].items():
+    for name, site in snn.report.sites.items():
         theta = site.get("theta")
         lam = site.get("lambda")
         shift = site.get("bias_shift", {})

@@ -4,8 +4,9 @@ number of samples."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -105,3 +106,49 @@ def model_samples(data: str, split: str, samples: int, expected: Sequence[int | 
     drawn = data_samples(data, split, samples, takes=lambda shape: sample_fits(shape, expected))
     check_input_shape(data, drawn.shape, expected)
     return drawn
+
+
+class _InputsOnly(Dataset):
+    """A Dataset of bare inputs x, as one of (x,): what Samples.batches unpacks."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor]:
+        return (self.dataset[index],)
+
+
+def dataset_samples(dataset: Dataset, samples: int, expected: Sequence[int | str | None], name: str,
+                    seed: int = 0) -> Samples:
+    """`samples` items of a torch Dataset of (x, y) or of x, drawn at random with `seed` as a
+    data set's are (`data_samples`), refused unless a sample has the shape `expected`."""
+    from .sets import check_input_shape, dataset_input_shape, draw
+
+    if len(dataset) and isinstance(dataset[0], Tensor):  # type: ignore[arg-type]
+        dataset = _InputsOnly(dataset)
+    drawn = draw(dataset, samples, seed)
+    count = len(drawn)  # type: ignore[arg-type]
+    shape = dataset_input_shape(drawn)
+    check_input_shape(name, shape, expected)
+    return Samples(shape, count, f"{count} inputs of {name}", drawn)
+
+
+# What calibration and verification inputs may be given as: a data set (a path or zoo name), a
+# torch Dataset, a tensor of samples, or Samples.
+SampleSource = Union[str, os.PathLike, Dataset, Tensor, Samples]
+
+
+def as_samples(data: SampleSource, split: str, samples: int, expected: Sequence[int | str | None],
+               what: str) -> Samples:
+    """At most `samples` of `data`'s inputs (a data set's `split`; `what` they are, for a tensor's
+    or a Dataset's description): a tensor's first, the others drawn at random across classes."""
+    if isinstance(data, Samples):
+        return data.head(samples)
+    if isinstance(data, Tensor):
+        return tensor_samples(data[:samples], f"{what} inputs")
+    if isinstance(data, Dataset):
+        return dataset_samples(data, samples, expected, f"the {what} Dataset")
+    return model_samples(os.fspath(data), split, samples, expected)

@@ -103,7 +103,7 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *, output: str
                        "dtype": dtype, "outputs": [v.name for v in graph.output],
                        "fixed_batch_nodes": builder.fixed_batch_nodes, "selected_output": output,
                        "sized_input": any("input_sizes" in r for r in rewrites)}
-    conversion_report(gm)["rewrites"].extend(rewrites + builder.rewrites)
+    conversion_report(gm).rewrites.extend(rewrites + builder.rewrites)
     return gm.eval()
 
 

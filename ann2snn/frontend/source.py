@@ -8,14 +8,13 @@ import torch
 from torch import Tensor, fx
 
 from ..compile.calibrate import calibrate_clips, clip_bound, float_activations_to_sites
-from ..compile.compiler import compile_source
 from ..compile.qdq_to_sites import qdq_to_sites
 from ..data.inputs import Samples, tensor_samples
 from ..errors import UnsupportedModelError
 from ..runtime.artifact import file_sha256
 from ..runtime.graph import conversion_report, site_nodes
 from ..runtime.memory import activation_profile, stage
-from ..runtime.snn import SNN
+from ..runtime.metadata import Source
 from .importer import load_onnx
 
 
@@ -27,7 +26,7 @@ def _float_activations(gm: fx.GraphModule) -> list[str]:
 def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples | Tensor | None = None,
                    percentile: float = 99.99, batch_size: int | None = None,
                    clips: dict[str, list[float] | float] | None = None, *, output: str | None = None,
-                   input_shape: Sequence[int] | None = None, progress: bool = False) -> tuple[fx.GraphModule, dict]:
+                   input_shape: Sequence[int] | None = None, progress: bool = False) -> tuple[fx.GraphModule, Source]:
     """The quantized source of an ONNX file, the ANN its SNN must compute exactly: the imported
     graph with QuantClippedActivation sites (QDQ pairs keep their scale and level count; uint8
     gives T = 8), and the source's description.
@@ -49,10 +48,10 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples
     _check_calibration_shape(path, gm, calib)
     report = conversion_report(gm)
     if gm.meta["onnx"].get("upgraded_from"):
-        report["rewrites"].append({"pass": "upgrade_opset", "from": gm.meta["onnx"]["upgraded_from"],
-                                   "to": gm.meta["onnx"]["opset"]})
+        report.rewrites.append({"pass": "upgrade_opset", "from": gm.meta["onnx"]["upgraded_from"],
+                                "to": gm.meta["onnx"]["opset"]})
     for entry in qdq_sites:
-        report["sites"].setdefault(entry["site"], {})["source"] = {"kind": "qdq", **entry}
+        report.sites.setdefault(entry["site"], {})["source"] = {"kind": "qdq", **entry}
     kind = "qdq" if qdq_sites else "float"
     float_activations = _float_activations(gm)
     if float_activations:
@@ -75,10 +74,9 @@ def quantized_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples
                 calibrate_clips(gm, _CalibrationBatches(path, calib, size, dtype), percentile, batches=None,
                                 progress=progress)
         kind = "float" if not qdq_sites else "mixed"
-    source = {"file": os.path.basename(str(path)), "sha256": file_sha256(path), "kind": kind,
-              "calibration_percentile": percentile if kind != "qdq" else None,
-              **({"output": output} if output is not None else {}),
-              **({"input_shape": gm.meta["onnx"]["input_shape"][1:]} if gm.meta["onnx"]["sized_input"] else {})}
+    sized = gm.meta["onnx"]["sized_input"]
+    source = Source(os.path.basename(str(path)), file_sha256(path), kind, percentile if kind != "qdq" else None,
+                    output, gm.meta["onnx"]["input_shape"][1:] if sized else None)
     return gm, source
 
 
@@ -88,15 +86,6 @@ def _set_clips(path: str | os.PathLike, gm: fx.GraphModule, clips: dict) -> None
         if node.target not in clips:
             raise UnsupportedModelError(f"{path}: no lambda recorded for site {node.target}")
         site.clip.data = torch.as_tensor(clips[node.target], dtype=site.clip.dtype).reshape(site.clip.shape)
-
-
-def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: Samples | Tensor | None = None,
-                 percentile: float = 99.99, batch_size: int | None = None, *, output: str | None = None,
-                 input_shape: Sequence[int] | None = None) -> SNN:
-    """Import an ONNX file and convert it: `quantized_onnx`, then `compile_source`."""
-    source_graph, source = quantized_onnx(path, T, calib, percentile, batch_size, output=output,
-                                          input_shape=input_shape)
-    return compile_source(path, source_graph, source, T)
 
 
 def _check_input_shape(path: str | os.PathLike, gm: fx.GraphModule, input_shape: Sequence[int] | None) -> None:

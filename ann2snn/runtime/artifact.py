@@ -27,14 +27,11 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from ..errors import ArtifactError
-from ..levels import MAX_TIMESTEPS, check_levels_exact
+from ..levels import check_levels_exact
+from .metadata import ArtifactHeader, ConversionReport, Source, check_format
 from .neuron import BitSerialIFNode
 from ..ops import FUNCTION_OPS, LAYERS, METHOD_KINDS, MODULE_OPS
 from .quant import QuantDequant
-from ..version import __version__
-
-FORMAT = "ann2snn-snn"
-FORMAT_VERSION = 1
 
 # Module types an artifact may hold, with the attributes that rebuild each (its tensors come from
 # the state dict): the table of ann2snn/ops.py.
@@ -334,18 +331,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(path: str | os.PathLike, gm: fx.GraphModule, timesteps: int, report: dict, source: dict) -> None:
+def write_artifact(path: str | os.PathLike, gm: fx.GraphModule, timesteps: int, report: ConversionReport,
+                   source: Source) -> None:
     """Write an SNN's graph, tensors, T, conversion report and source description (SNN.save)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "ann2snn_version": __version__,
-        "timesteps": timesteps, "graph": describe_graph(gm), "report": report, "source": source,
-    }
+    meta = ArtifactHeader(timesteps, describe_graph(gm), report, source).to_json()
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"ann2snn": json.dumps(meta)}))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON description stored in an .snn file."""
+    """The JSON header stored in an .snn file, as it is there (format and version checked)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("ann2snn")
@@ -355,20 +350,19 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{path}: a safetensors file without an ann2snn graph")
     try:
         meta = json.loads(raw)
+        check_format(meta)
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path}: the graph description is not JSON ({err})") from None
     except RecursionError:
         raise ArtifactError(f"{path}: the graph description is nested too deeply") from None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{path}: the graph description is not a JSON object")
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
-            or meta["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: unsupported artifact format {meta.get('format')} v{meta.get('format_version')}")
+    except ArtifactError as err:
+        raise ArtifactError(f"{path}: {err}") from None
     return meta
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, int, dict, dict]:
-    """(graph, T, report, source) of an .snn artifact, every part checked (ann2snn.load_snn)."""
+def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, ArtifactHeader]:
+    """(graph, header) of an .snn artifact, every part checked (ann2snn.load_snn); the header's
+    source carries the version that wrote it."""
     meta = read_metadata(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -376,17 +370,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, int, dict, d
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: truncated or corrupt tensors ({str(err).splitlines()[0]})") from None
     try:
-        timesteps = meta["timesteps"]
-        if type(timesteps) is not int or not 1 <= timesteps <= MAX_TIMESTEPS:
-            raise ArtifactError(f"timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {_shown(timesteps)}")
-        report = meta["report"]
-        if not isinstance(report, dict) or not isinstance(meta["source"], dict) \
-                or not isinstance(report.get("sites", {}), dict) \
-                or not all(isinstance(v, dict) for v in report.get("sites", {}).values()) \
-                or not isinstance(report.get("rewrites", []), list):
-            raise ArtifactError("report and source must be JSON objects, the report's sites an object of objects")
-        gm = build_graph(meta["graph"], tensors)
-        return gm, timesteps, meta["report"], {**meta["source"], "ann2snn_version": meta["ann2snn_version"]}
+        header = ArtifactHeader.from_json(meta)
+        header.source.ann2snn_version = header.ann2snn_version
+        return build_graph(header.graph, tensors), header
     except ArtifactError as err:
         raise ArtifactError(f"{path}: {err}") from None
     except RecursionError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from .metadata import ConversionReport
 from .neuron import BitSerialIFNode
 from ..ops import (FUNCTION_OPS, HEAD_FUNCTIONS, HEAD_METHODS, HEAD_MODULES, LAYERS, METHOD_KINDS, NORMS,
                    STRUCTURAL)
@@ -100,9 +101,9 @@ def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def conversion_report(gm: fx.GraphModule) -> dict:
+def conversion_report(gm: fx.GraphModule) -> ConversionReport:
     """The report that the passes fill in gm.meta as they rewrite the graph."""
-    return gm.meta.setdefault("conversion_report", {"sites": {}, "rewrites": []})
+    return gm.meta.setdefault("conversion_report", ConversionReport())
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

@@ -77,7 +77,7 @@ def class_scores(snn: SNN, logits: Tensor) -> Tensor:
     """The output as one row of class scores per sample: (N, classes), or (N, classes, 1, ...) as a
     convolutional classifier may end; any other output (a map per class) has no top-1."""
     if logits.dim() > 2 and math.prod(logits.shape[2:]) != 1:
-        name = f"the SNN of {snn.source['file']}" if snn.source.get("file") else "the SNN"
+        name = f"the SNN of {snn.source.file}" if snn.source.file else "the SNN"
         raise Ann2SnnError(f"{name}: its output per sample has shape {tuple(logits.shape[1:])}, not one score per "
                            "class: top-1 accuracy needs an output (N, classes) (energy and verify take any output)")
     return logits.flatten(1) if logits.dim() > 2 else logits

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .artifact import read_artifact, write_artifact
+from .metadata import ConversionReport, Source
 from .evaluator import lower_to_evaluator
 from .simulator import lower_to_simulator
 from .cuda_graph import CudaGraphRunner
@@ -38,17 +39,18 @@ class SNN(nn.Module):
     """A converted SNN.
 
     `graph_module` is the SNN graph: folded layers with shifted biases and BitSerialIFNode
-    neurons (SpikingJelly nodes). `report` is the conversion report (sites, shifts, rewrites);
-    `source` describes where it came from (file hash, ann2snn version).
+    neurons (SpikingJelly nodes). `report` is the conversion report (sites, shifts, rewrites, and
+    the verification after ann2snn.convert_onnx); `source` describes where it came from (file
+    hash, ann2snn version).
     """
 
-    def __init__(self, graph_module: fx.GraphModule, timesteps: int, report: dict | None = None,
-                 source: dict | None = None) -> None:
+    def __init__(self, graph_module: fx.GraphModule, timesteps: int, report: ConversionReport | None = None,
+                 source: Source | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.timesteps = int(timesteps)
-        self.report = report or {"sites": {}, "rewrites": []}
-        self.source = source or {}
+        self.report = report or ConversionReport()
+        self.source = source or Source()
         self._lowered: dict[str, fx.GraphModule] = {}
         self._graphed: CudaGraphRunner | None = None
 
@@ -109,7 +111,7 @@ class SNN(nn.Module):
 
 def load_snn(path: str | os.PathLike) -> SNN:
     """Load an .snn artifact; needs neither the source ONNX file nor pickle."""
-    graph_module, timesteps, report, source = read_artifact(path)
+    graph_module, header = read_artifact(path)
     # eval: modules are built in training mode, where an unfolded BatchNorm would normalize with
     # the batch's statistics and a Dropout drop
-    return SNN(graph_module, timesteps, report=report, source=source).eval()
+    return SNN(graph_module, header.timesteps, report=header.report, source=header.source).eval()

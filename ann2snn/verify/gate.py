@@ -189,7 +189,7 @@ def moved_pools(snn: SNN) -> dict[str, Callable[[Tensor], Tensor]]:
     with their other arguments)."""
     gm = snn.graph_module
     pools: dict[str, list[Callable[[Tensor], Tensor]]] = {}
-    for rewrite in snn.report.get("rewrites", []):
+    for rewrite in snn.report.rewrites:
         if rewrite.get("pass") != "move_max_pool_before_sites" or "site" not in rewrite:
             continue
         node = next(n for n in gm.graph.nodes if (n.op == "call_module" and n.target == rewrite["max_pool"])

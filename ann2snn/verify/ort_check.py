@@ -234,7 +234,7 @@ def _quantize_outputs(path: str, source_graph: fx.GraphModule,
     # a QOperator node is imported as a QuantizeLinear of its own name and output (qoperator.py)
     produced_by = {node.name: node.output[0] for node in expand_qoperator(original, str(path))[0].graph.node}
     names = {}
-    for site, entry in snn.report.get("sites", {}).items():
+    for site, entry in snn.report.sites.items():
         sources = entry.get("source", {}).get("sources") if isinstance(entry.get("source"), dict) else None
         if entry.get("source", {}).get("kind") == "qdq" and sources and len(sources) >= 2:
             names[site] = produced_by[sources[-2]]
@@ -273,7 +273,7 @@ class LevelComparison:
         self.order = list(names)
         self.run_onnxruntime = OnnxruntimeRunner(path, [names[k] for k in self.order])
         # a site's level is its integer less its zero point (0, or qmin); a kept pair compares its integer
-        self.zero = {site: entry["source"].get("zero_point", 0) for site, entry in snn.report.get("sites", {}).items()
+        self.zero = {site: entry["source"].get("zero_point", 0) for site, entry in snn.report.sites.items()
                      if isinstance(entry.get("source"), dict)}
         self.snn, self.source_graph, self.source64 = snn, source_graph, source64
         self.sites = {name: SiteLevels(0, 0, 0, 0, 0, 0) for name in _graph_order(snn)}
@@ -368,7 +368,7 @@ def _abs_layer(layer: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
 def _snn_values(source_graph: fx.GraphModule, snn: SNN, levels: dict[str, Tensor]) -> dict[str, Tensor]:
     """Source node -> the value the SNN passes on there (float64): a site's level times theta (at
     its MaxPool when the compiler moved the pool before it), a kept QDQ pair's dequantized value."""
-    moved = {r["site"]: r["max_pool"] for r in snn.report.get("rewrites", [])
+    moved = {r["site"]: r["max_pool"] for r in snn.report.rewrites
              if r.get("pass") == "move_max_pool_before_sites" and "site" in r}
     values = {}
     for name, level in levels.items():

@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 
 from .gate import GATE_COPIES, ExactnessGate, max_abs
-from ..data.inputs import Samples, model_samples, noise_samples
+from ..errors import Ann2SnnError
+from ..data.inputs import SampleSource, Samples, as_samples, noise_samples
 from ..runtime.memory import activation_profile, stage
 from .ort_check import COMPARISON_BYTES, LevelComparison
 from .ort_run import OnnxruntimeRunner
@@ -40,6 +42,16 @@ class Verification:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, value: Any) -> "Verification":
+        """The verification of its JSON (`to_json`, the CLI's "verify"), refused with one line where
+        a field is missing or unknown."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(value, dict) or set(value) != set(names):
+            found = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise Ann2SnnError(f"a verification needs exactly the fields {', '.join(names)}; found {found}")
+        return cls(**value)
+
 
 def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module, inputs: Samples, *,
                min_agreement: float | None = None, batch_size: int | None = None,
@@ -57,7 +69,7 @@ def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module,
     dtype = _dtype(snn)  # a float64 or float16 file converts to an SNN of its own dtype
     source64 = source_graph.double().eval()
     profile = activation_profile(source64, inputs.shape, torch.float64)
-    exact = snn.source.get("kind") == "qdq"
+    exact = snn.source.kind == "qdq"
     gate_inputs = inputs.head(GATE_SAMPLES)
     bar = progress_bar(desc="verification", total=len(gate_inputs) + len(inputs), unit="input", enabled=progress)
     lower = "--batch-size or --verify-samples"
@@ -108,13 +120,17 @@ def _dtype(snn: SNN) -> torch.dtype:
     return next(tensors, torch.zeros(())).dtype
 
 
-def verification_inputs(source_graph: torch.nn.Module, verify_data: str | None, calib: str | None,
+def verification_inputs(source_graph: torch.nn.Module, verify_data: SampleSource | None, calib: str | None,
                         calib_samples: Samples | None, samples: int) -> Samples:
-    """Real inputs where there are any (--verify-data, else the calibration data), else noise,
-    each described; refused unless they have the model's input shape."""
+    """Real inputs where there are any (--verify-data, else the calibration data named `calib`),
+    else noise, each described; refused unless they have the model's input shape."""
+    from ..data.sets import check_input_shape
+
     expected = source_graph.meta["onnx"]["input_shape"][1:]
-    if verify_data:
-        return model_samples(verify_data, "test", samples, expected)
+    if verify_data is not None:
+        inputs = as_samples(verify_data, "test", samples, expected, "verification")
+        check_input_shape("the verification inputs", inputs.shape, expected)
+        return inputs
     if calib_samples is not None:
         count = min(samples, len(calib_samples))
         return calib_samples.head(count, f"{count} calibration inputs of {calib}")
@@ -122,7 +138,8 @@ def verification_inputs(source_graph: torch.nn.Module, verify_data: str | None, 
     return replace(noise, description=f"{noise.description} (no --verify-data or --calib)")
 
 
-def verify_converted(path: str, snn: SNN, source_graph: torch.nn.Module, verify_data: str | None, calib: str | None,
+def verify_converted(path: str, snn: SNN, source_graph: torch.nn.Module, verify_data: SampleSource | None,
+                     calib: str | None,
                      calib_samples: Samples | None, samples: int, min_agreement: float | None, *,
                      batch_size: int | None = None, progress: bool = False) -> Verification:
     """`verify_snn` on the verification inputs; onnxruntime runs the model as imported
@@ -136,9 +153,9 @@ def verify_converted(path: str, snn: SNN, source_graph: torch.nn.Module, verify_
                           min_agreement=None if min_agreement is None else min_agreement / 100)
 
 
-def describe_verification(v: dict) -> str:
+def describe_verification(v: Verification) -> str:
     """The verification in words: the exactness gate, then the comparison with onnxruntime."""
-    gate = v["exact"]
+    gate = v.exact
     exact = (f"exactness gate on {gate['samples']} inputs: {gate['levels_compared']:,} levels at "
              f"{len(gate['sites'])} sites equal to the quantized source's: "
              f"{'yes' if gate['passed'] else 'NO (' + '; '.join(gate['problems'][:2]) + ')'}")
@@ -146,13 +163,13 @@ def describe_verification(v: dict) -> str:
         exact += (f" ({gate['ties']:,} of them, and {gate['evaluation_ties']:,} of the evaluation's against the "
                   f"simulation, exact ties: z / theta a half-integer, rounded up or down by float64's last bit; "
                   f"given the same level there, everything else matches)")
-    comparison = (f"{v['reference']}: prediction agreement {100 * v['agreement']:.2f}%, max |logit difference| "
-                  f"{v['max_abs_logit_diff']:.3g}")
-    if v["levels"] is not None:
-        t = v["levels"]["totals"]
+    comparison = (f"{v.reference}: prediction agreement {100 * v.agreement:.2f}%, max |logit difference| "
+                  f"{v.max_abs_logit_diff:.3g}")
+    if v.levels is not None:
+        t = v.levels["totals"]
         comparison += (f"; levels: {t['compared']:,} compared, {t['equal']:,} equal, {t['ties']} ties, "
                        f"{t['near_boundary']} near a boundary, {t['downstream']} downstream of one, "
                        f"{t['unexplained']} unexplained")
-    if v["lossy"]:
+    if v.lossy:
         comparison += " (post-training quantization of a float model: lossy, not part of the gate)"
-    return f"verified on {v['inputs']}\n{exact}\n{comparison}\n{'PASSED' if v['passed'] else 'FAILED'}"
+    return f"verified on {v.inputs}\n{exact}\n{comparison}\n{'PASSED' if v.passed else 'FAILED'}"
