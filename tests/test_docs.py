@@ -129,7 +129,8 @@ def shared_references(root: Path) -> list[str]:
     ../shared or METHOD.md."""
     found = []
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in ("__pycache__", "runs"))
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and not d.endswith(".egg-info")
+                             and d not in ("__pycache__", "runs", "build"))
         for name in sorted(files):
             path = Path(folder) / name
             if path.suffix not in (".py", ".md", ".toml", ".c", ".txt", "") or path == Path(__file__):

@@ -112,7 +112,7 @@ def test_a_qdq_file_converts_and_verifies_as_the_command_does(files):
 def test_a_broken_compiler_raises_verification_error(files, monkeypatch):
     import ann2snn.compile.compiler as compiler
 
-    monkeypatch.setattr(compiler, "shift_bias", lambda gm: gm)   # a compiler that forgets METHOD.md section 2
+    monkeypatch.setattr(compiler, "shift_bias", lambda gm: gm)   # a compiler that forgets docs/method.md section 2
     with pytest.raises(VerificationError) as info:
         convert_onnx(files["qdq"][0])
     failed = info.value
