@@ -43,6 +43,14 @@ def _float32(values) -> Tensor:
     return torch.as_tensor(values, dtype=torch.float32).reshape(-1)
 
 
+def _positive(scale: Tensor, name: str) -> Tensor:
+    """The scale, refused unless finite and > 0 in every channel (else y is not monotone in A)."""
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise Ann2SnnError(f"integer thresholds: the {name} must be finite and > 0 in every channel, got "
+                           f"{scale.tolist()[:8]}")
+    return scale
+
+
 def qlinear_multiplier(x_scale: float, w_scale, y_scale: float) -> Tensor:
     """onnxruntime's QLinearConv multiplier per channel, X_scale * W_scale[c] / Y_scale in float32."""
     return _float32(x_scale) * _float32(w_scale) / _float32(y_scale)
@@ -60,7 +68,7 @@ def _as_float32(accumulator: Tensor) -> Tensor:
 
 def requantize_qlinear(accumulator: Tensor, multiplier: Tensor, zero_point: int, lo: int, hi: int) -> Tensor:
     """MlasRequantizeOutput: y = clamp(round(float32(A) * M_c)) + zp; A [C, ...] (channel first)."""
-    m = _float32(multiplier).reshape(-1, *([1] * (accumulator.dim() - 1)))
+    m = _positive(_float32(multiplier), "multiplier").reshape(-1, *([1] * (accumulator.dim() - 1)))
     return _clamp_round(_as_float32(accumulator) * m, zero_point, lo, hi)
 
 
@@ -69,8 +77,9 @@ def requantize_qdq(accumulator: Tensor, product_scale: Tensor, y_scale: float, z
     """DequantizeLinear -> float32 Conv -> QuantizeLinear, the conv output modelled as
     float32(A) * S_c with S_c = float32(X_scale * W_scale[c]) (exact where the module docstring
     says); A [C, ...] (channel first)."""
-    s = _float32(product_scale).reshape(-1, *([1] * (accumulator.dim() - 1)))
-    return _clamp_round(_as_float32(accumulator) * s / _float32(y_scale), zero_point, lo, hi)
+    s = _positive(_float32(product_scale), "input-times-weight scale").reshape(-1, *([1] * (accumulator.dim() - 1)))
+    y = _positive(_float32(y_scale), "output scale")
+    return _clamp_round(_as_float32(accumulator) * s / y, zero_point, lo, hi)
 
 
 def integer_thresholds(requantize: Callable[[Tensor], Tensor], channels: int, lo: int, hi: int) -> Tensor:
@@ -95,16 +104,17 @@ def integer_thresholds(requantize: Callable[[Tensor], Tensor], channels: int, lo
 
 
 def _check_monotone(requantize: Callable[[Tensor], Tensor], thresholds: Tensor, targets: Tensor) -> None:
-    """Each found threshold t reaches its level and t - 1 does not; a requantization that is not
-    monotone (a multiplier <= 0 or NaN) fails here rather than giving wrong thresholds."""
+    """Each found threshold t reaches its level and t - 1 does not, and the level at the top of
+    int32 is not below the one at its bottom: a requantization that is not monotone fails here
+    rather than giving wrong thresholds."""
+    ends = requantize(torch.tensor([INT32_MIN, INT32_MAX]).expand(thresholds.shape[0], 2))
     found = thresholds < UNREACHABLE
     at = requantize(thresholds.clamp(max=INT32_MAX))
     below = requantize((thresholds - 1).clamp(INT32_MIN, INT32_MAX))
     first = thresholds == INT32_MIN
     ordered = bool((thresholds[:, 1:] >= thresholds[:, :-1]).all()) if thresholds.shape[1] > 1 else True
-    if not (ordered and bool(((at >= targets) | ~found).all()) and bool(((below < targets) | first | ~found).all())):
-        raise Ann2SnnError("integer thresholds: the requantization is not monotone in the accumulator "
-                           "(a scale <= 0 or not finite?)")
+    if not (ordered and bool((ends[:, 0] <= ends[:, 1]).all()) and bool(((at >= targets) | ~found).all()) and bool(((below < targets) | first | ~found).all())):
+        raise Ann2SnnError("integer thresholds: the requantization is not monotone in the accumulator")
 
 
 def levels_from_thresholds(accumulator: Tensor, thresholds: Tensor, lo: int) -> Tensor:
