@@ -174,7 +174,7 @@ class IntConv2d:
                          .reshape(groups, -1, per_group))
         self._correction = _SHIFT * weight.reshape(out_channels, -1).sum(1, dtype=torch.int32)
         # the widest digits whose float32 accumulator oneDNN cannot round
-        largest = int(weight.reshape(out_channels, -1).abs().sum(1, dtype=torch.int64).max()) if weight.numel() else 0
+        largest = int(weight.reshape(out_channels, -1).long().abs().sum(1).max()) if weight.numel() else 0
         self._onednn_bits = next((bits for bits in (8, 4, 2, 1) if ((1 << bits) - 1) * largest < _EXACT_FLOAT32), None)
         self._packed = None
 
