@@ -158,13 +158,22 @@ def _onednn_available() -> bool:
     return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
+ENGINES = ("auto", "im2col")
+
+
 class IntConv2d:
-    """nn.Conv2d on integer levels with int8 weights and an int32 bias, its weights packed once."""
+    """nn.Conv2d on integer levels with int8 weights and an int32 bias, its weights packed once.
+
+    engine "auto" takes oneDNN on the CPU where it is exact (see the module docstring), else
+    im2col; "im2col" always takes im2col + int8 GEMM (bench/int_kernels.py compares the two).
+    """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1) -> None:
+                 groups: int = 1, engine: str = "auto") -> None:
         if weight.dtype != torch.int8:
             raise TypeError(f"IntConv2d takes int8 weights, got {weight.dtype}")
+        if engine not in ENGINES:
+            raise ValueError(f"IntConv2d engine must be one of {ENGINES}, got {engine!r}")
         self.weight, self.bias, self.groups = weight, bias, groups
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         out_channels, _, kh, kw = weight.shape
@@ -176,6 +185,8 @@ class IntConv2d:
         # the widest digits whose float32 accumulator oneDNN cannot round
         largest = int(weight.reshape(out_channels, -1).long().abs().sum(1).max()) if weight.numel() else 0
         self._onednn_bits = next((bits for bits in (8, 4, 2, 1) if ((1 << bits) - 1) * largest < _EXACT_FLOAT32), None)
+        if engine == "im2col":
+            self._onednn_bits = None
         self._packed = None
 
     def _onednn_conv(self, digit: Tensor) -> Tensor:

@@ -89,10 +89,11 @@ def test_int_conv2d_equals_reference(case) -> None:
     expected = int_conv2d_reference(levels, weight, bias, *options)
     assert out.dtype == torch.int32 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out.long(), expected)
-    layer = IntConv2d(weight, bias, *options)       # packed once, run on other batches
-    for batch in (1, 3):
-        more = random_levels((batch, *levels.shape[1:]))
-        assert torch.equal(layer(more).long(), int_conv2d_reference(more, weight, bias, *options))
+    for engine in ("auto", "im2col"):       # packed once, run on other batches
+        layer = IntConv2d(weight, bias, *options, engine=engine)
+        for batch in (1, 3):
+            more = random_levels((batch, *levels.shape[1:]))
+            assert torch.equal(layer(more).long(), int_conv2d_reference(more, weight, bias, *options))
 
 
 @pytest.mark.parametrize("channels,kernel,bits", [(16, 3, 8), (64, 3, 4), (2 ** 17 + 2 ** 13, 1, None)])
@@ -121,6 +122,8 @@ def test_wrong_dtypes_are_refused() -> None:
         int_linear(torch.zeros(2, 3, dtype=torch.int8), random_weight((4, 3)))
     with pytest.raises(TypeError, match="int8 weights"):
         IntConv2d(weight.float())
+    with pytest.raises(ValueError, match="engine must be one of"):
+        IntConv2d(weight, engine="fbgemm")
 
 
 TRITON_DEVICES = [

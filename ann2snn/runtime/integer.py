@@ -117,10 +117,17 @@ def _check_monotone(requantize: Callable[[Tensor], Tensor], thresholds: Tensor, 
         raise Ann2SnnError("integer thresholds: the requantization is not monotone in the accumulator")
 
 
+_CHANNEL_STRIDE = 2 ** 33   # wider than the span of thresholds and int32 accumulators
+
+
 def levels_from_thresholds(accumulator: Tensor, thresholds: Tensor, lo: int) -> Tensor:
-    """y = lo + #{k : t[c, k] <= A}, integer only: accumulator [N, C, *spatial], thresholds [C, L]."""
-    channels = thresholds.shape[0]
-    moved = accumulator.movedim(1, -1).to(torch.int64)           # [..., C]
-    flat = moved.reshape(-1, channels).t().contiguous()            # [C, n]
-    counts = torch.searchsorted(thresholds.contiguous(), flat, right=True)
-    return (counts + lo).t().reshape(moved.shape).movedim(-1, 1)
+    """y = lo + #{k : t[c, k] <= A}, integer only: accumulator [N, C, *spatial] (any memory
+    layout), thresholds [C, L]. One search over all channels at once: channel c's thresholds and
+    accumulators are lifted by c * 2^33, so the lifted thresholds form one sorted sequence and
+    the rank of a lifted A is c * L + its count."""
+    channels, per_channel = thresholds.shape
+    lift = torch.arange(channels, dtype=torch.int64) * _CHANNEL_STRIDE
+    sequence = (thresholds.to(torch.int64) + lift[:, None]).reshape(-1)
+    channels_last = accumulator.movedim(1, -1)   # a contiguous view when the memory is channels-last
+    rank = torch.searchsorted(sequence, channels_last.to(torch.int64) + lift, right=True)
+    return (rank - (torch.arange(channels, dtype=torch.int64) * per_channel - lo)).movedim(-1, 1)

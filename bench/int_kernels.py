@@ -1,0 +1,116 @@
+"""Throughput of the integer layers (kernels/int_layers.py) against float32 torch, in one run.
+
+Every Conv2d and Linear of resnet20 at its own input shape, batch 64, torch.set_num_threads(2):
+- fp32: F.conv2d / F.linear on float32, NCHW and channels_last;
+- int: int8 weights x uint8 levels -> exact int32 accumulator, IntConv2d (oneDNN u8 x s8 on the
+  CPU) and IntConv2d(engine="im2col") (im2col + torch._int_mm), int_linear (torch._int_mm);
+- int + thresholds: the int layer followed by levels_from_thresholds (ann2snn.runtime.integer)
+  with 2^T - 1 thresholds per channel, the integer neuron of the time-folded evaluator.
+Each layer's time is the median of --repeats runs; a network's time is the sum over its layers,
+so the ratios say how fast the integer SNN's layers can be against the fp32 ANN's (the best of
+NCHW and channels_last), before the rest of the network (adds, pooling, the neuron's spike code).
+
+    python bench/int_kernels.py [--batch-size 64] [--threads 2] [-T 4] [--repeats 20] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ann2snn import models
+from ann2snn.kernels import IntConv2d, int_linear
+from ann2snn.runtime.integer import levels_from_thresholds
+
+
+def layer_inputs(model: nn.Module, batch: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """Each Conv2d / Linear of the model with the shape of its input at this batch size."""
+    seen: list[tuple[nn.Module, tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, tuple(args[0].shape))))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> dict[str, Callable[[], object]]:
+    """The float and integer versions of one layer on inputs of `shape`, ready to time."""
+    generator = torch.Generator().manual_seed(0)
+    top = 2 ** timesteps - 1
+    levels = torch.randint(0, top + 1, shape, generator=generator, dtype=torch.uint8)
+    x = levels.float()
+    out_channels = layer.weight.shape[0]
+    weight = torch.randint(-128, 128, layer.weight.shape, generator=generator, dtype=torch.int8)
+    bias = torch.randint(-1000, 1000, (out_channels,), generator=generator, dtype=torch.int32)
+    w, b = weight.float(), bias.float()
+    thresholds = torch.sort(torch.randint(-20000, 20000, (out_channels, top), generator=generator), 1).values
+    if isinstance(layer, nn.Linear):
+        return {"fp32 NCHW": lambda: F.linear(x, w, b), "fp32 channels_last": lambda: F.linear(x, w, b),
+                "int": lambda: int_linear(levels, weight, bias), "int im2col": lambda: int_linear(levels, weight, bias),
+                "int + thresholds": lambda: levels_from_thresholds(int_linear(levels, weight, bias), thresholds, 0)}
+    options = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    levels_cl = levels.contiguous(memory_format=torch.channels_last)
+    conv, im2col = IntConv2d(weight, bias, *options), IntConv2d(weight, bias, *options, engine="im2col")
+    return {"fp32 NCHW": lambda: F.conv2d(x, w, b, *options),
+            "fp32 channels_last": lambda: F.conv2d(x_cl, w_cl, b, *options),
+            "int": lambda: conv(levels_cl), "int im2col": lambda: im2col(levels_cl),
+            "int + thresholds": lambda: levels_from_thresholds(conv(levels_cl), thresholds, 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("-T", "--timesteps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = models.build_model("resnet20", 10).eval()
+    totals: dict[str, float] = {}
+    rows = []
+    print(f"resnet20, batch {args.batch_size}, {args.threads} threads, T = {args.timesteps} "
+          f"(levels 0..{2 ** args.timesteps - 1}); ms per layer (median of {args.repeats})")
+    for layer, shape in layer_inputs(model, args.batch_size):
+        times = {name: median_seconds(fn, args.repeats) for name, fn in
+                 layer_variants(layer, shape, args.timesteps).items()}
+        for name, seconds in times.items():
+            totals[name] = totals.get(name, 0.0) + seconds
+        rows.append({"layer": repr(layer), "input": list(shape), "ms": {k: v * 1e3 for k, v in times.items()}})
+        print(f"  {str(list(shape)):>18} {repr(layer)[:60]:60} " + " ".join(f"{k} {v * 1e3:7.3f}" for k, v in times.items()))
+    fp32 = min(totals["fp32 NCHW"], totals["fp32 channels_last"])
+    print("network (sum of layers): images/s and ratio to the best fp32")
+    summary = {}
+    for name, seconds in totals.items():
+        summary[name] = {"images_per_s": args.batch_size / seconds, "ratio_to_fp32": fp32 / seconds}
+        print(f"  {name:20} {args.batch_size / seconds:10.0f} img/s  {fp32 / seconds:5.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "int_kernels", "model": "resnet20", "batch_size": args.batch_size,
+                       "threads": args.threads, "timesteps": args.timesteps, "rows": rows, "network": summary}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
