@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -41,15 +42,17 @@ def layer_inputs(model: nn.Module, batch: int) -> list[tuple[nn.Module, tuple[in
     return seen
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The median time of each variant, timed in interleaved rounds so that load from other
+    processes falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 2):          # two warm-up rounds
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> dict[str, Callable[[], object]]:
@@ -91,16 +94,16 @@ def main() -> None:
     totals: dict[str, float] = {}
     rows = []
     print(f"resnet20, batch {args.batch_size}, {args.threads} threads, T = {args.timesteps} "
-          f"(levels 0..{2 ** args.timesteps - 1}); ms per layer (median of {args.repeats})")
+          f"(levels 0..{2 ** args.timesteps - 1}); ms per layer (median of {args.repeats}); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for layer, shape in layer_inputs(model, args.batch_size):
-        times = {name: median_seconds(fn, args.repeats) for name, fn in
-                 layer_variants(layer, shape, args.timesteps).items()}
+        times = median_seconds(layer_variants(layer, shape, args.timesteps), args.repeats)
         for name, seconds in times.items():
             totals[name] = totals.get(name, 0.0) + seconds
         rows.append({"layer": repr(layer), "input": list(shape), "ms": {k: v * 1e3 for k, v in times.items()}})
         print(f"  {str(list(shape)):>18} {repr(layer)[:60]:60} " + " ".join(f"{k} {v * 1e3:7.3f}" for k, v in times.items()))
     fp32 = min(totals["fp32 NCHW"], totals["fp32 channels_last"])
-    print("network (sum of layers): images/s and ratio to the best fp32")
+    print(f"network (sum of layers): images/s and ratio to the best fp32; load average {os.getloadavg()[0]:.1f}")
     summary = {}
     for name, seconds in totals.items():
         summary[name] = {"images_per_s": args.batch_size / seconds, "ratio_to_fp32": fp32 / seconds}

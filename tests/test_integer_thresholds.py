@@ -180,6 +180,18 @@ def test_thresholds_equal_the_requantization_everywhere() -> None:
     assert bool((thresholds[:, 1:] > thresholds[:, :-1]).all())
 
 
+@pytest.mark.parametrize("layout", ["linear", "nchw", "channels_last"])
+def test_levels_from_thresholds_in_every_layout(layout: str) -> None:
+    multiplier = qlinear_multiplier(0.0173, QLINEAR_W, Y_SCALE)
+    thresholds = qlinear_thresholds(0.0173, QLINEAR_W)
+    shape = (50, 3) if layout == "linear" else (4, 3, 5, 6)
+    accumulators = torch.randint(-40000, 40000, shape, dtype=torch.int32)
+    if layout == "channels_last":
+        accumulators = accumulators.contiguous(memory_format=torch.channels_last)
+    direct = requantize_qlinear(accumulators.movedim(1, 0), multiplier, Y_ZERO, 0, 255).movedim(0, 1)
+    assert torch.equal(levels_from_thresholds(accumulators, thresholds, 0), direct)
+
+
 def test_unreachable_levels_and_the_int32_ends() -> None:
     tiny = torch.tensor([1e-12])        # no int32 accumulator leaves level zp
     thresholds = integer_thresholds(lambda a: requantize_qlinear(a, tiny, 5, 0, 9), 1, 0, 9)

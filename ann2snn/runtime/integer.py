@@ -129,5 +129,5 @@ def levels_from_thresholds(accumulator: Tensor, thresholds: Tensor, lo: int) -> 
     lift = torch.arange(channels, dtype=torch.int64) * _CHANNEL_STRIDE
     sequence = (thresholds.to(torch.int64) + lift[:, None]).reshape(-1)
     channels_last = accumulator.movedim(1, -1)   # a contiguous view when the memory is channels-last
-    rank = torch.searchsorted(sequence, channels_last.to(torch.int64) + lift, right=True)
+    rank = torch.searchsorted(sequence, (channels_last.to(torch.int64) + lift).contiguous(), right=True)
     return (rank - (torch.arange(channels, dtype=torch.int64) * per_channel - lo)).movedim(-1, 1)
