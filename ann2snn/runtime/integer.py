@@ -109,11 +109,12 @@ def _check_monotone(requantize: Callable[[Tensor], Tensor], thresholds: Tensor, 
     rather than giving wrong thresholds."""
     ends = requantize(torch.tensor([INT32_MIN, INT32_MAX]).expand(thresholds.shape[0], 2))
     found = thresholds < UNREACHABLE
-    at = requantize(thresholds.clamp(max=INT32_MAX))
-    below = requantize((thresholds - 1).clamp(INT32_MIN, INT32_MAX))
+    reaches = requantize(thresholds.clamp(max=INT32_MAX)) >= targets
+    below = requantize((thresholds - 1).clamp(INT32_MIN, INT32_MAX)) < targets
     first = thresholds == INT32_MIN
-    ordered = bool((thresholds[:, 1:] >= thresholds[:, :-1]).all()) if thresholds.shape[1] > 1 else True
-    if not (ordered and bool((ends[:, 0] <= ends[:, 1]).all()) and bool(((at >= targets) | ~found).all()) and bool(((below < targets) | first | ~found).all())):
+    checks = [ends[:, 0] <= ends[:, 1], reaches | ~found, below | first | ~found,
+              thresholds[:, 1:] >= thresholds[:, :-1]]
+    if not all(bool(check.all()) for check in checks):
         raise Ann2SnnError("integer thresholds: the requantization is not monotone in the accumulator")
 
 
