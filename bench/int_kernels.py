@@ -5,7 +5,9 @@ Every Conv2d and Linear of resnet20 at its own input shape, batch 64, torch.set_
 - int: int8 weights x uint8 levels -> exact int32 accumulator, IntConv2d (oneDNN u8 x s8 on the
   CPU) and IntConv2d(engine="im2col") (im2col + torch._int_mm), int_linear (torch._int_mm);
 - int + thresholds: the int layer followed by levels_from_thresholds (ann2snn.runtime.integer)
-  with 2^T - 1 thresholds per channel, the integer neuron of the time-folded evaluator.
+  with 2^T - 1 thresholds per channel, the integer-only neuron of the time-folded evaluator;
+- int + requantize: the int layer followed by requantize_qlinear, onnxruntime's float32
+  requantization of the accumulator, which gives the same levels elementwise.
 Each layer is timed in --repeats interleaved rounds (fastest and median); a network's time is
 the sum over its layers, so the ratios say how fast the integer SNN's layers can be against the
 fp32 ANN's (the best of NCHW and channels_last), before the rest of the network (adds, pooling,
@@ -28,7 +30,7 @@ from torch import nn
 
 from ann2snn import models
 from ann2snn.kernels import IntConv2d, int_linear
-from ann2snn.runtime.integer import levels_from_thresholds
+from ann2snn.runtime.integer import levels_from_thresholds, requantize_qlinear
 
 
 def layer_inputs(model: nn.Module, batch: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
@@ -67,10 +69,15 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
     bias = torch.randint(-1000, 1000, (out_channels,), generator=generator, dtype=torch.int32)
     w, b = weight.float(), bias.float()
     thresholds = torch.sort(torch.randint(-20000, 20000, (out_channels, top), generator=generator), 1).values
+    multiplier = torch.rand(out_channels, generator=generator) * 1e-3 + 1e-4
+
+    def requantized(accumulator: torch.Tensor) -> torch.Tensor:
+        return requantize_qlinear(accumulator.movedim(1, 0), multiplier, 0, 0, top).movedim(0, 1)
     if isinstance(layer, nn.Linear):
         return {"fp32 NCHW": lambda: F.linear(x, w, b), "fp32 channels_last": lambda: F.linear(x, w, b),
                 "int": lambda: int_linear(levels, weight, bias), "int im2col": lambda: int_linear(levels, weight, bias),
-                "int + thresholds": lambda: levels_from_thresholds(int_linear(levels, weight, bias), thresholds, 0)}
+                "int + thresholds": lambda: levels_from_thresholds(int_linear(levels, weight, bias), thresholds, 0),
+                "int + requantize": lambda: requantized(int_linear(levels, weight, bias))}
     options = (layer.stride, layer.padding, layer.dilation, layer.groups)
     x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
     levels_cl = levels.contiguous(memory_format=torch.channels_last)
@@ -78,7 +85,8 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
     return {"fp32 NCHW": lambda: F.conv2d(x, w, b, *options),
             "fp32 channels_last": lambda: F.conv2d(x_cl, w_cl, b, *options),
             "int": lambda: conv(levels_cl), "int im2col": lambda: im2col(levels_cl),
-            "int + thresholds": lambda: levels_from_thresholds(conv(levels_cl), thresholds, 0)}
+            "int + thresholds": lambda: levels_from_thresholds(conv(levels_cl), thresholds, 0),
+            "int + requantize": lambda: requantized(conv(levels_cl))}
 
 
 def main() -> None:
