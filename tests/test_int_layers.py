@@ -6,12 +6,17 @@
   1, K not a multiple of 8; on the CPU through oneDNN with 8-bit digits, with narrower digits
   where 8 could round in float32, and through im2col + _int_mm where even 1-bit digits could.
 - the Triton GEMM under TRITON_INTERPRET=1 (and compiled on CUDA when present), alone and as the
-  GEMM of both layers.
+  GEMM of both layers; without CUDA it is still compiled for sm_90 (in a fresh process).
 Wrong dtypes are refused.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +167,41 @@ def test_triton_layers_equal_reference(triton_device: torch.device) -> None:
         device_args = [t.to(triton_device) for t in (levels, weight, bias)]
         out = int_conv2d(*device_args, *options).cpu()
         assert torch.equal(out.long(), int_conv2d_reference(levels, weight, bias, *options))
+
+
+_COMPILE_GEMM_FOR_SM90 = textwrap.dedent("""
+    import os
+    import torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    from ann2snn.kernels import int8_gemm_triton
+    int8_gemm_triton(torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 2, dtype=torch.int8))   # interpreted
+    del os.environ["TRITON_INTERPRET"]
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from ann2snn.kernels.int_layers import _int8_gemm_kernel
+
+    sizes = ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")
+    signature = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32", **{name: "i32" for name in sizes},
+                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    source = ASTSource(fn=_int8_gemm_kernel.in_mode(False), signature=signature,
+                       constexprs={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert compiled.asm["cubin"]
+    print("compiled")
+""")
+
+
+def _ptxas() -> bool:
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests above compile and run the GEMM")
+@pytest.mark.skipif(not TRITON or not _ptxas(), reason="triton's ptxas is not installed")
+def test_triton_gemm_compiles_for_sm90() -> None:
+    """The interpreter does not compile: build the GEMM to an H100 cubin, as a GPU run would."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_GEMM_FOR_SM90], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-4000:]
