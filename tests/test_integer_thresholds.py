@@ -4,7 +4,7 @@ A 1x1 Conv over three input channels with int8 weights (1, 127, -128) in every o
 reaches any accumulator A in [-32640, 32640] + bias: each test feeds, for every channel and every
 threshold t in that range, the inputs whose accumulator is t and t - 1, runs onnxruntime, and
 checks that counting thresholds gives its output level for level, in every channel. Two files:
-- QLinearConv (onnxruntime's integer kernel in both sessions);
+- QLinearConv (onnxruntime's integer kernel in both sessions), uint8 and int8 in and out;
 - DequantizeLinear -> Conv -> QuantizeLinear, which the default session fuses into the integer
   kernel (`requantize_qlinear`) and ann2snn's onnxruntime_session runs as written
   (`requantize_qdq`; power-of-two input and weight scales, where that model is exact).
@@ -64,30 +64,34 @@ def _weight() -> np.ndarray:
     return np.tile(TAPS.numpy().astype(np.int8)[None, :, None, None], (len(BIAS), 1, 1, 1))
 
 
-def _save(tmp_path: Path, nodes, initializers, name: str) -> Path:
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], initializers)
+def _save(tmp_path: Path, nodes, initializers, name: str, signed: bool = False) -> Path:
+    kind = TensorProto.INT8 if signed else TensorProto.UINT8
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", kind, None)],
+                              [helper.make_tensor_value_info("y", kind, None)], initializers)
     path = tmp_path / f"{name}.onnx"
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
 
-def _scalars(**values) -> list:
+def _scalars(signed: bool = False, **values) -> list:
     out = []
     for name, value in values.items():
-        kind = np.uint8 if name.endswith("zero") else np.float32
+        kind = (np.int8 if signed else np.uint8) if name.endswith("zero") else np.float32
         out.append(numpy_helper.from_array(np.asarray(value, dtype=kind), name))
     return out
 
 
-def qlinear_conv_file(tmp_path: Path, x_scale: float, w_scale: np.ndarray, y_scale: float = Y_SCALE) -> Path:
+def qlinear_conv_file(tmp_path: Path, x_scale: float, w_scale: np.ndarray, y_scale: float = Y_SCALE,
+                      signed: bool = False) -> Path:
+    """A QLinearConv file: uint8 in and out (zero points 0 and Y_ZERO), or int8 (-128 and 0)."""
     node = helper.make_node("QLinearConv", ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale",
                                             "y_zero", "b"], ["y"])
-    initializers = _scalars(x_scale=x_scale, x_zero=0, y_scale=y_scale, y_zero=Y_ZERO) + [
+    zeros = dict(x_zero=-128, y_zero=0) if signed else dict(x_zero=0, y_zero=Y_ZERO)
+    initializers = _scalars(signed, x_scale=x_scale, y_scale=y_scale, **zeros) + [
         numpy_helper.from_array(_weight(), "w"), numpy_helper.from_array(w_scale.astype(np.float32), "w_scale"),
         numpy_helper.from_array(np.zeros(len(BIAS), np.int8), "w_zero"),
         numpy_helper.from_array(BIAS.numpy(), "b")]
-    return _save(tmp_path, [node], initializers, "qlinearconv")
+    return _save(tmp_path, [node], initializers, "qlinearconv", signed)
 
 
 def qdq_conv_file(tmp_path: Path, x_scale: float, w_scale: np.ndarray, y_scale: float = Y_SCALE) -> Path:
@@ -159,6 +163,17 @@ def test_qdq_conv_thresholds_reproduce_both_sessions(tmp_path: Path) -> None:
     # each session's rounding is told apart from the other's there
     assert not levels_match(as_written, fused_session, both)
     assert not levels_match(fused, as_written_session, both)
+
+
+def test_signed_qlinear_conv_thresholds_reproduce_onnxruntime(tmp_path: Path) -> None:
+    """int8 in and out: input zero point -128 (the same accumulators), levels in [-128, 127]."""
+    multiplier = qlinear_multiplier(0.0173, QLINEAR_W, Y_SCALE)
+    thresholds = integer_thresholds(lambda a: requantize_qlinear(a, multiplier, 0, -128, 127), len(BIAS), -128, 127)
+    x, accumulators = boundary_inputs(thresholds)
+    session = default_session(qlinear_conv_file(tmp_path, 0.0173, QLINEAR_W, signed=True))
+    signed_x = (x.to(torch.int16) - 128).to(torch.int8)
+    assert torch.equal(levels_from_thresholds(accumulators, thresholds, -128), run(session, signed_x))
+    assert not torch.equal(levels_from_thresholds(accumulators, thresholds, -127), run(session, signed_x))
 
 
 @pytest.mark.parametrize("shift", [1, -1])
