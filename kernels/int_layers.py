@@ -1,7 +1,7 @@
 """Integer layers: int8 weights times unsigned levels, accumulated exactly in int32 (issue 27).
 
-The time-folded evaluator runs one GEMM per layer on the levels q (docs/method.md section 7: the sum of the
-planes' GEMMs, each weighted 2^(T-1-t), is W q). torch._int_mm and Triton's tl.dot multiply
+The time-folded evaluator runs one GEMM per layer on the levels q (docs/method.md section 7:
+the sum of the planes' GEMMs, each weighted 2^(T-1-t), is W q). torch._int_mm and tl.dot multiply
 int8 by int8, so an unsigned level byte b in [0, 255] enters as b - 128 (its top bit flipped,
 read as int8) and each output gets back 128 * sum(w) of its weights:
     W b = W (b - 128) + 128 * sum(w).
