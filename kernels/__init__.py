@@ -4,6 +4,9 @@
   spike counts) in one pass; reference `fire_fused_reference`.
 - `quant_act_fused`: the training activation a(z) with its spike count, forward and backward;
   reference `quant_act_fused_reference`.
+- `int_linear` / `int_conv2d` / `IntConv2d`: int8 weights x unsigned levels with exact int32
+  accumulation (torch._int_mm, oneDNN's u8 x s8 convolution, or `int8_gemm_triton`); reference
+  `int_linear_reference` / `int_conv2d_reference` (kernels/int_layers_reference.py).
 - `pack_spikes` / `unpack_spikes`: the spike code (uint8 for T <= 8, uint16 up to T = 16) <-> binary
   planes [T, ...].
 
@@ -13,6 +16,8 @@ float32 CPU potentials through `fire_fused_native`, the same neuron in C (kernel
 compiled at first use by kernels/native.py).
 """
 from .dispatch import use_triton
+from .int_layers import IntConv2d, int8_gemm, int8_gemm_triton, int_conv2d, int_linear
+from .int_layers_reference import int_conv2d_reference, int_linear_reference
 from .native import fire_fused_native
 from .neuron import NeuronOutput, fire_fused, fire_fused_triton
 from ..levels import pack_spikes, unpack_spikes
@@ -21,11 +26,18 @@ from .quant_act import quant_act_fused, quant_act_fused_triton
 from .quant_act_reference import quant_act_fused_reference
 
 __all__ = [
+    "IntConv2d",
     "NeuronOutput",
     "fire_fused",
     "fire_fused_native",
     "fire_fused_reference",
     "fire_fused_triton",
+    "int8_gemm",
+    "int8_gemm_triton",
+    "int_conv2d",
+    "int_conv2d_reference",
+    "int_linear",
+    "int_linear_reference",
     "pack_spikes",
     "quant_act_fused",
     "quant_act_fused_reference",
