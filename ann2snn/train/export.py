@@ -36,7 +36,7 @@ from ..errors import Ann2SnnError
 from ..runtime.quant import QuantClippedActivation
 from ..levels import channel_view, timesteps_for_levels
 from .qdq_weights import dequantize_weights
-from .weight_quant import quantized_layers, weight_integers
+from .weight_quant import integer_tensors
 
 # uint8 holds levels 0..255: T <= 8 time steps (torch exports fake quantization as uint8 or int8 QDQ only).
 _QUANT_MAX = 255
@@ -78,13 +78,10 @@ class _QdqSite(nn.Module):
 
 def _export_copy(model: nn.Module, qdq: bool) -> tuple[nn.Module, dict[str, tuple[Tensor, Tensor]]]:
     """A float32 CPU eval-mode copy of `model` whose sites are _QdqSite modules (the caller's model is
-    untouched), and the int8 levels and scales of its fake-quantized weights by ONNX name (the
-    copy's weights are plain tensors on those grids)."""
+    untouched), and the integer levels and scales of its fake-quantized weights and biases by ONNX
+    name (the copy's weights and biases are plain tensors on those grids)."""
     exported = copy.deepcopy(model).cpu().float().eval()
-    weights = {}
-    for name, layer in quantized_layers(exported).items():
-        bits = layer.parametrizations.weight[0].bits
-        weights[f"{name}.weight" if name else "weight"] = weight_integers(layer.parametrizations.weight.original, bits)
+    weights = integer_tensors(exported)
     for name, module in list(exported.named_modules()):
         if isinstance(module, QuantClippedActivation):
             if not torch.isfinite(module.clip).all():
@@ -140,9 +137,9 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
         proto = load_checked(tmp)
         _inline_initializer_aliases(proto.graph)
         missing = set(weights) - set(dequantize_weights(proto.graph, weights))
-        if missing:   # a weight the exporter folded into another tensor or used outside a Conv / Gemm
-            raise Ann2SnnError(f"{path}: the int8 weights {', '.join(sorted(missing))} are not the weight of "
-                               "an exported Conv or Gemm")
+        if missing:   # a tensor the exporter folded into another one or used outside a Conv / Gemm
+            raise Ann2SnnError(f"{path}: the integer tensors {', '.join(sorted(missing))} are not the weight "
+                               "or bias of an exported Conv or Gemm")
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
 

@@ -8,7 +8,9 @@ The fold happens once, at the start of QAT, from the running statistics: afterwa
 has no BN, so the weights that train are the weights that export writes as int8 and that the
 converter reads, with no second set of statistics that could drift apart from them. The rounding
 has a straight-through gradient (the identity) and the scale follows the weights (max-calibrated,
-no gradient). The weight is a torch parametrization: `layer.weight` is the fake-quantized tensor
+no gradient). A layer fed by a per-layer site (directly or through ops that only move values, such
+as max pooling or flatten) gets an int32 bias too, b = k * theta_in * s_c, as onnxruntime's integer
+kernels use it: trained on that grid, the export's int32 bias is the bias trained. The weight is a torch parametrization: `layer.weight` is the fake-quantized tensor
 wherever it is read; the float weight that the optimizer steps is `parametrizations.weight.original`.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..compile.trace import SiteTracer
 from ..errors import Ann2SnnError
-from ..ops import CONVS, LAYERS, NORMS
+from ..ops import CONVS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES
+from ..runtime.quant import QuantClippedActivation
 
 # The weight widths `quantize_weights` implements (symmetric, zero point 0, levels -127..127).
 WEIGHT_BITS = (8,)
@@ -66,6 +69,31 @@ class WeightFakeQuant(nn.Module):
         return weight + (quantized - weight).detach()
 
 
+class BiasFakeQuant(nn.Module):
+    """The parametrization b -> k * theta_in * s_c of a layer's bias (bias_integers), straight-through."""
+
+    def __init__(self, layer: nn.Module, site: QuantClippedActivation) -> None:
+        super().__init__()
+        # plain references, not submodules: the layer and its input site have their own places in the model
+        self.__dict__.update(layer=layer, site=site)
+
+    def forward(self, bias: Tensor) -> Tensor:
+        levels, scale = bias_integers(bias, self.layer, self.site)
+        if not bool(torch.isfinite(scale).all()):   # the site not calibrated yet (lambda = inf): no grid
+            return bias
+        return bias + (levels.to(bias.dtype) * scale.to(bias.dtype) - bias).detach()
+
+
+def bias_integers(bias: Tensor, layer: nn.Module, site: QuantClippedActivation) -> tuple[Tensor, Tensor]:
+    """(levels k as int32, scales theta_in * s_c [C] in float32) of the bias of `layer`, whose input is `site`'s."""
+    weight = layer.parametrizations.weight
+    theta = site.clip.detach().float() / site.levels   # as the export writes the site's scale
+    scale = theta * weight_scale(weight.original, weight[0].bits).float()
+    info = torch.iinfo(torch.int32)
+    levels = torch.round(bias.detach().double() / scale.double()).clamp(info.min, info.max)
+    return levels.to(torch.int32), scale
+
+
 def _channel_view(scale: Tensor, weight: Tensor) -> Tensor:
     return scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)
 
@@ -73,11 +101,7 @@ def _channel_view(scale: Tensor, weight: Tensor) -> Tensor:
 def fold_batch_norms(model: nn.Module) -> list[str]:
     """Fold every BN fed by a conv / linear layer alone (each called once) into that layer, in place,
     from the BN's running statistics, and replace the BN by nn.Identity. Returns the folded BNs' names."""
-    graph = model.graph if isinstance(model, fx.GraphModule) else SiteTracer().trace(model)
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph, calls = _graph(model)
     folded = []
     for node in graph.nodes:
         producer = node.args[0] if node.op == "call_module" and node.args else None
@@ -99,24 +123,62 @@ def fold_batch_norms(model: nn.Module) -> list[str]:
     return folded
 
 
+def _graph(model: nn.Module) -> tuple[fx.Graph, dict[str, int]]:
+    """The fx graph of `model` (traced unless it is a GraphModule) and how often each module is called."""
+    graph = model.graph if isinstance(model, fx.GraphModule) else SiteTracer().trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return graph, calls
+
+
+def _input_site(model: nn.Module, node: fx.Node) -> QuantClippedActivation | None:
+    """The quantizing per-layer site whose levels reach `node`'s input through value-moving ops alone."""
+    value = node.args[0] if node.args else None
+    while isinstance(value, fx.Node):
+        module = model.get_submodule(value.target) if value.op == "call_module" else None
+        if isinstance(module, QuantClippedActivation):
+            return module if module.quantize and not module.per_channel else None
+        moves = isinstance(module, VALUE_MOVING_MODULES) or \
+            (value.op == "call_function" and value.target in VALUE_MOVING_FUNCTIONS)
+        value = value.args[0] if moves and value.args else None
+    return None
+
+
 def quantize_weights(model: nn.Module, bits: int) -> list[str]:
     """Fold the BNs (fold_batch_norms), then fake-quantize the weight of every Conv / Linear layer of
-    `model` in place (WeightFakeQuant). Returns the quantized layers' names. Call it before the
-    optimizer is built: folding gives the layers new weight and bias parameters."""
+    `model` in place (WeightFakeQuant), and the bias of those fed by a per-layer site (BiasFakeQuant).
+    Returns the quantized layers' names. Call it after the sites are placed and before the optimizer
+    is built: folding gives the layers new weight and bias parameters."""
     check_weight_bits(bits)
     fold_batch_norms(model)
+    graph, calls = _graph(model)
     names = []
     for name, module in model.named_modules():
         if isinstance(module, LAYERS) and not parametrize.is_parametrized(module, "weight"):
             parametrize.register_parametrization(module, "weight", WeightFakeQuant(bits))
             names.append(name)
+    for node in graph.nodes:
+        layer = model.get_submodule(node.target) if node.op == "call_module" and calls[node.target] == 1 else None
+        site = _input_site(model, node) if layer is not None and node.target in names else None
+        if site is not None and layer.bias is not None:
+            parametrize.register_parametrization(layer, "bias", BiasFakeQuant(layer, site))
     if not names:
         raise Ann2SnnError(f"{type(model).__name__}: no Conv or Linear layer whose weights could be quantized")
     return names
 
 
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers of `model` whose weight is fake-quantized by quantize_weights, by name."""
-    return {name: module for name, module in model.named_modules()
-            if parametrize.is_parametrized(module, "weight")
-            and any(isinstance(p, WeightFakeQuant) for p in module.parametrizations.weight)}
+def integer_tensors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """The integer levels and per-output-channel scales of every fake-quantized weight (int8) and bias
+    (int32) of `model`, by parameter name (layer.weight, layer.bias)."""
+    tensors = {}
+    for name, module in model.named_modules():
+        quantizers = getattr(module, "parametrizations", {})
+        prefix = f"{name}." if name else ""
+        if "weight" in quantizers and isinstance(quantizers.weight[0], WeightFakeQuant):
+            tensors[f"{prefix}weight"] = weight_integers(quantizers.weight.original, quantizers.weight[0].bits)
+        if "bias" in quantizers and isinstance(quantizers.bias[0], BiasFakeQuant):
+            bias = quantizers.bias[0]
+            tensors[f"{prefix}bias"] = bias_integers(quantizers.bias.original, bias.layer, bias.site)
+    return tensors
