@@ -22,11 +22,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..compile.trace import SiteTracer
 from ..errors import Ann2SnnError
-from ..ops import CONVS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES
+from ..ops import CONVS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
 from ..runtime.quant import QuantClippedActivation
 
 # The weight widths `quantize_weights` implements (symmetric, zero point 0, levels -127..127).
 WEIGHT_BITS = (8,)
+# x.flatten(1), x.view(...), ...: the structural methods only move values, so a site's grid survives them
+_VALUE_MOVING_METHODS = methods_of("structural")
 
 
 def check_weight_bits(bits: int | None) -> None:
@@ -42,8 +44,9 @@ def weight_levels_max(bits: int) -> int:
 
 
 def weight_scale(weight: Tensor, bits: int) -> Tensor:
-    """s_c = max|w_c| / 127 per output channel (axis 0), shape [C]; 1 for an all-zero channel (its levels are 0)."""
-    amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
+    """s_c = max|w_c| / 127 per output channel (axis 0), shape [C], in float32 (the file's scale, whatever
+    dtype the model runs in); 1 for an all-zero channel (its levels are 0)."""
+    amax = weight.detach().float().abs().reshape(weight.shape[0], -1).amax(dim=1)
     return torch.where(amax > 0, amax / weight_levels_max(bits), torch.ones_like(amax))
 
 
@@ -51,7 +54,7 @@ def weight_integers(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """(levels q as int8, scales s [C]) of `weight`: q = round(w / s) in [-127, 127], per output channel."""
     scale = weight_scale(weight, bits)
     limit = weight_levels_max(bits)
-    levels = torch.round(weight.detach() / _channel_view(scale, weight)).clamp(-limit, limit)
+    levels = torch.round(weight.detach().float() / _channel_view(scale, weight)).clamp(-limit, limit)
     return levels.to(torch.int8), scale
 
 
@@ -65,7 +68,9 @@ class WeightFakeQuant(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         levels, scale = weight_integers(weight, self.bits)
-        quantized = levels.to(weight.dtype) * _channel_view(scale, weight)
+        # q * s in float32 in any dtype: a float64 copy (the exactness gate's) holds the float32 weights
+        quantized = (levels.float() * _channel_view(scale, weight)).to(weight.dtype)
+        # exactly `quantized`: |q - w| <= s / 2 makes q - w exact (Sterbenz), and so the sum
         return weight + (quantized - weight).detach()
 
 
@@ -81,7 +86,7 @@ class BiasFakeQuant(nn.Module):
         levels, scale = bias_integers(bias, self.layer, self.site)
         if not bool(torch.isfinite(scale).all()):   # the site not calibrated yet (lambda = inf): no grid
             return bias
-        return bias + (levels.to(bias.dtype) * scale.to(bias.dtype) - bias).detach()
+        return bias + ((levels.float() * scale).to(bias.dtype) - bias).detach()
 
 
 def bias_integers(bias: Tensor, layer: nn.Module, site: QuantClippedActivation) -> tuple[Tensor, Tensor]:
@@ -95,7 +100,7 @@ def bias_integers(bias: Tensor, layer: nn.Module, site: QuantClippedActivation) 
 
 
 def _channel_view(scale: Tensor, weight: Tensor) -> Tensor:
-    return scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)
+    return scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
 def fold_batch_norms(model: nn.Module) -> list[str]:
@@ -141,7 +146,8 @@ def _input_site(model: nn.Module, node: fx.Node) -> QuantClippedActivation | Non
         if isinstance(module, QuantClippedActivation):
             return module if module.quantize and not module.per_channel else None
         moves = isinstance(module, VALUE_MOVING_MODULES) or \
-            (value.op == "call_function" and value.target in VALUE_MOVING_FUNCTIONS)
+            (value.op == "call_function" and value.target in VALUE_MOVING_FUNCTIONS) or \
+            (value.op == "call_method" and value.target in _VALUE_MOVING_METHODS)
         value = value.args[0] if moves and value.args else None
     return None
 
