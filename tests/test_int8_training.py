@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import ann2snn
+from ann2snn import models
 from ann2snn.data.sets import load_dataset
 from ann2snn.errors import Ann2SnnError
 from ann2snn.frontend.reader import onnxruntime_session
@@ -262,3 +263,15 @@ def test_the_cli_trains_int8_weights_that_convert(tmp_path):
     with torch.no_grad():
         predictions = snn.simulate(test.x).logits.argmax(1).numpy()
     assert (predictions == np.argmax(default, 1)).mean() >= 0.99
+
+
+def test_a_float_onnx_file_fine_tunes_to_int8_weights(tmp_path):
+    """`train --model FILE.onnx --weight-bits 8`: the importer's layers are folded and quantized alike."""
+    source = tmp_path / "float.onnx"
+    torch.manual_seed(0)
+    torch.onnx.export(models.build_model("digits-cnn", 10).eval(), (torch.zeros(1, 1, 8, 8),), str(source),
+                      dynamo=False, input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    output = tmp_path / "tuned.onnx"
+    train(TrainConfig(**RUN, model=str(source), weight_bits=8, fine_tune=True, onnx=str(output)), progress=False)
+    assert set(integer_layers(output).values()) == {(TensorProto.INT8, None), (TensorProto.INT8, TensorProto.INT32)}
+    assert len(integer_layers(output)) == 4
