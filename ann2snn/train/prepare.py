@@ -5,6 +5,9 @@
     snn = ann2snn.convert(qat)                             exact (METHOD.md section 4)
     ann2snn.export_onnx(qat, "qat.onnx", x)                QDQ file for `ann2snn convert`
 
+With weight_bits=8 the copy's BNs are folded and its Conv / Linear weights fake-quantized to int8
+(weight_quant.py); the export is then full QDQ, int8 weights and int32 biases included.
+
 `prepare` traces the model with torch.fx, gives every call of a ReLU-like op (nn.ReLU, nn.ReLU6,
 nn.Hardtanh(0, c), F.relu, torch.relu, torch.clamp / Tensor.clamp with min=0) a module of its own,
 then reuses the calibration pass (ann2snn/compile/calibrate.py): `quantize_model` turns those modules into

@@ -4,14 +4,18 @@
     quantize_weights(model, 8)     every Conv / Linear weight w is used as q_c * s_c, with
                                    s_c = max|w_c| / 127 and q_c = round(w_c / s_c) in [-127, 127]
 
-The fold happens once, at the start of QAT, from the running statistics: afterwards the network
-has no BN, so the weights that train are the weights that export writes as int8 and that the
-converter reads, with no second set of statistics that could drift apart from them. The rounding
-has a straight-through gradient (the identity) and the scale follows the weights (max-calibrated,
-no gradient). A layer fed by a per-layer site (directly or through ops that only move values, such
-as max pooling or flatten) gets an int32 bias too, b = k * theta_in * s_c, as onnxruntime's integer
-kernels use it: trained on that grid, the export's int32 bias is the bias trained. The weight is a torch parametrization: `layer.weight` is the fake-quantized tensor
-wherever it is read; the float weight that the optimizer steps is `parametrizations.weight.original`.
+The fold happens once, at the start of QAT, from the running statistics (what a float run or the
+init file left; identity statistics from scratch), not per step as torch.ao's ConvBn QAT does:
+afterwards the network has no BN, so the weights that train are the int8 weights the export
+writes and the converter reads. Measured on digits at T = 2, fine-tuning a float ANN this way
+reaches 99.56%; from scratch without BN, 97.11% (`ann2snn train`, seed 0).
+The rounding has a straight-through gradient (the identity); the scale follows the weights
+(max-calibrated, no gradient). A layer fed by a per-layer site (directly or through ops that only
+move values: max pooling, flatten) gets an int32 bias too, b = k * theta_in * s_c, the grid of
+onnxruntime's integer kernels: trained on it, the export's int32 bias is the bias trained (a bias
+rounded only at export moved levels at T = 2 and cost 0.7 points on digits). Each is a torch
+parametrization: `layer.weight` is the fake-quantized tensor wherever it is read; the float
+tensor the optimizer steps is `layer.parametrizations.weight.original`.
 """
 from __future__ import annotations
 
