@@ -25,6 +25,7 @@ from ann2snn.data.sets import load_dataset
 from ann2snn.errors import Ann2SnnError
 from ann2snn.frontend.reader import onnxruntime_session
 from ann2snn.train import TrainConfig, train
+from ann2snn.train.qdq_weights import dequantize_weights
 from ann2snn.train.weight_quant import WeightFakeQuant, fold_batch_norms, weight_integers
 from ann2snn.verify.gate import check_exact
 from hostile import invoke
@@ -275,3 +276,25 @@ def test_a_float_onnx_file_fine_tunes_to_int8_weights(tmp_path):
     train(TrainConfig(**RUN, model=str(source), weight_bits=8, fine_tune=True, onnx=str(output)), progress=False)
     assert set(integer_layers(output).values()) == {(TensorProto.INT8, None), (TensorProto.INT8, TensorProto.INT32)}
     assert len(integer_layers(output)) == 4
+
+
+def gemm_graph(trans_b: int, op: str = "Gemm") -> onnx.GraphProto:
+    """x [1, 4] times a weight stored [in, out] = [4, 3] (transB = 0) or [out, in] = [3, 4] (transB = 1)."""
+    weight = np.arange(12, dtype=np.float32).reshape((3, 4) if trans_b else (4, 3))
+    attributes = {"transB": trans_b} if op == "Gemm" else {}
+    node = onnx.helper.make_node(op, ["x", "w"], ["y"], name="layer", **attributes)
+    return onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                                  [numpy_helper.from_array(weight, "w")])
+
+
+def test_the_onnx_rewrite_puts_output_channels_on_axis_0_or_refuses():
+    levels = (torch.arange(12, dtype=torch.int8).reshape(3, 4), torch.ones(3))
+    graph = gemm_graph(trans_b=1)
+    assert dequantize_weights(graph, {"w": levels}) == ["w"]
+    assert [n.op_type for n in graph.node] == ["DequantizeLinear", "Gemm"]
+    # stored [in, out]: axis 0 is not the output channel, so the rewrite refuses, naming the node
+    with pytest.raises(Ann2SnnError, match=r"node layer \(Gemm\): w has shape \(4, 3\)"):
+        dequantize_weights(gemm_graph(trans_b=0), {"w": levels})
+    # a weight outside a Conv / Gemm is left as it is: export_onnx refuses the model it came from
+    assert dequantize_weights(gemm_graph(trans_b=1, op="MatMul"), {"w": levels}) == []
