@@ -17,7 +17,7 @@ from ann2snn.console.tables import channel_summary, count_ops, site_rows
 from ann2snn.tables import format_table
 from ann2snn.models import MODEL_NAMES
 from ann2snn.console.options import (batch_size_option, min_agreement_option, run_batch_size_option, sample_shape,
-                             zoo_model_or_onnx_file)
+                             weight_bits_option, zoo_model_or_onnx_file)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,6 +74,7 @@ def demo(timesteps, output_dir, epochs, as_json):
                    "fine-tuning, adam 0.001).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--per-channel", is_flag=True, help="One lambda per output channel instead of per layer.")
+@weight_bits_option
 @click.option("--float", "float_only", is_flag=True, help="Train the float ANN (clipped ReLUs, no quantization).")
 @click.option("--float-activation", type=click.Choice(["clipped", "plain"]), default="clipped", show_default=True,
               help="With --float: clipped ReLUs with a trainable lambda, or the model's plain ReLUs.")
@@ -89,7 +90,7 @@ def demo(timesteps, output_dir, epochs, as_json):
               help="The exported ONNX file (QDQ; float with --float); weights go beside it as .safetensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
-def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, per_channel, float_only,
+def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, per_channel, weight_bits, float_only,
           float_activation, max_grad_norm, init, resume, device, workers, seed, output, as_json):
     """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`.
 
@@ -111,7 +112,7 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
         check_output(written, data, init)
     config = TrainConfig(model=model_name, data=data, timesteps=timesteps, beta=beta, epochs=epochs, lr=lr,
                          optimizer=optimizer, fine_tune=init is not None or is_onnx_source(model_name),
-                         batch_size=batch_size, per_channel=per_channel, float_only=float_only,
+                         batch_size=batch_size, per_channel=per_channel, weight_bits=weight_bits, float_only=float_only,
                          float_activation=float_activation, max_grad_norm=max_grad_norm, init=init,
                          resume=resume, device=device, workers=workers, seed=seed, output=weights, onnx=output)
     result = run_training(config, progress=not as_json)

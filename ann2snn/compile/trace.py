@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..runtime.neuron import BitSerialIFNode
 from ..runtime.quant import QuantClippedActivation, QuantDequant
@@ -46,9 +47,25 @@ def unshare_modules(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def freeze_parametrizations(model: nn.Module) -> None:
+    """A parametrized tensor (torch.nn.utils.parametrize: fake-quantized weights, weight norm) becomes the
+    plain parameter it computes, in place: the passes and the artifact see the layer's own type and
+    the values it uses. Not through parametrize.remove_parametrizations, which edits the module's
+    class: a deep copy shares that class with the model it copies, whose weights would vanish."""
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+        module.__class__ = type(module).__bases__[0]   # the layer's class before parametrize subclassed it
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            module.register_parameter(name, nn.Parameter(value))
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """A fresh GraphModule of `model` in eval mode, one module per site; `model` is not modified."""
     model = copy.deepcopy(model).eval()
+    freeze_parametrizations(model)
     if not isinstance(model, fx.GraphModule):
         model = fx.GraphModule(model, SiteTracer().trace(model), type(model).__name__)
     return unshare_modules(model)

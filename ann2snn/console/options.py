@@ -21,6 +21,10 @@ run_batch_size_option = click.option(
 min_agreement_option = click.option(
     "--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PERCENT",
     help="A float source: fail below this prediction agreement with onnxruntime's float run.")
+weight_bits_option = click.option(
+    "--weight-bits", type=int, default=None, metavar="8",
+    help="Train int8 weights: BN folded into the weights, per-channel symmetric fake quantization; the "
+         "export is full QDQ (INT8 weights behind DequantizeLinear).")
 
 
 def sample_shape(text: str | None) -> tuple[int, ...] | None:

@@ -25,6 +25,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     max_grad_norm: float | None = None  # clip the gradient's global norm (None: off); see _train_epoch
     per_channel: bool = False
+    weight_bits: int | None = None    # 8: int8 weights (BN folded, per-channel fake quantization; weight_quant.py)
     device: str = "cpu"
     seed: int = 0
     init: str | None = None           # safetensors state dict or ONNX file to start from

@@ -6,7 +6,10 @@ Each site z -> q(z) * theta becomes
     per channel:  Relu(z) -> Min(lambda[c]) -> QuantizeLinear(theta[c], 0, axis=1) -> DequantizeLinear
 
 with uint8 and zero point 0, so the compiler reads theta = scale and lambda = the clip bound back
-(docs/method.md section 1). Weights stay float. ONNX rounds half to even where q() rounds half up: the
+(docs/method.md section 1). Weights stay float, except in a model whose weights are fake-quantized
+(`weight_quant.quantize_weights`): there every Conv / Gemm weight is an INT8 initializer behind a
+DequantizeLinear, with an int32 bias where its input is a QDQ site (qdq_weights.py). ONNX rounds
+half to even where q() rounds half up: the
 two differ only where z / theta lies exactly (within float rounding) on a level boundary k + 1/2.
 
 BatchNormalization stays a node of its own and every parameter keeps its PyTorch name, so the
@@ -28,10 +31,13 @@ import torch
 from onnx import numpy_helper
 from torch import Tensor, nn
 
+from ..compile.trace import freeze_parametrizations
 from ..runtime.artifact import write_atomically
 from ..errors import Ann2SnnError
 from ..runtime.quant import QuantClippedActivation
 from ..levels import channel_view, timesteps_for_levels
+from .qdq_weights import dequantize_weights
+from .weight_quant import integer_tensors
 
 # uint8 holds levels 0..255: T <= 8 time steps (torch exports fake quantization as uint8 or int8 QDQ only).
 _QUANT_MAX = 255
@@ -71,15 +77,19 @@ class _QdqSite(nn.Module):
         return x
 
 
-def _export_copy(model: nn.Module, qdq: bool) -> nn.Module:
-    """A float32 CPU eval-mode copy of `model` whose sites are _QdqSite modules (the caller's model is untouched)."""
+def _export_copy(model: nn.Module, qdq: bool) -> tuple[nn.Module, dict[str, tuple[Tensor, Tensor]]]:
+    """A float32 CPU eval-mode copy of `model` whose sites are _QdqSite modules (the caller's model is
+    untouched), and the integer levels and scales of its fake-quantized weights and biases by ONNX
+    name (the copy's weights and biases are plain tensors on those grids)."""
     exported = copy.deepcopy(model).cpu().float().eval()
+    weights = integer_tensors(exported)
     for name, module in list(exported.named_modules()):
         if isinstance(module, QuantClippedActivation):
             if not torch.isfinite(module.clip).all():
                 raise Ann2SnnError(f"site {name!r} has no finite clipping threshold lambda: calibrate it first")
             exported.set_submodule(name, _QdqSite(module, qdq))
-    return exported
+    freeze_parametrizations(exported)
+    return exported, weights
 
 
 def _inline_initializer_aliases(graph: onnx.GraphProto) -> None:
@@ -109,7 +119,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
     path = Path(path)
     if path.is_dir():
         raise Ann2SnnError(f"{path}: is a directory, not an ONNX file path")
-    exported = _export_copy(model, qdq)
+    exported, weights = _export_copy(model, qdq)
     example = torch.zeros((2, *input_shape))
 
     def write(tmp: str) -> None:
@@ -127,6 +137,10 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         proto = load_checked(tmp)
         _inline_initializer_aliases(proto.graph)
+        missing = set(weights) - set(dequantize_weights(proto.graph, weights))
+        if missing:   # a tensor the exporter folded into another one or used outside a Conv / Gemm
+            raise Ann2SnnError(f"{path}: the integer tensors {', '.join(sorted(missing))} are not the weight "
+                               "or bias of an exported Conv or Gemm")
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
 

@@ -28,6 +28,7 @@ from .config import FLOAT_ACTIVATIONS, MIN_CLIP, OPTIMIZERS, RESUME_FREE_FIELDS,
 from .guard import DivergenceGuard
 from .init import load_init
 from .regularizer import sample_spikes, spike_regularizer
+from .weight_quant import check_weight_bits, quantize_weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,9 +150,12 @@ def _source_network(model: str, classes: int, input_shape: tuple[int, ...]) -> n
 
 
 def _initialize(model: nn.Module, config: TrainConfig) -> None:
-    """Load `init`, then calibrate the lambdas it does not provide (all of them with `calibrate`) on
-    the "calib" split (the training images without augmentation)."""
+    """Load `init`, then (weight_bits) fold BN and quantize the weights, then calibrate the lambdas
+    `init` does not provide (all of them with `calibrate`) on the "calib" split (the training images
+    without augmentation), through the quantized weights."""
     loaded = load_init(model, config.init) if config.init else set()
+    if config.weight_bits is not None:   # after init: the fold uses its BN statistics
+        quantize_weights(model, config.weight_bits)
     pending = [n for n, s in activation_sites(model).items()
                if config.calibrate or f"{n}.clip" not in loaded or not torch.isfinite(s.clip).all()]
     if pending:
@@ -255,6 +259,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     ckpt_path = config.checkpoint_path
     if config.resume and ckpt_path is None:
         raise Ann2SnnError("resume needs an output path: the checkpoint is <output>.ckpt")
+    check_weight_bits(config.weight_bits)
+    if config.weight_bits is not None and config.float_only:
+        raise Ann2SnnError("weight_bits trains int8 weights behind quantized activations: it cannot be combined "
+                           "with float_only")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise Ann2SnnError(f"device {config.device}: no CUDA device is available")
     context = init_from_env(config.device)  # torchrun: DistributedDataParallel; else one process
@@ -279,6 +287,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         _initialize(model, config)
     else:
         _check_resumable(resume.config, config, ckpt_path)
+        if config.weight_bits is not None:   # the checkpoint's layers: BN folded, weights parametrized
+            quantize_weights(model, config.weight_bits)
     optimizer = _optimizer(model, config)
     global_sizes = global_batch_sizes(len(train_set), config.batch_size) if context.distributed else None
     steps_per_epoch = len(global_sizes) if global_sizes is not None else len(epoch_loader(train_set, config, 0))

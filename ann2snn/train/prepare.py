@@ -5,6 +5,9 @@
     snn = ann2snn.convert(qat)                             exact (docs/method.md section 4)
     ann2snn.export_onnx(qat, "qat.onnx", x)                QDQ file for `ann2snn convert`
 
+With weight_bits=8 the copy's BNs are folded and its Conv / Linear weights fake-quantized to int8
+(weight_quant.py); the export is then full QDQ, int8 weights and int32 biases included.
+
 `prepare` traces the model with torch.fx, gives every call of a ReLU-like op (nn.ReLU, nn.ReLU6,
 nn.Hardtanh(0, c), F.relu, torch.relu, torch.clamp / Tensor.clamp with min=0) a module of its own,
 then reuses the calibration pass (ann2snn/compile/calibrate.py): `quantize_model` turns those modules into
@@ -28,6 +31,7 @@ from ..compile.trace import SiteTracer
 from ..runtime.quant import QuantClippedActivation
 from .config import MIN_CLIP, TrainConfig
 from .regularizer import spike_regularizer
+from .weight_quant import check_weight_bits, quantize_weights
 
 # Tensor methods and in-place variants with the functional form that `clip_bound` recognises.
 _METHOD_FUNCTIONS = {"relu": torch.relu, "relu_": torch.relu, "clamp": torch.clamp, "clamp_": torch.clamp,
@@ -62,16 +66,20 @@ class PreparedModel(fx.GraphModule):
 
 
 def prepare(model: nn.Module, T: int = 3, example_input: Tensor | None = None, per_channel: bool = False,
-            percentile: float = DEFAULT_PERCENTILE) -> PreparedModel:
+            percentile: float = DEFAULT_PERCENTILE, weight_bits: int | None = None) -> PreparedModel:
     """A trainable quantized copy of `model`: every ReLU-like op becomes a QuantClippedActivation with
     L = 2^T - 1 levels and a trainable lambda (one per channel with `per_channel`), calibrated as the
     `percentile` of the site's positive activations on `example_input` (a batch [N, C, ...]).
+    weight_bits=8: every BN fed by a conv / linear layer is folded into it (from its running
+    statistics: prepare a trained model) and every Conv / Linear weight is fake-quantized to int8
+    per output channel (weight_quant.py); `export_onnx` then writes full QDQ.
 
     The sites record their spike counts, so `spike_penalty` reads the last forward pass. `model` is
     not modified; the copy keeps its training mode, device and dtype. Refuses (Ann2SnnError) a model
     torch.fx cannot trace, a clamp / Hardtanh with a lower bound other than 0, and a model without
     a ReLU-like op.
     """
+    check_weight_bits(weight_bits)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise Ann2SnnError("prepare needs example_input, a batch of inputs [N, C, ...], to calibrate lambda")
     gm = _trace_copy(model)
@@ -80,6 +88,8 @@ def prepare(model: nn.Module, T: int = 3, example_input: Tensor | None = None, p
         raise Ann2SnnError(f"{type(model).__name__}: no ReLU-like activation (nn.ReLU, nn.ReLU6, nn.Hardtanh(0, c), "
                            "F.relu, torch.relu, clamp(min=0)) to quantize")
     quantize_model(gm, T, per_channel, tuple(example_input.shape[1:]))
+    if weight_bits is not None:
+        quantize_weights(gm, weight_bits)
     param = first_tensor(gm)
     calibrate_clips(gm, [(example_input.to(param.device, param.dtype),)], percentile, batches=None)
     for site in activation_sites(gm).values():
