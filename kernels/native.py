@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..levels import spike_code_dtype
 
-from .layout import channel_layout
+from .layout import ChannelLayout, channel_layout
 from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args
 
 SOURCE = Path(__file__).with_name("neuron_cpu.c")
@@ -61,18 +61,18 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(compiler: str, flags: tuple[str, ...]) -> Path:
+def _build(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
     """The shared library for this source, flags, compiler and CPU: from the cache, else compiled."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_identity()]).encode())
-    target = _cache_dir() / f"neuron_cpu-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_identity()]).encode())
+    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
+        result = subprocess.run([compiler, *flags, str(source), "-o", partial], capture_output=True, text=True,
                                 check=False)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
@@ -84,29 +84,50 @@ def _build(compiler: str, flags: tuple[str, ...]) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (no compiler, or the build failed: warned once)."""
+def load_native(source: Path, user: str) -> ctypes.CDLL | None:
+    """The compiled `source` (a C file of kernels/), or None: no compiler, or the build failed,
+    warned once, naming `user` (what then runs its slower PyTorch reference)."""
     compiler = _compiler()
     if compiler is None:
-        warnings.warn("no C compiler (set CC): the CPU neuron runs its slower PyTorch reference", RuntimeWarning,
+        warnings.warn(f"no C compiler (set CC): {user} runs its slower PyTorch reference", RuntimeWarning,
                       stacklevel=3)
         return None
     errors = []
     for flags in FLAG_SETS:
         try:
-            library = ctypes.CDLL(str(_build(compiler, flags)))
-            break
+            return ctypes.CDLL(str(_build(source, compiler, flags)))
         except (OSError, RuntimeError) as error:
             errors.append(error)
-    else:
-        warnings.warn(f"building kernels/neuron_cpu.c failed ({errors[0]}): the CPU neuron runs its slower "
-                      "PyTorch reference", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"building kernels/{source.name} failed ({errors[0]}): {user} runs its slower "
+                  "PyTorch reference", RuntimeWarning, stacklevel=3)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    """The loaded neuron kernel, or None (see load_native)."""
+    library = load_native(SOURCE, "the CPU neuron")
+    if library is None:
         return None
     fire = library.ann2snn_fire_f32
     fire.restype = ctypes.c_int
     fire.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int64]
                      + [ctypes.c_int] * 3)
     return library
+
+
+def row_walk(x: Tensor) -> tuple[ChannelLayout, bool, int]:
+    """How the C kernels walk an [N, C, *spatial] tensor: its dense layout (NCHW or channels-last,
+    copied to NCHW if neither), whether rows run over C (channels-last) rather than S, and the rows
+    of a work item (about ITEM_NEURONS elements)."""
+    layout = channel_layout(x)
+    # rows along the unit-stride axis; with both unit-stride (S = 1), along the longer one
+    rows_over_c = layout.stride_c == 1 and (layout.stride_s != 1 or layout.c > layout.s)
+    if layout.stride_s != 1 and not (rows_over_c and layout.stride_s == layout.c):
+        layout = channel_layout(x.contiguous())   # dense, but neither NCHW nor channels-last
+        rows_over_c = False
+    run = layout.c if rows_over_c else layout.s    # elements per row
+    return layout, rows_over_c, max(1, ITEM_NEURONS // run)
 
 
 def native_neuron_enabled() -> bool:
@@ -135,14 +156,7 @@ def fire_fused_native(potential: Tensor, theta: Tensor | float, membrane_offset:
         raise RuntimeError("the native CPU neuron could not be built (see the warning when it was first tried)")
     if potential.device.type != "cpu" or potential.dtype != torch.float32:
         raise TypeError(f"the native neuron takes float32 CPU potentials, got {potential.dtype} on {potential.device}")
-    layout = channel_layout(potential)
-    # rows along the unit-stride axis; with both unit-stride (S = 1), along the longer one
-    rows_over_c = layout.stride_c == 1 and (layout.stride_s != 1 or layout.c > layout.s)
-    if layout.stride_s != 1 and not (rows_over_c and layout.stride_s == layout.c):
-        layout = channel_layout(potential.contiguous())   # dense, but neither NCHW nor channels-last
-        rows_over_c = False
-    run = layout.c if rows_over_c else layout.s    # neurons per row
-    rows_per_item = max(1, ITEM_NEURONS // run)
+    layout, rows_over_c, rows_per_item = row_walk(potential)
     # theta and the offset as [C] arrays (rows over S read one per row); rows over C fire runs of
     # rows_per_item positions with per-element theta, so they get that many copies end to end
     theta_c = as_channel_tensor(theta, layout.tensor, "theta").expand(layout.c)

@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 
 from ..errors import Ann2SnnError
+from ..kernels.int_levels_reference import UNREACHABLE, levels_from_thresholds
 
 __all__ = ["integer_thresholds", "levels_from_thresholds", "qlinear_multiplier", "requantize_qdq",
            "requantize_qlinear"]
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-UNREACHABLE = 2 ** 31   # the threshold of a level no int32 accumulator reaches
 
 
 def _float32(values) -> Tensor:
@@ -116,19 +116,3 @@ def _check_monotone(requantize: Callable[[Tensor], Tensor], thresholds: Tensor, 
               thresholds[:, 1:] >= thresholds[:, :-1]]
     if not all(bool(check.all()) for check in checks):
         raise Ann2SnnError("integer thresholds: the requantization is not monotone in the accumulator")
-
-
-_CHANNEL_STRIDE = 2 ** 33   # wider than the span of thresholds and int32 accumulators
-
-
-def levels_from_thresholds(accumulator: Tensor, thresholds: Tensor, lo: int) -> Tensor:
-    """y = lo + #{k : t[c, k] <= A}, integer only: accumulator [N, C, *spatial] (any memory
-    layout), thresholds [C, L]. One search over all channels at once: channel c's thresholds and
-    accumulators are lifted by c * 2^33, so the lifted thresholds form one sorted sequence and
-    the rank of a lifted A is c * L + its count."""
-    channels, per_channel = thresholds.shape
-    lift = torch.arange(channels, dtype=torch.int64) * _CHANNEL_STRIDE
-    sequence = (thresholds.to(torch.int64) + lift[:, None]).reshape(-1)
-    channels_last = accumulator.movedim(1, -1)   # a contiguous view when the memory is channels-last
-    rank = torch.searchsorted(sequence, (channels_last.to(torch.int64) + lift).contiguous(), right=True)
-    return (rank - (torch.arange(channels, dtype=torch.int64) * per_channel - lo)).movedim(-1, 1)

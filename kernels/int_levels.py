@@ -1,0 +1,185 @@
+"""The integer neuron of the time-folded evaluator: int32 accumulators to levels, in one pass.
+
+A quantized layer's requantization is, per channel c, K ascending integer thresholds
+(ann2snn.runtime.integer.integer_thresholds), and the level of an accumulator A is
+lo + #{k : t[c, k] <= A} (the reference, kernels/int_levels_reference.py, takes it by one
+torch.searchsorted over all channels, which costs more than the integer conv before it). Here
+each channel's thresholds are padded with UNREACHABLE to 2^STEPS - 1, STEPS = bit length of K,
+and the count is a branch-free binary search of STEPS probes per element: in C on the CPU
+(kernels/int_levels_cpu.c, built by kernels/native.py) and in Triton on CUDA. The same pass can
+count the spikes per sample, popcount(level) summed, which evaluate reports.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..levels import popcount_sum_
+from .device_functions import channel_tile, popcount, tile_sum
+from .dispatch import lazy_jit, use_triton
+from .int_levels_reference import UNREACHABLE, levels_from_thresholds
+from .layout import channel_layout, tile_launch
+from .native import load_native, native_neuron_enabled, row_walk
+
+# triton.language, bound when a kernel is first launched (kernels/dispatch.py: LazyKernel)
+tl = None
+
+__all__ = ["IntLevels", "int_levels_native_available", "levels_fused", "levels_fused_native",
+           "levels_fused_reference", "levels_fused_triton"]
+
+SOURCE = Path(__file__).with_name("int_levels_cpu.c")
+
+
+class IntLevels(NamedTuple):
+    """levels: the accumulator's levels in its shape and memory format, in `level_dtype`.
+    sample_spikes: int64 [N], popcount(level) summed per sample, or None."""
+
+    levels: Tensor
+    sample_spikes: Tensor | None
+
+
+def level_dtype(lo: int, hi: int) -> torch.dtype:
+    """The narrowest of uint8, int16, int32 holding every level of lo..hi."""
+    for dtype in (torch.uint8, torch.int16):
+        if torch.iinfo(dtype).min <= lo and hi <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int32
+
+
+def _check(accumulator: Tensor, thresholds: Tensor, lo: int, sample_spikes: bool) -> None:
+    """Refuse what neither path computes alike: thresholds not [C, K] ascending integers, an
+    accumulator that is not int32 [N, C, ...], or spike counts of negative levels."""
+    if accumulator.dtype != torch.int32 or accumulator.dim() < 2:
+        raise TypeError(f"levels_fused takes an int32 [N, C, *spatial] accumulator, got {accumulator.dtype} "
+                        f"{tuple(accumulator.shape)}")
+    if (thresholds.dim() != 2 or thresholds.shape[0] != accumulator.shape[1] or thresholds.is_floating_point()
+            or not bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())):
+        raise ValueError(f"levels_fused: thresholds must be ascending integers [C={accumulator.shape[1]}, K], got "
+                         f"{thresholds.dtype} {tuple(thresholds.shape)}")
+    if sample_spikes and lo < 0:
+        raise ValueError(f"levels_fused: spike counts need levels >= 0, got lo = {lo}")
+
+
+def _padded(thresholds: Tensor, device: torch.device) -> tuple[Tensor, int]:
+    """The thresholds as int64 [C, 2^steps] padded with UNREACHABLE, and steps (K's bit length)."""
+    channels, per_channel = thresholds.shape
+    steps = per_channel.bit_length()
+    padded = torch.full((channels, 1 << steps), UNREACHABLE, dtype=torch.int64, device=device)
+    padded[:, :per_channel] = thresholds
+    return padded, steps
+
+
+def levels_fused_reference(accumulator: Tensor, thresholds: Tensor, lo: int, *,
+                           sample_spikes: bool = False) -> IntLevels:
+    """`levels_fused` by the reference's torch.searchsorted (and popcount_sum_ for the spikes)."""
+    _check(accumulator, thresholds, lo, sample_spikes)
+    hi = lo + thresholds.shape[1]
+    levels = levels_from_thresholds(accumulator, thresholds, lo)
+    spikes = popcount_sum_(levels.to(torch.float64), hi, tuple(range(1, levels.dim()))) if sample_spikes else None
+    return IntLevels(levels.to(level_dtype(lo, hi)), spikes)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    library = load_native(SOURCE, "the integer neuron")
+    if library is None:
+        return None
+    levels = library.ann2snn_int_levels
+    levels.restype = ctypes.c_int
+    levels.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
+                       + [ctypes.c_int, ctypes.c_int32, ctypes.c_int, ctypes.c_int])
+    return library
+
+
+def int_levels_native_available() -> bool:
+    """Whether the C kernel is enabled (ANN2SNN_NATIVE) and built (building it at the first call)."""
+    return native_neuron_enabled() and _library() is not None
+
+
+def levels_fused_native(accumulator: Tensor, thresholds: Tensor, lo: int, *,
+                        sample_spikes: bool = False) -> IntLevels:
+    """`levels_fused` on the C kernel (int32 CPU accumulators)."""
+    _check(accumulator, thresholds, lo, sample_spikes)
+    library = _library()
+    if library is None:
+        raise RuntimeError("the native integer neuron could not be built (see the warning when it was first tried)")
+    if accumulator.device.type != "cpu":
+        raise TypeError(f"the native integer neuron takes CPU accumulators, got {accumulator.device}")
+    layout, rows_over_c, rows_per_item = row_walk(accumulator)
+    padded, steps = _padded(thresholds, layout.tensor.device)
+    levels = layout.empty_like(level_dtype(lo, lo + thresholds.shape[1]))
+    threads = max(1, torch.get_num_threads())
+    scratch = torch.zeros(threads, layout.n, dtype=torch.int64) if sample_spikes else None
+    if accumulator.numel():
+        with torch.profiler.record_function("ann2snn::levels_fused_native"):   # ctypes calls are no aten ops
+            status = library.ann2snn_int_levels(
+                layout.tensor.data_ptr(), padded.data_ptr(), levels.data_ptr(),
+                scratch.data_ptr() if scratch is not None else None, layout.n, layout.c, layout.s, layout.stride_n,
+                int(rows_over_c), rows_per_item, steps, lo, levels.element_size(), threads)
+        if status != 0:
+            raise ValueError(f"kernels/int_levels_cpu.c refused {thresholds.shape[1]} thresholds")
+    return IntLevels(levels, scratch.sum(0) if scratch is not None else None)
+
+
+@lazy_jit
+def _levels_kernel(
+    acc_ptr, thresholds_ptr, levels_ptr, sample_ptr,
+    N, C, S, stride_n, stride_c, stride_s,        # the [N, C, S] view shared by the accumulator and levels
+    LO: tl.constexpr,
+    STEPS: tl.constexpr,                          # probes of the binary search; rows of 2^STEPS thresholds
+    WANT_SAMPLE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    n, c, mask_n, mask_c, mask, offsets = channel_tile(N, C, S, stride_n, stride_c, stride_s,
+                                                       BLOCK_N, BLOCK_C, BLOCK_S, WIDE)
+    a = tl.load(acc_ptr + offsets, mask=mask, other=0).to(tl.int64)
+    row = c[None, :, None].to(tl.int64) * (1 << STEPS)
+    position = tl.where(mask, 0, 0)
+    for step in tl.static_range(STEPS):
+        half = 1 << (STEPS - 1 - step)
+        t = tl.load(thresholds_ptr + row + position + (half - 1), mask=mask, other=0)
+        position += tl.where(t <= a, half, 0)
+    level = position + LO
+    tl.store(levels_ptr + offsets, level.to(levels_ptr.dtype.element_ty), mask=mask)
+    if WANT_SAMPLE:
+        count = tl.where(mask, popcount(level), 0)
+        per_sample = tile_sum(tile_sum(count, 2), 1)
+        tl.atomic_add(sample_ptr + n, per_sample.to(tl.int64), mask=mask_n, sem="relaxed")
+
+
+def levels_fused_triton(accumulator: Tensor, thresholds: Tensor, lo: int, *,
+                        sample_spikes: bool = False) -> IntLevels:
+    """`levels_fused` on the Triton kernel, whatever the device (CPU needs TRITON_INTERPRET=1)."""
+    _check(accumulator, thresholds, lo, sample_spikes)
+    layout = channel_layout(accumulator)
+    padded, steps = _padded(thresholds, accumulator.device)
+    levels = layout.empty_like(level_dtype(lo, lo + thresholds.shape[1]))
+    sample = torch.zeros(layout.n, dtype=torch.int64, device=accumulator.device) if sample_spikes else None
+    if accumulator.numel():
+        grid, view, tile = tile_launch(layout)
+        # an unused count gets a harmless pointer: WANT_SAMPLE compiles its add away
+        _levels_kernel[grid](layout.tensor, padded, levels, levels if sample is None else sample, *view,
+                             LO=lo, STEPS=steps, WANT_SAMPLE=sample_spikes, **tile)
+    return IntLevels(levels, sample)
+
+
+def levels_fused(accumulator: Tensor, thresholds: Tensor, lo: int, *, sample_spikes: bool = False) -> IntLevels:
+    """The levels lo + #{k : thresholds[c, k] <= A} of an int32 accumulator [N, C, *spatial] (NCHW,
+    channels-last or [N, C]; other layouts are copied first), thresholds [C, K] ascending integers
+    (ann2snn.runtime.integer.integer_thresholds). Returns IntLevels: the levels in the input's
+    memory format as uint8, int16 or int32 (`level_dtype`), and with `sample_spikes` the spikes
+    per sample. Runs Triton where `use_triton` says so, the C kernel on the CPU where it is built,
+    else the reference; all give the same integers."""
+    if use_triton(accumulator):
+        return levels_fused_triton(accumulator, thresholds, lo, sample_spikes=sample_spikes)
+    if accumulator.device.type == "cpu" and int_levels_native_available():
+        return levels_fused_native(accumulator, thresholds, lo, sample_spikes=sample_spikes)
+    return levels_fused_reference(accumulator, thresholds, lo, sample_spikes=sample_spikes)

@@ -1,0 +1,120 @@
+/* The integer neuron of kernels/int_levels.py on the CPU: int32 accumulators to levels by
+ * per-channel thresholds, level = lo + #{k : t[c, k] <= A}, in one pass.
+ *
+ * Each channel's K ascending thresholds come padded to 2^STEPS - 1 entries with 2^31, which no
+ * int32 reaches, so the count is a branch-free binary search of STEPS probes (8 for K = 255)
+ * instead of K comparisons. The level is stored as uint8, int16 or int32 (out_bytes 1, 2, 4), and,
+ * with `scratch`, popcount(level) is added per sample into the thread's own slice of scratch
+ * (zeroed by the caller, who sums the slices). Built and loaded by kernels/native.py.
+ *
+ * The tensor is dense, NCHW or channels-last, and walked in work items of `rows_per_item` rows of
+ * one sample, as kernels/neuron_cpu.c walks it: rows over S (row r is channel r, S adjacent
+ * positions) or rows over C (a position's C adjacent channels).
+ */
+#include <stdint.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_INDEX omp_get_thread_num()
+#else
+#define THREAD_INDEX 0
+#endif
+
+/* #{k : t[k] <= a} over the 2^steps - 1 padded thresholds t: the first probe halves the range,
+ * each next one halves what is left. steps is a literal up to 8 at the call sites. */
+INLINE int32_t count_reached(const int64_t *restrict t, int64_t a, const int steps) {
+    int32_t position = 0;
+    for (int step = steps - 1; step >= 0; --step) {
+        const int32_t half = (int32_t)1 << step;
+        position += t[position + half - 1] <= a ? half : 0;
+    }
+    return position;
+}
+
+/* `rows` rows of `len` adjacent accumulators, row r at acc + r * row_stride. PER_ELEMENT 0: row r
+ * is channel r (thresholds start at the first row's channel); 1: element i is channel i. Returns
+ * the spikes of all rows when COUNT. steps, PER_ELEMENT, OUT_BYTES and COUNT are literals at
+ * every call site, so the search unrolls and the store has its width. */
+INLINE int64_t level_rows(const int32_t *restrict acc, const int64_t *restrict thresholds, void *restrict out,
+                          int64_t rows, int64_t row_stride, int64_t len, int64_t padded, int32_t lo,
+                          const int steps, const int PER_ELEMENT, const int OUT_BYTES, const int COUNT) {
+    int64_t spikes = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int32_t *restrict row = acc + r * row_stride;
+        int32_t row_spikes = 0;
+        for (int64_t i = 0; i < len; ++i) {
+            const int64_t *restrict t = thresholds + (PER_ELEMENT ? i : r) * padded;
+            const int32_t level = lo + count_reached(t, row[i], steps);
+            const int64_t at = r * row_stride + i;
+            if (OUT_BYTES == 1)
+                ((uint8_t *)out)[at] = (uint8_t)level;
+            else if (OUT_BYTES == 2)
+                ((int16_t *)out)[at] = (int16_t)level;
+            else
+                ((int32_t *)out)[at] = level;
+            if (COUNT)
+                row_spikes += __builtin_popcount((unsigned)level);
+        }
+        spikes += row_spikes;
+    }
+    return spikes;
+}
+
+/* level_rows with its literals: the OpenMP region passes its variables through a struct, where a
+ * constant would no longer be one. Above 8 steps (K > 255) the search runs with a variable count. */
+static int64_t level_rows_dispatch(const int32_t *acc, const int64_t *thresholds, void *out, int64_t rows,
+                                   int64_t row_stride, int64_t len, int64_t padded, int32_t lo, int steps,
+                                   int per_element, int out_bytes, int count) {
+#define ROWS(STEPS, PER_ELEMENT, OUT_BYTES, COUNT) \
+    level_rows(acc, thresholds, out, rows, row_stride, len, padded, lo, STEPS, PER_ELEMENT, OUT_BYTES, COUNT)
+#define BY_LAYOUT(STEPS, OUT_BYTES, COUNT) \
+    (per_element ? ROWS(STEPS, 1, OUT_BYTES, COUNT) : ROWS(STEPS, 0, OUT_BYTES, COUNT))
+#define BY_OUTPUT(STEPS)                                                                     \
+    (out_bytes == 1 ? (count ? BY_LAYOUT(STEPS, 1, 1) : BY_LAYOUT(STEPS, 1, 0))              \
+     : out_bytes == 2 ? (count ? BY_LAYOUT(STEPS, 2, 1) : BY_LAYOUT(STEPS, 2, 0))           \
+                      : (count ? BY_LAYOUT(STEPS, 4, 1) : BY_LAYOUT(STEPS, 4, 0)))
+    switch (steps) {
+        case 0: return BY_OUTPUT(0);
+        case 1: return BY_OUTPUT(1);
+        case 2: return BY_OUTPUT(2);
+        case 3: return BY_OUTPUT(3);
+        case 4: return BY_OUTPUT(4);
+        case 5: return BY_OUTPUT(5);
+        case 6: return BY_OUTPUT(6);
+        case 7: return BY_OUTPUT(7);
+        case 8: return BY_OUTPUT(8);
+        default: return BY_OUTPUT(steps);
+    }
+#undef BY_OUTPUT
+#undef BY_LAYOUT
+#undef ROWS
+}
+
+/* acc: int32, dense [N, C, S] with sample stride stride_n, channel-last (rows_over_c) or NCHW.
+ * thresholds: int64 [C, 2^steps], each row ascending and padded with 2^31. out: same strides as
+ * acc. scratch: [threads, N] int64 zeros, or null for no spike counts. Returns 0, or 1 for steps
+ * outside 0..31 or a width other than 1, 2, 4. */
+int ann2snn_int_levels(const int32_t *acc, const int64_t *thresholds, void *out, int64_t *scratch, int64_t N,
+                       int64_t C, int64_t S, int64_t stride_n, int rows_over_c, int64_t rows_per_item, int steps,
+                       int32_t lo, int out_bytes, int threads) {
+    if (steps < 0 || steps > 31 || (out_bytes != 1 && out_bytes != 2 && out_bytes != 4))
+        return 1;
+    const int64_t rows = rows_over_c ? S : C, row_stride = rows_over_c ? C : S, len = rows_over_c ? C : S;
+    const int64_t padded = (int64_t)1 << steps;
+    const int64_t items_per_sample = (rows + rows_per_item - 1) / rows_per_item;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < N * items_per_sample; ++item) {
+        const int64_t n = item / items_per_sample, first = (item % items_per_sample) * rows_per_item;
+        const int64_t count = rows - first < rows_per_item ? rows - first : rows_per_item;
+        const int64_t base = n * stride_n + first * row_stride;
+        const int64_t *t = rows_over_c ? thresholds : thresholds + first * padded;
+        const int64_t spikes = level_rows_dispatch(acc + base, t, (char *)out + base * out_bytes, count,
+                                                   row_stride, len, padded, lo, steps, rows_over_c, out_bytes,
+                                                   scratch != 0);
+        if (scratch)
+            scratch[THREAD_INDEX * N + n] += spikes;
+    }
+    return 0;
+}
