@@ -7,6 +7,9 @@
 - `int_linear` / `int_conv2d` / `IntConv2d`: int8 weights x unsigned levels with exact int32
   accumulation (torch._int_mm, oneDNN's u8 x s8 convolution, or `int8_gemm_triton`); reference
   `int_linear_reference` / `int_conv2d_reference` (kernels/int_layers_reference.py).
+- `levels_fused`: int32 accumulators to levels by per-channel integer thresholds, with the spikes
+  per sample, in one pass (C kernels/int_levels_cpu.c on the CPU, Triton on CUDA); reference
+  `levels_from_thresholds` (kernels/int_levels_reference.py).
 - `pack_spikes` / `unpack_spikes`: the spike code (uint8 for T <= 8, uint16 up to T = 16) <-> binary
   planes [T, ...].
 
@@ -18,6 +21,8 @@ compiled at first use by kernels/native.py).
 from .dispatch import use_triton
 from .int_layers import IntConv2d, int8_gemm, int8_gemm_triton, int_conv2d, int_linear
 from .int_layers_reference import int_conv2d_reference, int_linear_reference
+from .int_levels import IntLevels, levels_fused
+from .int_levels_reference import levels_from_thresholds
 from .native import fire_fused_native
 from .neuron import NeuronOutput, fire_fused, fire_fused_triton
 from ..levels import pack_spikes, unpack_spikes
@@ -27,6 +32,7 @@ from .quant_act_reference import quant_act_fused_reference
 
 __all__ = [
     "IntConv2d",
+    "IntLevels",
     "NeuronOutput",
     "fire_fused",
     "fire_fused_native",
@@ -38,6 +44,8 @@ __all__ = [
     "int_conv2d_reference",
     "int_linear",
     "int_linear_reference",
+    "levels_fused",
+    "levels_from_thresholds",
     "pack_spikes",
     "quant_act_fused",
     "quant_act_fused_reference",
