@@ -6,6 +6,8 @@ Every Conv2d and Linear of resnet20 at its own input shape, batch 64, torch.set_
   CPU) and IntConv2d(engine="im2col") (im2col + torch._int_mm), int_linear (torch._int_mm);
 - int + thresholds: the int layer followed by levels_from_thresholds (ann2snn.runtime.integer)
   with 2^T - 1 thresholds per channel, the integer-only neuron of the time-folded evaluator;
+- int + fused levels: the int layer followed by levels_fused (ann2snn.kernels: the same levels and
+  the spikes per sample in one pass of a C kernel, kernels/int_levels_cpu.c);
 - int + requantize: the int layer followed by requantize_qlinear, onnxruntime's float32
   requantization of the accumulator, which gives the same levels elementwise.
 Each layer is timed in --repeats interleaved rounds (fastest and median); a network's time is
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn import models
-from ann2snn.kernels import IntConv2d, int_linear
+from ann2snn.kernels import IntConv2d, int_linear, levels_fused
 from ann2snn.runtime.integer import levels_from_thresholds, requantize_qlinear
 
 
@@ -77,6 +79,8 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
         return {"fp32 NCHW": lambda: F.linear(x, w, b), "fp32 channels_last": lambda: F.linear(x, w, b),
                 "int": lambda: int_linear(levels, weight, bias), "int im2col": lambda: int_linear(levels, weight, bias),
                 "int + thresholds": lambda: levels_from_thresholds(int_linear(levels, weight, bias), thresholds, 0),
+                "int + fused levels": lambda: levels_fused(int_linear(levels, weight, bias), thresholds, 0,
+                                                           sample_spikes=True),
                 "int + requantize": lambda: requantized(int_linear(levels, weight, bias))}
     options = (layer.stride, layer.padding, layer.dilation, layer.groups)
     x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
@@ -86,6 +90,7 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
             "fp32 channels_last": lambda: F.conv2d(x_cl, w_cl, b, *options),
             "int": lambda: conv(levels_cl), "int im2col": lambda: im2col(levels_cl),
             "int + thresholds": lambda: levels_from_thresholds(conv(levels_cl), thresholds, 0),
+            "int + fused levels": lambda: levels_fused(conv(levels_cl), thresholds, 0, sample_spikes=True),
             "int + requantize": lambda: requantized(conv(levels_cl))}
 
 
