@@ -33,6 +33,10 @@ __all__ = ["IntLevels", "int_levels_native_available", "levels_fused", "levels_f
            "levels_fused_reference", "levels_fused_triton"]
 
 SOURCE = Path(__file__).with_name("int_levels_cpu.c")
+# Up to this many thresholds the C kernel compares an accumulator with each, vectorized over the
+# row, which measures faster than the search's gathers (bench/int_kernels.py, K = 15).
+COUNT_MAX_THRESHOLDS = 32
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 class IntLevels(NamedTuple):
@@ -52,14 +56,17 @@ def level_dtype(lo: int, hi: int) -> torch.dtype:
 
 
 def _check(accumulator: Tensor, thresholds: Tensor, lo: int, sample_spikes: bool) -> None:
-    """Refuse what neither path computes alike: thresholds not [C, K] ascending integers, an
-    accumulator that is not int32 [N, C, ...], or spike counts of negative levels."""
+    """Refuse what the paths would not compute alike: thresholds not [C, K] ascending integers in
+    INT32_MIN..UNREACHABLE, an accumulator that is not int32 [N, C, ...], or spike counts of
+    negative levels."""
     if accumulator.dtype != torch.int32 or accumulator.dim() < 2:
         raise TypeError(f"levels_fused takes an int32 [N, C, *spatial] accumulator, got {accumulator.dtype} "
                         f"{tuple(accumulator.shape)}")
     if (thresholds.dim() != 2 or thresholds.shape[0] != accumulator.shape[1] or thresholds.is_floating_point()
-            or not bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())):
-        raise ValueError(f"levels_fused: thresholds must be ascending integers [C={accumulator.shape[1]}, K], got "
+            or not bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())
+            or (thresholds.numel() and not INT32_MIN <= int(thresholds.min()) <= int(thresholds.max()) <= UNREACHABLE)):
+        raise ValueError(f"levels_fused: thresholds must be ascending integers in -2^31..2^31 "
+                         f"[C={accumulator.shape[1]}, K], got "
                          f"{thresholds.dtype} {tuple(thresholds.shape)}")
     if sample_spikes and lo < 0:
         raise ValueError(f"levels_fused: spike counts need levels >= 0, got lo = {lo}")
@@ -91,8 +98,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     levels = library.ann2snn_int_levels
     levels.restype = ctypes.c_int
-    levels.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
-                       + [ctypes.c_int, ctypes.c_int32, ctypes.c_int, ctypes.c_int])
+    levels.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                                                                          ctypes.c_int64, ctypes.c_int32]
+                       + [ctypes.c_int] * 2)
     return library
 
 
@@ -111,18 +119,27 @@ def levels_fused_native(accumulator: Tensor, thresholds: Tensor, lo: int, *,
     if accumulator.device.type != "cpu":
         raise TypeError(f"the native integer neuron takes CPU accumulators, got {accumulator.device}")
     layout, rows_over_c, rows_per_item = row_walk(accumulator)
-    padded, steps = _padded(thresholds, layout.tensor.device)
-    levels = layout.empty_like(level_dtype(lo, lo + thresholds.shape[1]))
+    per_channel = thresholds.shape[1]
+    if per_channel <= COUNT_MAX_THRESHOLDS:   # level-major int32, 2^31 clamped and counted per channel
+        search, steps = None, 0
+        # rows over C count runs of rows_per_item positions: that many copies of the channels
+        copies = rows_per_item if rows_over_c else 1
+        by_level = thresholds.clamp(max=INT32_MAX).to(torch.int32).t().repeat(1, copies).contiguous()
+        unreached = (thresholds == UNREACHABLE).sum(1, dtype=torch.int32).repeat(copies)
+    else:
+        (search, steps), by_level, unreached = _padded(thresholds, layout.tensor.device), None, None
+    levels = layout.empty_like(level_dtype(lo, lo + per_channel))
     threads = max(1, torch.get_num_threads())
     scratch = torch.zeros(threads, layout.n, dtype=torch.int64) if sample_spikes else None
     if accumulator.numel():
         with torch.profiler.record_function("ann2snn::levels_fused_native"):   # ctypes calls are no aten ops
             status = library.ann2snn_int_levels(
-                layout.tensor.data_ptr(), padded.data_ptr(), levels.data_ptr(),
-                scratch.data_ptr() if scratch is not None else None, layout.n, layout.c, layout.s, layout.stride_n,
-                int(rows_over_c), rows_per_item, steps, lo, levels.element_size(), threads)
+                layout.tensor.data_ptr(), *(x.data_ptr() if x is not None else None for x in (search, by_level, unreached)),
+                levels.data_ptr(), scratch.data_ptr() if scratch is not None else None, layout.n, layout.c, layout.s,
+                layout.stride_n, int(rows_over_c), rows_per_item, steps, per_channel, lo, levels.element_size(),
+                threads)
         if status != 0:
-            raise ValueError(f"kernels/int_levels_cpu.c refused {thresholds.shape[1]} thresholds")
+            raise ValueError(f"kernels/int_levels_cpu.c refused {per_channel} thresholds")
     return IntLevels(levels, scratch.sum(0) if scratch is not None else None)
 
 

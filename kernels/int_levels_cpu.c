@@ -22,6 +22,14 @@
 #define THREAD_INDEX 0
 #endif
 
+/* Set bits of each level >= 0 (SWAR, which vectorizes where __builtin_popcount may not). */
+INLINE int32_t popcount_32(uint32_t x) {
+    x = x - ((x >> 1) & 0x55555555u);
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+    x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+    return (int32_t)((x * 0x01010101u) >> 24);
+}
+
 /* #{k : t[k] <= a} over the 2^steps - 1 padded thresholds t: the first probe halves the range,
  * each next one halves what is left. steps is a literal up to 8 at the call sites. */
 INLINE int32_t count_reached(const int64_t *restrict t, int64_t a, const int steps) {
@@ -55,9 +63,53 @@ INLINE int64_t level_rows(const int32_t *restrict acc, const int64_t *restrict t
             else
                 ((int32_t *)out)[at] = level;
             if (COUNT)
-                row_spikes += __builtin_popcount((unsigned)level);
+                row_spikes += popcount_32((uint32_t)level);
         }
         spikes += row_spikes;
+    }
+    return spikes;
+}
+
+#define BLOCK 256   /* elements counted at once: the counts stay in L1 while K compares pass over them */
+
+/* level_rows for few thresholds: K compares per element, vectorized over the row, instead of a
+ * search whose probes are gathers. by_level: the thresholds as int32 [K, C], level-major (level
+ * k's thresholds of adjacent channels adjacent), 2^31 clamped to INT32_MAX; unreached[c] counts
+ * channel c's 2^31 entries, which the count takes back where A = INT32_MAX. */
+INLINE int64_t count_rows(const int32_t *restrict acc, const int32_t *restrict by_level,
+                          const int32_t *restrict unreached, void *restrict out, int64_t rows,
+                          int64_t row_stride, int64_t len, int64_t C, int64_t K, int32_t lo,
+                          const int PER_ELEMENT, const int OUT_BYTES, const int COUNT) {
+    int64_t spikes = 0;
+    int32_t counts[BLOCK];
+    for (int64_t r = 0; r < rows; ++r) {
+        const int32_t *restrict row = acc + r * row_stride;
+        for (int64_t b = 0; b < len; b += BLOCK) {
+            const int64_t n = len - b < BLOCK ? len - b : BLOCK;
+            const int32_t *restrict a = row + b;
+            for (int64_t i = 0; i < n; ++i)
+                counts[i] = 0;
+            for (int64_t k = 0; k < K; ++k) {
+                const int32_t *restrict t = by_level + k * C + (PER_ELEMENT ? b : r);
+                for (int64_t i = 0; i < n; ++i)
+                    counts[i] += (PER_ELEMENT ? t[i] : t[0]) <= a[i];
+            }
+            int32_t block_spikes = 0;
+            for (int64_t i = 0; i < n; ++i) {
+                const int32_t back = unreached[PER_ELEMENT ? b + i : r];
+                const int32_t level = lo + counts[i] - (a[i] == INT32_MAX ? back : 0);
+                const int64_t at = r * row_stride + b + i;
+                if (OUT_BYTES == 1)
+                    ((uint8_t *)out)[at] = (uint8_t)level;
+                else if (OUT_BYTES == 2)
+                    ((int16_t *)out)[at] = (int16_t)level;
+                else
+                    ((int32_t *)out)[at] = level;
+                if (COUNT)
+                    block_spikes += popcount_32((uint32_t)level);
+            }
+            spikes += block_spikes;
+        }
     }
     return spikes;
 }
@@ -92,13 +144,33 @@ static int64_t level_rows_dispatch(const int32_t *acc, const int64_t *thresholds
 #undef ROWS
 }
 
+/* count_rows with its literals (see level_rows_dispatch). */
+static int64_t count_rows_dispatch(const int32_t *acc, const int32_t *by_level, const int32_t *unreached, void *out,
+                                   int64_t rows, int64_t row_stride, int64_t len, int64_t C, int64_t K, int32_t lo,
+                                   int per_element, int out_bytes, int count) {
+#define ROWS(PER_ELEMENT, OUT_BYTES, COUNT) \
+    count_rows(acc, by_level, unreached, out, rows, row_stride, len, C, K, lo, PER_ELEMENT, OUT_BYTES, COUNT)
+#define BY_LAYOUT(OUT_BYTES, COUNT) (per_element ? ROWS(1, OUT_BYTES, COUNT) : ROWS(0, OUT_BYTES, COUNT))
+    if (out_bytes == 1)
+        return count ? BY_LAYOUT(1, 1) : BY_LAYOUT(1, 0);
+    if (out_bytes == 2)
+        return count ? BY_LAYOUT(2, 1) : BY_LAYOUT(2, 0);
+    return count ? BY_LAYOUT(4, 1) : BY_LAYOUT(4, 0);
+#undef BY_LAYOUT
+#undef ROWS
+}
+
 /* acc: int32, dense [N, C, S] with sample stride stride_n, channel-last (rows_over_c) or NCHW.
- * thresholds: int64 [C, 2^steps], each row ascending and padded with 2^31. out: same strides as
- * acc. scratch: [threads, N] int64 zeros, or null for no spike counts. Returns 0, or 1 for steps
- * outside 0..31 or a width other than 1, 2, 4. */
-int ann2snn_int_levels(const int32_t *acc, const int64_t *thresholds, void *out, int64_t *scratch, int64_t N,
-                       int64_t C, int64_t S, int64_t stride_n, int rows_over_c, int64_t rows_per_item, int steps,
-                       int32_t lo, int out_bytes, int threads) {
+ * Either thresholds, int64 [C, 2^steps], each row ascending and padded with 2^31 (the search), or
+ * by_level, int32 [K, C], with unreached [C] (the count, see count_rows; thresholds is then null);
+ * for rows over C, rows_per_item copies of each channel's entries end to end, [K, rows_per_item * C]
+ * and [rows_per_item * C], as a work item is then one run of its positions' channels.
+ * out: same strides as acc. scratch: [threads, N] int64 zeros, or null for no spike counts.
+ * Returns 0, or 1 for steps outside 0..31 or a width other than 1, 2, 4. */
+int ann2snn_int_levels(const int32_t *acc, const int64_t *thresholds, const int32_t *by_level,
+                       const int32_t *unreached, void *out, int64_t *scratch, int64_t N, int64_t C, int64_t S,
+                       int64_t stride_n, int rows_over_c, int64_t rows_per_item, int steps, int64_t K, int32_t lo,
+                       int out_bytes, int threads) {
     if (steps < 0 || steps > 31 || (out_bytes != 1 && out_bytes != 2 && out_bytes != 4))
         return 1;
     const int64_t rows = rows_over_c ? S : C, row_stride = rows_over_c ? C : S, len = rows_over_c ? C : S;
@@ -108,11 +180,16 @@ int ann2snn_int_levels(const int32_t *acc, const int64_t *thresholds, void *out,
     for (int64_t item = 0; item < N * items_per_sample; ++item) {
         const int64_t n = item / items_per_sample, first = (item % items_per_sample) * rows_per_item;
         const int64_t count = rows - first < rows_per_item ? rows - first : rows_per_item;
-        const int64_t base = n * stride_n + first * row_stride;
-        const int64_t *t = rows_over_c ? thresholds : thresholds + first * padded;
-        const int64_t spikes = level_rows_dispatch(acc + base, t, (char *)out + base * out_bytes, count,
-                                                   row_stride, len, padded, lo, steps, rows_over_c, out_bytes,
-                                                   scratch != 0);
+        const int64_t base = n * stride_n + first * row_stride, channel = rows_over_c ? 0 : first;
+        void *item_out = (char *)out + base * out_bytes;
+        const int64_t spikes = thresholds
+            ? level_rows_dispatch(acc + base, thresholds + channel * padded, item_out, count, row_stride, len,
+                                  padded, lo, steps, rows_over_c, out_bytes, scratch != 0)
+            : rows_over_c   /* one flat run of count * C elements (row_stride == C) */
+            ? count_rows_dispatch(acc + base, by_level, unreached, item_out, 1, 0, count * C, rows_per_item * C, K,
+                                  lo, 1, out_bytes, scratch != 0)
+            : count_rows_dispatch(acc + base, by_level + channel, unreached + channel, item_out, count,
+                                  row_stride, len, C, K, lo, 0, out_bytes, scratch != 0);
         if (scratch)
             scratch[THREAD_INDEX * N + n] += spikes;
     }

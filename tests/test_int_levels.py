@@ -119,7 +119,8 @@ def test_an_off_by_one_kernel_fails_the_comparison(path, layout: str) -> None:
     a, t = _case(layout, 15, seed=3)
     want = levels_from_thresholds(a, t, 0)
     assert torch.equal(path(a, t, 0).levels.long(), want)
-    for broken in (path(a, t + 1, 0).levels, path(a, t - 1, 0).levels, path(a, t, 1).levels):
+    higher, lower = (t + 1).clamp(max=UNREACHABLE), (t - 1).clamp(min=INT32_MIN)
+    for broken in (path(a, higher, 0).levels, path(a, lower, 0).levels, path(a, t, 1).levels):
         assert not torch.equal(broken.long(), want)
 
 
