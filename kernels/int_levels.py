@@ -24,7 +24,7 @@ from .device_functions import channel_tile, popcount, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .int_levels_reference import UNREACHABLE, levels_from_thresholds
 from .layout import channel_layout, tile_launch
-from .native import load_native, native_neuron_enabled, row_walk
+from .native import native_function, native_neuron_enabled, row_walk
 
 # triton.language, bound when a kernel is first launched (kernels/dispatch.py: LazyKernel)
 tl = None
@@ -92,29 +92,25 @@ def levels_fused_reference(accumulator: Tensor, thresholds: Tensor, lo: int, *,
 
 
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-    library = load_native(SOURCE, "the integer neuron")
-    if library is None:
-        return None
-    levels = library.ann2snn_int_levels
-    levels.restype = ctypes.c_int
-    levels.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int,
-                                                                          ctypes.c_int64, ctypes.c_int32]
-                       + [ctypes.c_int] * 2)
-    return library
+def _kernel() -> ctypes._CFuncPtr | None:
+    """The C kernel, ann2snn_int_levels, or None."""
+    return native_function(SOURCE, "the integer neuron", "ann2snn_int_levels",
+                           [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+                           + [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int32]
+                           + [ctypes.c_int] * 2)
 
 
 def int_levels_native_available() -> bool:
     """Whether the C kernel is enabled (ANN2SNN_NATIVE) and built (building it at the first call)."""
-    return native_neuron_enabled() and _library() is not None
+    return native_neuron_enabled() and _kernel() is not None
 
 
 def levels_fused_native(accumulator: Tensor, thresholds: Tensor, lo: int, *,
                         sample_spikes: bool = False) -> IntLevels:
     """`levels_fused` on the C kernel (int32 CPU accumulators)."""
     _check(accumulator, thresholds, lo, sample_spikes)
-    library = _library()
-    if library is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("the native integer neuron could not be built (see the warning when it was first tried)")
     if accumulator.device.type != "cpu":
         raise TypeError(f"the native integer neuron takes CPU accumulators, got {accumulator.device}")
@@ -133,7 +129,7 @@ def levels_fused_native(accumulator: Tensor, thresholds: Tensor, lo: int, *,
     scratch = torch.zeros(threads, layout.n, dtype=torch.int64) if sample_spikes else None
     if accumulator.numel():
         with torch.profiler.record_function("ann2snn::levels_fused_native"):   # ctypes calls are no aten ops
-            status = library.ann2snn_int_levels(
+            status = kernel(
                 layout.tensor.data_ptr(), *(x.data_ptr() if x is not None else None for x in (search, by_level, unreached)),
                 levels.data_ptr(), scratch.data_ptr() if scratch is not None else None, layout.n, layout.c, layout.s,
                 layout.stride_n, int(rows_over_c), rows_per_item, steps, per_channel, lo, levels.element_size(),

@@ -11,16 +11,7 @@
  * one sample, as kernels/neuron_cpu.c walks it: rows over S (row r is channel r, S adjacent
  * positions) or rows over C (a position's C adjacent channels).
  */
-#include <stdint.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-#ifdef _OPENMP
-#include <omp.h>
-#define THREAD_INDEX omp_get_thread_num()
-#else
-#define THREAD_INDEX 0
-#endif
+#include "cpu_kernel.h"
 
 /* Set bits of each level >= 0 (SWAR, which vectorizes where __builtin_popcount may not). */
 INLINE int32_t popcount_32(uint32_t x) {
@@ -28,6 +19,16 @@ INLINE int32_t popcount_32(uint32_t x) {
     x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
     x = (x + (x >> 4)) & 0x0F0F0F0Fu;
     return (int32_t)((x * 0x01010101u) >> 24);
+}
+
+/* out[at] = level in the output's width (OUT_BYTES, a literal at every call site). */
+INLINE void store_level(void *restrict out, int64_t at, int32_t level, const int OUT_BYTES) {
+    if (OUT_BYTES == 1)
+        ((uint8_t *)out)[at] = (uint8_t)level;
+    else if (OUT_BYTES == 2)
+        ((int16_t *)out)[at] = (int16_t)level;
+    else
+        ((int32_t *)out)[at] = level;
 }
 
 /* #{k : t[k] <= a} over the 2^steps - 1 padded thresholds t: the first probe halves the range,
@@ -56,12 +57,7 @@ INLINE int64_t level_rows(const int32_t *restrict acc, const int64_t *restrict t
             const int64_t *restrict t = thresholds + (PER_ELEMENT ? i : r) * padded;
             const int32_t level = lo + count_reached(t, row[i], steps);
             const int64_t at = r * row_stride + i;
-            if (OUT_BYTES == 1)
-                ((uint8_t *)out)[at] = (uint8_t)level;
-            else if (OUT_BYTES == 2)
-                ((int16_t *)out)[at] = (int16_t)level;
-            else
-                ((int32_t *)out)[at] = level;
+            store_level(out, at, level, OUT_BYTES);
             if (COUNT)
                 row_spikes += popcount_32((uint32_t)level);
         }
@@ -99,12 +95,7 @@ INLINE int64_t count_rows(const int32_t *restrict acc, const int32_t *restrict b
                 const int32_t back = unreached[PER_ELEMENT ? b + i : r];
                 const int32_t level = lo + counts[i] - (a[i] == INT32_MAX ? back : 0);
                 const int64_t at = r * row_stride + b + i;
-                if (OUT_BYTES == 1)
-                    ((uint8_t *)out)[at] = (uint8_t)level;
-                else if (OUT_BYTES == 2)
-                    ((int16_t *)out)[at] = (int16_t)level;
-                else
-                    ((int32_t *)out)[at] = level;
+                store_level(out, at, level, OUT_BYTES);
                 if (COUNT)
                     block_spikes += popcount_32((uint32_t)level);
             }

@@ -29,6 +29,7 @@ from .layout import ChannelLayout, channel_layout
 from .neuron_reference import NeuronOutput, as_channel_tensor, check_neuron_args
 
 SOURCE = Path(__file__).with_name("neuron_cpu.c")
+HEADER = Path(__file__).with_name("cpu_kernel.h")   # included by every C kernel here
 # Compiler flags, tried in order. -march=native: the cache key carries the CPU's identity, so a
 # shared cache never hands a build to a CPU that lacks its instructions. -ffp-contract=off: no
 # fused multiply-add (exactness). The second set (one thread, generic instructions) is for
@@ -64,7 +65,8 @@ def _cache_dir() -> Path:
 def _build(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
     """The shared library for this source, flags, compiler and CPU: from the cache, else compiled."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_identity()]).encode())
+    text = source.read_text() + HEADER.read_text()
+    key = hashlib.sha256("\0".join([text, " ".join(flags), version, _cpu_identity()]).encode())
     target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -103,17 +105,23 @@ def load_native(source: Path, user: str) -> ctypes.CDLL | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-    """The loaded neuron kernel, or None (see load_native)."""
-    library = load_native(SOURCE, "the CPU neuron")
+def native_function(source: Path, user: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr | None:
+    """The int-returning C function `symbol` of the compiled `source`, or None (see load_native)."""
+    library = load_native(source, user)
     if library is None:
         return None
-    fire = library.ann2snn_fire_f32
-    fire.restype = ctypes.c_int
-    fire.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int64]
-                     + [ctypes.c_int] * 3)
-    return library
+    function = getattr(library, symbol)
+    function.restype = ctypes.c_int
+    function.argtypes = argtypes
+    return function
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> ctypes._CFuncPtr | None:
+    """The neuron kernel, ann2snn_fire_f32, or None."""
+    return native_function(SOURCE, "the CPU neuron", "ann2snn_fire_f32",
+                           [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int64]
+                           + [ctypes.c_int] * 3)
 
 
 def row_walk(x: Tensor) -> tuple[ChannelLayout, bool, int]:
@@ -137,7 +145,7 @@ def native_neuron_enabled() -> bool:
 
 def native_neuron_available() -> bool:
     """Whether the C kernel is enabled and built (building it at the first call)."""
-    return native_neuron_enabled() and _library() is not None
+    return native_neuron_enabled() and _kernel() is not None
 
 
 def native_neuron_supports(potential: Tensor) -> bool:
@@ -151,8 +159,8 @@ def fire_fused_native(potential: Tensor, theta: Tensor | float, membrane_offset:
                       per_sample_counts: bool = True, per_channel_counts: bool = True) -> NeuronOutput:
     """`fire_fused` on the C kernel (float32 CPU potentials; see native_neuron_supports)."""
     check_neuron_args(potential, levels, timesteps)
-    library = _library()
-    if library is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("the native CPU neuron could not be built (see the warning when it was first tried)")
     if potential.device.type != "cpu" or potential.dtype != torch.float32:
         raise TypeError(f"the native neuron takes float32 CPU potentials, got {potential.dtype} on {potential.device}")
@@ -172,7 +180,7 @@ def fire_fused_native(potential: Tensor, theta: Tensor | float, membrane_offset:
     scratch = torch.zeros(threads, layout.n + tile, dtype=torch.int64)
     if potential.numel():
         with torch.profiler.record_function("ann2snn::fire_fused_native"):   # ctypes calls are no aten ops
-            status = library.ann2snn_fire_f32(
+            status = kernel(
                 layout.tensor.data_ptr(), theta_c.data_ptr(), offset_c.data_ptr(), value.data_ptr(),
                 codes.data_ptr() if codes is not None else None, scratch.data_ptr(),
                 layout.n, layout.c, layout.s, layout.stride_n, layout.stride_c, layout.stride_s,

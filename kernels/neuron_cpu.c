@@ -12,16 +12,7 @@
  * channels (channels-last or [N, C]). Each thread adds its spike counts into its own slice of `scratch` (zeroed by the
  * caller, who sums the slices): no atomics, no allocation here.
  */
-#include <stdint.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-#ifdef _OPENMP
-#include <omp.h>
-#define THREAD_INDEX omp_get_thread_num()
-#else
-#define THREAD_INDEX 0
-#endif
+#include "cpu_kernel.h"
 
 INLINE int popcount_byte(int x) {
     x = x - ((x >> 1) & 0x55);

@@ -42,8 +42,8 @@ def test_the_wheel_installs_nothing_under_a_generic_top_level_name(wheel):
     expected = {f"ann2snn/{p.relative_to(REPO / 'ann2snn')}" for p in (REPO / "ann2snn").rglob("*.py")}
     expected |= {f"ann2snn/{folder}/{p.relative_to(REPO / folder)}" for folder in ("kernels", "models")
                  for p in (REPO / folder).rglob("*.py")}
-    expected |= {"ann2snn/kernels/neuron_cpu.c"} | {f"ann2snn/energy/tables/{p.name}"
-                                                   for p in (REPO / "ann2snn" / "energy" / "tables").glob("*.json")}
+    expected |= {f"ann2snn/kernels/{p.name}" for p in (REPO / "kernels").glob("*.[ch]")}
+    expected |= {f"ann2snn/energy/tables/{p.name}" for p in (REPO / "ann2snn" / "energy" / "tables").glob("*.json")}
     assert not expected - names, sorted(expected - names)
     assert zipfile.ZipFile(wheel).read("ann2snn/cli.py") == (REPO / "cli.py").read_bytes()   # the file, not a link
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
