@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +151,26 @@ def test_empty_batch(path) -> None:
 def test_refusals(path, accumulator, thresholds, lo: int, spikes: bool, message: str) -> None:
     with pytest.raises((TypeError, ValueError), match=message):
         path(accumulator, thresholds, lo, sample_spikes=spikes)
+
+
+_FAILED_BUILD = """
+import warnings, torch
+from ann2snn.kernels import levels_fused, levels_from_thresholds
+a = torch.tensor([[-5, 0, 5, 9]], dtype=torch.int32).reshape(1, 1, 4)
+t = torch.tensor([[0, 5, 6]])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = levels_fused(a, t, 0).levels
+print(torch.equal(got.long(), levels_from_thresholds(a, t, 0)), got.tolist(), *(str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.parametrize("compiler, message", [("false", "building kernels/int_levels_cpu.c failed"),
+                                               ("no-such-compiler", "no C compiler (set CC)")])
+def test_a_failed_build_warns_once_and_takes_the_reference(tmp_path, compiler: str, message: str) -> None:
+    env = {**os.environ, "ANN2SNN_CACHE": str(tmp_path), "CC": compiler}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _FAILED_BUILD], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True [[[0, 1, 2, 3]]] ") and message in done.stdout
+    assert "the integer neuron runs its slower PyTorch reference" in done.stdout
