@@ -76,14 +76,21 @@ def data_samples(data: str, split: str, samples: int, seed: int = 0,
                  takes: Callable[[tuple[int, ...]], bool] | None = None) -> Samples:
     """`samples` images of DATA's `split`, drawn at random with `seed` across its classes; (C, L)
     signals rather than one-channel images where the model `takes` those (data.fit_sample_rank)."""
-    from .sets import dataset_input_shape, draw, fit_sample_rank, load_dataset
+    from .sets import fit_sample_rank, load_dataset
 
     dataset = load_dataset(data, split=split, seed=seed)
     if takes is not None:
         fit_sample_rank(dataset, takes)
-    dataset = draw(dataset, samples, seed)
-    count = len(dataset)  # type: ignore[arg-type]
-    return Samples(dataset_input_shape(dataset), count, f"{count} inputs of {data}", dataset)
+    return _drawn(dataset, samples, seed, data)
+
+
+def _drawn(dataset: Dataset, samples: int, seed: int, name: str) -> Samples:
+    """`samples` items of `dataset` drawn at random with `seed` across its classes, as Samples."""
+    from .sets import dataset_input_shape, draw
+
+    drawn = draw(dataset, samples, seed)
+    count = len(drawn)  # type: ignore[arg-type]
+    return Samples(dataset_input_shape(drawn), count, f"{count} inputs of {name}", drawn)
 
 
 def noise_samples(shape: Sequence[int], samples: int, seed: int = 0) -> Samples:
@@ -125,15 +132,13 @@ def dataset_samples(dataset: Dataset, samples: int, expected: Sequence[int | str
                     seed: int = 0) -> Samples:
     """`samples` items of a torch Dataset of (x, y) or of x, drawn at random with `seed` as a
     data set's are (`data_samples`), refused unless a sample has the shape `expected`."""
-    from .sets import check_input_shape, dataset_input_shape, draw
+    from .sets import check_input_shape
 
     if len(dataset) and isinstance(dataset[0], Tensor):  # type: ignore[arg-type]
         dataset = _InputsOnly(dataset)
-    drawn = draw(dataset, samples, seed)
-    count = len(drawn)  # type: ignore[arg-type]
-    shape = dataset_input_shape(drawn)
-    check_input_shape(name, shape, expected)
-    return Samples(shape, count, f"{count} inputs of {name}", drawn)
+    drawn = _drawn(dataset, samples, seed, name)
+    check_input_shape(name, drawn.shape, expected)
+    return drawn
 
 
 # What calibration and verification inputs may be given as: a data set (a path or zoo name), a
