@@ -159,10 +159,13 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
               help="A sample's shape, for an input with dynamic dimensions (default: the --calib data's).")
 @min_agreement_option
 @batch_size_option
+@click.option("--integer/--no-integer", default=None,
+              help="Run on integers (int8 weights, int32 membranes: docs/integer.md). Default: where the file's "
+                   "layers have int8 weights and the SNN lowers; --integer refuses a file that does not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
 def convert(model, timesteps, calib, calib_samples, percentile, output, verify, verify_data, verify_samples,
-            graph_output, input_shape, min_agreement, batch_size, as_json):
+            graph_output, input_shape, min_agreement, batch_size, integer, as_json):
     """Convert an ONNX CNN into a bit-serial SNN, verify it, and save it as .snn."""
     from ann2snn.errors import VerificationError
     from ann2snn.verify.verification import describe_verification
@@ -172,18 +175,20 @@ def convert(model, timesteps, calib, calib_samples, percentile, output, verify, 
         snn = ann2snn.convert_onnx(model, timesteps, calib, verify, calib_samples=calib_samples, percentile=percentile,
                                    verify_data=verify_data, verify_samples=verify_samples, output_name=graph_output,
                                    input_shape=input_shape, min_agreement=min_agreement, batch_size=batch_size,
-                                   progress=not as_json)
+                                   progress=not as_json, integer=integer)
         snn.save(out)
     except VerificationError as failed:
         snn, out = failed.snn, None
     check = snn.report.verification
-    result = {"model": model, "timesteps": snn.timesteps, "source": snn.source.to_json(),
-              "sites": [{"site": k, **v} for k, v in snn.report.sites.items()], "rewrites": snn.report.rewrites,
+    result = {"model": model, "timesteps": snn.timesteps, "source": snn.source.to_json(), "backend": snn.backend,
+              "integer_layers": len(snn.integer_layers), "sites": [{"site": k, **v} for k, v in snn.report.sites.items()], "rewrites": snn.report.rewrites,
               **({"verify": check.to_json()} if check is not None else {}), **({"output": str(out)} if out else {})}
     if as_json:
         click.echo(strict_json(result))
     else:
         click.echo(f"{model}: {len(snn.report.sites)} activation sites, T = {snn.timesteps}, source {snn.source.kind}")
+        if snn.backend == "integer":
+            click.echo(f"integer SNN: {len(snn.integer_layers)} layers with int8 weights and int32 accumulators")
         click.echo(format_table(site_rows(snn), ["site", "levels", "T", "lambda", "theta", "bias shift"]))
         for rewrite in snn.report.rewrites:
             click.echo("rewrite: " + ", ".join(f"{k}={v}" for k, v in rewrite.items()))

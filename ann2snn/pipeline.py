@@ -13,7 +13,7 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: SampleSou
                  verify: bool = True, *, calib_samples: int = 512, percentile: float = 99.99,
                  verify_data: SampleSource | None = None, verify_samples: int = 64, output_name: str | None = None,
                  input_shape: Sequence[int] | None = None, min_agreement: float | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> SNN:
+                 batch_size: int | None = None, progress: bool = False, integer: bool | None = None) -> SNN:
     """The SNN of the ONNX file `path`: imported, its float sites calibrated, compiled and verified.
 
     `calib` (needed by float Relu / Clip sites, with `T`) and `verify_data` are a data set (a path
@@ -25,6 +25,9 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: SampleSou
     a float file's prediction agreement. Its result is `snn.report.verification`; a failure raises
     VerificationError. `output_name` picks one of several graph outputs; `input_shape` (a sample's)
     sizes dynamic input dimensions; `batch_size` caps every batch (default: the memory budget's).
+    `integer`: run on integers (docs/integer.md) where the file's layers have int8 weights; None
+    (the default) does so where the whole SNN behind its first neurons lowers, else keeps the float
+    SNN and says why in the report; True refuses a file that does not lower; False keeps the float SNN.
     """
     # through the modules' attributes, so that what replaces them (a test's monkeypatch) is called
     from .compile import compiler
@@ -39,6 +42,7 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: SampleSou
                                                       input_shape=input_shape, batch_size=batch_size,
                                                       progress=progress)
     snn = compiler.compile_source(path, source_graph, description, T)
+    _choose_backend(path, snn, source_graph, integer)
     if verify:
         check = verification.verify_converted(str(path), snn, source_graph, verify_data, _named(calib), calibration,
                                               verify_samples, min_agreement, batch_size=batch_size, progress=progress)
@@ -47,6 +51,28 @@ def convert_onnx(path: str | os.PathLike, T: int | None = None, calib: SampleSou
             raise VerificationError(f"{path}: the SNN failed verification against {check.reference} on "
                                     f"{check.inputs}", check, snn)
     return snn
+
+
+def _choose_backend(path: str | os.PathLike, snn: SNN, source_graph, integer: bool | None) -> None:
+    """Keep the integer layers where `integer` allows and two noise inputs run on them, else drop them."""
+    from .data.inputs import noise_samples
+    from .errors import UnsupportedModelError
+
+    reason = None if snn.integer_layers else "no layer has int8 weights with zero point 0 and an int32 bias"
+    lowerable = reason is None
+    if lowerable and integer is not False:
+        probe = next(noise_samples(source_graph.meta["onnx"]["input_shape"][1:], 2).batches(2))
+        try:
+            snn.evaluate(probe)
+        except UnsupportedModelError as err:
+            reason = str(err).removeprefix("integer SNN: ")
+    if integer and reason is not None:
+        raise UnsupportedModelError(f"{path}: no integer SNN: {reason}")
+    if integer is False or reason is not None:
+        snn.integer_layers.clear()
+        snn.backend = "float"
+        if integer is None and lowerable:
+            snn.report.rewrites.append({"pass": "integer", "kept_float": reason})
 
 
 def _named(data: SampleSource | None) -> str | None:

@@ -10,6 +10,7 @@ from torch import fx, nn
 from ..errors import UnsupportedModelError
 from ..levels import check_levels_exact
 from .fold_bn import fold_batch_norm
+from .integer_weights import integer_weights
 from .move_max_pool import move_max_pool_before_sites
 from .place_neurons import place_neurons
 from .shift_bias import shift_bias
@@ -20,7 +21,8 @@ from ..runtime.snn import SNN
 
 
 def compile_graph(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphModule:
-    """fold BN -> shift bias -> move MaxPool before sites -> place neurons, on `gm` itself.
+    """fold BN -> shift bias -> move MaxPool before sites -> place neurons, on `gm` itself; the
+    layers' int8 weights (integer_weights, after fold BN) go to gm.meta["integer_layers"].
 
     The passes compute in float64 and the result is cast back to gm's dtype once, at the end: a
     float32 SNN is then exactly the float32 rounding of the float64 SNN, which the exactness gate
@@ -31,7 +33,9 @@ def compile_graph(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
         raise UnsupportedModelError("the model has no quantized activation site (QuantClippedActivation or QDQ)")
     dtype = next((t.dtype for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()), torch.float32)
     gm = gm.double()
-    for graph_pass in (fold_batch_norm, shift_bias, move_max_pool_before_sites):
+    gm = fold_batch_norm(gm)
+    layers = integer_weights(gm)
+    for graph_pass in (shift_bias, move_max_pool_before_sites):
         gm = graph_pass(gm)
     gm = place_neurons(gm, timesteps).to(dtype)
     for node in neuron_nodes(gm):   # e.g. float16 with T > 11
@@ -39,6 +43,7 @@ def compile_graph(gm: fx.GraphModule, timesteps: int | None = None) -> fx.GraphM
             check_levels_exact(gm.get_submodule(node.target).levels, dtype)
         except ValueError as err:
             raise UnsupportedModelError(f"site {node.target}: {err}") from None
+    gm.meta["integer_layers"] = layers
     return gm
 
 
@@ -65,4 +70,5 @@ def compile_source(path: str | os.PathLike, source_graph: fx.GraphModule, source
         snn_graph = compile_graph(copy.deepcopy(source_graph), T)
     except UnsupportedModelError as err:  # the passes know graphs, not files: name the file
         raise UnsupportedModelError(f"{path}: {err}") from None
-    return SNN(snn_graph, _timesteps(snn_graph), report=conversion_report(snn_graph), source=source)
+    return SNN(snn_graph, _timesteps(snn_graph), report=conversion_report(snn_graph), source=source,
+               integer_layers=snn_graph.meta["integer_layers"])

@@ -15,7 +15,7 @@ target (it changes with the batch) from the static ones.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -103,6 +103,9 @@ class Folding:
     model: onnx.ModelProto
     folded: list[int]   # indices of the folded nodes in the input model's node list
     names: list[str]    # their names, Constant nodes left out (they computed nothing)
+    # the float constants that a folded DequantizeLinear computed from integers with zero point 0
+    # (quantized weights and biases), by name: their scales, which the integer SNN needs back
+    dequantized: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rewrite(self) -> list[dict]:
         """The conversion report's entry, when something was computed."""
@@ -116,6 +119,7 @@ def fold_constants(model: onnx.ModelProto, where: str, opset: int) -> Folding:
     static = _static_dims(model)
     known: dict[str, Known] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     folded: set[int] = set()
+    dequantized: dict[str, np.ndarray] = {}
     evaluated: set[int] = set()   # nodes whose outputs are known, constant or batch-dependent
     for index, node in enumerate(graph.node):
         data = [name for name in node.input if name and name not in known]
@@ -132,10 +136,26 @@ def fold_constants(model: onnx.ModelProto, where: str, opset: int) -> Folding:
             continue
         known.update((name, value) for name, value in zip(node.output, outputs) if name)
         evaluated.add(index)
+        scale = _integer_scale(node, known)
+        if scale is not None:
+            dequantized[node.output[0]] = scale
         if all(isinstance(value, np.ndarray) for value in outputs):
             folded.add(index)
     folded |= _unread(graph, evaluated - folded, folded)
-    return _without(model, folded, known, where)
+    return _without(model, folded, known, where, dequantized)
+
+
+def _integer_scale(node: onnx.NodeProto, known: dict[str, Known]) -> np.ndarray | None:
+    """The scale of a DequantizeLinear of an int8 or int32 constant with zero point 0, flattened."""
+    if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return None
+    x, scale = (known.get(name) for name in node.input[:2])
+    zero = known.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.int8, np.int32) or not isinstance(scale, np.ndarray):
+        return None
+    if zero is not None and (not isinstance(zero, np.ndarray) or zero.any()):
+        return None
+    return scale.astype(np.float32).reshape(-1)
 
 
 def _unread(graph: onnx.GraphProto, candidates: set[int], folded: set[int]) -> set[int]:
@@ -150,7 +170,8 @@ def _unread(graph: onnx.GraphProto, candidates: set[int], folded: set[int]) -> s
         gone |= unread
 
 
-def _without(model: onnx.ModelProto, folded: set[int], known: dict[str, Known], where: str) -> Folding:
+def _without(model: onnx.ModelProto, folded: set[int], known: dict[str, Known], where: str,
+             dequantized: dict[str, np.ndarray]) -> Folding:
     """A copy of `model` without the `folded` nodes, their outputs that are still read as initializers."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
@@ -169,4 +190,4 @@ def _without(model: onnx.ModelProto, folded: set[int], known: dict[str, Known], 
              if graph.node[i].op_type != "Constant"]
     del graph.node[:]
     graph.node.extend(kept)
-    return Folding(result, sorted(folded), names)
+    return Folding(result, sorted(folded), names, dequantized)

@@ -78,6 +78,7 @@ def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *, output: str
     declared = data.dims[0] if isinstance(data.dims[0], int) and data.dims[0] > 0 else None
     builder = GraphBuilder(where, opset, probe_batch=declared or 1, declared_batch=declared,
                            view=GraphView(model.graph, opset))
+    builder.dequantized = folding.dequantized
     graph = model.graph
     builder.used_values = {name for node in graph.node for name in node.input if name}
     builder.used_values |= {value.name for value in graph.output}

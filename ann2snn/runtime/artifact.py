@@ -32,6 +32,8 @@ from .metadata import ArtifactHeader, ConversionReport, Source, check_format
 from .neuron import BitSerialIFNode
 from ..ops import FUNCTION_OPS, LAYERS, METHOD_KINDS, MODULE_OPS
 from .quant import QuantDequant
+from .integer_artifact import float_tensors, integer_tensors
+from .integer_snn import IntegerWeights
 
 # Module types an artifact may hold, with the attributes that rebuild each (its tensors come from
 # the state dict): the table of ann2snn/ops.py.
@@ -332,10 +334,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_artifact(path: str | os.PathLike, gm: fx.GraphModule, timesteps: int, report: ConversionReport,
-                   source: Source) -> None:
-    """Write an SNN's graph, tensors, T, conversion report and source description (SNN.save)."""
-    tensors = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    meta = ArtifactHeader(timesteps, describe_graph(gm), report, source).to_json()
+                   source: Source, integer_layers: dict[str, IntegerWeights] | None = None) -> None:
+    """Write an SNN's graph, tensors (an integer layer's as its integers), T, conversion report and
+    source description (SNN.save)."""
+    tensors = integer_tensors({k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()},
+                              integer_layers or {})
+    meta = ArtifactHeader(timesteps, describe_graph(gm), report, source,
+                          integer_layers=list(integer_layers or {})).to_json()
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"ann2snn": json.dumps(meta)}))
 
 
@@ -360,9 +365,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, ArtifactHeader]:
-    """(graph, header) of an .snn artifact, every part checked (ann2snn.load_snn); the header's
-    source carries the version that wrote it."""
+def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, ArtifactHeader, dict[str, IntegerWeights]]:
+    """(graph, header, integer layers) of an .snn artifact, every part checked (ann2snn.load_snn);
+    the header's source carries the version that wrote it."""
     meta = read_metadata(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -372,7 +377,8 @@ def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, ArtifactHead
     try:
         header = ArtifactHeader.from_json(meta)
         header.source.ann2snn_version = header.ann2snn_version
-        return build_graph(header.graph, tensors), header
+        tensors, integer_layers = float_tensors(tensors, header.integer_layers)
+        return build_graph(header.graph, tensors), header, integer_layers
     except ArtifactError as err:
         raise ArtifactError(f"{path}: {err}") from None
     except RecursionError:

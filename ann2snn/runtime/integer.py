@@ -32,9 +32,10 @@ from torch import Tensor
 
 from ..errors import Ann2SnnError
 from ..kernels.int_levels_reference import UNREACHABLE, levels_from_thresholds
+from ..levels import channel_view
 
 __all__ = ["integer_thresholds", "levels_from_thresholds", "qlinear_multiplier", "requantize_qdq",
-           "requantize_qlinear"]
+           "requantize_qlinear", "round_clamp", "site_thresholds"]
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -116,3 +117,26 @@ def _check_monotone(requantize: Callable[[Tensor], Tensor], thresholds: Tensor, 
               thresholds[:, 1:] >= thresholds[:, :-1]]
     if not all(bool(check.all()) for check in checks):
         raise Ann2SnnError("integer thresholds: the requantization is not monotone in the accumulator")
+
+
+def round_clamp(value: Tensor, scale: Tensor, zero: int, qmin: int, qmax: int, channel_dim: int = 1) -> Tensor:
+    """MLAS's QuantizeLinear: clamp(value / scale, qmin - zp, qmax - zp), round half to even, + zp."""
+    if channel_dim == 1:
+        scale = channel_view(scale.to(torch.float32), value.dim())
+    quotient = (value / scale).clamp(float(qmin - zero), float(qmax - zero))
+    return torch.round(quotient).to(torch.int64) + zero
+
+
+def site_thresholds(product_scale: Tensor, offset: int, scale: Tensor, zero: int, qmin: int, qmax: int,
+                    channels: int) -> Tensor:
+    """t[c, k]: the smallest accumulator u whose level q = clamp(round_half_even(float32(u + offset) *
+    float32(S_c) / scale_c) + zero, qmin, qmax) reaches qmin + k + 1, int64 [channels, qmax - qmin]
+    (2^31 where none does): the integer form of one accumulator's requantization."""
+    product = product_scale.to(torch.float32).reshape(-1).expand(channels)
+    theta = scale.to(torch.float32).reshape(-1).expand(channels)
+
+    def requantize(accumulator: Tensor) -> Tensor:   # channel first, [C, n]
+        value = (accumulator + offset).to(torch.int32).to(torch.float32) * product[:, None]
+        return round_clamp(value, theta[:, None], zero, qmin, qmax, channel_dim=0)
+
+    return integer_thresholds(requantize, channels, qmin, qmax).clamp(max=UNREACHABLE)

@@ -11,7 +11,11 @@ from ..levels import MAX_TIMESTEPS
 from ..version import __version__
 
 FORMAT = "ann2snn-snn"
-FORMAT_VERSION = 1
+# Version 2 added integer layers (int8 weights, int32 biases); a float SNN is still written as version 1,
+# which every earlier reader reads.
+FORMAT_VERSION = 2          # the newest version this reader reads
+FLOAT_FORMAT_VERSION = 1
+INTEGER_FORMAT_VERSION = 2
 
 
 class ReadByKey:
@@ -94,12 +98,18 @@ class ArtifactHeader:
     report: ConversionReport
     source: Source
     ann2snn_version: str = __version__
-    format_version: int = FORMAT_VERSION
+    format_version: int = FLOAT_FORMAT_VERSION
+    integer_layers: list[str] = field(default_factory=list)   # int8 layers (runtime/integer_artifact.py)
+
+    def __post_init__(self) -> None:
+        if self.integer_layers:   # a reader of version 1 could not read their int8 weights
+            self.format_version = max(self.format_version, INTEGER_FORMAT_VERSION)
 
     def to_json(self) -> dict:
+        integer = {"integer_layers": self.integer_layers} if self.integer_layers else {}
         return {"format": FORMAT, "format_version": self.format_version, "ann2snn_version": self.ann2snn_version,
                 "timesteps": self.timesteps, "graph": self.graph, "report": self.report.to_json(),
-                "source": self.source.to_json()}
+                "source": self.source.to_json(), **integer}
 
     @classmethod
     def from_json(cls, meta: Any) -> "ArtifactHeader":
@@ -114,5 +124,8 @@ class ArtifactHeader:
             raise ArtifactError(f"timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {shown}")
         if not isinstance(meta["ann2snn_version"], str):
             raise ArtifactError("the header's ann2snn_version is not a string")
+        integer = meta.get("integer_layers", [])
+        if not isinstance(integer, list) or not all(isinstance(name, str) for name in integer):
+            raise ArtifactError("the header's integer_layers is not a list of layer names")
         return cls(timesteps, meta["graph"], ConversionReport.from_json(meta["report"]),
-                   Source.from_json(meta["source"]), meta["ann2snn_version"], meta["format_version"])
+                   Source.from_json(meta["source"]), meta["ann2snn_version"], meta["format_version"], integer)

@@ -15,6 +15,7 @@ from .evaluator import lower_to_evaluator
 from .simulator import lower_to_simulator
 from .cuda_graph import CudaGraphRunner
 from .graph import head_arithmetic, neuron_nodes
+from .integer_snn import IntegerProgram, IntegerWeights
 
 
 @contextmanager
@@ -42,17 +43,49 @@ class SNN(nn.Module):
     neurons (SpikingJelly nodes). `report` is the conversion report (sites, shifts, rewrites, and
     the verification after ann2snn.convert_onnx); `source` describes where it came from (file
     hash, ann2snn version).
+
+    `integer_layers` holds the int8 weights and int32 biases of the layers of an int8 QDQ source
+    (the graph's float weights are their exact dequantization); with them `backend` is "integer"
+    and simulate / evaluate run on integers (runtime/integer_snn.py). Setting `backend` to "float"
+    runs the float SNN of the same graph.
     """
 
     def __init__(self, graph_module: fx.GraphModule, timesteps: int, report: ConversionReport | None = None,
-                 source: Source | None = None) -> None:
+                 source: Source | None = None, integer_layers: dict[str, IntegerWeights] | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.timesteps = int(timesteps)
         self.report = report or ConversionReport()
         self.source = source or Source()
+        self.integer_layers = dict(integer_layers or {})
+        self.backend = "integer" if self.integer_layers else "float"
         self._lowered: dict[str, fx.GraphModule] = {}
+        self._integer: dict[str, IntegerProgram] = {}
         self._graphed: CudaGraphRunner | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in ("float", "integer") or (name == "integer" and not self.integer_layers):
+            raise ValueError(f"backend must be 'float' or, with integer layers, 'integer'; got {name!r}")
+        self._backend = name
+
+    @contextmanager
+    def using_backend(self, name: str) -> Iterator["SNN"]:
+        """This SNN with `backend` set to `name` while inside."""
+        saved, self.backend = self.backend, name
+        try:
+            yield self
+        finally:
+            self.backend = saved
+
+    def _integer_program(self, mode: str) -> IntegerProgram:
+        if mode not in self._integer:
+            self._integer[mode] = IntegerProgram(self.graph_module, self.integer_layers, mode)
+        return self._integer[mode]
 
     @property
     def site_names(self) -> list[str]:
@@ -60,6 +93,7 @@ class SNN(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._lowered.clear()  # lowered graphs hold references to tensors that fn replaces
+        self._integer.clear()
         self._graphed = None
         return super()._apply(fn, recurse)
 
@@ -72,6 +106,8 @@ class SNN(nn.Module):
     @torch.no_grad()
     def simulate(self, x: Tensor) -> SNNOutput:
         """Time-stepped simulation over [T, N, ...] binary spike planes."""
+        if self.backend == "integer":
+            return SNNOutput(*self._integer_program("simulate").run(x))
         with ieee_float32():
             return SNNOutput(*self._lowered_graph("simulate")(x))
 
@@ -81,6 +117,8 @@ class SNN(nn.Module):
 
         On CUDA it replays a CUDA graph captured at the first batch of each shape (`cuda_graph`,
         runtime/cuda_graph.py): the same kernels without a launch from Python per layer."""
+        if self.backend == "integer":
+            return SNNOutput(*self._integer_program("evaluate").run(x))
         with ieee_float32():
             if cuda_graph and x.is_cuda:
                 if self._graphed is None:
@@ -101,17 +139,18 @@ class SNN(nn.Module):
         for node in reversed(head_arithmetic(self.graph_module)):
             nodes[node.name].replace_all_uses_with(nodes[node.name].args[0])
             graph.erase_node(nodes[node.name])
-        return SNN(fx.GraphModule(self.graph_module, graph), self.timesteps, self.report, self.source).train(
-            self.training)
+        return SNN(fx.GraphModule(self.graph_module, graph), self.timesteps, self.report, self.source,
+                   self.integer_layers).train(self.training)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the .snn artifact (graph as JSON, tensors as safetensors, atomically)."""
-        write_artifact(path, self.graph_module, self.timesteps, self.report, self.source)
+        write_artifact(path, self.graph_module, self.timesteps, self.report, self.source, self.integer_layers)
 
 
 def load_snn(path: str | os.PathLike) -> SNN:
     """Load an .snn artifact; needs neither the source ONNX file nor pickle."""
-    graph_module, header = read_artifact(path)
+    graph_module, header, integer_layers = read_artifact(path)
     # eval: modules are built in training mode, where an unfolded BatchNorm would normalize with
     # the batch's statistics and a Dropout drop
-    return SNN(graph_module, header.timesteps, report=header.report, source=header.source).eval()
+    return SNN(graph_module, header.timesteps, report=header.report, source=header.source,
+               integer_layers=integer_layers).eval()

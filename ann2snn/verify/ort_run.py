@@ -74,16 +74,18 @@ class OnnxruntimeRunner:
     rewrites are off, since they change the numbers of a QDQ graph with float weights. The inputs
     are fed in the file's input type, and in batches of its batch size when the file fixes one (an
     export at batch 1). A file onnxruntime refuses is bad input: UnsupportedModelError with
-    onnxruntime's reason; running out of memory is memory.OutOfMemory."""
+    onnxruntime's reason; running out of memory is memory.OutOfMemory. `integer_kernels`: its
+    default session instead, whose int8 kernels an integer SNN is compared with."""
 
-    def __init__(self, path: str | os.PathLike, extra: Sequence[str] = ()) -> None:
+    def __init__(self, path: str | os.PathLike, extra: Sequence[str] = (), integer_kernels: bool = False) -> None:
         import onnxruntime
 
         self.path, self.extra = path, list(extra)
         self.quiet = onnxruntime.RunOptions()
         self.quiet.log_severity_level = 4  # a failing kernel would also log its error to stderr: the exception says it
         with self._errors(), tempfile.TemporaryDirectory() as folder:
-            self.session = onnxruntime_session(_with_outputs(path, extra, folder) if extra else path)
+            self.session = onnxruntime_session(_with_outputs(path, extra, folder) if extra else path,
+                                               integer_kernels)
         feed = self.session.get_inputs()[0]
         self.feed, self.dtype = feed.name, _ORT_TYPES.get(feed.type, np.float32)
         self.fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .gate import GATE_COPIES, ExactnessGate, max_abs
+from .integer_check import verify_integer
 from ..errors import Ann2SnnError
 from ..data.inputs import SampleSource, Samples, as_samples, noise_samples
 from ..runtime.memory import activation_profile, stage
@@ -24,6 +25,8 @@ GATE_SAMPLES = 16
 # Bytes per element of a sample's largest activation that a batch of the float comparison holds:
 # the SNN's evaluation and onnxruntime's run, float32 both.
 EVALUATE_BYTES = 48
+# Samples per batch of the integer SNN's checks, where no --batch-size says otherwise.
+INTEGER_BATCH = 64
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Verification:
     levels: dict | None      # a QDQ file: onnxruntime's levels against the SNN's (ann2snn/verify/ort_check.py)
     lossy: bool              # a float source: the reference is the float ANN, agreement is not a gate
     passed: bool
+    integer: dict | None = None  # an integer SNN's own checks (ann2snn/verify/integer_check.py)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -47,6 +51,8 @@ class Verification:
         """The verification of its JSON (`to_json`, the CLI's "verify"), refused with one line where
         a field is missing or unknown."""
         names = [f.name for f in fields(cls)]
+        if isinstance(value, dict) and "integer" not in value:   # written before integer SNNs
+            value = {**value, "integer": None}
         if not isinstance(value, dict) or set(value) != set(names):
             found = sorted(value) if isinstance(value, dict) else type(value).__name__
             raise Ann2SnnError(f"a verification needs exactly the fields {', '.join(names)}; found {found}")
@@ -65,7 +71,17 @@ def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module,
     (post-training quantization) is compared by prediction agreement, a gate only with
     `min_agreement`. `source_graph` is converted to float64 in place: both checks run it so, and a
     second copy of a large model's weights would not fit where one does.
+
+    An integer SNN is checked so on its float backend (the same graph), then on integers
+    (integer_check.verify_integer), which must pass too.
     """
+    if snn.backend == "integer":
+        with snn.using_backend("float"):
+            check = verify_snn(path, snn, source_graph, inputs, min_agreement=min_agreement, batch_size=batch_size,
+                               progress=progress)
+        with stage("verification: the integer SNN", "--batch-size or --verify-samples"):
+            integer = verify_integer(path, snn, inputs, batch_size or INTEGER_BATCH)
+        return replace(check, integer=integer, passed=check.passed and integer["passed"])
     dtype = _dtype(snn)  # a float64 or float16 file converts to an SNN of its own dtype
     source64 = source_graph.double().eval()
     profile = activation_profile(source64, inputs.shape, torch.float64)
@@ -172,4 +188,11 @@ def describe_verification(v: Verification) -> str:
                        f"{t['unexplained']} unexplained")
     if v.lossy:
         comparison += " (post-training quantization of a float model: lossy, not part of the gate)"
+    if v.integer is not None:
+        i, ort = v.integer, v.integer["onnxruntime_default"]
+        comparison += (f"\ninteger SNN ({i['layers']} int8 layers) on {i['samples']} inputs: simulate == evaluate "
+                       f"bit for bit: {'yes' if i['simulate_equals_evaluate'] else 'NO'}; prediction agreement with "
+                       f"the float SNN {100 * i['float_snn']['agreement']:.2f}%, with onnxruntime's int8 kernels "
+                       f"{100 * ort['agreement']:.2f}% ({ort['equal_logits']} of {i['samples']} logits equal, max "
+                       f"|difference| {ort['max_abs_logit_diff']:.3g})")
     return f"verified on {v.inputs}\n{exact}\n{comparison}\n{'PASSED' if v.passed else 'FAILED'}"

@@ -1,0 +1,215 @@
+"""The integer SNN (issue 27): int8 QDQ files run on integers, simulate and evaluate bit for bit equal,
+the integer artifact, and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+import ann2snn
+from ann2snn.errors import ArtifactError, UnsupportedModelError
+from ann2snn.kernels import levels_fused
+from ann2snn.runtime.integer import round_clamp, site_thresholds
+from hostile import invoke
+from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
+
+
+class ResidualNet(nn.Module):
+    """conv-BN-relu, a residual block (the add before its ReLU), max pool, a 1x1 downsampling branch,
+    global average pool, linear: the shapes an integer SNN must lower."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(channels, 2 * channels, 1, stride=2)
+        self.fc = nn.Linear(2 * channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = F.relu(self.bn2(self.conv2(a)) + a)
+        b = F.max_pool2d(b, 2)
+        c = F.relu(self.conv3(b) + self.down(b))
+        return self.fc(F.adaptive_avg_pool2d(c, 1).flatten(1))
+
+
+def int8_file(folder, T: int, seed: int = 0) -> str:
+    """ResidualNet prepared with int8 weights (per output channel) at T (untrained: calibrated on
+    noise), exported as full QDQ. (Per-channel activation scales have no integer form: a layer's
+    sum over its input channels would mix grids.)"""
+    torch.manual_seed(seed)
+    model = ResidualNet()
+    for norm in (model.bn1, model.bn2):
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(32, 1, 8, 8)
+    qat = ann2snn.prepare(model, T=T, example_input=x, weight_bits=8).eval()
+    return str(ann2snn.export_onnx(qat, os.path.join(folder, f"int8_T{T}.onnx"), x[:2]))
+
+
+def assert_bit_exact(snn: ann2snn.SNN, x: torch.Tensor) -> None:
+    evaluated, simulated = snn.evaluate(x), snn.simulate(x)
+    assert torch.equal(evaluated.logits, simulated.logits)
+    assert evaluated.spikes.keys() == simulated.spikes.keys() and evaluated.spikes
+    for name in evaluated.spikes:
+        assert torch.equal(evaluated.spikes[name], simulated.spikes[name]), name
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 6, 8])
+def test_simulate_and_evaluate_are_bit_exact_on_integer_nets(tmp_path, T):
+    snn = ann2snn.convert_onnx(int8_file(tmp_path, T, seed=T), verify=False)
+    # the layers behind a neuron; the encoder (on the image) and the head (after the pool) keep float biases
+    assert snn.backend == "integer" and sorted(snn.integer_layers) == ["conv2_Conv", "conv3_Conv", "down_Conv"]
+    x = torch.rand(6, 1, 8, 8)
+    assert_bit_exact(snn, x)
+    # the same spikes as the float SNN of the same graph, whose exactness the gate proves
+    evaluated = snn.evaluate(x)
+    with snn.using_backend("float"):
+        floating = snn.evaluate(x)
+    assert all(torch.equal(evaluated.spikes[k], floating.spikes[k]) for k in floating.spikes)
+    assert torch.equal(evaluated.logits.argmax(1), floating.logits.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def float_file(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    return export(randomize_batch_norms(QuantNet()), (3, 8, 8), str(tmp_path_factory.mktemp("qn") / "float.onnx"),
+                  "torchscript-17")
+
+
+# quantize_static with its defaults, per-channel weights, symmetric activations (QDQ pairs with negative
+# levels inside the net: a residual add of a quantized conv output and a site)
+STATIC = {"defaults": {}, "per-channel": {"per_channel": True},
+          "symmetric": {"extra_options": {"ActivationSymmetric": True}}}
+
+
+@pytest.mark.parametrize("flavour", sorted(STATIC))
+def test_quantize_static_files_run_on_integers(float_file, tmp_path, flavour):
+    path = quantize(float_file, tmp_path / "qdq.onnx", **STATIC[flavour])
+    snn = ann2snn.convert_onnx(path, verify=False)
+    assert snn.backend == "integer" and sorted(snn.integer_layers) == ["conv1_Conv", "conv2_Conv", "fc_Gemm"]
+    x = torch.rand(32, 3, 8, 8)
+    assert_bit_exact(snn, x)
+    with snn.using_backend("float"):
+        floating = snn.evaluate(x).logits
+    logits = snn.evaluate(x).logits
+    assert torch.equal(logits, floating)   # the file's QDQ pairs quantize both the same
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])   # its int8 kernels
+    reference = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+
+def test_thresholds_reproduce_the_requantization_on_its_boundaries():
+    torch.manual_seed(1)
+    channels, product, theta = 5, torch.rand(5, dtype=torch.float64) * 1e-3 + 1e-4, torch.tensor(0.0137)
+    thresholds = site_thresholds(product, -3, theta, 0, 0, 15, channels)
+    reachable = thresholds < 2 ** 31
+    boundary = torch.cat([thresholds - 1, thresholds, thresholds + 1], 1).clamp(-2 ** 31, 2 ** 31 - 1)
+    accumulator = boundary.t().contiguous().to(torch.int32)   # [samples, channels]
+
+    def direct(a: torch.Tensor) -> torch.Tensor:
+        value = (a.long() + -3).to(torch.int32).to(torch.float32) * product.to(torch.float32)
+        return round_clamp(value, theta, 0, 0, 15)
+
+    assert reachable.any()
+    assert torch.equal(levels_fused(accumulator, thresholds, 0).levels.long(), direct(accumulator))
+    broken = thresholds.clone()
+    broken[2, 4] += 1   # one threshold off by one
+    assert not torch.equal(levels_fused(accumulator, broken, 0).levels.long(), direct(accumulator))
+
+
+def test_the_integer_artifact_stores_int8_weights_and_loads_bit_exact(tmp_path):
+    snn = ann2snn.convert_onnx(int8_file(tmp_path, 3), verify=False)
+    x = torch.rand(4, 1, 8, 8)
+    logits = snn.evaluate(x).logits
+    snn.save(tmp_path / "int.snn")
+    with safe_open(str(tmp_path / "int.snn"), framework="pt") as f:
+        assert f.get_tensor("conv2_Conv.weight").dtype == torch.int8
+        assert f.get_tensor("conv2_Conv.bias_integers").dtype == torch.int32
+        assert json.loads(f.metadata()["ann2snn"])["format_version"] == 2
+    loaded = ann2snn.load_snn(tmp_path / "int.snn")
+    assert loaded.backend == "integer" and torch.equal(loaded.evaluate(x).logits, logits)
+    assert_bit_exact(loaded, x)
+    for name, tensor in snn.graph_module.state_dict().items():   # the float graph comes back bit for bit
+        assert torch.equal(tensor, loaded.graph_module.state_dict()[name]), name
+    snn.integer_layers.clear()
+    snn.backend = "float"
+    snn.save(tmp_path / "float.snn")
+    def tensor_bytes(name: str) -> int:
+        with safe_open(str(tmp_path / name), framework="pt") as f:
+            return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+
+    assert tensor_bytes("int.snn") < 0.6 * tensor_bytes("float.snn")   # int8 for most of its weights
+
+
+def test_a_tampered_integer_artifact_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    snn = ann2snn.convert_onnx(int8_file(tmp_path, 2), verify=False)
+    snn.save(tmp_path / "int.snn")
+    with safe_open(str(tmp_path / "int.snn"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(tmp_path / "int.snn")
+    tensors["conv2_Conv.weight"] = tensors["conv2_Conv.weight"].float()
+    save_file(tensors, tmp_path / "float_weight.snn", metadata=metadata)
+    with pytest.raises(ArtifactError, match="tensor conv2_Conv.weight should be int8, the file holds float32"):
+        ann2snn.load_snn(tmp_path / "float_weight.snn")
+    del tensors["conv2_Conv.weight_scale"]
+    tensors["conv2_Conv.weight"] = tensors["conv2_Conv.weight"].to(torch.int8)
+    save_file(tensors, tmp_path / "no_scale.snn", metadata=metadata)
+    with pytest.raises(ArtifactError, match="lacks tensor conv2_Conv.weight_scale"):
+        ann2snn.load_snn(tmp_path / "no_scale.snn")
+
+
+def test_convert_cli_verifies_the_integer_snn(tmp_path):
+    path = int8_file(tmp_path, 2)
+    result = invoke("convert", path, "--json", "-o", str(tmp_path / "out.snn"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["backend"] == "integer" and report["integer_layers"] == 3
+    integer = report["verify"]["integer"]
+    assert integer["passed"] and integer["simulate_equals_evaluate"] and integer["float_snn"]["agreement"] == 1.0
+    assert 0 <= integer["onnxruntime_default"]["agreement"] <= 1
+    text = invoke("convert", path, "--no-integer", "-o", str(tmp_path / "float.snn"))
+    assert text.exit_code == 0 and "integer SNN" not in text.stdout
+    assert ann2snn.load_snn(tmp_path / "float.snn").backend == "float"
+
+
+def test_a_file_that_does_not_lower_keeps_the_float_snn_or_is_refused(float_file, tmp_path):
+    path = quantize(float_file, tmp_path / "asym.onnx", extra_options={"WeightSymmetric": False})
+    snn = ann2snn.convert_onnx(path, verify=False)
+    assert snn.backend == "float" and not snn.integer_layers
+    kept = [r for r in snn.report.rewrites if r.get("pass") == "integer"]
+    assert kept and "fires from values that" in kept[0]["kept_float"]
+    with pytest.raises(UnsupportedModelError, match="no integer SNN"):
+        ann2snn.convert_onnx(path, verify=False, integer=True)
+    x = torch.rand(8, 1, 8, 8)
+    float_weights = ann2snn.export_onnx(ann2snn.prepare(ResidualNet(), T=2, example_input=x).eval(),
+                                        tmp_path / "float_weights.onnx", x[:2])   # activation QDQ pairs only
+    refused = invoke("convert", str(float_weights), "--integer", "--no-verify", "-o", str(tmp_path / "x.snn"))
+    assert refused.exit_code == 2 and "no integer SNN: no layer has int8 weights" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.snn").exists()
+
+
+def test_a_broken_integer_layer_fails_verification(tmp_path):
+    from ann2snn.verify.integer_check import verify_integer
+    from ann2snn.data.inputs import noise_samples
+
+    path = int8_file(tmp_path, 3)
+    snn = ann2snn.convert_onnx(path, verify=False)
+    inputs = noise_samples((1, 8, 8), 16)
+    assert verify_integer(path, snn, inputs, 8)["passed"]
+    layer = snn.integer_layers["conv2_Conv"]
+    layer.weight.copy_((layer.weight.long() * -1).clamp(-127, 127).to(torch.int8))   # not the file's weights
+    snn._integer.clear()
+    check = verify_integer(path, snn, inputs, 8)
+    assert check["simulate_equals_evaluate"] and not check["passed"] and check["float_snn"]["agreement"] < 1
