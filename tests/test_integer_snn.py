@@ -213,3 +213,29 @@ def test_a_broken_integer_layer_fails_verification(tmp_path):
     snn._integer.clear()
     check = verify_integer(path, snn, inputs, 8)
     assert check["simulate_equals_evaluate"] and not check["passed"] and check["float_snn"]["agreement"] < 1
+
+
+def test_the_triton_kernels_compute_the_same_integers(tmp_path, monkeypatch):
+    """Under TRITON_INTERPRET=1, the CUDA path (Triton int8 GEMM, integer levels, the encoder's neuron)
+    on CPU tensors: the same logits and spikes as the CPU kernels, bit for bit."""
+    snn = ann2snn.convert_onnx(int8_file(tmp_path, 2), verify=False)
+    x = torch.rand(2, 1, 8, 8)
+    on_cpu = snn.evaluate(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    snn._integer.clear()
+    assert_bit_exact(snn, x)
+    triton = snn.evaluate(x)
+    assert torch.equal(triton.logits, on_cpu.logits)
+    assert all(torch.equal(triton.spikes[k], on_cpu.spikes[k]) for k in on_cpu.spikes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runs_the_same_integers(tmp_path):
+    snn = ann2snn.convert_onnx(int8_file(tmp_path, 4), verify=False)
+    x = torch.rand(16, 1, 8, 8)
+    on_cpu = snn.evaluate(x)
+    snn = snn.cuda()
+    assert_bit_exact(snn, x.cuda())
+    on_cuda = snn.evaluate(x.cuda())
+    assert torch.equal(on_cuda.logits.cpu(), on_cpu.logits)
+    assert all(torch.equal(on_cuda.spikes[k].cpu(), on_cpu.spikes[k]) for k in on_cpu.spikes)

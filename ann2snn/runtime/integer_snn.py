@@ -86,7 +86,7 @@ class Integers:
 
 def _dequantize(value: Integers, potential: Tensor) -> Tensor:
     """float32(A) * float32(S): what the file's DequantizeLinear, or its float32 conv, gives."""
-    scale = value.scale.to(torch.float32)
+    scale = value.scale.to(device=potential.device, dtype=torch.float32)
     # widened first: levels are uint8, and a zero point offset is negative
     return (potential.to(torch.int32) + value.offset).to(torch.float32) * channel_view(scale, potential.dim())
 
