@@ -11,7 +11,14 @@ Targets (issue 6): on a GPU, evaluate >= 0.9x the float ANN and >= 5x SpikingJel
 evaluate >= 0.7x the float ANN. Every network runs with IEEE float32 convolutions
 (`ann2snn.runtime.snn.ieee_float32`, which the SNN needs to stay exact; cuDNN's default would be TF32).
 
-    python bench/eval_throughput.py [--model resnet20] [--batch-size 64] [--device cpu|cuda] [-T 4] [--json]
+With --weight-bits 8 it times the integer SNN instead (issue 27): the network prepared with int8
+weights, exported as full QDQ and converted (ann2snn.convert_onnx, backend "integer"), against the
+float ANN in NCHW and channels_last, the same SNN on its float backend, and onnxruntime running the
+float file and the QDQ file (its default session: int8 kernels). Target: the integer SNN >= 1.5x the
+faster float ANN (CPU, resnet20, batch 64, T = 4, --threads 2).
+
+    python bench/eval_throughput.py [--model resnet20] [--batch-size 64] [--device cpu|cuda] [-T 4]
+                                    [--weight-bits 8] [--threads N] [--json]
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -98,6 +106,49 @@ def throughput(runs: dict[str, Callable], x: torch.Tensor, device: torch.device,
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def onnxruntime_run(path: str, threads: int | None) -> Callable:
+    """onnxruntime's default CPU session on `path` (QDQ files: its int8 kernels), as a run(x)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x.cpu().numpy()})[0]
+
+
+def integer_runs(float_model: nn.Module, args, shape: tuple[int, ...], folder: str) -> dict[str, Callable]:
+    """The runs of --weight-bits 8: the integer SNN, its float backend, the float ANN (NCHW and
+    channels_last) and onnxruntime on the float and the QDQ file."""
+    example = torch.rand((32, *shape))
+    float_path = os.path.join(folder, "float.onnx")
+    torch.onnx.export(float_model, example[:2], float_path, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    qat = ann2snn.prepare(float_model, T=args.timesteps, example_input=example, weight_bits=args.weight_bits).eval()
+    qdq_path = str(ann2snn.export_onnx(qat, os.path.join(folder, "int8.onnx"), example[:2]))
+    snn = ann2snn.convert_onnx(qdq_path, verify=False, integer=True)
+    channels_last = float_model.to(memory_format=torch.channels_last)
+
+    def float_backend(x):
+        with snn.using_backend("float"):
+            return snn.evaluate(x)
+
+    return {"float ANN NCHW": float_model,
+            "float ANN channels_last": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
+            "integer SNN evaluate": snn.evaluate, "float SNN evaluate": float_backend,
+            "onnxruntime fp32": onnxruntime_run(float_path, args.threads),
+            "onnxruntime int8 QDQ": onnxruntime_run(qdq_path, args.threads), "integer SNN simulate": snn.simulate}
+
+
+def integer_ratios(rows: dict[str, float]) -> dict[str, float]:
+    best = max(rows["float ANN NCHW"], rows["float ANN channels_last"])
+    return {"integer SNN / float ANN": rows["integer SNN evaluate"] / best,
+            "integer SNN / float SNN": rows["integer SNN evaluate"] / rows["float SNN evaluate"],
+            "integer SNN / onnxruntime int8": rows["integer SNN evaluate"] / rows["onnxruntime int8 QDQ"],
+            "onnxruntime int8 / float ANN": rows["onnxruntime int8 QDQ"] / best}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20", choices=models.MODEL_NAMES)
@@ -106,14 +157,28 @@ def main() -> None:
     parser.add_argument("-T", "--timesteps", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per network")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    parser.add_argument("--weight-bits", type=int, choices=[8], default=None,
+                        help="time the integer SNN of the network with int8 weights (CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from spikingjelly.activation_based import functional
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     shape = INPUTS.get(args.model, (3, 224, 224))
     float_model = models.build_model(args.model, num_classes=10 if args.model == "digits-cnn" else 1000).eval()
+    if args.weight_bits:
+        if device.type != "cpu":
+            parser.error("--weight-bits 8 times the CPU's integer kernels and onnxruntime's CPU session")
+        with tempfile.TemporaryDirectory() as folder:
+            runs = integer_runs(float_model, args, shape, folder)
+            with ieee_float32():
+                rows = throughput(runs, torch.rand((args.batch_size, *shape)), device, args.seconds, args.rounds)
+        report(args, device, rows, integer_ratios(rows))
+        return
     quantized = models.build_model(args.model, num_classes=10 if args.model == "digits-cnn" else 1000,
                                    activation=lambda c: QuantClippedActivation(levels=2**args.timesteps - 1))
     quantized.load_state_dict(float_model.state_dict(), strict=False)
@@ -148,12 +213,18 @@ def main() -> None:
     else:
         ratios["no graph / float ANN"] = rows["evaluate, no CUDA graph"] / rows["float ANN"]
         ratios["both graphed"] = rows["ann2snn evaluate"] / rows["float ANN, CUDA graph"]
-    result = {"model": args.model, "device": str(device), "timesteps": args.timesteps,
-              "batch_size": args.batch_size, "images_per_second": rows, "ratios": ratios}
+    report(args, device, rows, ratios)
+
+
+def report(args, device: torch.device, rows: dict[str, float], ratios: dict[str, float]) -> None:
+    result = {"model": args.model, "device": str(device), "timesteps": args.timesteps, "batch_size": args.batch_size,
+              "weight_bits": args.weight_bits, "threads": torch.get_num_threads(), "images_per_second": rows,
+              "ratios": ratios}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.model}, batch {args.batch_size}, T = {args.timesteps}, on {device}:")
+    print(f"{args.model}, batch {args.batch_size}, T = {args.timesteps}, on {device}, {torch.get_num_threads()} "
+          f"threads{', int8 weights' if args.weight_bits else ''}:")
     for name, value in rows.items():
         print(f"  {name:26s} {value:10.1f} img/s")
     for name, value in ratios.items():
