@@ -11,7 +11,7 @@ from ..levels import MAX_TIMESTEPS
 from ..version import __version__
 
 FORMAT = "ann2snn-snn"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the newest this reader knows; a file is written in the lowest that describes it
 
 
 class ReadByKey:
@@ -79,9 +79,10 @@ def check_format(meta: Any) -> None:
     """Refuse a header that is not of this artifact format, or of a newer version of it."""
     if not isinstance(meta, dict):
         raise ArtifactError("the graph description is not a JSON object")
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
-            or meta["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"unsupported artifact format {meta.get('format')} v{meta.get('format_version')}")
+    version = meta.get("format_version")
+    if meta.get("format") != FORMAT or type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise ArtifactError(f"unsupported artifact format {meta.get('format')} v{version} "
+                            f"(this ann2snn reads {FORMAT} v1 to v{FORMAT_VERSION})")
 
 
 @dataclass
