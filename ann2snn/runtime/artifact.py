@@ -3,9 +3,9 @@
 Loading runs no code from the file, by construction: torch.fx turns the graph into Python source,
 so every name that reaches that source is checked to be a plain identifier (node names, placeholder
 and keyword names) or a dotted path of identifiers naming a declared module or a stored tensor;
-module types, functions, methods, attributes and dtypes come from the allow-lists below; constants
-are JSON numbers, strings (which fx writes with repr), booleans and null; tensors come from
-safetensors.
+module types, functions, methods, attributes and dtypes come from the allow-lists below (the dtypes
+in artifact_tensors.py, which also checks each tensor against its module); constants are JSON
+numbers, strings (which fx writes with repr), booleans and null; tensors come from safetensors.
 """
 from __future__ import annotations
 
