@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ann2snn
-from ann2snn.energy import default_table
+from ann2snn.energy import default_table, energy_report
 from ann2snn.errors import ArtifactError
 from ann2snn.runtime.artifact import CUSTOM_MODULES, read_metadata
 from ann2snn.runtime.graph import layer_weight_dtypes
@@ -199,3 +199,10 @@ def test_energy_of_a_float_artifact_keeps_the_fp32_table(files):
     report = json.loads(result.stdout)
     assert report["table"]["name"] == "fp32-45nm"
     assert report["table_choice"] == "float weights: fp32 operation costs (table fp32-45nm); --table to choose another"
+
+
+def test_energy_report_picks_the_table_by_the_weights(files, registered):
+    x = [torch.rand(3, 1, 8, 8)]
+    assert energy_report(ann2snn.load_snn(files["int8"]), x).table.name == "int8-45nm"
+    assert energy_report(ann2snn.load_snn(files["float"]), x).table.name == "fp32-45nm"
+    assert energy_report(ann2snn.load_snn(files["int8"]), x, "fp32-45nm").table.name == "fp32-45nm"
