@@ -13,7 +13,7 @@ from ann2snn.errors import Ann2SnnError
 from ann2snn.train.export import MAX_EXPORT_TIMESTEPS   # train and demo export uint8 QDQ: T <= 8
 from ann2snn.levels import MAX_TIMESTEPS
 from ann2snn.console.paths import check_device, check_output
-from ann2snn.console.tables import channel_summary, count_ops, site_rows
+from ann2snn.console.tables import channel_summary, site_rows, snn_summary
 from ann2snn.tables import format_table
 from ann2snn.models import MODEL_NAMES
 from ann2snn.console.options import (batch_size_option, min_agreement_option, run_batch_size_option, sample_shape,
@@ -241,15 +241,10 @@ def verify_command(snn_path, source_path, data, samples, min_agreement, batch_si
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
 def inspect(path, as_json):
-    """Summarize an .onnx or .snn file: ops (supported or not) and activation sites."""
+    """Summarize an .onnx or .snn file: ops (supported or not) and activation sites; of an .snn also
+    its size and each layer's weight dtype."""
     if path.lower().endswith(".snn"):
-        from ann2snn.runtime.artifact import read_metadata
-        from ann2snn.runtime.metadata import ArtifactHeader
-
-        ann2snn.load_snn(path)   # the whole file checked, as eval would load it
-        header = ArtifactHeader.from_json(read_metadata(path))
-        summary = {"kind": "snn", "timesteps": header.timesteps, "ann2snn_version": header.ann2snn_version,
-                   "source": header.source.to_json(), "sites": header.report.sites, "ops": count_ops(header.graph)}
+        summary = snn_summary(path)
     else:
         from ann2snn.frontend.importer import inspect_onnx
 
@@ -312,8 +307,9 @@ def eval_command(model, data, batch_size, workers, device, mode, as_json):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, metavar="DATA",
               help="digits, an .npz with x and y, or an image folder (its val/ split when it has one).")
-@click.option("--table", "table", default="fp32-45nm", show_default=True, metavar="NAME|FILE",
-              help="Energy table: fp32-45nm or int8-45nm (Horowitz, ISSCC 2014), or your own JSON file.")
+@click.option("--table", "table", default=None, metavar="NAME|FILE",
+              help="Energy table: fp32-45nm or int8-45nm (Horowitz, ISSCC 2014), or your own JSON file "
+                   "(default: int8-45nm where the layers after the first hold int8 weights, else fp32-45nm).")
 @click.option("--samples", type=click.IntRange(1), default=None,
               help="Count over the first N images (default: the whole split).")
 @run_batch_size_option
@@ -330,22 +326,26 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     """Spikes, synaptic operations and energy per layer of an .snn against the same ANN (docs/method.md section 6)."""
     from ann2snn.runtime import distributed
     from ann2snn.data.sets import draw, load_dataset, make_loader
-    from ann2snn.energy import count_operations, estimate_energy, format_report, load_table, plot_energy
+    from ann2snn.energy import count_operations, default_table, estimate_energy, format_report, load_table, plot_energy
     from ann2snn.runtime.scoring import COUNTING_COPIES, auto_batch_size
     from ann2snn.runtime.memory import stage
 
     check_device(device)
     if plot:
         check_output(plot, model, table)
-    energy_table = load_table(table)
+    energy_table = load_table(table) if table is not None else None   # a bad table refused before any work
+    context = distributed.init_from_env(device)
+    device = distributed.local_device(device, context)
+    snn = ann2snn.load_snn(model)
+    choice = "--table"
+    if energy_table is None:
+        name, choice = default_table(snn.weight_dtypes())
+        energy_table = load_table(name)
     if neuron_updates:
         energy_table.require("neuron_update", "--neuron-updates")
     if memory:
         energy_table.require("memory_weight", "--memory")
         energy_table.require("memory_state", "--memory")
-    context = distributed.init_from_env(device)
-    device = distributed.local_device(device, context)
-    snn = ann2snn.load_snn(model)
     dataset = draw(load_dataset(data, split="test"), samples)   # at random, across classes
     batch_size = batch_size or auto_batch_size(snn, dataset, mode, COUNTING_COPIES, labels=False)
     loader = make_loader(distributed.shard(dataset, context), batch_size)
@@ -358,10 +358,12 @@ def energy(model, data, table, samples, batch_size, mode, device, neuron_updates
     if plot:
         plot_energy(report, plot)
     if as_json:
-        click.echo(strict_json({"model": model, "data": data, **report.to_json(),
+        click.echo(strict_json({"model": model, "data": data, **report.to_json(), "table_choice": choice,
                                **({"plot": plot} if plot else {})}))
         return
     click.echo(f"{model} on {data}:")
+    if choice != "--table":
+        click.echo(choice)
     click.echo(format_report(report))
     if plot:
         click.echo(f"wrote {plot}")

@@ -239,3 +239,19 @@ def test_cuda_runs_the_same_integers(tmp_path):
     on_cuda = snn.evaluate(x.cuda())
     assert torch.equal(on_cuda.logits.cpu(), on_cpu.logits)
     assert all(torch.equal(on_cuda.spikes[k].cpu(), on_cpu.spikes[k]) for k in on_cpu.spikes)
+
+
+def test_inspect_and_energy_see_the_integer_layers(tmp_path):
+    snn = ann2snn.convert_onnx(int8_file(tmp_path, 2), verify=False)
+    snn.save(tmp_path / "int.snn")
+    shown = invoke("inspect", str(tmp_path / "int.snn"), "--json")
+    assert shown.exit_code == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["format_version"] == 2 and info["file_bytes"] == os.path.getsize(tmp_path / "int.snn")
+    assert "int8 in 3 layers" in info["weights"], info["weights"]
+    np_path = tmp_path / "x.npz"
+    import numpy as np
+    np.savez(np_path, x=np.random.rand(8, 1, 8, 8).astype(np.float32), y=np.zeros(8, dtype=np.int64))
+    energy = invoke("energy", str(tmp_path / "int.snn"), "--data", str(np_path))
+    assert energy.exit_code == 0, energy.stderr
+    assert "int8 weights: int8 operation costs (table int8-45nm)" in energy.stdout

@@ -152,7 +152,8 @@ def test_report_source_header_and_verification_round_trip_through_json(files):
 
 BROKEN_HEADERS = {
     "format": (lambda m: m.update(format="onnx"), "unsupported artifact format onnx v1"),
-    "newer": (lambda m: m.update(format_version=3), "unsupported artifact format ann2snn-snn v3"),
+    "newer": (lambda m: m.update(format_version=3), "unsupported artifact format ann2snn-snn v3 (this ann2snn "
+                                                  "reads ann2snn-snn v1 to v2)"),
     "no report": (lambda m: m.pop("report"), "the header has no 'report'"),
     "timesteps": (lambda m: m.update(timesteps="2"), "timesteps must be an integer in 1..16, got str"),
     "sites": (lambda m: m["report"].update(sites=[1]), "report and source must be JSON objects"),

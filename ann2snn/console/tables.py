@@ -1,7 +1,11 @@
-"""The rows of the CLI's site and layer tables."""
+"""The rows of the CLI's site and layer tables, and what `inspect` shows of an .snn file."""
 from __future__ import annotations
 
+import os
+from collections import Counter
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from ..runtime.snn import SNN
@@ -38,3 +42,30 @@ def count_ops(graph: dict) -> dict:
         op = graph["modules"][node["target"]]["type"] if node["op"] == "call_module" else node["target"]
         counts[op] = counts.get(op, 0) + 1
     return counts
+
+
+def weight_summary(dtypes: dict[str, torch.dtype]) -> str:
+    """"int8 in 19 layers, float32 in 1": how many layers hold weights of each dtype, most first."""
+    counts = Counter(str(d).removeprefix("torch.") for d in dtypes.values()).most_common()
+    if not counts:
+        return "no layers with weights"
+    parts = [f"{name} in {n}" for name, n in counts]
+    parts[0] += " layer" if counts[0][1] == 1 else " layers"
+    return ", ".join(parts)
+
+
+def snn_summary(path: str | os.PathLike) -> dict:
+    """What `inspect` shows of an .snn file: the header, the file's size, each layer's weight dtype,
+    the activation sites and the ops; the whole file is checked, as eval would load it."""
+    import ann2snn
+    from ..runtime.artifact import read_metadata
+    from ..runtime.metadata import ArtifactHeader
+
+    dtypes = ann2snn.load_snn(path).weight_dtypes()
+    header = ArtifactHeader.from_json(read_metadata(path))
+    size = os.path.getsize(path)
+    return {"kind": "snn", "timesteps": header.timesteps, "ann2snn_version": header.ann2snn_version,
+            "format_version": header.format_version, "file_bytes": size, "file_mib": round(size / 2**20, 3),
+            "weights": weight_summary(dtypes),
+            "layers": {name: {"weight": str(d).removeprefix("torch.")} for name, d in dtypes.items()},
+            "source": header.source.to_json(), "sites": header.report.sites, "ops": count_ops(header.graph)}

@@ -4,8 +4,10 @@ Counted on the SNN's own two executors; the definitions are in docs/energy.md.
 """
 from .count import LayerCounts, OpCounts, OperationCounter, count_operations
 from .report import EnergyReport, energy_report, estimate_energy, format_report, plot_energy
-from .costs import DEFAULT_TABLE, EnergyCost, EnergyTable, available_tables, load_table, parse_table
+from .costs import (DEFAULT_TABLE, INT8_TABLE, EnergyCost, EnergyTable, available_tables, default_table, load_table,
+                    parse_table)
 
-__all__ = ["DEFAULT_TABLE", "EnergyCost", "EnergyReport", "EnergyTable", "LayerCounts", "OpCounts",
-           "OperationCounter", "available_tables", "count_operations", "energy_report", "estimate_energy",
+__all__ = ["DEFAULT_TABLE", "INT8_TABLE", "EnergyCost", "EnergyReport", "EnergyTable", "LayerCounts", "OpCounts",
+           "OperationCounter", "available_tables", "count_operations", "default_table", "energy_report",
+           "estimate_energy",
            "format_report", "load_table", "parse_table", "plot_energy"]

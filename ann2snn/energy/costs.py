@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from ..errors import Ann2SnnError
 
@@ -18,6 +19,7 @@ from ..errors import Ann2SnnError
 
 TABLE_PACKAGE_DIR = "tables"
 DEFAULT_TABLE = "fp32-45nm"
+INT8_TABLE = "int8-45nm"
 REQUIRED_ENERGIES = ("mac", "ac")
 OPTIONAL_ENERGIES = ("neuron_update", "memory_weight", "memory_state")
 ENERGY_KEYS = REQUIRED_ENERGIES + OPTIONAL_ENERGIES
@@ -134,6 +136,17 @@ def load_table(spec: str | os.PathLike | None = None) -> EnergyTable:
         raise Ann2SnnError(f"energy table {text!r}: neither a shipped table ({', '.join(available_tables())}) "
                            "nor an existing JSON file")
     return parse_table(_read_json(path), str(path), file=str(path))
+
+
+def default_table(weight_dtypes: dict[str, torch.dtype]) -> tuple[str, str]:
+    """The shipped table for an SNN whose layers hold weights of these dtypes (in graph order:
+    SNN.weight_dtypes), and a line saying why. int8 operation costs where every layer between the
+    first and the last holds int8 weights (the first encodes the analog input, the last gives the
+    float logits: either may stay float), else fp32 ones."""
+    dtypes = list(weight_dtypes.values())
+    if torch.int8 in dtypes and all(d == torch.int8 for d in dtypes[1:-1]):
+        return INT8_TABLE, f"int8 weights: int8 operation costs (table {INT8_TABLE}); --table to choose another"
+    return DEFAULT_TABLE, f"float weights: fp32 operation costs (table {DEFAULT_TABLE}); --table to choose another"
 
 
 # A table is a few kB: a larger file is not one (and /dev/zero would never end).

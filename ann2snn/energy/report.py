@@ -10,7 +10,7 @@ import torch
 
 from ..errors import Ann2SnnError
 from .count import OpCounts, count_operations
-from .costs import EnergyTable, load_table
+from .costs import EnergyTable, default_table, load_table
 
 
 # ==============================================================================================
@@ -100,7 +100,10 @@ def estimate_energy(counts: OpCounts, table: EnergyTable | None = None, *, neuro
 def energy_report(snn, batches: Iterable, table: EnergyTable | str | os.PathLike | None = None, *,
                   mode: str = "evaluate", neuron_updates: bool = False, memory: bool = False,
                   device: str | torch.device = "cpu", progress: bool = False, total: int | None = None) -> EnergyReport:
-    """count_operations, then estimate_energy with `table` (an EnergyTable, a shipped name or a file)."""
+    """count_operations, then estimate_energy with `table` (an EnergyTable, a shipped name or a file;
+    None: the shipped table default_table picks for the SNN's weight dtypes)."""
+    if table is None:
+        table = default_table(snn.weight_dtypes())[0]
     table = table if isinstance(table, EnergyTable) else load_table(table)
     counts = count_operations(snn, batches, mode=mode, device=device, progress=progress, total=total)
     return estimate_energy(counts, table, neuron_updates=neuron_updates, memory=memory)

@@ -3,9 +3,9 @@
 Loading runs no code from the file, by construction: torch.fx turns the graph into Python source,
 so every name that reaches that source is checked to be a plain identifier (node names, placeholder
 and keyword names) or a dotted path of identifiers naming a declared module or a stored tensor;
-module types, functions, methods, attributes and dtypes come from the allow-lists below; constants
-are JSON numbers, strings (which fx writes with repr), booleans and null; tensors come from
-safetensors.
+module types, functions, methods, attributes and dtypes come from the allow-lists below (the dtypes
+in artifact_tensors.py, which also checks each tensor against its module); constants are JSON
+numbers, strings (which fx writes with repr), booleans and null; tensors come from safetensors.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import math
 import os
 import re
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from ..errors import ArtifactError
-from ..levels import check_levels_exact
+from .artifact_tensors import DTYPES, check_file_dtypes, check_loaded, check_tensors, format_version_of
 from .metadata import ArtifactHeader, ConversionReport, Source, check_format
 from .neuron import BitSerialIFNode
 from ..ops import FUNCTION_OPS, LAYERS, METHOD_KINDS, MODULE_OPS
@@ -49,9 +48,6 @@ _FUNCTION_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
 METHODS = frozenset(METHOD_KINDS)
 # what `getattr(tensor, name)` may read
 ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
-DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
-    torch.int32, torch.int64, torch.bool)}
 NODE_OPS = frozenset({"placeholder", "get_attr", "call_module", "call_function", "call_method", "output"})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}\Z")
 _INDEX = re.compile(r"[0-9]{1,9}\Z")
@@ -246,47 +242,10 @@ def build_graph(description: dict, tensors: dict[str, torch.Tensor]) -> fx.Graph
     missing = set(gm.state_dict()) - set(state)
     if missing:
         raise ArtifactError(f"the artifact lacks tensors {sorted(missing)[:5]}")
-    dtype = _check_tensors(gm.state_dict(), state)
+    dtype = check_tensors(gm, state)
     gm.load_state_dict(state, strict=True, assign=True)  # keep the saved dtype
-    _check_loaded(gm, dtype)
+    check_loaded(gm, dtype)
     return gm
-
-
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> torch.dtype | None:
-    """Every tensor of the file as the graph description expects it, checked before load_state_dict
-    (whose error names no tensor): the shape its module's configuration gives, and one floating-point
-    dtype for all, that of most of them (what `save` writes), but BN's step counter, which keeps its
-    own. Returns that dtype (None: no floating-point tensor)."""
-    counts = Counter(state[name].dtype for name, t in expected.items() if t.is_floating_point())
-    dtype = counts.most_common(1)[0][0] if counts else None
-    if dtype is not None and dtype not in _FLOATING:
-        raise ArtifactError(f"the tensors are {str(dtype).removeprefix('torch.')}: an SNN's tensors share one "
-                            "floating-point dtype")
-    for name, want in expected.items():
-        got = state[name]
-        want_dtype = dtype if want.is_floating_point() else want.dtype
-        if got.shape != want.shape or got.dtype != want_dtype:
-            raise ArtifactError(f"tensor {name} should be {str(want_dtype).removeprefix('torch.')} of shape "
-                                f"{list(want.shape)}, the file holds {str(got.dtype).removeprefix('torch.')} "
-                                f"of shape {list(got.shape)}")
-    return dtype
-
-
-def _check_loaded(gm: fx.GraphModule, dtype: torch.dtype | None) -> None:
-    """No tensor left on the meta device the modules were built on (a tensor the file does not
-    hold), and every neuron's levels exact in the SNN's dtype (what the compiler checks)."""
-    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
-        if t.is_meta:
-            raise ArtifactError(f"the artifact lacks tensor {name}")
-    for name, module in gm.named_modules():
-        if isinstance(module, BitSerialIFNode) and dtype is not None:
-            try:
-                check_levels_exact(module.levels, dtype)
-            except ValueError as err:
-                raise ArtifactError(f"neuron {name}: {err}") from None
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -339,7 +298,7 @@ def write_artifact(path: str | os.PathLike, gm: fx.GraphModule, timesteps: int, 
     source description (SNN.save)."""
     tensors = integer_tensors({k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()},
                               integer_layers or {})
-    meta = ArtifactHeader(timesteps, describe_graph(gm), report, source,
+    meta = ArtifactHeader(timesteps, describe_graph(gm), report, source, format_version=format_version_of(tensors),
                           integer_layers=list(integer_layers or {})).to_json()
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"ann2snn": json.dumps(meta)}))
 
@@ -377,6 +336,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[fx.GraphModule, ArtifactHead
     try:
         header = ArtifactHeader.from_json(meta)
         header.source.ann2snn_version = header.ann2snn_version
+        check_file_dtypes(tensors, header.format_version)
         tensors, integer_layers = float_tensors(tensors, header.integer_layers)
         return build_graph(header.graph, tensors), header, integer_layers
     except ArtifactError as err:

@@ -1,6 +1,7 @@
 """Small helpers shared by the passes: module lookup and node predicates on torch.fx graphs."""
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from .metadata import ConversionReport
@@ -83,6 +84,17 @@ def node_label(gm: fx.GraphModule, node: fx.Node) -> str:
                                       getattr(node.target, "__name__", str(node.target)))
     opset = getattr(gm, "meta", {}).get("onnx", {}).get("opset")
     return f"node {node.meta.get('onnx_node', node.name)!r} ({op}{f', opset {opset}' if opset else ''})"
+
+
+def layer_weight_dtypes(gm: fx.GraphModule) -> dict[str, torch.dtype]:
+    """Layer name -> the dtype of its weight, for each module the graph calls that holds a `weight`
+    tensor, in graph order (so the first is the layer that encodes the input)."""
+    dtypes: dict[str, torch.dtype] = {}
+    for node in gm.graph.nodes:
+        weight = getattr(module_of(gm, node), "weight", None)
+        if isinstance(weight, torch.Tensor) and node.target not in dtypes:
+            dtypes[node.target] = weight.dtype
+    return dtypes
 
 
 def free_name(gm: fx.GraphModule, base: str) -> str:

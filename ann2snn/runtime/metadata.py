@@ -11,11 +11,7 @@ from ..levels import MAX_TIMESTEPS
 from ..version import __version__
 
 FORMAT = "ann2snn-snn"
-# Version 2 added integer layers (int8 weights, int32 biases); a float SNN is still written as version 1,
-# which every earlier reader reads.
-FORMAT_VERSION = 2          # the newest version this reader reads
-FLOAT_FORMAT_VERSION = 1
-INTEGER_FORMAT_VERSION = 2
+FORMAT_VERSION = 2   # the newest this reader knows; a file is written in the lowest that describes it
 
 
 class ReadByKey:
@@ -83,9 +79,10 @@ def check_format(meta: Any) -> None:
     """Refuse a header that is not of this artifact format, or of a newer version of it."""
     if not isinstance(meta, dict):
         raise ArtifactError("the graph description is not a JSON object")
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int) \
-            or meta["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"unsupported artifact format {meta.get('format')} v{meta.get('format_version')}")
+    version = meta.get("format_version")
+    if meta.get("format") != FORMAT or type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise ArtifactError(f"unsupported artifact format {meta.get('format')} v{version} "
+                            f"(this ann2snn reads {FORMAT} v1 to v{FORMAT_VERSION})")
 
 
 @dataclass
@@ -98,12 +95,8 @@ class ArtifactHeader:
     report: ConversionReport
     source: Source
     ann2snn_version: str = __version__
-    format_version: int = FLOAT_FORMAT_VERSION
+    format_version: int = FORMAT_VERSION
     integer_layers: list[str] = field(default_factory=list)   # int8 layers (runtime/integer_artifact.py)
-
-    def __post_init__(self) -> None:
-        if self.integer_layers:   # a reader of version 1 could not read their int8 weights
-            self.format_version = max(self.format_version, INTEGER_FORMAT_VERSION)
 
     def to_json(self) -> dict:
         integer = {"integer_layers": self.integer_layers} if self.integer_layers else {}

@@ -14,7 +14,7 @@ from .metadata import ConversionReport, Source
 from .evaluator import lower_to_evaluator
 from .simulator import lower_to_simulator
 from .cuda_graph import CudaGraphRunner
-from .graph import head_arithmetic, neuron_nodes
+from .graph import head_arithmetic, layer_weight_dtypes, neuron_nodes
 from .integer_snn import IntegerProgram, IntegerWeights
 
 
@@ -81,6 +81,14 @@ class SNN(nn.Module):
             yield self
         finally:
             self.backend = saved
+
+    def weight_dtypes(self) -> dict[str, torch.dtype]:
+        """Layer name -> the dtype its weights run in, in graph order: int8 for the integer layers
+        of the integer backend, else the graph's."""
+        dtypes = layer_weight_dtypes(self.graph_module)
+        if self.backend == "integer":
+            dtypes.update({name: layer.weight.dtype for name, layer in self.integer_layers.items()})
+        return dtypes
 
     def _integer_program(self, mode: str) -> IntegerProgram:
         if mode not in self._integer:
