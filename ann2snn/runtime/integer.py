@@ -120,11 +120,17 @@ def _check_monotone(requantize: Callable[[Tensor], Tensor], thresholds: Tensor, 
 
 
 def round_clamp(value: Tensor, scale: Tensor, zero: int, qmin: int, qmax: int, channel_dim: int = 1) -> Tensor:
-    """MLAS's QuantizeLinear: clamp(value / scale, qmin - zp, qmax - zp), round half to even, + zp."""
-    if channel_dim == 1:
-        scale = channel_view(scale.to(torch.float32), value.dim())
-    quotient = (value / scale).clamp(float(qmin - zero), float(qmax - zero))
-    return torch.round(quotient).to(torch.int64) + zero
+    """MLAS's QuantizeLinear of float32 values: clamp(value / scale, qmin - zp, qmax - zp), round
+    half to even, + zp (int64)."""
+    return round_clamp_(value.clone(), scale, zero, qmin, qmax, channel_dim).to(torch.int64) + qmin
+
+
+def round_clamp_(value: Tensor, scale: Tensor, zero: int, qmin: int, qmax: int, channel_dim: int = 1) -> Tensor:
+    """`round_clamp` minus qmin (the level above the lowest), in place, in value's float dtype."""
+    scale = scale.to(value.device, torch.float32)
+    scale = channel_view(scale, value.dim()) if channel_dim == 1 else scale
+    value.div_(scale).clamp_(float(qmin - zero), float(qmax - zero)).round_()
+    return value.add_(float(zero - qmin)) if zero != qmin else value
 
 
 def site_thresholds(product_scale: Tensor, offset: int, scale: Tensor, zero: int, qmin: int, qmax: int,

@@ -34,7 +34,7 @@ from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, fire_fused, int_linear, levels_fused
 from ..levels import channel_view, popcount_sum_
 from ..ops import MAX_POOLS
-from .integer import round_clamp, site_thresholds
+from .integer import round_clamp_, site_thresholds
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
 from .signal import Signal
@@ -87,8 +87,9 @@ class Integers:
 def _dequantize(value: Integers, potential: Tensor) -> Tensor:
     """float32(A) * float32(S): what the file's DequantizeLinear, or its float32 conv, gives."""
     scale = value.scale.to(device=potential.device, dtype=torch.float32)
-    # widened first: levels are uint8, and a zero point offset is negative
-    return (potential.to(torch.int32) + value.offset).to(torch.float32) * channel_view(scale, potential.dim())
+    if value.offset:   # widened first: levels are uint8, and a zero point offset is negative
+        potential = potential.to(torch.int32) + value.offset
+    return potential.to(torch.float32).mul_(channel_view(scale, potential.dim()))
 
 
 def integrate(signal: Signal) -> Tensor:
@@ -207,12 +208,13 @@ class IntegerProgram(fx.Interpreter):
         else:
             total = _dequantize(terms[0], potentials[0])
             for term, potential in zip(terms[1:], potentials[1:]):
-                total = total + _dequantize(term, potential)
-            levels = round_clamp(total, scale, zero, qmin, qmax) - qmin
+                total += _dequantize(term, potential)
+            levels_f = round_clamp_(total, scale, zero, qmin, qmax)   # q - qmin, in float32
             if pool is not None:
-                levels = pool(levels.to(torch.float32)).to(torch.int64)   # float32 holds every level
-            levels = levels.to(_level_dtype(qmax - qmin))
-            sample = popcount_sum_(levels.to(torch.float64), qmax - qmin, tuple(range(1, levels.dim()))) \
+                levels_f = pool(levels_f)
+            levels = levels_f.to(_level_dtype(qmax - qmin))
+            # the levels in float32 (exact) are spent on their spike count
+            sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) \
                 if spikes and not self.simulate else None
         value_scale = scale.to(torch.float64).reshape(-1)
         value_scale = value_scale.reshape(()) if value_scale.numel() == 1 else value_scale
