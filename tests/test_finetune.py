@@ -16,11 +16,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.utils.data import Subset
 
 from ann2snn.data.sets import load_dataset, make_loader
 from ann2snn.compile.calibrate import quantize_model
 from ann2snn.train.prepare import onnx_network
-from ann2snn.train import score_accuracy, load_init
+from ann2snn.train import TrainConfig, score_accuracy, load_init
+from ann2snn.train.batches import held_out_split
 from ann2snn.train.guard import COLLAPSE_DROP, MAX_BACKOFFS, DivergenceGuard
 from test_cli import run_cli
 from test_train import kill_at_first_checkpoint
@@ -51,13 +53,20 @@ def onnxruntime_accuracy(path) -> float:
     return float((logits.argmax(1) == test.y.numpy()).mean())
 
 
-def written_accuracy(source: str, weights) -> float:
-    """Test accuracy of the written weights, loaded into the trainer's network of `source` at T = 2.
+def written_accuracy(source: str, weights, data=None) -> float:
+    """Accuracy on `data` (default: the digits test split) of the written weights, loaded into the
+    trainer's network of `source` at T = 2.
     (onnxruntime's run of the QDQ export computes z in another order: at L = 3 a few images near a
     level boundary may change, more than the epochs of a run differ.)"""
     network = quantize_model(onnx_network(source, 10, (1, 8, 8)), 2, False, (1, 8, 8))
     load_init(network, weights)
-    return score_accuracy(network, make_loader(load_dataset("digits", "test"), 450), "cpu")[0]
+    return score_accuracy(network, make_loader(data or load_dataset("digits", "test"), 450), "cpu")[0]
+
+
+def validation_split() -> Subset:
+    """The images a fine-tuning run on digits holds out of its training split for the guard."""
+    calib = load_dataset("digits", "calib")
+    return Subset(calib, held_out_split(len(calib), TrainConfig(fine_tune=True))[1])
 
 
 def test_fine_tuning_a_trained_file_with_the_defaults_holds_or_improves_and_writes_the_best_epoch(float_file, tmp_path):
@@ -109,7 +118,9 @@ def test_a_forced_divergence_is_caught_reported_and_the_starting_model_is_writte
     assert "ann2snn: warning: training diverged at epoch 1: validation accuracy" in stderr
     assert "keeping the starting model" in stderr and any("keeping the starting model" in w for w in tuned["warnings"])
     assert tuned["best_epoch"] == 0 and tuned["start_accuracy"] > 0.5
-    assert written_accuracy(float_file, tmp_path / "diverged.safetensors") == summary["test_accuracy"] > 0.5
+    written = tmp_path / "diverged.safetensors"   # the starting model: the guard's number is its validation accuracy
+    assert written_accuracy(float_file, written) == summary["test_accuracy"] > 0.5
+    assert written_accuracy(float_file, written, validation_split()) == tuned["start_accuracy"]
     assert onnxruntime_accuracy(tmp_path / "diverged.onnx") > 0.8
 
 
@@ -220,7 +231,7 @@ def test_a_killed_fine_tuning_run_resumes_to_the_same_best_model(float_file, tmp
     """The best weights so far sit in the weights file, written just before each checkpoint: a run
     killed after its first checkpoint resumes to what an uninterrupted run writes."""
     from ann2snn.train.checkpoint import load_tensors
-    from ann2snn.train import TrainConfig, train
+    from ann2snn.train import train
 
     run = {"model": float_file, "timesteps": 2, "epochs": 3, "fine_tune": True, "train_limit": 640}
     output = tmp_path / "killed.safetensors"
