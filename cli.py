@@ -75,6 +75,12 @@ def demo(timesteps, output_dir, epochs, as_json):
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--per-channel", is_flag=True, help="One lambda per output channel instead of per layer.")
 @weight_bits_option
+@click.option("--float-weight-epochs", type=int, default=None, metavar="N",
+              help="With --weight-bits from scratch: train float weights with BN for the first N epochs, then "
+                   "fold BN and train int8 weights (default: half of --epochs; 0 when fine-tuning).")
+@click.option("--validation", type=float, default=None, metavar="FRACTION",
+              help="Hold out this share of the training split (never trained on) for the fine-tuning guard's "
+                   "choice of the best epoch (default: 0.1 when fine-tuning, else 0).")
 @click.option("--float", "float_only", is_flag=True, help="Train the float ANN (clipped ReLUs, no quantization).")
 @click.option("--float-activation", type=click.Choice(["clipped", "plain"]), default="clipped", show_default=True,
               help="With --float: clipped ReLUs with a trainable lambda, or the model's plain ReLUs.")
@@ -90,15 +96,18 @@ def demo(timesteps, output_dir, epochs, as_json):
               help="The exported ONNX file (QDQ; float with --float); weights go beside it as .safetensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @reports_errors
-def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, per_channel, weight_bits, float_only,
-          float_activation, max_grad_norm, init, resume, device, workers, seed, output, as_json):
+def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, per_channel, weight_bits,
+          float_weight_epochs, validation, float_only, float_activation, max_grad_norm, init, resume, device, workers,
+          seed, output, as_json):
     """Train a sparsity-regularized quantized source ANN and export it to ONNX for `convert`.
 
-    Fine-tuning (--model FILE.onnx or --init): the starting model's held-out accuracy (on the data's
-    test split) is measured before the first step; an epoch whose loss is not finite or whose
-    held-out accuracy falls more than 5 points below the start restores the best weights and halves
+    Fine-tuning (--model FILE.onnx or --init): the starting model's accuracy on the validation
+    split (--validation of the training split, held out from training; never the test split) is
+    measured before the first step; an epoch whose loss is not finite or whose validation
+    accuracy falls more than 5 points below the start restores the best weights and halves
     the learning rate (3 times, then the run stops), each time with a warning line on stderr; the
-    best epoch by held-out accuracy, the starting model included, is what is written. When no epoch
+    best epoch by validation accuracy, the starting model included, is what is written, and the
+    test accuracy reported is that model's. When no epoch
     beat the starting model, the starting model is written, with a warning line saying so (exit
     code 0; the JSON's fine_tune.best_epoch is 0). With --beta above 0 the starting model is no
     candidate: the best epoch that did not diverge is written, with a warning line if it is below
@@ -112,7 +121,8 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
         check_output(written, data, init)
     config = TrainConfig(model=model_name, data=data, timesteps=timesteps, beta=beta, epochs=epochs, lr=lr,
                          optimizer=optimizer, fine_tune=init is not None or is_onnx_source(model_name),
-                         batch_size=batch_size, per_channel=per_channel, weight_bits=weight_bits, float_only=float_only,
+                         batch_size=batch_size, per_channel=per_channel, weight_bits=weight_bits,
+                         float_weight_epochs=float_weight_epochs, validation=validation, float_only=float_only,
                          float_activation=float_activation, max_grad_norm=max_grad_norm, init=init,
                          resume=resume, device=device, workers=workers, seed=seed, output=weights, onnx=output)
     result = run_training(config, progress=not as_json)
@@ -131,7 +141,8 @@ def train(model_name, data, timesteps, beta, epochs, optimizer, lr, batch_size, 
                             ["epoch", "loss", "train acc", "test acc", "spikes/img"]))
     tuned = result.fine_tune
     best = "" if tuned is None else \
-        f" (epoch {tuned['best_epoch']}, the best; the starting model {100 * tuned['start_accuracy']:.2f}%)"
+        f" (epoch {tuned['best_epoch']}, the best by validation accuracy {100 * tuned['best_accuracy']:.2f}%; " \
+        f"the starting model's {100 * tuned['start_accuracy']:.2f}%)"
     click.echo(f"test accuracy {100 * result.test_accuracy:.2f}%{best}, {result.spikes_per_image:.1f} spikes/img; "
                f"wrote {output} and {weights}")
 

@@ -16,11 +16,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.utils.data import Subset
 
 from ann2snn.data.sets import load_dataset, make_loader
 from ann2snn.compile.calibrate import quantize_model
 from ann2snn.train.prepare import onnx_network
-from ann2snn.train import score_accuracy, load_init
+from ann2snn.train import TrainConfig, score_accuracy, load_init
+from ann2snn.train.batches import held_out_split
 from ann2snn.train.guard import COLLAPSE_DROP, MAX_BACKOFFS, DivergenceGuard
 from test_cli import run_cli
 from test_train import kill_at_first_checkpoint
@@ -51,13 +53,20 @@ def onnxruntime_accuracy(path) -> float:
     return float((logits.argmax(1) == test.y.numpy()).mean())
 
 
-def written_accuracy(source: str, weights) -> float:
-    """Test accuracy of the written weights, loaded into the trainer's network of `source` at T = 2.
+def written_accuracy(source: str, weights, data=None) -> float:
+    """Accuracy on `data` (default: the digits test split) of the written weights, loaded into the
+    trainer's network of `source` at T = 2.
     (onnxruntime's run of the QDQ export computes z in another order: at L = 3 a few images near a
     level boundary may change, more than the epochs of a run differ.)"""
     network = quantize_model(onnx_network(source, 10, (1, 8, 8)), 2, False, (1, 8, 8))
     load_init(network, weights)
-    return score_accuracy(network, make_loader(load_dataset("digits", "test"), 450), "cpu")[0]
+    return score_accuracy(network, make_loader(data or load_dataset("digits", "test"), 450), "cpu")[0]
+
+
+def validation_split() -> Subset:
+    """The images a fine-tuning run on digits holds out of its training split for the guard."""
+    calib = load_dataset("digits", "calib")
+    return Subset(calib, held_out_split(len(calib), TrainConfig(fine_tune=True))[1])
 
 
 def test_fine_tuning_a_trained_file_with_the_defaults_holds_or_improves_and_writes_the_best_epoch(float_file, tmp_path):
@@ -65,10 +74,13 @@ def test_fine_tuning_a_trained_file_with_the_defaults_holds_or_improves_and_writ
     tuned = summary["fine_tune"]
     assert (summary["optimizer"], summary["lr"]) == ("adam", 1e-3)
     assert tuned["backoffs"] == 0 and not tuned["stopped"] and "diverged" not in stderr and "epoch 1/" not in stderr
-    accuracies = [tuned["start_accuracy"]] + [h["test_acc"] for h in summary["history"]]
+    # the choice reads the validation split; the accuracy reported is the test split's, of the model chosen
+    accuracies = [tuned["start_accuracy"]] + [h["val_acc"] for h in summary["history"]]
     assert tuned["best_epoch"] == int(np.argmax(accuracies)) and tuned["best_accuracy"] == max(accuracies)
-    assert summary["test_accuracy"] == tuned["best_accuracy"] >= tuned["start_accuracy"] > 0.5
-    assert written_accuracy(float_file, tmp_path / "tuned.safetensors") == tuned["best_accuracy"]
+    assert tuned["best_accuracy"] >= tuned["start_accuracy"] > 0.5
+    assert written_accuracy(float_file, tmp_path / "tuned.safetensors") == summary["test_accuracy"] > 0.5
+    if tuned["best_epoch"] > 0:
+        assert summary["test_accuracy"] == summary["history"][tuned["best_epoch"] - 1]["test_acc"]
     assert onnxruntime_accuracy(tmp_path / "tuned.onnx") > 0.8
 
 
@@ -93,7 +105,7 @@ def test_a_terminal_gets_a_line_per_epoch(float_file, tmp_path):
     os.close(master)
     assert process.wait(timeout=600) == 0
     shown = b"".join(chunks).decode()
-    assert "epoch 0 (the starting model): held-out accuracy" in shown
+    assert "epoch 0 (the starting model): validation accuracy" in shown and "test accuracy" in shown
     assert "epoch 1/2: loss" in shown and "epoch 2/2: loss" in shown and ", best: epoch" in shown
 
 
@@ -101,12 +113,14 @@ def test_a_forced_divergence_is_caught_reported_and_the_starting_model_is_writte
     summary, stderr = fine_tune(float_file, tmp_path / "diverged.onnx", "--epochs", "6", "--lr", "1e3")
     tuned = summary["fine_tune"]
     diverged = [h for h in summary["history"] if h["guard"]]
-    assert diverged and all(h["test_acc"] < 0.3 for h in diverged)        # it truly diverged, every epoch
+    assert diverged and all(h["val_acc"] < 0.3 and h["test_acc"] < 0.3 for h in diverged)        # it truly diverged, every epoch
     assert tuned["backoffs"] == MAX_BACKOFFS and tuned["stopped"] and tuned["epochs_done"] == MAX_BACKOFFS + 1 < 6
-    assert "ann2snn: warning: training diverged at epoch 1: held-out accuracy" in stderr
+    assert "ann2snn: warning: training diverged at epoch 1: validation accuracy" in stderr
     assert "keeping the starting model" in stderr and any("keeping the starting model" in w for w in tuned["warnings"])
-    assert tuned["best_epoch"] == 0 and summary["test_accuracy"] == tuned["start_accuracy"] > 0.5
-    assert written_accuracy(float_file, tmp_path / "diverged.safetensors") == tuned["start_accuracy"]
+    assert tuned["best_epoch"] == 0 and tuned["start_accuracy"] > 0.5
+    written = tmp_path / "diverged.safetensors"   # the starting model: the guard's number is its validation accuracy
+    assert written_accuracy(float_file, written) == summary["test_accuracy"] > 0.5
+    assert written_accuracy(float_file, written, validation_split()) == tuned["start_accuracy"]
     assert onnxruntime_accuracy(tmp_path / "diverged.onnx") > 0.8
 
 
@@ -130,7 +144,7 @@ def test_with_the_spike_regularizer_a_fine_tuned_epoch_is_written(float_file, tm
     tuned = summary["fine_tune"]
     assert tuned["best_epoch"] == 1 and summary["test_accuracy"] == summary["history"][0]["test_acc"]
     assert summary["spikes_per_image"] < tuned["start_spikes_per_image"]
-    below = summary["test_accuracy"] < tuned["start_accuracy"]
+    below = tuned["best_accuracy"] < tuned["start_accuracy"]
     assert tuned["below_start"] == below and ("below the starting model's" in stderr) == below
 
 
@@ -181,12 +195,12 @@ def test_with_the_spike_regularizer_the_start_is_no_candidate_and_a_lower_best_i
     assert guard.after_epoch(1, model, 0.5, 0.87, optimizer, scheduler) is None
     assert guard.after_epoch(2, model, 0.5, 0.86, optimizer, scheduler) is None
     assert guard.best.epoch == 1
-    history = [{"epoch": 1, "test_acc": 0.87, "spikes_per_image": 40.0, "guard": None},
-               {"epoch": 2, "test_acc": 0.86, "spikes_per_image": 30.0, "guard": None}]
+    history = [{"epoch": 1, "val_acc": 0.87, "spikes_per_image": 40.0, "guard": None},
+               {"epoch": 2, "val_acc": 0.86, "spikes_per_image": 30.0, "guard": None}]
     record, verdict = guard.finish(model, history)
     assert record["best_epoch"] == 1 and record["below_start"] and record["warnings"] == [verdict]
     assert verdict == ("the best fine-tuned epoch, 1, reached 87.00% at 40 spikes per image, below the starting "
-                       "model's held-out accuracy of 90.00% at 100: writing epoch 1, as --beta trades accuracy for "
+                       "model's validation accuracy of 90.00% at 100: writing epoch 1, as --beta trades accuracy for "
                        "spikes")
     _, _, _, competing = _run(start_competes=True)
     assert competing.after_epoch(1, model, 0.5, 0.87, optimizer, scheduler) is None and competing.best.epoch == 0
@@ -217,7 +231,7 @@ def test_a_killed_fine_tuning_run_resumes_to_the_same_best_model(float_file, tmp
     """The best weights so far sit in the weights file, written just before each checkpoint: a run
     killed after its first checkpoint resumes to what an uninterrupted run writes."""
     from ann2snn.train.checkpoint import load_tensors
-    from ann2snn.train import TrainConfig, train
+    from ann2snn.train import train
 
     run = {"model": float_file, "timesteps": 2, "epochs": 3, "fine_tune": True, "train_limit": 640}
     output = tmp_path / "killed.safetensors"

@@ -23,8 +23,9 @@ min_agreement_option = click.option(
     help="A float source: fail below this prediction agreement with onnxruntime's float run.")
 weight_bits_option = click.option(
     "--weight-bits", type=int, default=None, metavar="8",
-    help="Train int8 weights: BN folded into the weights, per-channel symmetric fake quantization; the "
-         "export is full QDQ (INT8 weights behind DequantizeLinear).")
+    help="Train int8 weights: BN folded into the weights, per-channel symmetric fake quantization (from "
+         "scratch after a float-weight warm-up, --float-weight-epochs); the export is full QDQ (INT8 weights "
+         "behind DequantizeLinear).")
 
 
 def sample_shape(text: str | None) -> tuple[int, ...] | None:

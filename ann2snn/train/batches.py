@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..data.sets import make_loader
+from ..errors import Ann2SnnError
 from ..runtime.distributed import Context
 from ..data.image_folder import ImageFolderDataset
 from .config import TrainConfig
@@ -44,6 +45,21 @@ def _reseed_augmentation(dataset: Dataset, seed: int) -> None:
         dataset = dataset.dataset
     if isinstance(dataset, ImageFolderDataset):
         dataset.reseed(seed)
+
+
+def held_out_split(samples: int, config: TrainConfig) -> tuple[list[int], list[int]]:
+    """(trained, validation) indices into a training split of `samples`: of its first train_limit
+    samples, a share `validation_fraction` drawn with the run's seed is held out for validation and
+    never trained on (nor calibrated on); the rest trains, in the split's order."""
+    used = min(samples, config.train_limit) if config.train_limit is not None else samples
+    held = round(config.validation_fraction * used)
+    if config.validation_fraction > 0 and not 0 < held < used:
+        raise Ann2SnnError(f"validation {config.validation_fraction:g} of {used} training samples holds out "
+                           f"{held}: it must hold out at least one and leave at least one to train on")
+    drawn = torch.randperm(used, generator=torch.Generator().manual_seed(config.seed))[:held]
+    validation = sorted(drawn.tolist())
+    excluded = set(validation)
+    return [i for i in range(used) if i not in excluded], validation
 
 
 def global_batch_sizes(samples: int, batch_size: int) -> list[int]:

@@ -4,13 +4,16 @@ A run that starts from trained weights (`TrainConfig.fine_tune`, what `ann2snn t
 FILE.onnx` and `--init` run) never hands back a model worse than the one it started from without
 saying so:
 
+- every accuracy the guard reads is on the validation split: a share of the training split
+  (TrainConfig.validation, 10% by default) held out from training and calibration, never the test
+  split, so that the test accuracy of the model it selects is an honest one;
 - the starting model (the trained weights with their sites quantized and calibrated) is evaluated
-  on the held-out split before the first step: it is epoch 0;
-- after every epoch, a loss or a weight that is not finite, or a held-out accuracy more than
+  on the validation split before the first step: it is epoch 0;
+- after every epoch, a loss or a weight that is not finite, or a validation accuracy more than
   COLLAPSE_DROP below the starting model's, is a divergence: the best weights so far come back, the
   optimizer's state (momentum, Adam's moments) is dropped and the learning rate halved; the
   divergence after MAX_BACKOFFS back-offs stops the run;
-- the best epoch by held-out accuracy (the earlier one on a tie) is the model the run returns and
+- the best epoch by validation accuracy (the earlier one on a tie) is the model the run returns and
   writes. Without the spike regularizer the starting model takes part; with it (beta > 0) only the
   epochs that did not diverge do, since the start was not trained for fewer spikes: a best epoch
   below the starting model's accuracy is then written with a warning line saying so.
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from .checkpoint import load_tensors, save_tensors
 from ..errors import Ann2SnnError
 
-# A held-out accuracy this far below the starting model's is a collapse, not the noise of one epoch.
+# A validation accuracy this far below the starting model's is a collapse, not the noise of one epoch.
 COLLAPSE_DROP = 0.05
 # Back-offs (restore the best weights, halve the learning rate) before a divergence stops the run.
 MAX_BACKOFFS = 3
@@ -85,7 +88,7 @@ class DivergenceGuard:
         if broken is not None:
             return f"tensor {broken!r} is not finite"
         if accuracy < self.start_accuracy - COLLAPSE_DROP:
-            return (f"held-out accuracy {100 * accuracy:.2f}% fell more than {100 * COLLAPSE_DROP:g} points below "
+            return (f"validation accuracy {100 * accuracy:.2f}% fell more than {100 * COLLAPSE_DROP:g} points below "
                     f"the starting model's {100 * self.start_accuracy:.2f}%")
         return None
 
@@ -93,11 +96,11 @@ class DivergenceGuard:
         """Load the best weights into `model`. Returns the run's record (TrainResult.fine_tune) and the
         line saying that no fine-tuned epoch beat the starting model (then the one kept), or None."""
         model.load_state_dict(self.best.state)
-        start = f"the starting model's held-out accuracy of {100 * self.start_accuracy:.2f}%"
+        start = f"the starting model's validation accuracy of {100 * self.start_accuracy:.2f}%"
         verdict = None
         if self.best.epoch == 0 and self.start_competes:
-            tuned = max(history, key=lambda h: h["test_acc"], default=None)
-            best_tuned = f"; the best fine-tuned epoch, {tuned['epoch']}, reached {100 * tuned['test_acc']:.2f}%" \
+            tuned = max(history, key=lambda h: h["val_acc"], default=None)
+            best_tuned = f"; the best fine-tuned epoch, {tuned['epoch']}, reached {100 * tuned['val_acc']:.2f}%" \
                 if tuned is not None else ""
             verdict = f"no fine-tuned epoch beat {start}{best_tuned}: keeping the starting model"
         elif self.best.epoch == 0:

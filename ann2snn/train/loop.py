@@ -23,11 +23,12 @@ from ..errors import Ann2SnnError, DataError
 from ..runtime.scoring import PROGRESS_DELAY_S
 from .export import export_onnx
 from ..compile.calibrate import activation_sites, calibrate_clips, quantize_model
-from .batches import RANK_SEED_STRIDE, epoch_loader, global_batch_sizes
-from .config import FLOAT_ACTIVATIONS, MIN_CLIP, OPTIMIZERS, RESUME_FREE_FIELDS, TrainConfig, TrainResult
+from .batches import RANK_SEED_STRIDE, epoch_loader, global_batch_sizes, held_out_split
+from .config import FLOAT_ACTIVATIONS, MIN_CLIP, RESUME_FREE_FIELDS, TrainConfig, TrainResult
 from .guard import DivergenceGuard
 from .init import load_init
 from .regularizer import sample_spikes, spike_regularizer
+from .schedule import build_optimizer, cosine_schedule, start_weight_quantization
 from .weight_quant import check_weight_bits, quantize_weights
 
 
@@ -101,19 +102,6 @@ def _check_data_fits(config: TrainConfig, source: str, input_shape: tuple[int, .
 # Training
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum, or Adam; no weight decay on the clipping thresholds (it would only shrink lambda)."""
-    if config.optimizer_name not in OPTIMIZERS:
-        raise Ann2SnnError(f"optimizer {config.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-    clips = [s.clip for s in activation_sites(model).values()]
-    clip_ids = {id(p) for p in clips}
-    weights = [p for p in model.parameters() if id(p) not in clip_ids]
-    groups = [{"params": weights, "weight_decay": config.weight_decay}, {"params": clips, "weight_decay": 0.0}]
-    if config.optimizer_name == "adam":
-        return torch.optim.Adam(groups, lr=config.learning_rate)
-    return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
-
-
 def _build_model(config: TrainConfig, classes: int, input_shape: tuple[int, ...],
                  device: str | torch.device | None = None) -> nn.Module:
     """The zoo model with its activations made sites (quantizing, or float for float_only), on
@@ -149,17 +137,19 @@ def _source_network(model: str, classes: int, input_shape: tuple[int, ...]) -> n
     return models.build_model(model, classes, in_channels=input_shape[0])
 
 
-def _initialize(model: nn.Module, config: TrainConfig) -> None:
-    """Load `init`, then (weight_bits) fold BN and quantize the weights, then calibrate the lambdas
-    `init` does not provide (all of them with `calibrate`) on the "calib" split (the training images
-    without augmentation), through the quantized weights."""
+def _initialize(model: nn.Module, config: TrainConfig, held_out: set[int]) -> None:
+    """Load `init`, then (weight_bits, no warm-up) fold BN and quantize the weights, then calibrate the
+    lambdas `init` does not provide (all of them with `calibrate`) on the "calib" split (the training
+    images without augmentation) less the `held_out` validation images, through the quantized weights."""
     loaded = load_init(model, config.init) if config.init else set()
-    if config.weight_bits is not None:   # after init: the fold uses its BN statistics
+    if config.weight_bits is not None and config.warmup_epochs == 0:   # after init: the fold uses its BN statistics
         quantize_weights(model, config.weight_bits)
     pending = [n for n, s in activation_sites(model).items()
                if config.calibrate or f"{n}.clip" not in loaded or not torch.isfinite(s.clip).all()]
     if pending:
         calib = load_dataset(config.data, "calib", seed=config.seed)
+        if held_out:
+            calib = Subset(calib, [i for i in range(len(calib)) if i not in held_out])
         loader = make_loader(calib, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed)
         calibrate_clips(model, loader, config.percentile, names=pending)
 
@@ -260,12 +250,13 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if config.resume and ckpt_path is None:
         raise Ann2SnnError("resume needs an output path: the checkpoint is <output>.ckpt")
     check_weight_bits(config.weight_bits)
-    if config.weight_bits is not None and config.float_only:
-        raise Ann2SnnError("weight_bits trains int8 weights behind quantized activations: it cannot be combined "
-                           "with float_only")
+    config.check()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise Ann2SnnError(f"device {config.device}: no CUDA device is available")
     context = init_from_env(config.device)  # torchrun: DistributedDataParallel; else one process
+    if context.distributed and config.warmup_epochs:
+        raise Ann2SnnError(f"float_weight_epochs {config.warmup_epochs}: the float-weight warm-up runs in one "
+                           "process, not under torchrun; pass float_weight_epochs 0")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -273,10 +264,15 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     # Image-folder augmentation: each rank its own random stream (rank 0 that of one process).
     train_set = load_dataset(config.data, "train", seed=config.seed + RANK_SEED_STRIDE * context.rank)
-    if config.train_limit is not None:
-        train_set = Subset(train_set, range(min(config.train_limit, len(train_set))))
+    trained_indices, validation_indices = held_out_split(len(train_set), config)
+    if len(trained_indices) < len(train_set):
+        train_set = Subset(train_set, trained_indices)
     test_loader = make_loader(shard(load_dataset(config.data, "test", seed=config.seed), context),
                               config.batch_size, workers=config.workers)
+    # the held-out images as calibration reads them (no augmentation); the guard selects on them
+    validation_loader = make_loader(shard(Subset(load_dataset(config.data, "calib", seed=config.seed),
+                                                 validation_indices), context),
+                                    config.batch_size, workers=config.workers) if validation_indices else None
     input_shape = dataset_input_shape(train_set)
     classes = num_classes(train_set)
     _check_data_fits(config, dataset_source(train_set), input_shape, classes)
@@ -284,15 +280,15 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     resume = load_checkpoint(ckpt_path) if config.resume and ckpt_path.is_file() else None
     model = _build_model(config, classes, input_shape, device)
     if resume is None:
-        _initialize(model, config)
+        _initialize(model, config, set(validation_indices))
     else:
         _check_resumable(resume.config, config, ckpt_path)
-        if config.weight_bits is not None:   # the checkpoint's layers: BN folded, weights parametrized
-            quantize_weights(model, config.weight_bits)
-    optimizer = _optimizer(model, config)
+        if config.weight_bits is not None and len(resume.history) >= config.warmup_epochs:
+            quantize_weights(model, config.weight_bits)   # the checkpoint's layers: BN folded, weights parametrized
+    optimizer = build_optimizer(model, config)
     global_sizes = global_batch_sizes(len(train_set), config.batch_size) if context.distributed else None
     steps_per_epoch = len(global_sizes) if global_sizes is not None else len(epoch_loader(train_set, config, 0))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * steps_per_epoch))
+    scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
     if resume is not None:
         _restore(resume, ckpt_path, model, optimizer, scheduler)
@@ -303,7 +299,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         if resume is not None:
             guard = DivergenceGuard.resume(config.output, history, start_competes)
         else:
-            start_accuracy, start_sites = _evaluate(model, test_loader, device, context)
+            start_accuracy, start_sites = _evaluate(model, validation_loader, device, context)
             guard = DivergenceGuard(model, start_accuracy, sum(start_sites.values()), start_competes)
 
     trained: nn.Module = model
@@ -318,7 +314,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                desc="float" if config.float_only else f"QAT T={config.timesteps}", unit="step",
                delay=PROGRESS_DELAY_S)  # a bad image in the first batches: its error line alone
     if guard is not None and not history and not bar.disable:
-        bar.write(f"epoch 0 (the starting model): held-out accuracy {100 * guard.start_accuracy:.2f}%", file=sys.stderr)
+        bar.write(f"epoch 0 (the starting model): validation accuracy {100 * guard.start_accuracy:.2f}%",
+                  file=sys.stderr)
     per_site: dict[str, float] | None = None
     for epoch in range(len(history), config.epochs):
         if guard is not None and guard.stopped:
@@ -334,20 +331,26 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             "epoch": epoch + 1, "loss": loss_sum / images, "ce": ce_sum / images, "spike_term": spike_sum / images,
             "train_acc": correct / images, "test_acc": test_acc, "spikes_per_image": sum(per_site.values()),
             "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}
+        if validation_loader is not None:
+            entry["val_acc"] = _evaluate(model, validation_loader, device, context)[0]
         if guard is None and not math.isfinite(entry["loss"]):
             raise Ann2SnnError(f"training diverged at epoch {epoch + 1}: the loss is {entry['loss']}; "
                                "lower the learning rate or clip the gradient norm")
         if guard is not None:
-            warning = guard.after_epoch(epoch + 1, model, entry["loss"], test_acc, optimizer, scheduler)
+            warning = guard.after_epoch(epoch + 1, model, entry["loss"], entry["val_acc"], optimizer, scheduler)
             entry.update(guard=warning, stopped=guard.stopped)
             _warn(warning, context)
         history.append(entry)
+        if config.weight_bits is not None and epoch + 1 == config.warmup_epochs:  # before the checkpoint
+            optimizer, scheduler = start_weight_quantization(model, config, optimizer, scheduler,
+                                                             config.epochs * steps_per_epoch)
         bar.set_postfix(loss=f"{loss_sum / images:.3f}", acc=f"{correct / images:.3f}", test=f"{test_acc:.3f}",
                         spk=f"{sum(per_site.values()):.0f}")
         if not bar.disable:
             best = f", best: epoch {guard.best.epoch}" if guard is not None else ""
+            validated = f", validation accuracy {100 * entry['val_acc']:.2f}%" if "val_acc" in entry else ""
             bar.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}, train accuracy "
-                      f"{100 * entry['train_acc']:.2f}%, held-out accuracy {100 * test_acc:.2f}%{best}",
+                      f"{100 * entry['train_acc']:.2f}%{validated}, test accuracy {100 * test_acc:.2f}%{best}",
                       file=sys.stderr)
         if ckpt_path is not None:
             if context.is_main:

@@ -4,11 +4,12 @@
     quantize_weights(model, 8)     every Conv / Linear weight w is used as q_c * s_c, with
                                    s_c = max|w_c| / 127 and q_c = round(w_c / s_c) in [-127, 127]
 
-The fold happens once, at the start of QAT, from the running statistics (what a float run or the
-init file left; identity statistics from scratch), not per step as torch.ao's ConvBn QAT does:
-afterwards the network has no BN, so the weights that train are the int8 weights the export
-writes and the converter reads. Measured on digits at T = 2, fine-tuning a float ANN this way
-reaches 99.56%; from scratch without BN, 97.11% (`ann2snn train`, seed 0).
+The fold happens once, at the start of int8 QAT, from the running statistics (what the init file
+or the run's float-weight warm-up left, TrainConfig.float_weight_epochs), not per step as torch.ao's
+ConvBn QAT does: afterwards the network has no BN, so the weights that train are the int8 weights
+the export writes and the converter reads. Measured on digits at T = 2 from scratch (`ann2snn
+train`, seed 0): folded at identity statistics with no warm-up, 97.11%; after a 40-epoch warm-up
+of 80, see docs/training.md.
 The rounding has a straight-through gradient (the identity); the scale follows the weights
 (max-calibrated, no gradient). A layer fed by a per-layer site (directly or through ops that only
 move values: max pooling, flatten) gets an int32 bias too, b = k * theta_in * s_c, the grid of
