@@ -255,3 +255,24 @@ def test_inspect_and_energy_see_the_integer_layers(tmp_path):
     energy = invoke("energy", str(tmp_path / "int.snn"), "--data", str(np_path))
     assert energy.exit_code == 0, energy.stderr
     assert "int8 weights: int8 operation costs (table int8-45nm)" in energy.stdout
+
+
+def test_verify_and_eval_commands_run_an_integer_artifact(tmp_path):
+    import numpy as np
+
+    path = int8_file(tmp_path, 2)
+    assert invoke("convert", path, "-o", str(tmp_path / "int.snn")).exit_code == 0
+    checked = invoke("verify", str(tmp_path / "int.snn"), "--against", path, "--samples", "16", "--json")
+    assert checked.exit_code == 0, checked.stderr
+    report = json.loads(checked.stdout)
+    integer = report.get("verify", report)["integer"]
+    assert integer["passed"] and integer["samples"] == 16
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.rand(16, 1, 8, 8).astype(np.float32), y=np.arange(16) % 10)
+    scores = []
+    for mode in ("evaluate", "simulate"):
+        scored = invoke("eval", str(tmp_path / "int.snn"), "--data", str(data), "--mode", mode, "--json")
+        assert scored.exit_code == 0, scored.stderr
+        scores.append(json.loads(scored.stdout))
+    assert scores[0]["images"] == 16
+    assert scores[0]["top1"] == scores[1]["top1"] and scores[0]["spikes_per_image"] == scores[1]["spikes_per_image"]
