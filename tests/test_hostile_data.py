@@ -329,7 +329,7 @@ def test_train_refuses_a_corrupt_image_of_its_first_batch_with_the_progress_bar_
     """With every lambda from --init nothing is calibrated: the first image read is in the first
     training step, after the progress bar exists."""
     root = tmp_path / "images"
-    _folder(root / "train")
+    _folder(root / "train", images=5)   # 11 images: fine-tuning holds one out for its validation
     _folder(root / "val")
     bad = root / "train" / "b" / "bad.png"
     bad.write_text("not an image")
