@@ -7,7 +7,15 @@ torch.searchsorted over all channels, which costs more than the integer conv bef
 each channel's thresholds are padded with UNREACHABLE to 2^STEPS - 1, STEPS = bit length of K,
 and the count is a branch-free binary search of STEPS probes per element: in C on the CPU
 (kernels/int_levels_cpu.c, built by kernels/native.py) and in Triton on CUDA. The same pass can
-count the spikes per sample, popcount(level) summed, which evaluate reports.
+count the spikes per sample, popcount(level) summed, which evaluate reports. (Up to 32
+thresholds the C kernel compares with each instead, see COUNT_MAX_THRESHOLDS.)
+
+API for a layer run many times (the integer SNN):
+- `IntegerLevels(thresholds, lo, offset=None)` checks the thresholds and lays them out once for
+  every kernel; `neuron(A, sample_spikes=False) -> IntLevels` then does no Python-side conversion.
+  `offset` [C] is added to A exactly, by taking it from the thresholds (a bias the layer left out).
+- `levels_fused(A, thresholds, lo, sample_spikes=False)` is the one-call form (it builds one).
+- kernels/int_layer_levels.py's `IntegerLayer` is the whole step, int8 layer and neuron.
 """
 from __future__ import annotations
 
