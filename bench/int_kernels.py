@@ -9,7 +9,11 @@ Every Conv2d and Linear of resnet20 at its own input shape, batch 64, torch.set_
 - int + fused levels: the int layer followed by levels_fused (ann2snn.kernels: the same levels and
   the spikes per sample in one pass of a C kernel, kernels/int_levels_cpu.c);
 - int + requantize: the int layer followed by requantize_qlinear, onnxruntime's float32
-  requantization of the accumulator, which gives the same levels elementwise.
+  requantization of the accumulator, which gives the same levels elementwise;
+- int step: the whole per-layer step as the integer SNN calls it, IntegerLayer (ann2snn.kernels:
+  layer and levels with the spikes per sample, bias folded into the thresholds, oneDNN's float32
+  output read by the C levels pass as it is), and its two parts: "int step: layer" (the raw
+  accumulator alone) and "int step: levels" (IntegerLevels on that accumulator, computed beforehand).
 Each layer is timed in --repeats interleaved rounds (fastest and median); a network's time is
 the sum over its layers, so the ratios say how fast the integer SNN's layers can be against the
 fp32 ANN's (the best of NCHW and channels_last), before the rest of the network (adds, pooling,
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn import models
-from ann2snn.kernels import IntConv2d, int_linear, levels_fused
+from ann2snn.kernels import IntConv2d, IntegerLayer, IntegerLevels, int8_gemm, int_linear, levels_fused
+from ann2snn.kernels.int_layers import SHIFT, shifted
 from ann2snn.runtime.integer import levels_from_thresholds, requantize_qlinear
 
 
@@ -76,22 +81,33 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
     def requantized(accumulator: torch.Tensor) -> torch.Tensor:
         return requantize_qlinear(accumulator.movedim(1, 0), multiplier, 0, 0, top).movedim(0, 1)
     if isinstance(layer, nn.Linear):
+        step = IntegerLayer(weight, bias, thresholds, 0)
+        raw_neuron = IntegerLevels(thresholds, 0, bias + SHIFT * weight.sum(1, dtype=torch.int32))
+        raw = int8_gemm(shifted(levels), weight.t())
         return {"fp32 NCHW": lambda: F.linear(x, w, b), "fp32 channels_last": lambda: F.linear(x, w, b),
                 "int": lambda: int_linear(levels, weight, bias), "int im2col": lambda: int_linear(levels, weight, bias),
                 "int + thresholds": lambda: levels_from_thresholds(int_linear(levels, weight, bias), thresholds, 0),
                 "int + fused levels": lambda: levels_fused(int_linear(levels, weight, bias), thresholds, 0,
                                                            sample_spikes=True),
-                "int + requantize": lambda: requantized(int_linear(levels, weight, bias))}
+                "int + requantize": lambda: requantized(int_linear(levels, weight, bias)),
+                "int step": lambda: step(levels, sample_spikes=True),
+                "int step: layer": lambda: int8_gemm(shifted(levels), weight.t()),
+                "int step: levels": lambda: raw_neuron(raw, sample_spikes=True)}
     options = (layer.stride, layer.padding, layer.dilation, layer.groups)
     x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
     levels_cl = levels.contiguous(memory_format=torch.channels_last)
     conv, im2col = IntConv2d(weight, bias, *options), IntConv2d(weight, bias, *options, engine="im2col")
+    step, raw_neuron = IntegerLayer(weight, bias, thresholds, 0, *options), IntegerLevels(thresholds, 0, bias)
+    raw = step.conv.float_accumulator(levels_cl)
     return {"fp32 NCHW": lambda: F.conv2d(x, w, b, *options),
             "fp32 channels_last": lambda: F.conv2d(x_cl, w_cl, b, *options),
             "int": lambda: conv(levels_cl), "int im2col": lambda: im2col(levels_cl),
             "int + thresholds": lambda: levels_from_thresholds(conv(levels_cl), thresholds, 0),
             "int + fused levels": lambda: levels_fused(conv(levels_cl), thresholds, 0, sample_spikes=True),
-            "int + requantize": lambda: requantized(conv(levels_cl))}
+            "int + requantize": lambda: requantized(conv(levels_cl)),
+            "int step": lambda: step(levels_cl, sample_spikes=True),
+            "int step: layer": lambda: step.conv.float_accumulator(levels_cl),
+            "int step: levels": lambda: raw_neuron.run(raw, True, exact_float=True)}
 
 
 def main() -> None:

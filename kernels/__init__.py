@@ -9,7 +9,8 @@
   `int_linear_reference` / `int_conv2d_reference` (kernels/int_layers_reference.py).
 - `levels_fused`: int32 accumulators to levels by per-channel integer thresholds, with the spikes
   per sample, in one pass (C kernels/int_levels_cpu.c on the CPU, Triton on CUDA); reference
-  `levels_from_thresholds` (kernels/int_levels_reference.py).
+  `levels_from_thresholds` (kernels/int_levels_reference.py). `IntegerLevels` is that neuron with
+  its thresholds prepared once; `IntegerLayer` a whole step of the integer SNN, int layer and neuron.
 - `pack_spikes` / `unpack_spikes`: the spike code (uint8 for T <= 8, uint16 up to T = 16) <-> binary
   planes [T, ...].
 
@@ -21,7 +22,8 @@ compiled at first use by kernels/native.py).
 from .dispatch import use_triton
 from .int_layers import IntConv2d, int8_gemm, int8_gemm_triton, int_conv2d, int_linear
 from .int_layers_reference import int_conv2d_reference, int_linear_reference
-from .int_levels import IntLevels, levels_fused
+from .int_layer_levels import IntegerLayer
+from .int_levels import IntegerLevels, IntLevels, levels_fused
 from .int_levels_reference import levels_from_thresholds
 from .native import fire_fused_native
 from .neuron import NeuronOutput, fire_fused, fire_fused_triton
@@ -33,6 +35,8 @@ from .quant_act_reference import quant_act_fused_reference
 __all__ = [
     "IntConv2d",
     "IntLevels",
+    "IntegerLayer",
+    "IntegerLevels",
     "NeuronOutput",
     "fire_fused",
     "fire_fused_native",

@@ -35,7 +35,7 @@ tl = None
 __all__ = ["IntConv2d", "int8_gemm", "int8_gemm_triton", "int_conv2d", "int_linear"]
 
 _LEVEL_DTYPES = (torch.uint8, torch.int16, torch.int32)
-_SHIFT = 128   # an unsigned byte b enters the int8 GEMM as b - 128
+SHIFT = 128   # an unsigned byte b enters the int8 GEMM as b - 128
 _EXACT_FLOAT32 = 2 ** 24   # every integer of smaller magnitude is a float32
 
 
@@ -102,9 +102,9 @@ def _level_digits(levels: Tensor, bits: int) -> list[Tensor]:
     return [((levels >> (bits * j)) & mask).to(torch.uint8) for j in range(8 * levels.element_size() // bits)]
 
 
-def _shifted(digit: Tensor) -> Tensor:
+def shifted(digit: Tensor) -> Tensor:
     """A uint8 digit b as the int8 b - 128 (its top bit flipped)."""
-    return (digit ^ _SHIFT).view(torch.int8)
+    return (digit ^ SHIFT).view(torch.int8)
 
 
 def _combine(gemm, digits: list[Tensor], bits: int) -> Tensor:
@@ -128,8 +128,8 @@ def _plus_bias(accumulator: Tensor, bias: Tensor | None) -> Tensor:
 def int_linear(levels: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """The int32 accumulator of a Gemm: levels [N, K] (uint8, or int16/int32 >= 0) x int8 weight [O, K]."""
     weight_t = weight.t()
-    correction = _SHIFT * weight.sum(1, dtype=torch.int32)
-    accumulator = _combine(lambda digit: int8_gemm(_shifted(digit), weight_t) + correction,
+    correction = SHIFT * weight.sum(1, dtype=torch.int32)
+    accumulator = _combine(lambda digit: int8_gemm(shifted(digit), weight_t) + correction,
                            _level_digits(levels, 8), 8)
     return _plus_bias(accumulator, bias)
 
@@ -144,7 +144,7 @@ def _im2col(levels: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
     order, and (H', W')."""
     n, c, h, w = levels.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    nhwc = torch.nn.functional.pad(_shifted(levels.permute(0, 2, 3, 1)), (0, 0, pw, pw, ph, ph), value=-_SHIFT)
+    nhwc = torch.nn.functional.pad(shifted(levels.permute(0, 2, 3, 1)), (0, 0, pw, pw, ph, ph), value=-SHIFT)
     out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     s_n, s_h, s_w, s_c = nhwc.stride()
@@ -181,7 +181,7 @@ class IntConv2d:
         # [groups, kh kw C/groups, O/groups], taps in the order of _im2col's columns
         self._columns = (weight.reshape(groups, per_group, -1, kh, kw).permute(0, 3, 4, 2, 1)
                          .reshape(groups, -1, per_group))
-        self._correction = _SHIFT * weight.reshape(out_channels, -1).sum(1, dtype=torch.int32)
+        self._correction = SHIFT * weight.reshape(out_channels, -1).sum(1, dtype=torch.int32)
         # the widest digits whose float32 accumulator oneDNN cannot round
         largest = int(weight.reshape(out_channels, -1).long().abs().sum(1).max()) if weight.numel() else 0
         self._onednn_bits = next((bits for bits in (8, 4, 2, 1) if ((1 << bits) - 1) * largest < _EXACT_FLOAT32), None)
@@ -189,8 +189,24 @@ class IntConv2d:
             self._onednn_bits = None
         self._packed = None
 
+    def _takes_onednn(self, levels: Tensor) -> bool:
+        return (not levels.is_cuda and not use_triton(levels) and self._onednn_bits is not None
+                and _onednn_available())
+
+    def float_accumulator(self, levels: Tensor) -> Tensor | None:
+        """The accumulator without the bias as oneDNN gives it, float32 holding integers of
+        magnitude < 2^24 (see __init__), in one convolution: where the levels are uint8 and oneDNN
+        takes all 8 bits at once. Else None."""
+        if levels.dtype != torch.uint8 or self._onednn_bits != 8 or not self._takes_onednn(levels):
+            return None
+        return self._onednn_float(levels)
+
     def _onednn_conv(self, digit: Tensor) -> Tensor:
         """The accumulator of one uint8 digit plane by oneDNN's u8 x s8 convolution, exact (see __init__)."""
+        return self._onednn_float(digit).to(torch.int32)
+
+    def _onednn_float(self, digit: Tensor) -> Tensor:
+        """_onednn_conv in oneDNN's float32 output."""
         ops = torch.ops.onednn
         out_channels = self.weight.shape[0]
         ones = torch.ones(out_channels)
@@ -201,7 +217,7 @@ class IntConv2d:
             digit.contiguous(memory_format=torch.channels_last), 1.0, 0, self._packed, ones,
             torch.zeros(out_channels, dtype=torch.long), None, list(self.stride), list(self.padding),
             list(self.dilation), self.groups, 1.0, 0, torch.float32, "none", [], "")
-        return accumulator.to(torch.int32)
+        return accumulator
 
     def _im2col_conv(self, digit: Tensor, shape: dict) -> Tensor:
         """The accumulator of one uint8 digit plane by im2col and one int8 GEMM per group, [N H' W', O]."""
@@ -214,7 +230,7 @@ class IntConv2d:
         """The int32 accumulator [N, O, H', W'] (channels-last memory) of levels [N, C, H, W]
         (uint8, or int16/int32 >= 0)."""
         bits = self._onednn_bits
-        if not levels.is_cuda and not use_triton(levels) and bits is not None and _onednn_available():
+        if self._takes_onednn(levels):
             return _plus_bias(_combine(self._onednn_conv, _level_digits(levels, bits), bits), self.bias)
         shape: dict = {}
         accumulator = _combine(lambda digit: self._im2col_conv(digit, shape), _level_digits(levels, 8), 8)

@@ -7,7 +7,15 @@ torch.searchsorted over all channels, which costs more than the integer conv bef
 each channel's thresholds are padded with UNREACHABLE to 2^STEPS - 1, STEPS = bit length of K,
 and the count is a branch-free binary search of STEPS probes per element: in C on the CPU
 (kernels/int_levels_cpu.c, built by kernels/native.py) and in Triton on CUDA. The same pass can
-count the spikes per sample, popcount(level) summed, which evaluate reports.
+count the spikes per sample, popcount(level) summed, which evaluate reports. (Up to 32
+thresholds the C kernel compares with each instead, see COUNT_MAX_THRESHOLDS.)
+
+API for a layer run many times (the integer SNN):
+- `IntegerLevels(thresholds, lo, offset=None)` checks the thresholds and lays them out once for
+  every kernel; `neuron(A, sample_spikes=False) -> IntLevels` then does no Python-side conversion.
+  `offset` [C] is added to A exactly, by taking it from the thresholds (a bias the layer left out).
+- `levels_fused(A, thresholds, lo, sample_spikes=False)` is the one-call form (it builds one).
+- kernels/int_layer_levels.py's `IntegerLayer` is the whole step, int8 layer and neuron.
 """
 from __future__ import annotations
 
@@ -55,21 +63,22 @@ def level_dtype(lo: int, hi: int) -> torch.dtype:
     return torch.int32
 
 
-def _check(accumulator: Tensor, thresholds: Tensor, lo: int, sample_spikes: bool) -> None:
-    """Refuse what the paths would not compute alike: thresholds not [C, K] ascending integers in
-    INT32_MIN..UNREACHABLE, an accumulator that is not int32 [N, C, ...], or spike counts of
-    negative levels."""
+def _check_thresholds(thresholds: Tensor, channels: int | None = None) -> None:
+    """Refuse thresholds that are not [C, K] ascending integers in INT32_MIN..UNREACHABLE (C =
+    `channels` where given), which the paths would not compute alike."""
+    if (thresholds.dim() != 2 or (channels is not None and thresholds.shape[0] != channels)
+            or thresholds.is_floating_point()
+            or not bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())
+            or (thresholds.numel() and not INT32_MIN <= int(thresholds.min()) <= int(thresholds.max()) <= UNREACHABLE)):
+        expected = "C" if channels is None else f"C={channels}"
+        raise ValueError(f"levels_fused: thresholds must be ascending integers in -2^31..2^31 [{expected}, K], got "
+                         f"{thresholds.dtype} {tuple(thresholds.shape)}")
+
+
+def _check_accumulator(accumulator: Tensor) -> None:
     if accumulator.dtype != torch.int32 or accumulator.dim() < 2:
         raise TypeError(f"levels_fused takes an int32 [N, C, *spatial] accumulator, got {accumulator.dtype} "
                         f"{tuple(accumulator.shape)}")
-    if (thresholds.dim() != 2 or thresholds.shape[0] != accumulator.shape[1] or thresholds.is_floating_point()
-            or not bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())
-            or (thresholds.numel() and not INT32_MIN <= int(thresholds.min()) <= int(thresholds.max()) <= UNREACHABLE)):
-        raise ValueError(f"levels_fused: thresholds must be ascending integers in -2^31..2^31 "
-                         f"[C={accumulator.shape[1]}, K], got "
-                         f"{thresholds.dtype} {tuple(thresholds.shape)}")
-    if sample_spikes and lo < 0:
-        raise ValueError(f"levels_fused: spike counts need levels >= 0, got lo = {lo}")
 
 
 def _padded(thresholds: Tensor, device: torch.device) -> tuple[Tensor, int]:
@@ -81,23 +90,13 @@ def _padded(thresholds: Tensor, device: torch.device) -> tuple[Tensor, int]:
     return padded, steps
 
 
-def levels_fused_reference(accumulator: Tensor, thresholds: Tensor, lo: int, *,
-                           sample_spikes: bool = False) -> IntLevels:
-    """`levels_fused` by the reference's torch.searchsorted (and popcount_sum_ for the spikes)."""
-    _check(accumulator, thresholds, lo, sample_spikes)
-    hi = lo + thresholds.shape[1]
-    levels = levels_from_thresholds(accumulator, thresholds, lo)
-    spikes = popcount_sum_(levels.to(torch.float64), hi, tuple(range(1, levels.dim()))) if sample_spikes else None
-    return IntLevels(levels.to(level_dtype(lo, hi)), spikes)
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel() -> ctypes._CFuncPtr | None:
     """The C kernel, ann2snn_int_levels, or None."""
     return native_function(SOURCE, "the integer neuron", "ann2snn_int_levels",
                            [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
                            + [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int32]
-                           + [ctypes.c_int] * 2)
+                           + [ctypes.c_int] * 3)
 
 
 def int_levels_native_available() -> bool:
@@ -105,38 +104,112 @@ def int_levels_native_available() -> bool:
     return native_neuron_enabled() and _kernel() is not None
 
 
-def levels_fused_native(accumulator: Tensor, thresholds: Tensor, lo: int, *,
-                        sample_spikes: bool = False) -> IntLevels:
-    """`levels_fused` on the C kernel (int32 CPU accumulators)."""
-    _check(accumulator, thresholds, lo, sample_spikes)
-    kernel = _kernel()
-    if kernel is None:
-        raise RuntimeError("the native integer neuron could not be built (see the warning when it was first tried)")
-    if accumulator.device.type != "cpu":
-        raise TypeError(f"the native integer neuron takes CPU accumulators, got {accumulator.device}")
-    layout, rows_over_c, rows_per_item = row_walk(accumulator)
-    per_channel = thresholds.shape[1]
-    if per_channel <= COUNT_MAX_THRESHOLDS:   # level-major int32, 2^31 clamped and counted per channel
-        search, steps = None, 0
-        # rows over C count runs of rows_per_item positions: that many copies of the channels
-        copies = rows_per_item if rows_over_c else 1
-        by_level = thresholds.clamp(max=INT32_MAX).to(torch.int32).t().repeat(1, copies).contiguous()
-        unreached = (thresholds == UNREACHABLE).sum(1, dtype=torch.int32).repeat(copies)
-    else:
-        (search, steps), by_level, unreached = _padded(thresholds, layout.tensor.device), None, None
-    levels = layout.empty_like(level_dtype(lo, lo + per_channel))
-    threads = max(1, torch.get_num_threads())
-    scratch = torch.zeros(threads, layout.n, dtype=torch.int64) if sample_spikes else None
-    if accumulator.numel():
-        with torch.profiler.record_function("ann2snn::levels_fused_native"):   # ctypes calls are no aten ops
-            status = kernel(
-                layout.tensor.data_ptr(), *(x.data_ptr() if x is not None else None for x in (search, by_level, unreached)),
-                levels.data_ptr(), scratch.data_ptr() if scratch is not None else None, layout.n, layout.c, layout.s,
-                layout.stride_n, int(rows_over_c), rows_per_item, steps, per_channel, lo, levels.element_size(),
-                threads)
-        if status != 0:
-            raise ValueError(f"kernels/int_levels_cpu.c refused {per_channel} thresholds")
-    return IntLevels(levels, scratch.sum(0) if scratch is not None else None)
+class IntegerLevels:
+    """The integer neuron of one layer, its thresholds checked and laid out once for every kernel.
+
+    `IntegerLevels(thresholds, lo, offset=None)(A, sample_spikes=False) -> IntLevels` gives the
+    levels lo + #{k : thresholds[c, k] <= A + offset[c]} of an int32 accumulator [N, C, *spatial],
+    i.e. `levels_fused(A + offset, thresholds, lo)`. `offset` (int [C]) is what the layer left out
+    of A, such as its bias: it is taken from the thresholds here, exactly in int64, so no pass adds
+    it to A. Wherever A + offset fits int32 the levels are those of the sum.
+    """
+
+    def __init__(self, thresholds: Tensor, lo: int, offset: Tensor | None = None) -> None:
+        _check_thresholds(thresholds)
+        thresholds = thresholds.to(torch.int64)
+        if offset is not None:
+            # below INT32_MIN every int32 reaches a threshold, at 2^31 none: the clamp keeps both
+            thresholds = (thresholds - offset.to(torch.int64).reshape(-1, 1)).clamp(INT32_MIN, UNREACHABLE)
+        self.thresholds, self.lo = thresholds, lo
+        self.channels, self.per_channel = thresholds.shape
+        self.level_dtype = level_dtype(lo, lo + self.per_channel)
+        self._native_layouts: dict[int, tuple] = {}   # copies -> _native_thresholds
+        self._padded: dict[torch.device, tuple[Tensor, int]] = {}
+
+    def __call__(self, accumulator: Tensor, *, sample_spikes: bool = False) -> IntLevels:
+        return self.run(accumulator, sample_spikes)
+
+    def check(self, accumulator: Tensor, sample_spikes: bool, exact_float: bool = False) -> None:
+        """Refuse an accumulator that is not [N, C, ...] int32 (or float32 with exact_float, see
+        run), or spike counts of negative levels."""
+        dtypes = (torch.int32, torch.float32) if exact_float else (torch.int32,)
+        if accumulator.dtype not in dtypes or accumulator.dim() < 2 or accumulator.shape[1] != self.channels:
+            _check_accumulator(accumulator)
+            _check_thresholds(self.thresholds, accumulator.shape[1])
+        if sample_spikes and self.lo < 0:
+            raise ValueError(f"levels_fused: spike counts need levels >= 0, got lo = {self.lo}")
+
+    def run(self, accumulator: Tensor, sample_spikes: bool, exact_float: bool = False) -> IntLevels:
+        """The levels by Triton, the C kernel or the reference (see levels_fused). exact_float: the
+        accumulator may be float32 holding integers of magnitude < 2^24 (IntConv2d's oneDNN output),
+        which the C kernel reads as it is; the caller vouches for it, as checking would take a pass."""
+        self.check(accumulator, sample_spikes, exact_float)
+        if use_triton(accumulator):
+            return self.triton(accumulator.to(torch.int32), sample_spikes)
+        if accumulator.device.type == "cpu" and int_levels_native_available():
+            return self.native(accumulator, sample_spikes)
+        return self.reference(accumulator.to(torch.int32), sample_spikes)
+
+    def reference(self, accumulator: Tensor, sample_spikes: bool) -> IntLevels:
+        """By the reference's torch.searchsorted (and popcount_sum_ for the spikes)."""
+        levels = levels_from_thresholds(accumulator, self.thresholds, self.lo)
+        spikes = None
+        if sample_spikes:
+            spikes = popcount_sum_(levels.to(torch.float64), self.lo + self.per_channel, tuple(range(1, levels.dim())))
+        return IntLevels(levels.to(self.level_dtype), spikes)
+
+    def _native_thresholds(self, copies: int) -> tuple:
+        """(search, steps, by_level, unreached) for the C kernel: up to COUNT_MAX_THRESHOLDS the
+        level-major int32 thresholds (2^31 clamped, counted per channel), `copies` times end to end
+        (rows over C count runs of that many positions), else the padded search rows."""
+        if copies not in self._native_layouts:
+            if self.per_channel <= COUNT_MAX_THRESHOLDS:
+                by_level = self.thresholds.clamp(max=INT32_MAX).to(torch.int32).t().repeat(1, copies).contiguous()
+                unreached = (self.thresholds == UNREACHABLE).sum(1, dtype=torch.int32).repeat(copies)
+                self._native_layouts[copies] = (None, 0, by_level, unreached)
+            else:
+                self._native_layouts[copies] = (*_padded(self.thresholds, torch.device("cpu")), None, None)
+        return self._native_layouts[copies]
+
+    def native(self, accumulator: Tensor, sample_spikes: bool) -> IntLevels:
+        """On the C kernel: CPU accumulators, int32 or float32 (checked by `run`)."""
+        kernel = _kernel()
+        if kernel is None:
+            raise RuntimeError("the native integer neuron could not be built (see the warning when it was first tried)")
+        if accumulator.device.type != "cpu":
+            raise TypeError(f"the native integer neuron takes CPU accumulators, got {accumulator.device}")
+        layout, rows_over_c, rows_per_item = row_walk(accumulator)
+        if not rows_over_c and layout.c > 1 and layout.stride_c != layout.s:
+            # rows over S are found at channel * S: a dense layout with N inside C (a permuted
+            # [C, N, S]) is copied first
+            layout, rows_over_c, rows_per_item = row_walk(accumulator.contiguous())
+        search, steps, by_level, unreached = self._native_thresholds(rows_per_item if rows_over_c else 1)
+        levels = layout.empty_like(self.level_dtype)
+        threads = max(1, torch.get_num_threads())
+        scratch = torch.zeros(threads, layout.n, dtype=torch.int64) if sample_spikes else None
+        if accumulator.numel():
+            with torch.profiler.record_function("ann2snn::levels_fused_native"):   # ctypes calls are no aten ops
+                kernel(layout.tensor.data_ptr(),
+                       *(x.data_ptr() if x is not None else None for x in (search, by_level, unreached)),
+                       levels.data_ptr(), scratch.data_ptr() if scratch is not None else None, layout.n, layout.c,
+                       layout.s, layout.stride_n, int(rows_over_c), rows_per_item, steps, self.per_channel, self.lo,
+                       levels.element_size(), int(accumulator.dtype == torch.float32), threads)
+        return IntLevels(levels, scratch.sum(0) if scratch is not None else None)
+
+    def triton(self, accumulator: Tensor, sample_spikes: bool) -> IntLevels:
+        """On the Triton kernel, whatever the device (CPU needs TRITON_INTERPRET=1)."""
+        if accumulator.device not in self._padded:
+            self._padded[accumulator.device] = _padded(self.thresholds, accumulator.device)
+        padded, steps = self._padded[accumulator.device]
+        layout = channel_layout(accumulator)
+        levels = layout.empty_like(self.level_dtype)
+        sample = torch.zeros(layout.n, dtype=torch.int64, device=accumulator.device) if sample_spikes else None
+        if accumulator.numel():
+            grid, view, tile = tile_launch(layout)
+            # an unused count gets a harmless pointer: WANT_SAMPLE compiles its add away
+            _levels_kernel[grid](layout.tensor, padded, levels, levels if sample is None else sample, *view,
+                                 LO=self.lo, STEPS=steps, WANT_SAMPLE=sample_spikes, **tile)
+        return IntLevels(levels, sample)
 
 
 @lazy_jit
@@ -168,20 +241,30 @@ def _levels_kernel(
         tl.atomic_add(sample_ptr + n, per_sample.to(tl.int64), mask=mask_n, sem="relaxed")
 
 
+
+
+def levels_fused_reference(accumulator: Tensor, thresholds: Tensor, lo: int, *,
+                           sample_spikes: bool = False) -> IntLevels:
+    """`levels_fused` by the reference's torch.searchsorted (and popcount_sum_ for the spikes)."""
+    neuron = IntegerLevels(thresholds, lo)
+    neuron.check(accumulator, sample_spikes)
+    return neuron.reference(accumulator, sample_spikes)
+
+
+def levels_fused_native(accumulator: Tensor, thresholds: Tensor, lo: int, *,
+                        sample_spikes: bool = False) -> IntLevels:
+    """`levels_fused` on the C kernel (int32 CPU accumulators)."""
+    neuron = IntegerLevels(thresholds, lo)
+    neuron.check(accumulator, sample_spikes)
+    return neuron.native(accumulator, sample_spikes)
+
+
 def levels_fused_triton(accumulator: Tensor, thresholds: Tensor, lo: int, *,
                         sample_spikes: bool = False) -> IntLevels:
     """`levels_fused` on the Triton kernel, whatever the device (CPU needs TRITON_INTERPRET=1)."""
-    _check(accumulator, thresholds, lo, sample_spikes)
-    layout = channel_layout(accumulator)
-    padded, steps = _padded(thresholds, accumulator.device)
-    levels = layout.empty_like(level_dtype(lo, lo + thresholds.shape[1]))
-    sample = torch.zeros(layout.n, dtype=torch.int64, device=accumulator.device) if sample_spikes else None
-    if accumulator.numel():
-        grid, view, tile = tile_launch(layout)
-        # an unused count gets a harmless pointer: WANT_SAMPLE compiles its add away
-        _levels_kernel[grid](layout.tensor, padded, levels, levels if sample is None else sample, *view,
-                             LO=lo, STEPS=steps, WANT_SAMPLE=sample_spikes, **tile)
-    return IntLevels(levels, sample)
+    neuron = IntegerLevels(thresholds, lo)
+    neuron.check(accumulator, sample_spikes)
+    return neuron.triton(accumulator, sample_spikes)
 
 
 def levels_fused(accumulator: Tensor, thresholds: Tensor, lo: int, *, sample_spikes: bool = False) -> IntLevels:
@@ -190,9 +273,6 @@ def levels_fused(accumulator: Tensor, thresholds: Tensor, lo: int, *, sample_spi
     (ann2snn.runtime.integer.integer_thresholds). Returns IntLevels: the levels in the input's
     memory format as uint8, int16 or int32 (`level_dtype`), and with `sample_spikes` the spikes
     per sample. Runs Triton where `use_triton` says so, the C kernel on the CPU where it is built,
-    else the reference; all give the same integers."""
-    if use_triton(accumulator):
-        return levels_fused_triton(accumulator, thresholds, lo, sample_spikes=sample_spikes)
-    if accumulator.device.type == "cpu" and int_levels_native_available():
-        return levels_fused_native(accumulator, thresholds, lo, sample_spikes=sample_spikes)
-    return levels_fused_reference(accumulator, thresholds, lo, sample_spikes=sample_spikes)
+    else the reference; all give the same integers. A layer run many times should build its
+    `IntegerLevels` once (it checks and lays out the thresholds)."""
+    return IntegerLevels(thresholds, lo)(accumulator, sample_spikes=sample_spikes)
