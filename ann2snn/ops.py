@@ -161,13 +161,19 @@ HEAD_METHODS = methods_of("structural")
 # Ops that select or move the values of one tensor without arithmetic: a quantization grid survives
 # them, and they commute with a clamp (ann2snn/compile/qdq_to_sites.py).
 VALUE_MOVING_MODULES = MAX_POOLS + (nn.Flatten, nn.Identity, nn.Dropout)
-VALUE_MOVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.squeeze, torch.unsqueeze) + \
-    functions_of("max_pool")
+# Reshapes that keep dimension 1 (the channels) where it is, or flatten it with what follows.
+RESHAPING_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+VALUE_MOVING_FUNCTIONS = RESHAPING_FUNCTIONS + (torch.permute,) + functions_of("max_pool")
 # Ops a per-channel constant passes through unchanged, max(z + c) = max(z) + c: a bias shift may sit
 # before them (ann2snn/compile/shift_bias.py).
 SHIFT_TRANSPARENT_MODULES = MAX_POOLS + (nn.Identity, nn.Dropout)
 # A residual sum (not a difference, which would negate it): one branch's bias carries the shift.
-SHIFT_TRANSPARENT_FUNCTIONS = (operator.add, torch.add)
+RESIDUAL_ADDS = (operator.add, torch.add)
+SHIFT_TRANSPARENT_FUNCTIONS = RESIDUAL_ADDS
+# The integer SNN (ann2snn/runtime/integer_snn.py): layers with an int8 kernel (ann2snn.kernels), and
+# the average pools it runs as integer sums (output size 1, the global pool).
+INTEGER_KERNEL_LAYERS = (nn.Conv2d, nn.Linear)
+GLOBAL_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
 @dataclass(frozen=True)

@@ -108,12 +108,9 @@ def throughput(runs: dict[str, Callable], x: torch.Tensor, device: torch.device,
 
 def onnxruntime_run(path: str, threads: int | None) -> Callable:
     """onnxruntime's default CPU session on `path` (QDQ files: its int8 kernels), as a run(x)."""
-    import onnxruntime
+    from ann2snn.frontend.reader import onnxruntime_session
 
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path, integer_kernels=True, threads=threads)
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x.cpu().numpy()})[0]
 

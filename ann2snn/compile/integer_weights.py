@@ -14,7 +14,7 @@ from torch import Tensor, fx
 
 from ..ops import LAYERS
 from ..runtime.graph import module_of
-from ..runtime.integer_snn import IntegerWeights
+from ..runtime.integer_values import IntegerWeights
 
 _INT8, _INT32 = (-128, 127), (-(2 ** 31), 2 ** 31 - 1)
 

@@ -343,11 +343,11 @@ def check_finite(model: onnx.ModelProto, where: str) -> None:
                 raise UnsupportedModelError(f"{where}: initializer {tensor.name or '<constant>'!r} contains {kind}")
 
 
-def onnxruntime_session(path: str | os.PathLike | bytes,
-                        integer_kernels: bool = False) -> "onnxruntime.InferenceSession":  # noqa: F821
+def onnxruntime_session(path: str | os.PathLike | bytes, integer_kernels: bool = False,
+                        threads: int | None = None) -> "onnxruntime.InferenceSession":  # noqa: F821
     """A CPU onnxruntime session that computes the QDQ graph as written (no int8 weight rewriting),
-    or with `integer_kernels` as its default session does (QDQ nodes fused into integer kernels);
-    `path` may also be a serialized model. onnxruntime reads a file's external data itself: the file
+    or with `integer_kernels` as its default session does (QDQ nodes fused into integer kernels),
+    on `threads` threads (default: onnxruntime's); `path` may also be a serialized model. onnxruntime reads a file's external data itself: the file
     is checked first as every load is (reader.load_checked)."""
     import onnxruntime
 
@@ -358,6 +358,8 @@ def onnxruntime_session(path: str | os.PathLike | bytes,
     options.log_severity_level = 3
     if not integer_kernels:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if threads:
+        options.intra_op_num_threads = threads
     # no arena: it would keep the largest batch's activations (680 MiB for 13 VGG16 images) for good
     options.enable_cpu_mem_arena = False
     model = path if isinstance(path, bytes) else str(path)

@@ -32,7 +32,7 @@ from .neuron import BitSerialIFNode
 from ..ops import FUNCTION_OPS, LAYERS, METHOD_KINDS, MODULE_OPS
 from .quant import QuantDequant
 from .integer_artifact import float_tensors, integer_tensors
-from .integer_snn import IntegerWeights
+from .integer_values import IntegerWeights
 
 # Module types an artifact may hold, with the attributes that rebuild each (its tensors come from
 # the state dict): the table of ann2snn/ops.py.

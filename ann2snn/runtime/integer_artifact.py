@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArtifactError
-from .integer_snn import IntegerWeights
+from .integer_values import IntegerWeights
 
 _SCALE, _BIAS, _BIAS_SCALE = ".weight_scale", ".bias_integers", ".bias_scale"
 

@@ -22,8 +22,6 @@ Integer values are never produced from float ones behind the encoder: a float op
 """
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,74 +29,23 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
-from ..kernels import IntConv2d, fire_fused, int_linear, levels_fused
+from ..kernels import IntegerLayer, IntegerLevels, fire_fused
 from ..levels import channel_view, popcount_sum_
-from ..ops import MAX_POOLS
+from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
+                   STRUCTURAL, functions_of)
 from .integer import round_clamp_, site_thresholds
+from .integer_values import (Fired, Integers, IntegerWeights, MaxPooledSum, as_int32, dequantize, fire_msb_first,
+                             integer_layer, integrate, level_dtype, nonnegative, pair_all)
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
 from .signal import Signal
 from .simulator import FUNCTION_RULES, SimulatedStructural, fold_time, simulate_method
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-_GLOBAL_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-# functions and methods that move integers without arithmetic (any dtype)
-_MOVING_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze})
+# methods that move integers without arithmetic (any dtype); ops.RESHAPING_FUNCTIONS the functions
 _MOVING_METHODS = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous"})
 
 
-@dataclass
-class IntegerWeights:
-    """An int8 layer: weight [O, ...] int8 and its float32 scale ([O] or [1]); bias int32 [O] on the
-    grid of its float32 scale (the input's scale times the weight's), or None."""
-
-    weight: Tensor
-    weight_scale: Tensor
-    bias: Tensor | None = None
-    bias_scale: Tensor | None = None
-
-    def dequantized(self) -> tuple[Tensor, Tensor | None]:
-        """The float32 weight and bias, as DequantizeLinear computes them: float32(I) * scale."""
-        scale = self.weight_scale.reshape(-1, *([1] * (self.weight.dim() - 1)))
-        bias = None if self.bias is None else self.bias.to(torch.float32) * self.bias_scale
-        return self.weight.to(torch.float32) * scale, bias
-
-
-@dataclass
-class MaxPooledSum:
-    """A max pool of a residual sum, which has no integer form: the neuron after it requantizes each
-    position, then pools its levels (the same, as requantizing is monotone)."""
-
-    terms: list
-    pool: nn.Module
-
-
-@dataclass
-class Integers:
-    """An integer value: (values + offset) * scale, scale per channel (dimension 1) or one.
-    values: evaluate, an integer tensor >= 0 (levels) or any int32 (accumulators); simulate, a
-    Signal of integer steps and const. spikes: the binary planes, when a neuron emitted them."""
-
-    values: Tensor | Signal
-    scale: Tensor                 # float64: the exact product of the file's float32 scales
-    offset: int = 0
-
-
-def _dequantize(value: Integers, potential: Tensor) -> Tensor:
-    """float32(A) * float32(S): what the file's DequantizeLinear, or its float32 conv, gives."""
-    scale = value.scale.to(device=potential.device, dtype=torch.float32)
-    if value.offset:   # widened first: levels are uint8, and a zero point offset is negative
-        potential = potential.to(torch.int32) + value.offset
-    return potential.to(torch.float32).mul_(channel_view(scale, potential.dim()))
-
-
-def integrate(signal: Signal) -> Tensor:
-    """The integer potential sum_t 2^(T-1-t) steps_t + const by the doubling rule, in int64."""
-    potential = None
-    for current in signal.currents():
-        current = current.to(torch.int64)
-        potential = current if potential is None else 2 * potential + current
-    return potential
+MAX_POOL_FUNCTIONS = functions_of("max_pool")
 
 
 class IntegerProgram(fx.Interpreter):
@@ -109,7 +56,7 @@ class IntegerProgram(fx.Interpreter):
         super().__init__(gm)
         self.layers, self.simulate = layers, mode == "simulate"
         self._convs: dict[tuple[str, int], Any] = {}
-        self._thresholds: dict[str, Tensor] = {}
+        self._neurons: dict[tuple[str, str], IntegerLevels] = {}
 
     def run(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self.counts: dict[str, Tensor] = {}
@@ -136,7 +83,7 @@ class IntegerProgram(fx.Interpreter):
             self.dequantized.add(self.node)
             self.dequantized_by = f"{self.node.name} ({self.node.op} {self.node.target})"
             potential = integrate(value.values) if self.simulate else value.values
-            return _dequantize(value, potential)
+            return dequantize(value, potential)
         if isinstance(value, list) and value and all(isinstance(v, Integers) for v in value):
             terms = [self._to_float(v) for v in value]
             total = terms[0]
@@ -152,7 +99,7 @@ class IntegerProgram(fx.Interpreter):
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         module = self.module.get_submodule(target)
         x = args[0] if args else None
-        integer = isinstance(x, (Integers, MaxPooledSum)) or (isinstance(x, list) and x and isinstance(x[0], Integers))
+        integer = isinstance(x, (Integers, MaxPooledSum, Fired)) or (isinstance(x, list) and x and isinstance(x[0], Integers))
         if isinstance(module, BitSerialIFNode):
             return self._fire(target, module, x) if integer else self._encode(target, module, x)
         if integer and isinstance(module, QuantDequant):
@@ -160,12 +107,12 @@ class IntegerProgram(fx.Interpreter):
                                      spikes=False)
         if integer and isinstance(x, Integers):
             if target in self.layers:
-                return self._layer(target, module, x)
+                return self._fused_step(target, module, x) or self._layer(target, module, x)
             if isinstance(module, MAX_POOLS):
                 return self._on_potential(x, module)
-            if isinstance(module, _GLOBAL_POOLS) and all(s == 1 for s in _pair_all(module.output_size)):
+            if isinstance(module, GLOBAL_AVERAGE_POOLS) and all(s == 1 for s in pair_all(module.output_size)):
                 return self._sum_pool(x, tuple(range(2, len(self._shape(x)))))
-            if isinstance(module, (nn.Flatten, nn.Identity, nn.Dropout)):
+            if isinstance(module, STRUCTURAL):
                 return self._moved(x, lambda v: module(v), lambda s: SimulatedStructural(module)(s))
         if integer and isinstance(x, list) and isinstance(module, MAX_POOLS):
             return MaxPooledSum(x, module)
@@ -179,7 +126,7 @@ class IntegerProgram(fx.Interpreter):
             out = fire_fused(potential, neuron.theta, neuron.membrane_offset, neuron.levels, neuron.timesteps,
                              want_levels=True, per_channel_counts=False)
             self.counts[target] = out.sample_spikes
-            return Integers(out.levels.to(_level_dtype(neuron.levels)), theta)
+            return Integers(out.levels.to(level_dtype(neuron.levels)), theta)
         neuron.reset()
         planes = neuron(potential.unsqueeze(0)).to(torch.uint8)
         neuron.reset()
@@ -195,24 +142,25 @@ class IntegerProgram(fx.Interpreter):
         """Levels q - qmin of round_half_even(V / scale) + zero point, clamped to qmin..qmax (module
         docstring); with `spikes` a neuron's: counted, and in simulation fired as T binary planes."""
         pool = x.pool if isinstance(x, MaxPooledSum) else None
-        terms = x.terms if pool is not None else x if isinstance(x, list) else [x]
+        terms = [] if isinstance(x, Fired) else x.terms if pool is not None else x if isinstance(x, list) else [x]
         if not bool((zero_point == zero_point.reshape(-1)[0]).all()):
             raise UnsupportedModelError(f"integer SNN: {target} has per-channel zero points")
         zero = int(zero_point.reshape(-1)[0])
         potentials = [integrate(t.values) if self.simulate else t.values for t in terms]
-        if len(terms) == 1 and pool is None:
-            thresholds = self._thresholds_of(target, terms[0], potentials[0], scale, zero, qmin, qmax)
-            out = levels_fused(_as_int32(target, potentials[0]), thresholds, 0,
-                               sample_spikes=spikes and not self.simulate)
+        if isinstance(x, Fired):
+            levels, sample = x.levels, x.sample_spikes
+        elif len(terms) == 1 and pool is None:
+            neuron = self._neuron_of(target, terms[0], potentials[0], scale, zero, qmin, qmax)
+            out = neuron(as_int32(target, potentials[0]), sample_spikes=spikes and not self.simulate)
             levels, sample = out.levels, out.sample_spikes
         else:
-            total = _dequantize(terms[0], potentials[0])
+            total = dequantize(terms[0], potentials[0])
             for term, potential in zip(terms[1:], potentials[1:]):
-                total += _dequantize(term, potential)
+                total += dequantize(term, potential)
             levels_f = round_clamp_(total, scale, zero, qmin, qmax)   # q - qmin, in float32
             if pool is not None:
                 levels_f = pool(levels_f)
-            levels = levels_f.to(_level_dtype(qmax - qmin))
+            levels = levels_f.to(level_dtype(qmax - qmin))
             # the levels in float32 (exact) are spent on their spike count
             sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) \
                 if spikes and not self.simulate else None
@@ -227,28 +175,64 @@ class IntegerProgram(fx.Interpreter):
         self.counts[target] = planes.transpose(0, 1).flatten(1).sum(1).to(torch.int64)
         return Integers(Signal(steps=planes), value_scale)
 
-    def _thresholds_of(self, target: str, term: Integers, potential: Tensor, scale: Tensor, zero: int,
-                       qmin: int, qmax: int) -> Tensor:
-        """The integer thresholds of one accumulator's requantization (cached per neuron)."""
-        if target not in self._thresholds:
-            self._thresholds[target] = site_thresholds(term.scale, term.offset, scale, zero, qmin, qmax,
-                                                       potential.shape[1])
-        return self._thresholds[target].to(potential.device)
+    def _neuron_of(self, target: str, term: Integers, potential: Tensor, scale: Tensor, zero: int,
+                   qmin: int, qmax: int) -> IntegerLevels:
+        """The integer neuron of one accumulator's requantization, its thresholds prepared once."""
+        key = (target, str(potential.device))
+        if key not in self._neurons:
+            thresholds = site_thresholds(term.scale, term.offset, scale, zero, qmin, qmax, potential.shape[1])
+            self._neurons[key] = IntegerLevels(thresholds.to(potential.device), 0)
+        return self._neurons[key]
 
-    def _layer(self, target: str, module: nn.Module, x: Integers) -> Integers:
-        """An int8 layer on integer values: its exact accumulator (bias entering once)."""
+    def _accumulator_scale(self, target: str, x: Integers) -> Tensor:
+        """The scale of an int8 layer's accumulator on `x`, its bias checked to lie on that grid."""
         weights = self.layers[target]
-        key = (target, x.offset, str(x.values.device if isinstance(x.values, Tensor) else x.values.shape))
-        if key not in self._convs:
-            self._convs[key] = _integer_layer(target, module, weights, x.offset, self._device(x))
-        run, run_without_bias, bias = self._convs[key]
         scale = x.scale * weights.weight_scale.to(torch.float64).reshape(-1)
         if weights.bias is not None and not torch.equal(weights.bias_scale.expand(scale.shape),
                                                         scale.to(torch.float32).expand(weights.bias_scale.shape)):
             raise UnsupportedModelError(f"integer SNN: the bias of layer {target} is not on its accumulator's grid "
                                         "(its scale is not the input's scale times the weight's)")
+        return scale
+
+    def _fused_step(self, target: str, module: nn.Module, x: Integers) -> Fired | None:
+        """Evaluation of an int8 layer on uint8 levels whose one reader is a neuron or QDQ pair: layer
+        and requantization in one kernels.IntegerLayer step, the accumulator never materialized."""
+        users = list(self.node.users)
+        if self.simulate or x.values.dtype != torch.uint8 or x.offset or len(users) != 1 or \
+                users[0].op != "call_module" or users[0].args[:1] != (self.node,):
+            return None
+        reader = self.module.get_submodule(users[0].target)
+        if isinstance(reader, BitSerialIFNode):
+            grid = (reader.theta, 0, 0, reader.levels)
+        elif isinstance(reader, QuantDequant) and bool((reader.zero_point == reader.zero_point.reshape(-1)[0]).all()):
+            grid = (reader.scale, int(reader.zero_point.reshape(-1)[0]), reader.qmin, reader.qmax)
+        else:
+            return None
+        if not isinstance(module, INTEGER_KERNEL_LAYERS) or (isinstance(module, nn.Conv2d) and (
+                module.padding_mode != "zeros" or not isinstance(module.padding, tuple))):
+            return None
+        scale = self._accumulator_scale(target, x)
+        key = ("step", target, str(x.values.device))
+        if key not in self._convs:
+            weights = self.layers[target]
+            thresholds = site_thresholds(scale, 0, *grid, module.weight.shape[0])
+            geometry = (module.stride, module.padding, module.dilation, module.groups) \
+                if isinstance(module, nn.Conv2d) else ()
+            device = x.values.device
+            self._convs[key] = IntegerLayer(weights.weight.to(device), None if weights.bias is None else
+                                            weights.bias.to(device), thresholds.to(device), 0, *geometry)
+        out = self._convs[key](x.values, sample_spikes=isinstance(reader, BitSerialIFNode))
+        return Fired(out.levels, out.sample_spikes)
+
+    def _layer(self, target: str, module: nn.Module, x: Integers) -> Integers:
+        """An int8 layer on integer values: its exact accumulator (bias entering once)."""
+        key = (target, x.offset, str(x.values.device if isinstance(x.values, Tensor) else x.values.shape))
+        if key not in self._convs:
+            self._convs[key] = integer_layer(target, module, self.layers[target], x.offset, self._device(x))
+        run, run_without_bias, bias = self._convs[key]
+        scale = self._accumulator_scale(target, x)
         if not self.simulate:
-            return Integers(run(_nonnegative(target, x.values)), scale)
+            return Integers(run(nonnegative(target, x.values)), scale)
         out = x.values.map(lambda steps: fold_time(run_without_bias, steps), run)
         if out.const is None:   # the bias enters once
             out.const = channel_view(bias, out.steps.dim() - 1) + torch.zeros_like(out.steps[0])
@@ -299,14 +283,14 @@ class IntegerProgram(fx.Interpreter):
     # --- functions and methods -------------------------------------------------------------
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         x = args[0] if args else None
-        if target in (operator.add, torch.add) and not kwargs and all(
+        if target in RESIDUAL_ADDS and not kwargs and all(
                 isinstance(a, (Integers, list)) for a in args[:2]):
             return [*(args[0] if isinstance(args[0], list) else [args[0]]),
                     *(args[1] if isinstance(args[1], list) else [args[1]])]
         if isinstance(x, Integers):
             if target is getattr:
                 return self._shape(x) if args[1] == "shape" else getattr(x.values, args[1])
-            if target in _MOVING_FUNCTIONS:
+            if target in RESHAPING_FUNCTIONS:
                 return self._moved(x, lambda v: target(v, *args[1:], **kwargs),
                                    lambda s: FUNCTION_RULES[target](s, *args[1:], **kwargs))
             if target is torch.mean and kwargs.get("keepdim", False) in (True, False):
@@ -315,7 +299,7 @@ class IntegerProgram(fx.Interpreter):
                 if sorted(d % len(self._shape(x)) for d in dims) == list(range(2, len(self._shape(x)))):
                     return self._sum_pool(x, tuple(d % len(self._shape(x)) for d in dims),
                                           kwargs.get("keepdim", args[2] if len(args) > 2 else False))
-            if target in (F.max_pool1d, F.max_pool2d):
+            if target in MAX_POOL_FUNCTIONS:
                 return self._on_potential(x, lambda p: target(p, *args[1:], **kwargs))
             if target is F.pad and kwargs.get("mode", "constant") == "constant" and not kwargs.get("value") \
                     and x.offset == 0:
@@ -337,51 +321,3 @@ class IntegerProgram(fx.Interpreter):
 
     def output(self, target: str, args: tuple, kwargs: dict) -> Any:
         return self._to_float(args[0])
-
-
-def fire_msb_first(levels: Tensor, timesteps: int) -> Tensor:
-    """The T binary spike planes [T, N, ...] of levels, most significant first (uint8)."""
-    wide = levels.to(torch.int32)
-    return torch.stack([((wide >> (timesteps - 1 - t)) & 1).to(torch.uint8) for t in range(timesteps)])
-
-
-def _level_dtype(levels: int) -> torch.dtype:
-    return torch.uint8 if levels <= 255 else torch.int16 if levels <= 32767 else torch.int32
-
-
-def _pair_all(size: Any) -> tuple:
-    return tuple(size) if isinstance(size, (tuple, list)) else (size,)
-
-
-def _as_int32(target: str, potential: Tensor) -> Tensor:
-    if potential.dtype != torch.int32:
-        if potential.numel() and (int(potential.min()) < INT32_MIN or int(potential.max()) > INT32_MAX):
-            raise UnsupportedModelError(f"integer SNN: the accumulator of {target} leaves int32")
-        potential = potential.to(torch.int32)
-    return potential
-
-
-def _nonnegative(target: str, values: Tensor) -> Tensor:
-    if values.dtype == torch.int32 and values.numel() and int(values.min()) < 0:
-        raise UnsupportedModelError(f"integer SNN: layer {target} reads negative integers")
-    return values
-
-
-def _integer_layer(target: str, module: nn.Module, weights: IntegerWeights, offset: int, device: torch.device):
-    """(with bias, without bias, the bias) of an int8 layer on values u >= 0 whose value carries
-    `offset`: W (u + o) + b = W u + (o sum(w) + b)."""
-    weight = weights.weight.to(device)
-    bias = torch.zeros(weight.shape[0], dtype=torch.int64, device=device) if weights.bias is None \
-        else weights.bias.to(device).to(torch.int64)
-    bias = bias + offset * weight.reshape(weight.shape[0], -1).to(torch.int64).sum(1)
-    if int(bias.abs().max()) > INT32_MAX:
-        raise UnsupportedModelError(f"integer SNN: the bias of {target} leaves int32")
-    bias = bias.to(torch.int32)
-    if isinstance(module, nn.Linear):
-        return (lambda q: int_linear(q, weight, bias)), (lambda q: int_linear(q, weight)), bias
-    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
-        if offset and any(module.padding):   # its zero padding would read u = 0, the value o * scale
-            raise UnsupportedModelError(f"integer SNN: layer {target} pads values with a zero point offset")
-        geometry = (module.stride, module.padding, module.dilation, module.groups)
-        return IntConv2d(weight, bias, *geometry), IntConv2d(weight, None, *geometry), bias
-    raise UnsupportedModelError(f"integer SNN: layer {target} ({type(module).__name__}) has no integer kernel")

@@ -15,7 +15,8 @@ from .evaluator import lower_to_evaluator
 from .simulator import lower_to_simulator
 from .cuda_graph import CudaGraphRunner
 from .graph import head_arithmetic, layer_weight_dtypes, neuron_nodes
-from .integer_snn import IntegerProgram, IntegerWeights
+from .integer_snn import IntegerProgram
+from .integer_values import IntegerWeights
 
 
 @contextmanager

@@ -1,0 +1,126 @@
+"""The values of the integer SNN (runtime/integer_snn.py, docs/integer.md): int8 layers' integers, integer tensors
+with their scale, and the helpers both of its ways of running share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+from ..kernels import IntConv2d, int_linear
+from ..levels import channel_view
+from .signal import Signal
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+@dataclass
+class IntegerWeights:
+    """An int8 layer: weight [O, ...] int8 and its float32 scale ([O] or [1]); bias int32 [O] on the
+    grid of its float32 scale (the input's scale times the weight's), or None."""
+
+    weight: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None = None
+    bias_scale: Tensor | None = None
+
+    def dequantized(self) -> tuple[Tensor, Tensor | None]:
+        """The float32 weight and bias, as DequantizeLinear computes them: float32(I) * scale."""
+        scale = self.weight_scale.reshape(-1, *([1] * (self.weight.dim() - 1)))
+        bias = None if self.bias is None else self.bias.to(torch.float32) * self.bias_scale
+        return self.weight.to(torch.float32) * scale, bias
+
+
+@dataclass
+class MaxPooledSum:
+    """A max pool of a residual sum, which has no integer form: the neuron after it requantizes each
+    position, then pools its levels (the same, as requantizing is monotone)."""
+
+    terms: list
+    pool: nn.Module
+
+
+@dataclass
+class Fired:
+    """The levels (q - qmin) of a neuron or QDQ pair that kernels.IntegerLayer computed with its layer."""
+
+    levels: Tensor
+    sample_spikes: Tensor | None
+
+
+@dataclass
+class Integers:
+    """An integer value: (values + offset) * scale, scale per channel (dimension 1) or one.
+    values: evaluate, an integer tensor >= 0 (levels) or any int32 (accumulators); simulate, a
+    Signal of integer steps and const. spikes: the binary planes, when a neuron emitted them."""
+
+    values: Tensor | Signal
+    scale: Tensor                 # float64: the exact product of the file's float32 scales
+    offset: int = 0
+
+
+def dequantize(value: Integers, potential: Tensor) -> Tensor:
+    """float32(A) * float32(S): what the file's DequantizeLinear, or its float32 conv, gives."""
+    scale = value.scale.to(device=potential.device, dtype=torch.float32)
+    if value.offset:   # widened first: levels are uint8, and a zero point offset is negative
+        potential = potential.to(torch.int32) + value.offset
+    return potential.to(torch.float32).mul_(channel_view(scale, potential.dim()))
+
+
+def integrate(signal: Signal) -> Tensor:
+    """The integer potential sum_t 2^(T-1-t) steps_t + const by the doubling rule, in int64."""
+    potential = None
+    for current in signal.currents():
+        current = current.to(torch.int64)
+        potential = current if potential is None else 2 * potential + current
+    return potential
+
+
+def fire_msb_first(levels: Tensor, timesteps: int) -> Tensor:
+    """The T binary spike planes [T, N, ...] of levels, most significant first (uint8)."""
+    wide = levels.to(torch.int32)
+    return torch.stack([((wide >> (timesteps - 1 - t)) & 1).to(torch.uint8) for t in range(timesteps)])
+
+
+def level_dtype(levels: int) -> torch.dtype:
+    return torch.uint8 if levels <= 255 else torch.int16 if levels <= 32767 else torch.int32
+
+
+def pair_all(size: Any) -> tuple:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size,)
+
+
+def as_int32(target: str, potential: Tensor) -> Tensor:
+    if potential.dtype != torch.int32:
+        if potential.numel() and (int(potential.min()) < INT32_MIN or int(potential.max()) > INT32_MAX):
+            raise UnsupportedModelError(f"integer SNN: the accumulator of {target} leaves int32")
+        potential = potential.to(torch.int32)
+    return potential
+
+
+def nonnegative(target: str, values: Tensor) -> Tensor:
+    if values.dtype == torch.int32 and values.numel() and int(values.min()) < 0:
+        raise UnsupportedModelError(f"integer SNN: layer {target} reads negative integers")
+    return values
+
+
+def integer_layer(target: str, module: nn.Module, weights: IntegerWeights, offset: int, device: torch.device):
+    """(with bias, without bias, the bias) of an int8 layer on values u >= 0 whose value carries
+    `offset`: W (u + o) + b = W u + (o sum(w) + b)."""
+    weight = weights.weight.to(device)
+    bias = torch.zeros(weight.shape[0], dtype=torch.int64, device=device) if weights.bias is None \
+        else weights.bias.to(device).to(torch.int64)
+    bias = bias + offset * weight.reshape(weight.shape[0], -1).to(torch.int64).sum(1)
+    if int(bias.abs().max()) > INT32_MAX:
+        raise UnsupportedModelError(f"integer SNN: the bias of {target} leaves int32")
+    bias = bias.to(torch.int32)
+    if isinstance(module, nn.Linear):
+        return (lambda q: int_linear(q, weight, bias)), (lambda q: int_linear(q, weight)), bias
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+        if offset and any(module.padding):   # its zero padding would read u = 0, the value o * scale
+            raise UnsupportedModelError(f"integer SNN: layer {target} pads values with a zero point offset")
+        geometry = (module.stride, module.padding, module.dilation, module.groups)
+        return IntConv2d(weight, bias, *geometry), IntConv2d(weight, None, *geometry), bias
+    raise UnsupportedModelError(f"integer SNN: layer {target} ({type(module).__name__}) has no integer kernel")
