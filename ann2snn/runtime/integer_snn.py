@@ -157,13 +157,18 @@ class IntegerProgram(fx.Interpreter):
             total = dequantize(terms[0], potentials[0])
             for term, potential in zip(terms[1:], potentials[1:]):
                 total += dequantize(term, potential)
-            levels_f = round_clamp_(total, scale, zero, qmin, qmax)   # q - qmin, in float32
-            if pool is not None:
-                levels_f = pool(levels_f)
-            levels = levels_f.to(level_dtype(qmax - qmin))
-            # the levels in float32 (exact) are spent on their spike count
-            sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) \
-                if spikes and not self.simulate else None
+            if pool is None:   # round, then count the levels reached (the clamp) and their spikes, in one C pass
+                total.div_(channel_view(scale.to(total.device, torch.float32), total.dim())).round_()
+                total.clamp_(float(qmin - zero - 1), float(qmax - zero + 1))   # below 2^24: exact for the pass
+                out = self._counter(target, qmin - zero, qmax - qmin, total).run(
+                    total, spikes and not self.simulate, exact_float=True)
+                levels, sample = out.levels, out.sample_spikes
+            else:
+                levels_f = pool(round_clamp_(total, scale, zero, qmin, qmax))   # q - qmin, in float32
+                levels = levels_f.to(level_dtype(qmax - qmin))
+                # the levels in float32 (exact) are spent on their spike count
+                sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) \
+                    if spikes and not self.simulate else None
         value_scale = scale.to(torch.float64).reshape(-1)
         value_scale = value_scale.reshape(()) if value_scale.numel() == 1 else value_scale
         if not spikes:
@@ -174,6 +179,15 @@ class IntegerProgram(fx.Interpreter):
         planes = fire_msb_first(levels, timesteps)
         self.counts[target] = planes.transpose(0, 1).flatten(1).sum(1).to(torch.int64)
         return Integers(Signal(steps=planes), value_scale)
+
+    def _counter(self, target: str, low: int, count: int, rounded: Tensor) -> IntegerLevels:
+        """The neuron that counts the levels low + 1 .. low + count a rounded value reaches: its level
+        q - qmin, clamped."""
+        key = (target, str(rounded.device))
+        if key not in self._neurons:
+            steps = torch.arange(low + 1, low + count + 1, dtype=torch.int64, device=rounded.device)
+            self._neurons[key] = IntegerLevels(steps.expand(rounded.shape[1], count).contiguous(), 0)
+        return self._neurons[key]
 
     def _neuron_of(self, target: str, term: Integers, potential: Tensor, scale: Tensor, zero: int,
                    qmin: int, qmax: int) -> IntegerLevels:
