@@ -279,7 +279,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for steps in timesteps:
             t0 = time.perf_counter()
             snn_path = tmp / f"calib_T{steps}.snn"
-            row = {"method": "ann2snn calibration only", "converter": "ann2snn", "T": steps, "beta": None, "weight_bits": None,
+            row = {"method": "ann2snn calibration only", "converter": "ann2snn", "T": steps, "beta": None,
+                   "weight_bits": None,
                    **snn_row(float_path, snn_path, cli_convert(float_path, snn_path, data, steps), x, y),
                    "seconds": time.perf_counter() - t0}
             rows.append(row)
@@ -367,7 +368,8 @@ def report(result: dict[str, Any]) -> str:
     lines = [f"Float ANN (SmallResNet, {s['float_epochs']} epochs on {s['train_images']} training images): "
              f"{result['float_ann_accuracy']:.2f}% on {s['test_images']} test images "
              f"(SpikingJelly's copy with ReLU6 as ReLU: {result['spikingjelly_float_accuracy']:.2f}%)",
-             format_table(table, ["method", "T", "acc", "spikes", "qann", "same", "verified", "backend", "bytes", "ratio"],
+             format_table(table, ["method", "T", "acc", "spikes", "qann", "same", "verified", "backend", "bytes",
+                                  "ratio"],
                           ["method", "T", "SNN accuracy", "spikes/img", "quantized ANN", "same prediction",
                            "convert verified", "backend", ".snn bytes", "float-weight .snn / this"])]
     for steps, rec in result["recommended"].items():
@@ -376,7 +378,8 @@ def report(result: dict[str, Any]) -> str:
                      f"{'met' if rec['met'] else 'NOT met'})")
     for steps, rec in result.get(f"recommended_int{s['weight_bits']}", {}).items():
         lines.append(f"T={steps}, int{s['weight_bits']} weights: recommended beta {rec['beta']:g}: "
-                     f"{rec['spike_reduction_pct']:.1f}% fewer spikes than beta = 0 for {rec['accuracy_drop']:.2f} points")
+                     f"{rec['spike_reduction_pct']:.1f}% fewer spikes than beta = 0 for "
+                     f"{rec['accuracy_drop']:.2f} points")
     for key, t in result["targets"]["float_gap"].items():
         lines.append(f"{key}: {t['gap']:.2f} points below float (limit {t['limit']}), every prediction equal to the "
                      f"quantized ANN's: {t['all_predictions_equal']}: {'met' if t['met'] else 'NOT met'}")
