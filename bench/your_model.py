@@ -12,6 +12,10 @@ dynamic batch, dynamo=False). From that file, for each T:
                        (the CLI has no option for it), SGD at --lr, the last epoch kept (`ann2snn
                        train --model` fine-tunes with Adam and keeps the best epoch instead), then
                        `ann2snn convert qat.onnx --verify-data DATA`
+    QAT int8 beta = b  with --weight-bits 8, beside each QAT row: the same from the same float.onnx with
+                       TrainConfig.weight_bits=8 (BN folded, int8 weights from the first step:
+                       float_weight_epochs 0); its .snn runs the integer backend (docs/integer.md),
+                       its size against the float-weight row's of the same T and beta
 
 Every SNN is evaluated (time-folded `SNN.evaluate`) on all test images: accuracy and spikes per
 image, and how many of its predictions equal its quantized ANN's (the source graph that `ann2snn
@@ -22,7 +26,8 @@ its float accuracy is reported). One T_max-step run gives every T of `--sj-times
 the output at T is the mean of the first T steps' logits (what a T-step multi-step run computes).
 
     python bench/your_model.py --json out.json --plot out.png
-    python bench/your_model.py --quick        # tiny settings (smoke test)
+    python bench/your_model.py --timesteps 2,4 --betas 0,8e-6 --weight-bits 8 --sj-modes ""
+    python bench/your_model.py --quick        # tiny settings (smoke test), int8 rows included
 
 Targets (issue 17 item 5): the fine-tuned SNN within 0.5 points of the float model at T = 4 and
 1.5 points at T = 2, each predicting what its quantized ANN predicts on every test image; the
@@ -171,7 +176,36 @@ def snn_row(source: Path, snn_path: Path, conversion: dict[str, Any], x: torch.T
             "spikes_per_image": spikes.item() / len(y), "verified": bool(verify.get("passed")),
             "exact_gate": bool(verify.get("exact", {}).get("passed")),
             "unexplained_levels": (verify.get("levels") or {}).get("totals", {}).get("unexplained"),
+            "backend": conversion["backend"], "integer_layers": conversion["integer_layers"],
+            "integer_check": verify.get("integer"), "snn_bytes": snn_path.stat().st_size,
             "convert_command": conversion["command"]}
+
+
+def qat_row(args: argparse.Namespace, float_path: Path, data: str, limit: int | None, steps: int, beta: float,
+            x: torch.Tensor, y: torch.Tensor, float_weights: dict[str, Any] | None = None) -> dict[str, Any]:
+    """QAT from float.onnx, then `ann2snn convert`. Given the float-weight row of the same T and beta,
+    with int8 weights (args.weight_bits): BN folded and the weights quantized at once, since the
+    float file's weights are trained (float_weight_epochs 0), and the .snn's size compared with that row's."""
+    t0 = time.perf_counter()
+    bits = None if float_weights is None else args.weight_bits
+    tag = "" if bits is None else f"_int{bits}"
+    qat_path = float_path.parent / f"qat_T{steps}_b{beta:g}{tag}.onnx"
+    trained = train(TrainConfig(model=str(float_path), data=data, timesteps=steps, beta=beta, epochs=args.epochs,
+                                lr=args.lr, seed=args.seed, train_limit=limit, weight_bits=bits,
+                                float_weight_epochs=None if bits is None else 0,
+                                output=str(qat_path.with_suffix(".safetensors")), onnx=str(qat_path)), progress=False)
+    snn_path = qat_path.with_suffix(".snn")
+    row = {"method": f"ann2snn QAT{'' if bits is None else f' int{bits}'} beta={beta:g}", "converter": "ann2snn",
+           "T": steps, "beta": beta, "weight_bits": bits, "qat_test_accuracy": 100.0 * trained.test_accuracy,
+           **snn_row(qat_path, snn_path, cli_convert(qat_path, snn_path, data, None), x, y)}
+    if float_weights is not None:
+        row["float_weight_snn_bytes"] = float_weights["snn_bytes"]
+        row["size_ratio"] = float_weights["snn_bytes"] / row["snn_bytes"]
+    row["seconds"] = time.perf_counter() - t0
+    log(f"QAT T={steps} beta={beta:g}{tag}: SNN {row['accuracy']:.2f}%, {row['spikes_per_image']:.0f} spikes/img, "
+        f"same prediction {row['same_prediction']}/{row['images']}, verified {row['verified']}, backend "
+        f"{row['backend']}, {row['snn_bytes']} bytes ({row['seconds']:.0f} s)")
+    return row
 
 
 @torch.no_grad()
@@ -246,6 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             snn_path = tmp / f"calib_T{steps}.snn"
             row = {"method": "ann2snn calibration only", "converter": "ann2snn", "T": steps, "beta": None,
+                   "weight_bits": None,
                    **snn_row(float_path, snn_path, cli_convert(float_path, snn_path, data, steps), x, y),
                    "seconds": time.perf_counter() - t0}
             rows.append(row)
@@ -254,21 +289,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         for steps in timesteps:
             for beta in betas:
-                t0 = time.perf_counter()
-                qat_path = tmp / f"qat_T{steps}_b{beta:g}.onnx"
-                trained = train(TrainConfig(model=str(float_path), data=data, timesteps=steps, beta=beta,
-                                            epochs=args.epochs, lr=args.lr, seed=args.seed, train_limit=limit,
-                                            output=str(qat_path.with_suffix(".safetensors")), onnx=str(qat_path)),
-                                progress=False)
-                snn_path = qat_path.with_suffix(".snn")
-                row = {"method": f"ann2snn QAT beta={beta:g}", "converter": "ann2snn", "T": steps, "beta": beta,
-                       "qat_test_accuracy": 100.0 * trained.test_accuracy,
-                       **snn_row(qat_path, snn_path, cli_convert(qat_path, snn_path, data, None), x, y),
-                       "seconds": time.perf_counter() - t0}
-                rows.append(row)
-                log(f"QAT T={steps} beta={beta:g}: SNN {row['accuracy']:.2f}%, {row['spikes_per_image']:.0f} "
-                    f"spikes/img, same prediction {row['same_prediction']}/{row['images']}, verified "
-                    f"{row['verified']} ({row['seconds']:.0f} s)")
+                float_weights = qat_row(args, float_path, data, limit, steps, beta, x, y)
+                rows.append(float_weights)
+                if args.weight_bits:
+                    rows.append(qat_row(args, float_path, data, limit, steps, beta, x, y, float_weights))
 
         sj_note: dict[str, Any] = {}
         if sj_modes:
@@ -288,24 +312,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"  ({time.perf_counter() - t0:.0f} s)")
 
     recommended = recommend(rows)
+    recommended_int = recommend(rows, args.weight_bits) if args.weight_bits else {}
     result = {
         "benchmark": "your_model", "dataset": "fashion-mnist", "model": "SmallResNet (bench/your_model.py)",
         "accuracy_unit": "%", "quick": args.quick,
         "settings": {"train_images": args.train_limit, "test_images": len(y), "float_epochs": args.float_epochs,
                      "float_lr": args.float_lr, "qat_epochs": args.epochs, "qat_lr": args.lr, "seed": args.seed,
                      "timesteps": timesteps, "betas": betas, "sj_timesteps": sj_t, "sj_modes": sj_modes,
-                     "threads": args.threads},
+                     "weight_bits": args.weight_bits, "threads": args.threads},
         "float_ann_accuracy": float_acc, "spikingjelly_float_accuracy": sj_float_acc,
         "spikingjelly": sj_note, "rows": rows, "recommended": recommended,
+        **({f"recommended_int{args.weight_bits}": recommended_int} if args.weight_bits else {}),
         "targets": targets(rows, recommended, float_acc), "seconds": time.perf_counter() - start,
     }
     return result
 
 
-def recommend(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per T: the QAT row with the fewest spikes within sparsity.MAX_ACCURACY_DROP points of beta = 0
-    (bench/sparsity.py's rule), and whether it removes MIN_SPIKE_REDUCTION % of the spikes."""
-    qat = [{**r, "snn_accuracy": r["accuracy"]} for r in rows if r["method"].startswith("ann2snn QAT")]
+def recommend(rows: list[dict[str, Any]], weight_bits: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per T: the QAT row (of these weight bits) with the fewest spikes within sparsity.MAX_ACCURACY_DROP
+    points of beta = 0 (bench/sparsity.py's rule), and whether it removes MIN_SPIKE_REDUCTION % of the spikes."""
+    qat = [{**r, "snn_accuracy": r["accuracy"]} for r in rows
+           if r["method"].startswith("ann2snn QAT") and r["weight_bits"] == weight_bits]
     return {str(steps): {"beta": c["beta"], "accuracy": c["snn_accuracy"], "spikes_per_image": c["spikes_per_image"],
                          "accuracy_drop": c["accuracy_drop"], "spike_reduction_pct": c["spike_reduction_pct"],
                          "met": c["spike_reduction_pct"] >= MIN_SPIKE_REDUCTION}
@@ -318,7 +345,8 @@ def targets(rows: list[dict[str, Any]], recommended: dict[str, dict[str, Any]], 
         for r in rows:
             if r["T"] == steps and r["converter"] == "ann2snn" and r["beta"] is not None:
                 gap = float_acc - r["accuracy"]
-                out["float_gap"][f"T={steps} beta={r['beta']:g}"] = {
+                bits = "" if r["weight_bits"] is None else f" int{r['weight_bits']}"
+                out["float_gap"][f"T={steps} beta={r['beta']:g}{bits}"] = {
                     "accuracy": r["accuracy"], "gap": gap, "limit": limit,
                     "all_predictions_equal": r["same_prediction"] == r["images"],
                     "met": gap <= limit + 1e-9 and r["same_prediction"] == r["images"]}
@@ -333,18 +361,25 @@ def report(result: dict[str, Any]) -> str:
                       "spikes": round(r["spikes_per_image"]),
                       "qann": f"{r['quantized_ann_accuracy']:.2f}" if ours else "",
                       "same": f"{r['same_prediction']}/{r['images']}" if ours else "",
-                      "verified": ("yes" if r["verified"] else "NO") if ours else ""})
+                      "verified": ("yes" if r["verified"] else "NO") if ours else "",
+                      "backend": r["backend"] if ours else "", "bytes": r["snn_bytes"] if ours else "",
+                      "ratio": f"{r['size_ratio']:.2f}x" if "size_ratio" in r else ""})
     s = result["settings"]
     lines = [f"Float ANN (SmallResNet, {s['float_epochs']} epochs on {s['train_images']} training images): "
              f"{result['float_ann_accuracy']:.2f}% on {s['test_images']} test images "
              f"(SpikingJelly's copy with ReLU6 as ReLU: {result['spikingjelly_float_accuracy']:.2f}%)",
-             format_table(table, ["method", "T", "acc", "spikes", "qann", "same", "verified"],
+             format_table(table, ["method", "T", "acc", "spikes", "qann", "same", "verified", "backend", "bytes",
+                                  "ratio"],
                           ["method", "T", "SNN accuracy", "spikes/img", "quantized ANN", "same prediction",
-                           "convert verified"])]
+                           "convert verified", "backend", ".snn bytes", "float-weight .snn / this"])]
     for steps, rec in result["recommended"].items():
         lines.append(f"T={steps}: recommended beta {rec['beta']:g}: {rec['spike_reduction_pct']:.1f}% fewer spikes "
                      f"than beta = 0 for {rec['accuracy_drop']:.2f} points (target >= {MIN_SPIKE_REDUCTION:.0f}%: "
                      f"{'met' if rec['met'] else 'NOT met'})")
+    for steps, rec in result.get(f"recommended_int{s['weight_bits']}", {}).items():
+        lines.append(f"T={steps}, int{s['weight_bits']} weights: recommended beta {rec['beta']:g}: "
+                     f"{rec['spike_reduction_pct']:.1f}% fewer spikes than beta = 0 for "
+                     f"{rec['accuracy_drop']:.2f} points")
     for key, t in result["targets"]["float_gap"].items():
         lines.append(f"{key}: {t['gap']:.2f} points below float (limit {t['limit']}), every prediction equal to the "
                      f"quantized ANN's: {t['all_predictions_equal']}: {'met' if t['met'] else 'NOT met'}")
@@ -406,17 +441,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--float-lr", type=float, default=0.05)
     p.add_argument("--epochs", type=int, default=10, help="QAT epochs (default 10: the regularizer needs them)")
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate")
+    p.add_argument("--weight-bits", type=int, choices=[8], default=None,
+                   help="also a QAT row with int8 weights (BN folded) per T and beta, from the same float.onnx")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
     p.add_argument("--quick", action="store_true", help="tiny settings: 512 training and 500 test images of Fashion-MNIST's shape made here "
-                   "(no data package), T=2")
+                   "(no data package), T=2, with the int8-weight rows")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.timesteps, args.betas, args.sj_timesteps, args.sj_modes = "2", "0,1e-4", "4,8", "max"
         args.train_limit, args.float_epochs, args.epochs, args.sj_calib_batches = 512, 1, 1, 2
+        args.weight_bits = 8
     result = run(args)
     emit(result, report(result), args.json, args.plot, lambda path: plot(result, path))
     return 0
