@@ -34,7 +34,7 @@ from ..levels import channel_view, popcount_sum_
 from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
                    STRUCTURAL, functions_of)
 from .integer import round_clamp_, site_thresholds
-from .integer_values import (Fired, Integers, IntegerWeights, MaxPooledSum, as_int32, dequantize, fire_msb_first,
+from .integer_values import (Fired, Integers, IntegerWeights, MaxPooledSum, ResidualSum, as_int32, dequantize, fire_msb_first,
                              integer_layer, integrate, level_dtype, nonnegative, pair_all)
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
@@ -69,8 +69,7 @@ class IntegerProgram(fx.Interpreter):
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op != "output" and any(a in self.dequantized for a in node.all_input_nodes):
-            if node.op == "call_module" and isinstance(self.module.get_submodule(node.target),
-                                                       (BitSerialIFNode, QuantDequant)):
+            if node.op == "call_module" and isinstance(self.module.get_submodule(node.target), BitSerialIFNode):
                 raise UnsupportedModelError(f"integer SNN: {node.target} fires from values that "
                                             f"{self.dequantized_by} turned back to float")
             self.dequantized.add(node)
@@ -84,12 +83,14 @@ class IntegerProgram(fx.Interpreter):
             self.dequantized_by = f"{self.node.name} ({self.node.op} {self.node.target})"
             potential = integrate(value.values) if self.simulate else value.values
             return dequantize(value, potential)
-        if isinstance(value, list) and value and all(isinstance(v, Integers) for v in value):
+        if isinstance(value, ResidualSum):
             terms = [self._to_float(v) for v in value]
             total = terms[0]
             for term in terms[1:]:
                 total = total + term
             return total
+        if isinstance(value, (list, tuple)):   # e.g. torch.cat's tensors
+            return type(value)(self._to_float(v) for v in value)
         return value
 
     def _floats(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -99,7 +100,7 @@ class IntegerProgram(fx.Interpreter):
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         module = self.module.get_submodule(target)
         x = args[0] if args else None
-        integer = isinstance(x, (Integers, MaxPooledSum, Fired)) or (isinstance(x, list) and x and isinstance(x[0], Integers))
+        integer = isinstance(x, (Integers, MaxPooledSum, Fired, ResidualSum))
         if isinstance(module, BitSerialIFNode):
             return self._fire(target, module, x) if integer else self._encode(target, module, x)
         if integer and isinstance(module, QuantDequant):
@@ -114,7 +115,7 @@ class IntegerProgram(fx.Interpreter):
                 return self._sum_pool(x, tuple(range(2, len(self._shape(x)))))
             if isinstance(module, STRUCTURAL):
                 return self._moved(x, lambda v: module(v), lambda s: SimulatedStructural(module)(s))
-        if integer and isinstance(x, list) and isinstance(module, MAX_POOLS):
+        if isinstance(x, ResidualSum) and isinstance(module, MAX_POOLS):
             return MaxPooledSum(x, module)
         args, kwargs = self._floats(args, kwargs)
         return module(*args, **kwargs)
@@ -142,7 +143,7 @@ class IntegerProgram(fx.Interpreter):
         """Levels q - qmin of round_half_even(V / scale) + zero point, clamped to qmin..qmax (module
         docstring); with `spikes` a neuron's: counted, and in simulation fired as T binary planes."""
         pool = x.pool if isinstance(x, MaxPooledSum) else None
-        terms = [] if isinstance(x, Fired) else x.terms if pool is not None else x if isinstance(x, list) else [x]
+        terms = [] if isinstance(x, Fired) else x.terms if pool is not None else x if isinstance(x, ResidualSum) else [x]
         if not bool((zero_point == zero_point.reshape(-1)[0]).all()):
             raise UnsupportedModelError(f"integer SNN: {target} has per-channel zero points")
         zero = int(zero_point.reshape(-1)[0])
@@ -312,9 +313,9 @@ class IntegerProgram(fx.Interpreter):
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         x = args[0] if args else None
         if target in RESIDUAL_ADDS and not kwargs and all(
-                isinstance(a, (Integers, list)) for a in args[:2]):
-            return [*(args[0] if isinstance(args[0], list) else [args[0]]),
-                    *(args[1] if isinstance(args[1], list) else [args[1]])]
+                isinstance(a, (Integers, ResidualSum)) for a in args[:2]):
+            return ResidualSum([*(args[0] if isinstance(args[0], ResidualSum) else [args[0]]),
+                                *(args[1] if isinstance(args[1], ResidualSum) else [args[1]])])
         if isinstance(x, Integers):
             if target is getattr:
                 return self._shape(x) if args[1] == "shape" else getattr(x.values, args[1])

@@ -33,6 +33,10 @@ class IntegerWeights:
         return self.weight.to(torch.float32) * scale, bias
 
 
+class ResidualSum(list):
+    """The terms (Integers) of a residual add: a neuron after it requantizes their sum."""
+
+
 @dataclass
 class MaxPooledSum:
     """A max pool of a residual sum, which has no integer form: the neuron after it requantizes each

@@ -258,8 +258,9 @@ def _snn_levels(snn: SNN, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
 
     rules = {TimeFoldedNeuron: neuron_level, QuantDequant: qdq_integer}
     modules = {name: m for name, m in snn._lowered_graph("evaluate").named_modules() if type(m) in rules}
-    output, recorded = run_recording(lambda inputs: snn.evaluate(inputs, cuda_graph=False), modules,
-                                     lambda m, out: rules[type(m)](m, out), x)
+    with snn.using_backend("float"):   # the levels of the float graph, whose modules are recorded
+        output, recorded = run_recording(lambda inputs: snn.evaluate(inputs, cuda_graph=False), modules,
+                                         lambda m, out: rules[type(m)](m, out), x)
     return output.logits, recorded
 
 
