@@ -252,6 +252,8 @@ _SLOW_WRITER = textwrap.dedent("""
     from ann2snn import cli
     from ann2snn.runtime.artifact import write_atomically
     signal.signal(signal.SIGTERM, cli.exit_on_signal)
+    # Ctrl-C as in a terminal: a test worker may have left SIGINT ignored, which a child inherits
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def write(tmp):
         with open(tmp, "wb") as f:
