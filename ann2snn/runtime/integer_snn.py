@@ -30,16 +30,16 @@ from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, IntegerLayer, IntegerLevels, fire_fused
-from ..levels import channel_view, popcount_sum_
+from ..levels import channel_view, popcount_sum_, unpack_spikes
 from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
                    STRUCTURAL, functions_of)
 from .integer import round_clamp_, site_thresholds
-from .integer_values import (Fired, Integers, IntegerWeights, MaxPooledSum, ResidualSum, as_int32, dequantize, fire_msb_first,
+from .integer_values import (Fired, Integers, IntegerWeights, MaxPooledSum, ResidualSum, as_int32, dequantize,
                              integer_layer, integrate, level_dtype, nonnegative, pair_all)
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
 from .signal import Signal
-from .simulator import FUNCTION_RULES, SimulatedStructural, fold_time, simulate_method
+from .simulator import FUNCTION_RULES, SimulatedStructural, fold_time, sample_spikes, simulate_method
 
 # methods that move integers without arithmetic (any dtype); ops.RESHAPING_FUNCTIONS the functions
 _MOVING_METHODS = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous"})
@@ -131,7 +131,7 @@ class IntegerProgram(fx.Interpreter):
         neuron.reset()
         planes = neuron(potential.unsqueeze(0)).to(torch.uint8)
         neuron.reset()
-        self.counts[target] = planes.transpose(0, 1).flatten(1).sum(1).to(torch.int64)
+        self.counts[target] = sample_spikes(planes)
         return Integers(Signal(steps=planes), theta)
 
     def _fire(self, target: str, neuron: BitSerialIFNode, x: Integers | list) -> Integers:
@@ -177,8 +177,8 @@ class IntegerProgram(fx.Interpreter):
         if not self.simulate:
             self.counts[target] = sample
             return Integers(levels, value_scale)
-        planes = fire_msb_first(levels, timesteps)
-        self.counts[target] = planes.transpose(0, 1).flatten(1).sum(1).to(torch.int64)
+        planes = unpack_spikes(levels, timesteps)
+        self.counts[target] = sample_spikes(planes)
         return Integers(Signal(steps=planes), value_scale)
 
     def _counter(self, target: str, low: int, count: int, rounded: Tensor) -> IntegerLevels:

@@ -84,12 +84,6 @@ def integrate(signal: Signal) -> Tensor:
     return potential
 
 
-def fire_msb_first(levels: Tensor, timesteps: int) -> Tensor:
-    """The T binary spike planes [T, N, ...] of levels, most significant first (uint8)."""
-    wide = levels.to(torch.int32)
-    return torch.stack([((wide >> (timesteps - 1 - t)) & 1).to(torch.uint8) for t in range(timesteps)])
-
-
 def level_dtype(levels: int) -> torch.dtype:
     return torch.uint8 if levels <= 255 else torch.int16 if levels <= 32767 else torch.int32
 

@@ -325,8 +325,13 @@ def read_out(signal: Any) -> Tensor:
     return signal.potential()
 
 
+def sample_spikes(planes: Tensor) -> Tensor:
+    """Spikes per sample [N] of binary planes [T, N, ...]."""
+    return planes.transpose(0, 1).flatten(1).sum(1).to(torch.int64)
+
+
 def spikes_per_sample(signal: Signal) -> Tensor:
-    return signal.spikes.transpose(0, 1).flatten(1).sum(1).to(torch.int64)
+    return sample_spikes(signal.spikes)
 
 
 def lower_to_simulator(gm: fx.GraphModule) -> fx.GraphModule:
