@@ -294,7 +294,7 @@ class IntegerProgram(fx.Interpreter):
             values = x.values.map(lambda s: s.sum(tuple(d + 1 for d in dims), keepdim=keepdim),
                                   lambda c: c.sum(dims, keepdim=keepdim))
         else:
-            values = x.values.to(torch.int32).sum(dims, keepdim=keepdim, dtype=torch.int32)
+            values = x.values.sum(dims, keepdim=keepdim, dtype=torch.int32)
         return Integers(values, x.scale / count, 0)
 
     def _moved(self, x: Integers, on_tensor, on_signal) -> Integers:

@@ -70,8 +70,7 @@ def dequantize(value: Integers, potential: Tensor) -> Tensor:
     scale = value.scale.to(device=potential.device, dtype=torch.float32)
     if value.offset:   # widened first: levels are uint8, and a zero point offset is negative
         potential = potential.to(torch.int32) + value.offset
-    if potential.dtype == torch.float32:   # a float32 accumulator (IntegerProgram._float_term), read once
-        return potential.mul_(channel_view(scale, potential.dim()))
+    # a float32 accumulator (IntegerProgram._float_term) is read once: scaled in place
     return potential.to(torch.float32).mul_(channel_view(scale, potential.dim()))
 
 
