@@ -11,6 +11,10 @@
   per sample, in one pass (C kernels/int_levels_cpu.c on the CPU, Triton on CUDA); reference
   `levels_from_thresholds` (kernels/int_levels_reference.py). `IntegerLevels` is that neuron with
   its thresholds prepared once; `IntegerLayer` a whole step of the integer SNN, int layer and neuron.
+- `requantize_levels`: a neuron site's terms (one accumulator, or a residual sum's) to its levels
+  as the QDQ graph computes them, with the spikes per sample, in one pass (C
+  kernels/requantize_cpu.c on the CPU); reference `requantize_levels_reference`. `Requantizer` is
+  that site with its constants prepared once.
 - `pack_spikes` / `unpack_spikes`: the spike code (uint8 for T <= 8, uint16 up to T = 16) <-> binary
   planes [T, ...].
 
@@ -26,6 +30,8 @@ from .int_layer_levels import IntegerLayer
 from .int_levels import IntegerLevels, IntLevels, levels_fused
 from .int_levels_reference import levels_from_thresholds
 from .native import fire_fused_native
+from .requantize import Requantization, Requantizer, requantize_levels
+from .requantize_reference import requantize_levels_reference
 from .neuron import NeuronOutput, fire_fused, fire_fused_triton
 from ..levels import pack_spikes, unpack_spikes
 from .neuron_reference import fire_fused_reference
@@ -38,6 +44,8 @@ __all__ = [
     "IntegerLayer",
     "IntegerLevels",
     "NeuronOutput",
+    "Requantization",
+    "Requantizer",
     "fire_fused",
     "fire_fused_native",
     "fire_fused_reference",
@@ -54,6 +62,8 @@ __all__ = [
     "quant_act_fused",
     "quant_act_fused_reference",
     "quant_act_fused_triton",
+    "requantize_levels",
+    "requantize_levels_reference",
     "unpack_spikes",
     "use_triton",
 ]

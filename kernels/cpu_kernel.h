@@ -5,6 +5,24 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* Set bits of a level >= 0 (SWAR, which vectorizes where __builtin_popcount may not). */
+INLINE int32_t popcount_32(uint32_t x) {
+    x = x - ((x >> 1) & 0x55555555u);
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+    x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+    return (int32_t)((x * 0x01010101u) >> 24);
+}
+
+/* out[at] = level in the output's width (OUT_BYTES, a literal at every call site). */
+INLINE void store_level(void *restrict out, int64_t at, int32_t level, const int OUT_BYTES) {
+    if (OUT_BYTES == 1)
+        ((uint8_t *)out)[at] = (uint8_t)level;
+    else if (OUT_BYTES == 2)
+        ((int16_t *)out)[at] = (int16_t)level;
+    else
+        ((int32_t *)out)[at] = level;
+}
+
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_INDEX omp_get_thread_num()

@@ -32,7 +32,7 @@ from .device_functions import channel_tile, popcount, tile_sum
 from .dispatch import lazy_jit, use_triton
 from .int_levels_reference import UNREACHABLE, levels_from_thresholds
 from .layout import channel_layout, tile_launch
-from .native import native_function, native_neuron_enabled, row_walk
+from .native import native_function, native_neuron_enabled, row_walk_by_channel
 
 # triton.language, bound when a kernel is first launched (kernels/dispatch.py: LazyKernel)
 tl = None
@@ -178,11 +178,7 @@ class IntegerLevels:
             raise RuntimeError("the native integer neuron could not be built (see the warning when it was first tried)")
         if accumulator.device.type != "cpu":
             raise TypeError(f"the native integer neuron takes CPU accumulators, got {accumulator.device}")
-        layout, rows_over_c, rows_per_item = row_walk(accumulator)
-        if not rows_over_c and layout.c > 1 and layout.stride_c != layout.s:
-            # rows over S are found at channel * S: a dense layout with N inside C (a permuted
-            # [C, N, S]) is copied first
-            layout, rows_over_c, rows_per_item = row_walk(accumulator.contiguous())
+        layout, rows_over_c, rows_per_item = row_walk_by_channel(accumulator)
         search, steps, by_level, unreached = self._native_thresholds(rows_per_item if rows_over_c else 1)
         levels = layout.empty_like(self.level_dtype)
         threads = max(1, torch.get_num_threads())

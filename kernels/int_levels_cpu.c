@@ -16,24 +16,6 @@
  */
 #include "cpu_kernel.h"
 
-/* Set bits of each level >= 0 (SWAR, which vectorizes where __builtin_popcount may not). */
-INLINE int32_t popcount_32(uint32_t x) {
-    x = x - ((x >> 1) & 0x55555555u);
-    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
-    x = (x + (x >> 4)) & 0x0F0F0F0Fu;
-    return (int32_t)((x * 0x01010101u) >> 24);
-}
-
-/* out[at] = level in the output's width (OUT_BYTES, a literal at every call site). */
-INLINE void store_level(void *restrict out, int64_t at, int32_t level, const int OUT_BYTES) {
-    if (OUT_BYTES == 1)
-        ((uint8_t *)out)[at] = (uint8_t)level;
-    else if (OUT_BYTES == 2)
-        ((int16_t *)out)[at] = (int16_t)level;
-    else
-        ((int32_t *)out)[at] = level;
-}
-
 /* acc[at] as int32 (FLOAT_ACC, a literal at every call site: float32 holding an integer < 2^24). */
 INLINE int32_t load_accumulator(const void *restrict acc, int64_t at, const int FLOAT_ACC) {
     return FLOAT_ACC ? (int32_t)((const float *)acc)[at] : ((const int32_t *)acc)[at];

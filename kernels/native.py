@@ -138,6 +138,15 @@ def row_walk(x: Tensor) -> tuple[ChannelLayout, bool, int]:
     return layout, rows_over_c, max(1, ITEM_NEURONS // run)
 
 
+def row_walk_by_channel(x: Tensor) -> tuple[ChannelLayout, bool, int]:
+    """`row_walk` for kernels that take no channel stride and find row r of a sample at r * S (or
+    its channels adjacent): a dense layout with N inside C (a permuted [C, N, S]) is copied first."""
+    layout, rows_over_c, rows_per_item = row_walk(x)
+    if not rows_over_c and layout.c > 1 and layout.stride_c != layout.s:
+        layout, rows_over_c, rows_per_item = row_walk(x.contiguous())
+    return layout, rows_over_c, rows_per_item
+
+
 def native_neuron_enabled() -> bool:
     """False when ANN2SNN_NATIVE is 0 / false / no / off (read at every call)."""
     return os.environ.get("ANN2SNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..errors import Ann2SnnError
 from ..kernels.int_levels_reference import UNREACHABLE, levels_from_thresholds
-from ..levels import channel_view
+from ..kernels.requantize_reference import quantize_
 
 __all__ = ["integer_thresholds", "levels_from_thresholds", "qlinear_multiplier", "requantize_qdq",
            "requantize_qlinear", "round_clamp", "site_thresholds"]
@@ -127,10 +127,7 @@ def round_clamp(value: Tensor, scale: Tensor, zero: int, qmin: int, qmax: int, c
 
 def round_clamp_(value: Tensor, scale: Tensor, zero: int, qmin: int, qmax: int, channel_dim: int = 1) -> Tensor:
     """`round_clamp` minus qmin (the level above the lowest), in place, in value's float dtype."""
-    scale = scale.to(value.device, torch.float32)
-    scale = channel_view(scale, value.dim()) if channel_dim == 1 else scale
-    value.div_(scale).clamp_(float(qmin - zero), float(qmax - zero)).round_()
-    return value.add_(float(zero - qmin)) if zero != qmin else value
+    return quantize_(value, scale, qmin - zero, qmax - zero, channel_dim)
 
 
 def site_thresholds(product_scale: Tensor, offset: int, scale: Tensor, zero: int, qmin: int, qmax: int,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
-from ..kernels import IntConv2d, IntegerLayer, IntegerLevels, fire_fused
+from ..kernels import IntConv2d, IntegerLayer, IntegerLevels, Requantization, Requantizer, fire_fused
 from ..levels import channel_view, popcount_sum_, unpack_spikes
 from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
                    STRUCTURAL, functions_of)
@@ -148,28 +148,26 @@ class IntegerProgram(fx.Interpreter):
             raise UnsupportedModelError(f"integer SNN: {target} has per-channel zero points")
         zero = int(zero_point.reshape(-1)[0])
         potentials = [integrate(t.values) if self.simulate else t.values for t in terms]
+        count = spikes and not self.simulate
         if isinstance(x, Fired):
             levels, sample = x.levels, x.sample_spikes
-        elif len(terms) == 1 and pool is None:
-            neuron = self._neuron_of(target, terms[0], potentials[0], scale, zero, qmin, qmax)
-            out = neuron(as_int32(target, potentials[0]), sample_spikes=spikes and not self.simulate)
+        elif pool is None:
+            potentials = [p if p.dtype in (torch.uint8, torch.float32) else as_int32(target, p) for p in potentials]
+            requantizer = self._requantizer(target, terms, scale, zero, qmin, qmax)
+            if len(terms) == 1 and not requantizer.native_supports(potentials):   # e.g. Triton: by thresholds
+                out = self._neuron_of(target, terms[0], potentials[0], scale, zero, qmin, qmax)(
+                    potentials[0].to(torch.int32), sample_spikes=count)
+            else:
+                out = requantizer(potentials, sample_spikes=count)
             levels, sample = out.levels, out.sample_spikes
         else:
             total = dequantize(terms[0], potentials[0])
             for term, potential in zip(terms[1:], potentials[1:]):
                 total += dequantize(term, potential)
-            if pool is None:   # round, then count the levels reached (the clamp) and their spikes, in one C pass
-                total.div_(channel_view(scale.to(total.device, torch.float32), total.dim())).round_()
-                total.clamp_(float(qmin - zero - 1), float(qmax - zero + 1))   # below 2^24: exact for the pass
-                out = self._counter(target, qmin - zero, qmax - qmin, total).run(
-                    total, spikes and not self.simulate, exact_float=True)
-                levels, sample = out.levels, out.sample_spikes
-            else:
-                levels_f = pool(round_clamp_(total, scale, zero, qmin, qmax))   # q - qmin, in float32
-                levels = levels_f.to(level_dtype(qmax - qmin))
-                # the levels in float32 (exact) are spent on their spike count
-                sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) \
-                    if spikes and not self.simulate else None
+            levels_f = pool(round_clamp_(total, scale, zero, qmin, qmax))   # q - qmin, in float32
+            levels = levels_f.to(level_dtype(qmax - qmin))
+            # the levels in float32 (exact) are spent on their spike count
+            sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) if count else None
         value_scale = scale.to(torch.float64).reshape(-1)
         value_scale = value_scale.reshape(()) if value_scale.numel() == 1 else value_scale
         if not spikes:
@@ -181,13 +179,14 @@ class IntegerProgram(fx.Interpreter):
         self.counts[target] = sample_spikes(planes)
         return Integers(Signal(steps=planes), value_scale)
 
-    def _counter(self, target: str, low: int, count: int, rounded: Tensor) -> IntegerLevels:
-        """The neuron that counts the levels low + 1 .. low + count a rounded value reaches: its level
-        q - qmin, clamped."""
-        key = (target, str(rounded.device))
+    def _requantizer(self, target: str, terms: list[Integers], scale: Tensor, zero: int, qmin: int,
+                     qmax: int) -> Requantizer:
+        """The site's requantization (module docstring) of its terms, prepared once."""
+        key = ("sum", target, len(terms))
         if key not in self._neurons:
-            steps = torch.arange(low + 1, low + count + 1, dtype=torch.int64, device=rounded.device)
-            self._neurons[key] = IntegerLevels(steps.expand(rounded.shape[1], count).contiguous(), 0)
+            adds = [torch.tensor([t.offset], dtype=torch.int32) if t.offset else None for t in terms]
+            self._neurons[key] = Requantizer([t.scale.to(torch.float32) for t in terms], adds,
+                                             Requantization(scale.to(torch.float32), qmin - zero, qmax - zero))
         return self._neurons[key]
 
     def _neuron_of(self, target: str, term: Integers, potential: Tensor, scale: Tensor, zero: int,
@@ -232,10 +231,13 @@ class IntegerProgram(fx.Interpreter):
             weights = self.layers[target]
             thresholds = site_thresholds(scale, 0, *grid, module.weight.shape[0])
             geometry = (module.stride, module.padding, module.dilation, module.groups) \
-                if isinstance(module, nn.Conv2d) else ()
+                if isinstance(module, nn.Conv2d) else (1, 0, 1, 1)
+            theta, zero, qmin, qmax = grid
             device = x.values.device
-            self._convs[key] = IntegerLayer(weights.weight.to(device), None if weights.bias is None else
-                                            weights.bias.to(device), thresholds.to(device), 0, *geometry)
+            self._convs[key] = IntegerLayer(
+                weights.weight.to(device), None if weights.bias is None else weights.bias.to(device),
+                thresholds.to(device), 0, *geometry,
+                requantize=(scale.to(torch.float32), Requantization(theta.to(torch.float32), qmin - zero, qmax - zero)))
         out = self._convs[key](x.values, sample_spikes=isinstance(reader, BitSerialIFNode))
         return Fired(out.levels, out.sample_spikes)
 
