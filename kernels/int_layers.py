@@ -193,30 +193,35 @@ class IntConv2d:
         return (not levels.is_cuda and not use_triton(levels) and self._onednn_bits is not None
                 and _onednn_available())
 
-    def float_accumulator(self, levels: Tensor) -> Tensor | None:
-        """The accumulator without the bias as oneDNN gives it, float32 holding integers of
-        magnitude < 2^24 (see __init__), in one convolution: where the levels are uint8 and oneDNN
-        takes all 8 bits at once. Else None."""
+    def float_accumulator(self, levels: Tensor, plus_bias: bool = False) -> Tensor | None:
+        """The accumulator without the bias (with `plus_bias`, with it) as oneDNN gives it, float32:
+        the integers of magnitude < 2^24 it holds are exact (see __init__), and the sum with a
+        bias below 2^24 is float32(A), rounded once. In one convolution, where the levels are uint8
+        and oneDNN takes all 8 bits at once; else None."""
         if levels.dtype != torch.uint8 or self._onednn_bits != 8 or not self._takes_onednn(levels):
             return None
-        return self._onednn_float(levels)
+        if plus_bias and self.bias is not None and int(self.bias.abs().max()) >= _EXACT_FLOAT32:
+            return None   # float32(b) would round before the sum does
+        return self._onednn_float(levels, self.bias if plus_bias else None)
 
     def _onednn_conv(self, digit: Tensor) -> Tensor:
         """The accumulator of one uint8 digit plane by oneDNN's u8 x s8 convolution, exact (see __init__)."""
         return self._onednn_float(digit).to(torch.int32)
 
-    def _onednn_float(self, digit: Tensor) -> Tensor:
-        """_onednn_conv in oneDNN's float32 output."""
+    def _onednn_float(self, digit: Tensor, bias: Tensor | None = None) -> Tensor:
+        """_onednn_conv in oneDNN's float32 output, plus a bias (int32, added in float32) if given."""
         ops = torch.ops.onednn
         out_channels = self.weight.shape[0]
         ones = torch.ones(out_channels)
         if self._packed is None:
             self._packed = ops.qconv_prepack(self.weight, ones, 1.0, 0, list(self.stride), list(self.padding),
                                              list(self.dilation), self.groups, None)
+            self._float_bias = None if self.bias is None else self.bias.to(torch.float32)
         accumulator = ops.qconv2d_pointwise(
             digit.contiguous(memory_format=torch.channels_last), 1.0, 0, self._packed, ones,
-            torch.zeros(out_channels, dtype=torch.long), None, list(self.stride), list(self.padding),
-            list(self.dilation), self.groups, 1.0, 0, torch.float32, "none", [], "")
+            torch.zeros(out_channels, dtype=torch.long), None if bias is None else self._float_bias,
+            list(self.stride), list(self.padding), list(self.dilation), self.groups, 1.0, 0, torch.float32,
+            "none", [], "")
         return accumulator
 
     def _im2col_conv(self, digit: Tensor, shape: dict) -> Tensor:

@@ -119,6 +119,20 @@ def test_int_conv2d_keeps_onednn_float32_output_exact(channels: int, kernel: int
     assert torch.equal(layer(levels).long(), expected)
 
 
+def test_the_float32_accumulator_with_its_bias_is_the_rounded_sum() -> None:
+    """float_accumulator(plus_bias=True) is float32(W q + b) for biases up to 2^24 - 1 (sums past
+    2^24 rounded once, as float32(A) rounds), and None for a bias float32 cannot hold."""
+    g = torch.Generator().manual_seed(3)
+    weight, levels = random_weight((4, 8, 3, 3), g), random_levels((2, 8, 6, 6), generator=g)
+    bias = torch.tensor([2 ** 24 - 1, -(2 ** 24) + 1, 12345, -7], dtype=torch.int32)
+    raw = IntConv2d(weight, bias, 1, 1).float_accumulator(levels, plus_bias=True)
+    expected = int_conv2d_reference(levels, weight, bias, 1, 1)
+    assert int(expected.abs().max()) > 2 ** 24
+    assert torch.equal(raw, expected.to(torch.float32))
+    assert IntConv2d(weight, bias + torch.tensor([1, 0, 0, 0], dtype=torch.int32), 1, 1).float_accumulator(
+        levels, plus_bias=True) is None
+
+
 def test_wrong_dtypes_are_refused() -> None:
     weight = random_weight((4, 3, 3, 3))
     with pytest.raises(TypeError, match="levels as"):

@@ -56,7 +56,8 @@ class IntegerProgram(fx.Interpreter):
         super().__init__(gm)
         self.layers, self.simulate = layers, mode == "simulate"
         self._convs: dict[tuple[str, int], Any] = {}
-        self._neurons: dict[tuple[str, str], IntegerLevels] = {}
+        self._neurons: dict[tuple, IntegerLevels | Requantizer] = {}
+        self._scales: dict[str, tuple[Tensor, Tensor]] = {}   # layer -> (input scale, accumulator scale)
 
     def run(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self.counts: dict[str, Tensor] = {}
@@ -199,13 +200,18 @@ class IntegerProgram(fx.Interpreter):
         return self._neurons[key]
 
     def _accumulator_scale(self, target: str, x: Integers) -> Tensor:
-        """The scale of an int8 layer's accumulator on `x`, its bias checked to lie on that grid."""
+        """The scale of an int8 layer's accumulator on `x`, its bias checked to lie on that grid
+        (once per layer: its input's scale is a constant of the graph, compared each batch)."""
+        cached = self._scales.get(target)
+        if cached is not None and torch.equal(cached[0], x.scale):
+            return cached[1]
         weights = self.layers[target]
         scale = x.scale * weights.weight_scale.to(torch.float64).reshape(-1)
         if weights.bias is not None and not torch.equal(weights.bias_scale.expand(scale.shape),
                                                         scale.to(torch.float32).expand(weights.bias_scale.shape)):
             raise UnsupportedModelError(f"integer SNN: the bias of layer {target} is not on its accumulator's grid "
                                         "(its scale is not the input's scale times the weight's)")
+        self._scales[target] = (x.scale, scale)
         return scale
 
     def _fused_step(self, target: str, module: nn.Module, x: Integers) -> Fired | None:
@@ -250,24 +256,21 @@ class IntegerProgram(fx.Interpreter):
         scale = self._accumulator_scale(target, x)
         if not self.simulate:
             values = nonnegative(target, x.values)
-            floating = self._float_term(run, bias, values)
+            floating = self._float_term(run, values)
             return Integers(run(values) if floating is None else floating, scale)
         out = x.values.map(lambda steps: fold_time(run_without_bias, steps), run)
         if out.const is None:   # the bias enters once
             out.const = channel_view(bias, out.steps.dim() - 1) + torch.zeros_like(out.steps[0])
         return Integers(out, scale)
 
-    def _float_term(self, conv: Any, bias: Tensor, levels: Tensor) -> Tensor | None:
-        """A conv accumulator that only residual sums read, in float32 as oneDNN gives it (integers
-        below 2^24, exact) plus the bias: float32(A), all its terms read (integer_values.dequantize),
+    def _float_term(self, conv: Any, levels: Tensor) -> Tensor | None:
+        """A conv accumulator that only residual sums read, as oneDNN gives it in float32 with the
+        bias (IntConv2d.float_accumulator): float32(A), all its terms read (integer_values.dequantize),
         one pass fewer than the int32. None where it would not be exact."""
         if not isinstance(conv, IntConv2d) or not all(
                 u.op == "call_function" and u.target in RESIDUAL_ADDS for u in self.node.users):
             return None
-        if int(bias.abs().max()) >= 2 ** 24:   # float32(raw) + float32(b) = float32(raw + b) needs an exact b
-            return None
-        raw = conv.float_accumulator(levels)
-        return None if raw is None else raw.add_(channel_view(bias.to(torch.float32), raw.dim()))
+        return conv.float_accumulator(levels, plus_bias=True)
 
     def _device(self, x: Integers) -> torch.device:
         values = x.values
