@@ -14,8 +14,11 @@ evaluate >= 0.7x the float ANN. Every network runs with IEEE float32 convolution
 With --weight-bits 8 it times the integer SNN instead (issue 27): the network prepared with int8
 weights, exported as full QDQ and converted (ann2snn.convert_onnx, backend "integer"), against the
 float ANN in NCHW and channels_last, the same SNN on its float backend, and onnxruntime running the
-float file and the QDQ file (its default session: int8 kernels). Target: the integer SNN >= 1.5x the
-faster float ANN (CPU, resnet20, batch 64, T = 4, --threads 2).
+float file and the QDQ file (its default session: int8 kernels). The peer a CPU user would pick is
+onnxruntime on the float file quantized by its own quantize_static (after quant_pre_process,
+default arguments: uint8 activations, so T = 8): that file is timed in onnxruntime and as ann2snn's
+integer SNN too. Target: the integer SNN >= 1.5x the faster float ANN (CPU, resnet20, batch 64,
+T = 4, --threads 2).
 
     python bench/eval_throughput.py [--model resnet20] [--batch-size 64] [--device cpu|cuda] [-T 4]
                                     [--weight-bits 8] [--threads N] [--json]
@@ -131,11 +134,35 @@ def integer_runs(float_model: nn.Module, args, shape: tuple[int, ...], folder: s
         with snn.using_backend("float"):
             return snn.evaluate(x)
 
+    static_path = quantize_static_file(float_path, example, folder)
+    static_snn = ann2snn.convert_onnx(static_path, verify=False, integer=True)
     return {"float ANN NCHW": float_model,
             "float ANN channels_last": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
             "integer SNN evaluate": snn.evaluate, "float SNN evaluate": float_backend,
             "onnxruntime fp32": onnxruntime_run(float_path, args.threads),
-            "onnxruntime int8 QDQ": onnxruntime_run(qdq_path, args.threads), "integer SNN simulate": snn.simulate}
+            "onnxruntime int8 QDQ": onnxruntime_run(qdq_path, args.threads),
+            f"integer SNN, quantize_static (T = {static_snn.timesteps})": static_snn.evaluate,
+            "onnxruntime int8, quantize_static": onnxruntime_run(static_path, args.threads),
+            "integer SNN simulate": snn.simulate}
+
+
+def quantize_static_file(float_path: str, example: torch.Tensor, folder: str) -> str:
+    """The float file as a CPU user quantizes it for onnxruntime: quant_pre_process, then quantize_static
+    with its default arguments (QDQ, uint8 activations, int8 weights), calibrated on `example`."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": example[i:i + 8].numpy()} for i in range(0, len(example), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    processed, quantized = os.path.join(folder, "processed.onnx"), os.path.join(folder, "static.onnx")
+    quant_pre_process(float_path, processed)
+    quantize_static(processed, quantized, Batches())
+    return quantized
 
 
 def integer_ratios(rows: dict[str, float]) -> dict[str, float]:
@@ -143,6 +170,9 @@ def integer_ratios(rows: dict[str, float]) -> dict[str, float]:
     return {"integer SNN / float ANN": rows["integer SNN evaluate"] / best,
             "integer SNN / float SNN": rows["integer SNN evaluate"] / rows["float SNN evaluate"],
             "integer SNN / onnxruntime int8": rows["integer SNN evaluate"] / rows["onnxruntime int8 QDQ"],
+            "quantize_static: integer SNN / onnxruntime int8":
+                next(v for k, v in rows.items() if k.startswith("integer SNN, quantize_static"))
+                / rows["onnxruntime int8, quantize_static"],
             "onnxruntime int8 / float ANN": rows["onnxruntime int8 QDQ"] / best}
 
 
@@ -223,9 +253,9 @@ def report(args, device: torch.device, rows: dict[str, float], ratios: dict[str,
     print(f"{args.model}, batch {args.batch_size}, T = {args.timesteps}, on {device}, {torch.get_num_threads()} "
           f"threads{', int8 weights' if args.weight_bits else ''}:")
     for name, value in rows.items():
-        print(f"  {name:26s} {value:10.1f} img/s")
+        print(f"  {name:40s} {value:10.1f} img/s")
     for name, value in ratios.items():
-        print(f"  {name:26s} {value:10.2f}x")
+        print(f"  {name:40s} {value:10.2f}x")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,21 @@ def test_eval_throughput_times_every_run() -> None:
     assert result["ratios"]["evaluate / float ANN"] == rates["ann2snn evaluate"] / rates["float ANN"]
 
 
+def test_eval_throughput_times_the_integer_snn_against_its_peers() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "eval_throughput.py"), "--model", "digits-cnn",
+                           "--batch-size", "8", "-T", "2", "--seconds", "0.2", "--rounds", "1", "--weight-bits", "8",
+                           "--threads", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    rates = result["images_per_second"]
+    assert {"float ANN NCHW", "float ANN channels_last", "integer SNN evaluate", "float SNN evaluate",
+            "onnxruntime fp32", "onnxruntime int8 QDQ", "integer SNN, quantize_static (T = 8)",
+            "onnxruntime int8, quantize_static", "integer SNN simulate"} == set(rates)
+    assert all(rate > 0 for rate in rates.values())
+    best = max(rates["float ANN NCHW"], rates["float ANN channels_last"])
+    assert result["ratios"]["integer SNN / float ANN"] == rates["integer SNN evaluate"] / best
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
 def test_every_bench_explains_its_options(script: str) -> None:
     """`--help` prints the usage (a % in a help text once made argparse raise instead)."""
