@@ -13,7 +13,10 @@ Every Conv2d and Linear of resnet20 at its own input shape, batch 64, torch.set_
 - int step: the whole per-layer step as the integer SNN calls it, IntegerLayer (ann2snn.kernels:
   layer and levels with the spikes per sample, bias folded into the thresholds, oneDNN's float32
   output read by the C levels pass as it is), and its two parts: "int step: layer" (the raw
-  accumulator alone) and "int step: levels" (IntegerLevels on that accumulator, computed beforehand).
+  accumulator alone) and "int step: levels" (IntegerLevels on that accumulator, computed beforehand);
+- int step, expression: IntegerLayer with its requantization given (kernels/requantize.py), which
+  the integer SNN runs on the CPU: the C pass evaluates the QDQ expression instead of counting
+  thresholds.
 Each layer is timed in --repeats interleaved rounds (fastest and median); a network's time is
 the sum over its layers, so the ratios say how fast the integer SNN's layers can be against the
 fp32 ANN's (the best of NCHW and channels_last), before the rest of the network (adds, pooling,
@@ -35,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn import models
-from ann2snn.kernels import IntConv2d, IntegerLayer, IntegerLevels, int8_gemm, int_linear, levels_fused
+from ann2snn.kernels import (IntConv2d, IntegerLayer, IntegerLevels, Requantization, int8_gemm, int_linear,
+                             levels_fused)
 from ann2snn.kernels.int_layers import SHIFT, shifted
 from ann2snn.runtime.integer import levels_from_thresholds, requantize_qlinear
 
@@ -77,11 +81,13 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
     w, b = weight.float(), bias.float()
     thresholds = torch.sort(torch.randint(-20000, 20000, (out_channels, top), generator=generator), 1).values
     multiplier = torch.rand(out_channels, generator=generator) * 1e-3 + 1e-4
+    requantize = (multiplier, Requantization(torch.ones(1), 0, top))
 
     def requantized(accumulator: torch.Tensor) -> torch.Tensor:
         return requantize_qlinear(accumulator.movedim(1, 0), multiplier, 0, 0, top).movedim(0, 1)
     if isinstance(layer, nn.Linear):
         step = IntegerLayer(weight, bias, thresholds, 0)
+        by_expression = IntegerLayer(weight, bias, thresholds, 0, requantize=requantize)
         raw_neuron = IntegerLevels(thresholds, 0, bias + SHIFT * weight.sum(1, dtype=torch.int32))
         raw = int8_gemm(shifted(levels), weight.t())
         return {"fp32 NCHW": lambda: F.linear(x, w, b), "fp32 channels_last": lambda: F.linear(x, w, b),
@@ -91,6 +97,7 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
                                                            sample_spikes=True),
                 "int + requantize": lambda: requantized(int_linear(levels, weight, bias)),
                 "int step": lambda: step(levels, sample_spikes=True),
+                "int step, expression": lambda: by_expression(levels, sample_spikes=True),
                 "int step: layer": lambda: int8_gemm(shifted(levels), weight.t()),
                 "int step: levels": lambda: raw_neuron(raw, sample_spikes=True)}
     options = (layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -99,6 +106,7 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
     conv, im2col = IntConv2d(weight, bias, *options), IntConv2d(weight, bias, *options, engine="im2col")
     step, raw_neuron = IntegerLayer(weight, bias, thresholds, 0, *options), IntegerLevels(thresholds, 0, bias)
     raw = step.conv.float_accumulator(levels_cl)
+    by_expression = IntegerLayer(weight, bias, thresholds, 0, *options, requantize=requantize)
     return {"fp32 NCHW": lambda: F.conv2d(x, w, b, *options),
             "fp32 channels_last": lambda: F.conv2d(x_cl, w_cl, b, *options),
             "int": lambda: conv(levels_cl), "int im2col": lambda: im2col(levels_cl),
@@ -106,6 +114,7 @@ def layer_variants(layer: nn.Module, shape: tuple[int, ...], timesteps: int) -> 
             "int + fused levels": lambda: levels_fused(conv(levels_cl), thresholds, 0, sample_spikes=True),
             "int + requantize": lambda: requantized(conv(levels_cl)),
             "int step": lambda: step(levels_cl, sample_spikes=True),
+            "int step, expression": lambda: by_expression(levels_cl, sample_spikes=True),
             "int step: layer": lambda: step.conv.float_accumulator(levels_cl),
             "int step: levels": lambda: raw_neuron.run(raw, True, exact_float=True)}
 
