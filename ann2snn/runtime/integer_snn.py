@@ -34,8 +34,9 @@ from ..levels import channel_view, popcount_sum_, unpack_spikes
 from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
                    STRUCTURAL, functions_of)
 from .integer import round_clamp_, site_thresholds
-from .integer_values import (Fired, Integers, IntegerWeights, MaxPooledSum, ResidualSum, as_int32, dequantize,
-                             integer_layer, integrate, level_dtype, nonnegative, pair_all)
+from .integer_values import (REQUANTIZATION_ROUNDINGS, UNIT_ROUNDOFF, Fired, Integers, IntegerWeights, MaxPooledSum,
+                             Observer, ResidualSum, as_int32, dequantize, exact_value, integer_layer, integrate,
+                             level_dtype, nonnegative, pair_all)
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
 from .signal import Signal
@@ -52,9 +53,15 @@ class IntegerProgram(fx.Interpreter):
     """Runs an SNN graph on integers: `mode` "evaluate" (time folded) or "simulate" (binary planes).
     Returns (logits, {neuron: spikes per sample}) like the float lowerings."""
 
-    def __init__(self, gm: fx.GraphModule, layers: dict[str, IntegerWeights], mode: str) -> None:
+    def __init__(self, gm: fx.GraphModule, layers: dict[str, IntegerWeights], mode: str,
+                 observe: Observer | None = None) -> None:
         super().__init__(gm)
         self.layers, self.simulate = layers, mode == "simulate"
+        # observe(site, integers, (value, bound)): each site's integers as the file's QuantizeLinear
+        # gives them, the real value they round and how far a float32 evaluation of it may land
+        # (integer_values.exact_value; the encoder's from its float potential). Observing runs every
+        # layer unfused.
+        self.observe = observe
         self._convs: dict[tuple[str, int], Any] = {}
         self._neurons: dict[tuple, IntegerLevels | Requantizer] = {}
         self._scales: dict[str, tuple[Tensor, Tensor]] = {}   # layer -> (input scale, accumulator scale)
@@ -128,6 +135,10 @@ class IntegerProgram(fx.Interpreter):
             out = fire_fused(potential, neuron.theta, neuron.membrane_offset, neuron.levels, neuron.timesteps,
                              want_levels=True, per_channel_counts=False)
             self.counts[target] = out.sample_spikes
+            if self.observe is not None:   # the level of z / theta, rounded by the float neuron
+                value = potential.to(torch.float64) / channel_view(theta, potential.dim())
+                self.observe(target, out.levels.to(torch.int64),
+                             (value, UNIT_ROUNDOFF * REQUANTIZATION_ROUNDINGS * value.abs()))
             return Integers(out.levels.to(level_dtype(neuron.levels)), theta)
         neuron.reset()
         planes = neuron(potential.unsqueeze(0)).to(torch.uint8)
@@ -169,6 +180,11 @@ class IntegerProgram(fx.Interpreter):
             levels = levels_f.to(level_dtype(qmax - qmin))
             # the levels in float32 (exact) are spent on their spike count
             sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) if count else None
+        if self.observe is not None and not self.simulate:
+            value, bound = exact_value(terms, potentials, scale)
+            if pool is not None:
+                value, bound = pool(value), pool(bound)
+            self.observe(target, levels.to(torch.int64) + qmin, (value + zero, bound))
         value_scale = scale.to(torch.float64).reshape(-1)
         value_scale = value_scale.reshape(()) if value_scale.numel() == 1 else value_scale
         if not spikes:
@@ -218,7 +234,7 @@ class IntegerProgram(fx.Interpreter):
         """Evaluation of an int8 layer on uint8 levels whose one reader is a neuron or QDQ pair: layer
         and requantization in one kernels.IntegerLayer step, the accumulator never materialized."""
         users = list(self.node.users)
-        if self.simulate or x.values.dtype != torch.uint8 or x.offset or len(users) != 1 or \
+        if self.simulate or self.observe is not None or x.values.dtype != torch.uint8 or x.offset or len(users) != 1 or \
                 users[0].op != "call_module" or users[0].args[:1] != (self.node,):
             return None
         reader = self.module.get_submodule(users[0].target)
@@ -257,11 +273,26 @@ class IntegerProgram(fx.Interpreter):
         if not self.simulate:
             values = nonnegative(target, x.values)
             floating = self._float_term(run, values)
-            return Integers(run(values) if floating is None else floating, scale)
+            return Integers(run(values) if floating is None else floating, scale,
+                            **self._magnitude(target, module, x, bias))
         out = x.values.map(lambda steps: fold_time(run_without_bias, steps), run)
         if out.const is None:   # the bias enters once
             out.const = channel_view(bias, out.steps.dim() - 1) + torch.zeros_like(out.steps[0])
         return Integers(out, scale)
+
+    def _magnitude(self, target: str, module: nn.Module, x: Integers, bias: Tensor) -> dict:
+        """Observing: the layer's sum |w x| + |b| (float64) and fan-in, which bound a float32 run of it
+        (integer_values.exact_value)."""
+        if self.observe is None:
+            return {}
+        weight = self.layers[target].weight.to(x.values.device, torch.float64).abs()
+        inputs = (x.values.to(torch.float64) + x.offset).abs()
+        if isinstance(module, nn.Linear):
+            products = F.linear(inputs, weight)
+        else:
+            products = F.conv2d(inputs, weight, None, module.stride, module.padding, module.dilation, module.groups)
+        return {"magnitude": products + channel_view(bias.to(torch.float64).abs(), products.dim()),
+                "fan_in": weight[0].numel()}
 
     def _float_term(self, conv: Any, levels: Tensor) -> Tensor | None:
         """A conv accumulator that only residual sums read, as oneDNN gives it in float32 with the
@@ -286,7 +317,9 @@ class IntegerProgram(fx.Interpreter):
         pooled = fn(potential.to(torch.float64)).to(potential.dtype)   # float64 holds every int32
         if pooled.dim() > 1 and x.scale.numel() > 1 and pooled.shape[1] != x.scale.numel():
             raise UnsupportedModelError(f"integer SNN: {self.node.name} moves the channels of per-channel scales")
-        return Integers(Signal(const=pooled) if self.simulate else pooled, x.scale, x.offset)
+        # an observed bound's magnitude pooled too: the window's largest bounds the one chosen
+        magnitude = None if x.magnitude is None else fn(x.magnitude)
+        return Integers(Signal(const=pooled) if self.simulate else pooled, x.scale, x.offset, magnitude, x.fan_in)
 
     def _sum_pool(self, x: Integers, dims: tuple[int, ...], keepdim: bool = True) -> Integers:
         """A global average pool: the integer sum, its 1 / count moved into the scale."""

@@ -3,7 +3,7 @@ with their scale, and the helpers both of its ways of running share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,10 @@ class Integers:
     values: Tensor | Signal
     scale: Tensor                 # float64: the exact product of the file's float32 scales
     offset: int = 0
+    # an int8 layer's accumulator, observed (IntegerProgram(observe=)): sum |w x| + |b| per element
+    # (float64, accumulator units) and the layer's fan-in, which bound a float32 conv's error
+    magnitude: Tensor | None = None
+    fan_in: int = 0
 
 
 def dequantize(value: Integers, potential: Tensor) -> Tensor:
@@ -72,6 +76,33 @@ def dequantize(value: Integers, potential: Tensor) -> Tensor:
         potential = potential.to(torch.int32) + value.offset
     # a float32 accumulator (IntegerProgram._float_term) is read once: scaled in place
     return potential.to(torch.float32).mul_(channel_view(scale, potential.dim()))
+
+
+# what IntegerProgram(observe=) calls at each site: (site, integers, (value, bound) or None)
+Observer = Callable[[str, Tensor, "tuple[Tensor, Tensor] | None"], None]
+UNIT_ROUNDOFF = 2.0 ** -24   # float32
+# float32 roundings of a requantization of a few terms, in any order (a scale's product and
+# quotient, each conversion, product and sum, each within one roundoff of the magnitude), with room
+REQUANTIZATION_ROUNDINGS = 16
+
+
+def exact_value(terms: list[Integers], potentials: list[Tensor], theta: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum_i (A_i + o_i) S_i / theta, bound) in float64: the real value that a site's requantization
+    rounds (its scales the file's float32 values, multiplied exactly), and a bound on how far any
+    float32 evaluation of it can land: REQUANTIZATION_ROUNDINGS roundoffs of sum_i |A_i S_i|, plus
+    for a layer's accumulator (n + 2) roundoffs of (sum |w x| + |b|) S for fan-in n, the error of a
+    float32 convolution in any order (onnxruntime runs some QDQ convolutions in float32)."""
+    value = bound = None
+    for term, potential in zip(terms, potentials):
+        scale = channel_view(term.scale.to(potential.device, torch.float64), potential.dim())
+        part = (potential.to(torch.float64) + term.offset) * scale
+        error = REQUANTIZATION_ROUNDINGS * part.abs()
+        if term.magnitude is not None:
+            error = error + (term.fan_in + 2) * term.magnitude * scale
+        value = part if value is None else value + part
+        bound = error if bound is None else bound + error
+    theta = channel_view(theta.to(value.device, torch.float64), value.dim())
+    return value / theta, UNIT_ROUNDOFF * bound / theta
 
 
 def integrate(signal: Signal) -> Tensor:

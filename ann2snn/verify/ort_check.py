@@ -224,7 +224,7 @@ class _ErrorBound(fx.Interpreter):
         self.ratios[n.target] = (ratio, bound)
 
 
-def _quantize_outputs(path: str, source_graph: fx.GraphModule,
+def quantize_outputs(path: str, source_graph: fx.GraphModule,
                       snn: SNN) -> tuple[dict[str, str], dict[str, KernelError]]:
     """Module name -> the ONNX tensor that holds its integer levels (a QuantizeLinear's output, or a
     QOperator node's); and module name -> the error of the QOperator kernel that computes them."""
@@ -270,14 +270,14 @@ class LevelComparison:
     and onnxruntime's logits for it, `result()` says what all batches showed."""
 
     def __init__(self, path: str, snn: SNN, source_graph: fx.GraphModule, source64: fx.GraphModule) -> None:
-        names, self.kernels = _quantize_outputs(path, source_graph, snn)
+        names, self.kernels = quantize_outputs(path, source_graph, snn)
         self.order = list(names)
         self.run_onnxruntime = OnnxruntimeRunner(path, [names[k] for k in self.order])
         # a site's level is its integer less its zero point (0, or qmin); a kept pair compares its integer
         self.zero = {site: entry["source"].get("zero_point", 0) for site, entry in snn.report.sites.items()
                      if isinstance(entry.get("source"), dict)}
         self.snn, self.source_graph, self.source64 = snn, source_graph, source64
-        self.sites = {name: SiteLevels(0, 0, 0, 0, 0, 0) for name in _graph_order(snn)}
+        self.sites = {name: SiteLevels(0, 0, 0, 0, 0, 0) for name in graph_order(snn)}
         self.samples = self.predictions_equal = self.explained = self.unexplained_predictions = 0
 
     @torch.no_grad()
@@ -382,6 +382,6 @@ def _snn_values(source_graph: fx.GraphModule, snn: SNN, levels: dict[str, Tensor
     return values
 
 
-def _graph_order(snn: SNN) -> list[str]:
+def graph_order(snn: SNN) -> list[str]:
     return [n.target for n in snn.graph_module.graph.nodes if n.op == "call_module"
             and isinstance(snn.graph_module.get_submodule(n.target), (BitSerialIFNode, QuantDequant))]

@@ -195,4 +195,11 @@ def describe_verification(v: Verification) -> str:
                        f"the float SNN {100 * i['float_snn']['agreement']:.2f}%, with onnxruntime's int8 kernels "
                        f"{100 * ort['agreement']:.2f}% ({ort['equal_logits']} of {i['samples']} logits equal, max "
                        f"|difference| {ort['max_abs_logit_diff']:.3g})")
+        sites, logits = ort["sites"].values(), ort["logits"]
+        comparison += (f"; its levels per op: {sum(c['rounding'] for c in sites):,} rounding, "
+                       f"{sum(c['downstream'] for c in sites):,} downstream of one, "
+                       f"{sum(c['unexplained'] for c in sites):,} unexplained; logits: {logits['equal']} equal, "
+                       f"{logits['after_level_difference']} after a level difference, {logits['output_rounding']} "
+                       f"output rounding, {logits['unexplained']} unexplained: "
+                       f"{'every difference explained' if ort['explained'] else 'NOT ALL EXPLAINED'}")
     return f"verified on {v.inputs}\n{exact}\n{comparison}\n{'PASSED' if v.passed else 'FAILED'}"
