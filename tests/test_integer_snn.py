@@ -16,6 +16,7 @@ import ann2snn
 from ann2snn.errors import ArtifactError, UnsupportedModelError
 from ann2snn.kernels import levels_fused
 from ann2snn.runtime.integer import round_clamp, site_thresholds
+from ann2snn.runtime.quant import QuantDequant
 from hostile import invoke
 from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
 
@@ -89,7 +90,10 @@ def float_file(tmp_path_factory) -> str:
 # quantize_static with its defaults, per-channel weights, symmetric activations (QDQ pairs with negative
 # levels inside the net: a residual add of a quantized conv output and a site)
 STATIC = {"defaults": {}, "per-channel": {"per_channel": True},
-          "symmetric": {"extra_options": {"ActivationSymmetric": True}}}
+          "symmetric": {"extra_options": {"ActivationSymmetric": True}},
+          # weights with zero points: the integer layer subtracts z times its inputs' sum
+          "asymmetric weights": {"extra_options": {"WeightSymmetric": False}},
+          "uint8 weights": {"weight_type": "QUInt8", "activation_type": "QUInt8"}}
 
 
 @pytest.mark.parametrize("flavour", sorted(STATIC))
@@ -97,12 +101,19 @@ def test_quantize_static_files_run_on_integers(float_file, tmp_path, flavour):
     path = quantize(float_file, tmp_path / "qdq.onnx", **STATIC[flavour])
     snn = ann2snn.convert_onnx(path, verify=False)
     assert snn.backend == "integer" and sorted(snn.integer_layers) == ["conv1_Conv", "conv2_Conv", "fc_Gemm"]
+    asymmetric = [name for name, layer in snn.integer_layers.items() if layer.zero_point is not None]
+    assert bool(asymmetric) == flavour.startswith(("asymmetric", "uint8")), asymmetric
     x = torch.rand(32, 3, 8, 8)
     assert_bit_exact(snn, x)
     with snn.using_backend("float"):
         floating = snn.evaluate(x).logits
     logits = snn.evaluate(x).logits
-    assert torch.equal(logits, floating)   # the file's QDQ pairs quantize both the same
+    if not asymmetric:
+        assert torch.equal(logits, floating)   # the file's QDQ pairs quantize both the same
+    else:   # weights up to 255 from zero: the float SNN's float32 conv may round a row one output level apart
+        step = [m for m in snn.graph_module.modules() if isinstance(m, QuantDequant)][-1].scale.max()
+        assert float((logits - floating).abs().max()) <= float(step) * (1 + 1e-6)
+        assert torch.equal(logits.argmax(1), floating.argmax(1))
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])   # its int8 kernels
     reference = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     assert torch.equal(logits.argmax(1), reference.argmax(1))
@@ -170,6 +181,28 @@ def test_a_tampered_integer_artifact_is_refused_in_one_line(tmp_path):
         ann2snn.load_snn(tmp_path / "no_scale.snn")
 
 
+def test_an_asymmetric_integer_artifact_keeps_its_zero_points(float_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = quantize(float_file, tmp_path / "asym.onnx", **STATIC["asymmetric weights"])
+    snn = ann2snn.convert_onnx(path, verify=False)
+    x = torch.rand(8, 3, 8, 8)
+    snn.save(tmp_path / "asym.snn")
+    tensors = load_file(tmp_path / "asym.snn")
+    zero = [name for name in tensors if name.endswith(".weight_zero_point")]
+    assert zero and all(tensors[name].dtype == torch.int32 for name in zero)
+    loaded = ann2snn.load_snn(tmp_path / "asym.snn")
+    assert torch.equal(loaded.evaluate(x).logits, snn.evaluate(x).logits)
+    for name, tensor in snn.graph_module.state_dict().items():   # float32(I - z) * scale, bit for bit
+        assert torch.equal(tensor, loaded.graph_module.state_dict()[name]), name
+    with safe_open(str(tmp_path / "asym.snn"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors[zero[0]] = torch.full_like(tensors[zero[0]], 300)
+    save_file(tensors, tmp_path / "wide.snn", metadata=metadata)
+    with pytest.raises(ArtifactError, match="must hold one zero point in -128..127"):
+        ann2snn.load_snn(tmp_path / "wide.snn")
+
+
 def test_convert_cli_verifies_the_integer_snn(tmp_path):
     path = int8_file(tmp_path, 2)
     result = invoke("convert", path, "--json", "-o", str(tmp_path / "out.snn"))
@@ -185,7 +218,7 @@ def test_convert_cli_verifies_the_integer_snn(tmp_path):
 
 
 def test_a_file_that_does_not_lower_keeps_the_float_snn_or_is_refused(float_file, tmp_path):
-    path = quantize(float_file, tmp_path / "asym.onnx", extra_options={"WeightSymmetric": False})
+    path = quantize(float_file, tmp_path / "float_conv.onnx", nodes_to_exclude=["/conv2/Conv"])   # float weights
     snn = ann2snn.convert_onnx(path, verify=False)
     assert snn.backend == "float" and not snn.integer_layers
     kept = [r for r in snn.report.rewrites if r.get("pass") == "integer"]

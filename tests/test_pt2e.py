@@ -61,6 +61,9 @@ def test_pt2e_export_converts_exactly(tmp_path, name, quantizer_name):
     check = report["verify"]
     assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
     assert report["source"]["kind"] == "qdq" and report["timesteps"] == 8
+    # int8 weights: an integer SNN, whose every difference from onnxruntime's int8 kernels is explained
+    assert report["backend"] == "integer" and check["integer"]["passed"]
+    assert check["integer"]["onnxruntime_default"]["explained"], check["integer"]["onnxruntime_default"]
     relus = sum(1 for module in models.build_model(name, num_classes=10).modules() if isinstance(module, torch.nn.ReLU))
     assert len(report["sites"]) >= min(relus, 2)
 

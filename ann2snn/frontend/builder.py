@@ -83,7 +83,7 @@ class GraphBuilder:
         self.used_values: set[str] = set()
         self.fixed_batch_nodes: list[str] = []  # nodes whose constants fit the declared batch only
         self.rewrites: list[dict] = []  # what the import changed, for the conversion report
-        self.dequantized: dict[str, np.ndarray] = {}  # fold_constants.Folding.dequantized
+        self.dequantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # fold_constants.Folding.dequantized
 
     # --- naming ----------------------------------------------------------------------------
     def attribute_name(self, base: str) -> str:
@@ -117,10 +117,12 @@ class GraphBuilder:
         name = self.attribute_name(base)
         self.root.add_module(name, module.eval())
         node = self.graph.call_module(name, args)
-        # a layer's quantized weight and bias: their scales, for the integer SNN (compile/integer_weights.py)
-        for meta, index in (("weight_scale", 1), ("bias_scale", 2)):
+        # a layer's quantized weight and bias: their scales and zero points, for the integer SNN
+        # (compile/integer_weights.py)
+        for meta, index in (("weight", 1), ("bias", 2)):
             if hasattr(module, "weight") and len(onnx_node.input) > index and onnx_node.input[index] in self.dequantized:
-                node.meta[meta] = torch.from_numpy(self.dequantized[onnx_node.input[index]])
+                scale, zero = self.dequantized[onnx_node.input[index]]
+                node.meta[f"{meta}_scale"], node.meta[f"{meta}_zero_point"] = map(torch.from_numpy, (scale, zero))
         return self._probe(node, module, args, {}, onnx_node)
 
     def call_function(self, fn: Callable, args: tuple, kwargs: dict | None, base: str,

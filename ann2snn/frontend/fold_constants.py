@@ -103,9 +103,9 @@ class Folding:
     model: onnx.ModelProto
     folded: list[int]   # indices of the folded nodes in the input model's node list
     names: list[str]    # their names, Constant nodes left out (they computed nothing)
-    # the float constants that a folded DequantizeLinear computed from integers with zero point 0
-    # (quantized weights and biases), by name: their scales, which the integer SNN needs back
-    dequantized: dict[str, np.ndarray] = field(default_factory=dict)
+    # the float constants that a folded DequantizeLinear computed from integers (quantized weights
+    # and biases), by name: their scales and zero points, which the integer SNN needs back
+    dequantized: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def rewrite(self) -> list[dict]:
         """The conversion report's entry, when something was computed."""
@@ -119,7 +119,7 @@ def fold_constants(model: onnx.ModelProto, where: str, opset: int) -> Folding:
     static = _static_dims(model)
     known: dict[str, Known] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     folded: set[int] = set()
-    dequantized: dict[str, np.ndarray] = {}
+    dequantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     evaluated: set[int] = set()   # nodes whose outputs are known, constant or batch-dependent
     for index, node in enumerate(graph.node):
         data = [name for name in node.input if name and name not in known]
@@ -136,26 +136,28 @@ def fold_constants(model: onnx.ModelProto, where: str, opset: int) -> Folding:
             continue
         known.update((name, value) for name, value in zip(node.output, outputs) if name)
         evaluated.add(index)
-        scale = _integer_scale(node, known)
-        if scale is not None:
-            dequantized[node.output[0]] = scale
+        grid = _integer_grid(node, known)
+        if grid is not None:
+            dequantized[node.output[0]] = grid
         if all(isinstance(value, np.ndarray) for value in outputs):
             folded.add(index)
     folded |= _unread(graph, evaluated - folded, folded)
     return _without(model, folded, known, where, dequantized)
 
 
-def _integer_scale(node: onnx.NodeProto, known: dict[str, Known]) -> np.ndarray | None:
-    """The scale of a DequantizeLinear of an int8 or int32 constant with zero point 0, flattened."""
+def _integer_grid(node: onnx.NodeProto, known: dict[str, Known]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, zero point) of a DequantizeLinear of an int8, uint8 or int32 constant, flattened (the
+    zero point int32, zeros where the file gives none)."""
     if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
         return None
     x, scale = (known.get(name) for name in node.input[:2])
     zero = known.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if not isinstance(x, np.ndarray) or x.dtype not in (np.int8, np.int32) or not isinstance(scale, np.ndarray):
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.int8, np.uint8, np.int32) or not isinstance(scale, np.ndarray):
         return None
-    if zero is not None and (not isinstance(zero, np.ndarray) or zero.any()):
+    if zero is not None and not isinstance(zero, np.ndarray):
         return None
-    return scale.astype(np.float32).reshape(-1)
+    zero = np.zeros(1, np.int32) if zero is None else zero.astype(np.int32).reshape(-1)
+    return scale.astype(np.float32).reshape(-1), zero
 
 
 def _unread(graph: onnx.GraphProto, candidates: set[int], folded: set[int]) -> set[int]:
@@ -171,7 +173,7 @@ def _unread(graph: onnx.GraphProto, candidates: set[int], folded: set[int]) -> s
 
 
 def _without(model: onnx.ModelProto, folded: set[int], known: dict[str, Known], where: str,
-             dequantized: dict[str, np.ndarray]) -> Folding:
+             dequantized: dict[str, tuple[np.ndarray, np.ndarray]]) -> Folding:
     """A copy of `model` without the `folded` nodes, their outputs that are still read as initializers."""
     result = onnx.ModelProto()
     result.CopyFrom(model)

@@ -2,8 +2,9 @@
 
 An integer SNN's layers are stored as the file gave them: `{layer}.weight` int8 with
 `{layer}.weight_scale` float32 (per output channel or one), and `{layer}.bias_integers` int32 with
-`{layer}.bias_scale`; the header lists the layers ("integer_layers"). The layer's float weight is
-not stored: reading takes it back as float32(I) * scale, bit for bit the weight the compiler
+`{layer}.bias_scale`, and for an asymmetric layer `{layer}.weight_zero_point` int32 (its integer
+weights are weight - zero point); the header lists the layers ("integer_layers"). The layer's float weight is
+not stored: reading takes it back as float32(I - z) * scale, bit for bit the weight the compiler
 checked (compile/integer_weights.py). The float bias stays (it carries the float neuron's bias shift).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 from ..errors import ArtifactError
 from .integer_values import IntegerWeights
 
-_SCALE, _BIAS, _BIAS_SCALE = ".weight_scale", ".bias_integers", ".bias_scale"
+_SCALE, _BIAS, _BIAS_SCALE, _ZERO = ".weight_scale", ".bias_integers", ".bias_scale", ".weight_zero_point"
 
 
 def integer_tensors(tensors: dict[str, Tensor], layers: dict[str, IntegerWeights]) -> dict[str, Tensor]:
@@ -25,6 +26,8 @@ def integer_tensors(tensors: dict[str, Tensor], layers: dict[str, IntegerWeights
     for name, layer in layers.items():
         stored[f"{name}.weight"] = layer.weight.contiguous().clone()
         stored[name + _SCALE] = layer.weight_scale.to(torch.float32).contiguous().clone()
+        if layer.zero_point is not None:
+            stored[name + _ZERO] = layer.zero_point.to(torch.int32).contiguous().clone()
         if layer.bias is not None:
             stored[name + _BIAS] = layer.bias.to(torch.int32).contiguous().clone()
             stored[name + _BIAS_SCALE] = layer.bias_scale.to(torch.float32).contiguous().clone()
@@ -48,7 +51,7 @@ def float_tensors(tensors: dict[str, Tensor], names: list) -> tuple[dict[str, Te
     layers: dict[str, IntegerWeights] = {}
     if not names:
         return tensors, layers
-    extra = {f"{n}{suffix}" for n in names for suffix in (_SCALE, _BIAS, _BIAS_SCALE)}
+    extra = {f"{n}{suffix}" for n in names for suffix in (_SCALE, _BIAS, _BIAS_SCALE, _ZERO)}
     dtypes = Counter(t.dtype for k, t in tensors.items() if t.is_floating_point() and k not in extra)
     dtype = dtypes.most_common(1)[0][0] if dtypes else torch.float32
     for name in names:
@@ -64,7 +67,14 @@ def float_tensors(tensors: dict[str, Tensor], names: list) -> tuple[dict[str, Te
             bias_scale = _tensor(tensors, name + _BIAS_SCALE, torch.float32, name)
             if bias.shape != (weight.shape[0],) or bias_scale.numel() not in (1, weight.shape[0]):
                 raise ArtifactError(f"integer layer {name}: its bias does not match its {weight.shape[0]} outputs")
-        layer = IntegerWeights(weight, scale, bias, bias_scale)
+        zero = None
+        if name + _ZERO in tensors:
+            zero = _tensor(tensors, name + _ZERO, torch.int32, name)
+            if zero.dim() != 1 or zero.numel() not in (1, weight.shape[0]) or not bool(
+                    ((zero >= -128) & (zero <= 127)).all()):
+                raise ArtifactError(f"tensor {name}{_ZERO} must hold one zero point in -128..127 or one per output "
+                                    "channel")
+        layer = IntegerWeights(weight, scale, bias, bias_scale, zero)
         tensors[f"{name}.weight"] = layer.dequantized()[0].to(dtype)
         layers[name] = layer
     return tensors, layers

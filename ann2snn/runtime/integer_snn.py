@@ -237,6 +237,8 @@ class IntegerProgram(fx.Interpreter):
         if self.simulate or self.observe is not None or x.values.dtype != torch.uint8 or x.offset or len(users) != 1 or \
                 users[0].op != "call_module" or users[0].args[:1] != (self.node,):
             return None
+        if self.layers[target].zero_point is not None:   # asymmetric weights: integer_layer's correction
+            return None
         reader = self.module.get_submodule(users[0].target)
         if isinstance(reader, BitSerialIFNode):
             grid = (reader.theta, 0, 0, reader.levels)
@@ -285,7 +287,7 @@ class IntegerProgram(fx.Interpreter):
         (integer_values.exact_value)."""
         if self.observe is None:
             return {}
-        weight = self.layers[target].weight.to(x.values.device, torch.float64).abs()
+        weight = self.layers[target].offsets().to(x.values.device, torch.float64).abs()
         inputs = (x.values.to(torch.float64) + x.offset).abs()
         if isinstance(module, nn.Linear):
             products = F.linear(inputs, weight)

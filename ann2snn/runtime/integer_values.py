@@ -19,18 +19,27 @@ INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 @dataclass
 class IntegerWeights:
     """An int8 layer: weight [O, ...] int8 and its float32 scale ([O] or [1]); bias int32 [O] on the
-    grid of its float32 scale (the input's scale times the weight's), or None."""
+    grid of its float32 scale (the input's scale times the weight's), or None; zero_point int32
+    ([O] or [1]) of an asymmetric layer, whose integer weights are weight - zero_point, or None."""
 
     weight: Tensor
     weight_scale: Tensor
     bias: Tensor | None = None
     bias_scale: Tensor | None = None
+    zero_point: Tensor | None = None
+
+    def offsets(self) -> Tensor:
+        """The layer's integer weights J = I - z, int32."""
+        weight = self.weight.to(torch.int32)
+        if self.zero_point is None:
+            return weight
+        return weight - self.zero_point.to(torch.int32).reshape(-1, *([1] * (weight.dim() - 1)))
 
     def dequantized(self) -> tuple[Tensor, Tensor | None]:
-        """The float32 weight and bias, as DequantizeLinear computes them: float32(I) * scale."""
+        """The float32 weight and bias, as DequantizeLinear computes them: float32(I - z) * scale."""
         scale = self.weight_scale.reshape(-1, *([1] * (self.weight.dim() - 1)))
         bias = None if self.bias is None else self.bias.to(torch.float32) * self.bias_scale
-        return self.weight.to(torch.float32) * scale, bias
+        return self.offsets().to(torch.float32) * scale, bias
 
 
 class ResidualSum(list):
@@ -138,19 +147,33 @@ def nonnegative(target: str, values: Tensor) -> Tensor:
 
 def integer_layer(target: str, module: nn.Module, weights: IntegerWeights, offset: int, device: torch.device):
     """(with bias, without bias, the bias) of an int8 layer on values u >= 0 whose value carries
-    `offset`: W (u + o) + b = W u + (o sum(w) + b)."""
+    `offset`: W (u + o) + b = W u + (o sum(w) + b). An asymmetric layer's W = I8 - z8 runs as
+    I8 u - z8 sum(u), the sum over each output's inputs taken by the same kernel with weights 1."""
     weight = weights.weight.to(device)
     bias = torch.zeros(weight.shape[0], dtype=torch.int64, device=device) if weights.bias is None \
         else weights.bias.to(device).to(torch.int64)
-    bias = bias + offset * weight.reshape(weight.shape[0], -1).to(torch.int64).sum(1)
+    bias = bias + offset * weights.offsets().to(device).reshape(weight.shape[0], -1).to(torch.int64).sum(1)
     if int(bias.abs().max()) > INT32_MAX:
         raise UnsupportedModelError(f"integer SNN: the bias of {target} leaves int32")
     bias = bias.to(torch.int32)
     if isinstance(module, nn.Linear):
-        return (lambda q: int_linear(q, weight, bias)), (lambda q: int_linear(q, weight)), bias
-    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+        run, run_without_bias = (lambda q: int_linear(q, weight, bias)), (lambda q: int_linear(q, weight))
+        window_sum = lambda q: q.sum(1, keepdim=True, dtype=torch.int32)   # noqa: E731
+    elif isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
         if offset and any(module.padding):   # its zero padding would read u = 0, the value o * scale
             raise UnsupportedModelError(f"integer SNN: layer {target} pads values with a zero point offset")
         geometry = (module.stride, module.padding, module.dilation, module.groups)
-        return IntConv2d(weight, bias, *geometry), IntConv2d(weight, None, *geometry), bias
-    raise UnsupportedModelError(f"integer SNN: layer {target} ({type(module).__name__}) has no integer kernel")
+        run, run_without_bias = IntConv2d(weight, bias, *geometry), IntConv2d(weight, None, *geometry)
+        ones = IntConv2d(torch.ones(module.groups, *weight.shape[1:], dtype=torch.int8, device=device), None, *geometry)
+        per_group = weight.shape[0] // module.groups   # one group's sum broadcasts over every output
+        window_sum = ones if module.groups == 1 else (lambda q: ones(q).repeat_interleave(per_group, dim=1))
+    else:
+        raise UnsupportedModelError(f"integer SNN: layer {target} ({type(module).__name__}) has no integer kernel")
+    if weights.zero_point is None:
+        return run, run_without_bias, bias
+    zero = weights.zero_point.to(device)
+
+    def asymmetric(layer):
+        return lambda q: layer(q) - channel_view(zero, q.dim()) * window_sum(q)
+
+    return asymmetric(run), asymmetric(run_without_bias), bias
