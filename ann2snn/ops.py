@@ -171,9 +171,10 @@ SHIFT_TRANSPARENT_MODULES = MAX_POOLS + (nn.Identity, nn.Dropout)
 RESIDUAL_ADDS = (operator.add, torch.add)
 SHIFT_TRANSPARENT_FUNCTIONS = RESIDUAL_ADDS
 # The integer SNN (ann2snn/runtime/integer_snn.py): layers with an int8 kernel (ann2snn.kernels), and
-# the average pools it runs as integer sums (output size 1, the global pool).
+# the average pools it runs as integer sums (output size 1, the global pool; windows of one count).
 INTEGER_KERNEL_LAYERS = (nn.Conv2d, nn.Linear)
 GLOBAL_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+WINDOW_AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,33 @@ def test_quantize_static_files_run_on_integers(float_file, tmp_path, flavour):
     assert torch.equal(logits.argmax(1), reference.argmax(1))
 
 
+class PoolNet(nn.Module):
+    """Windowed average pools between int8 layers: 2x2 stride 2, and 3x3 stride 1 with counted padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.conv3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.avg_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        b = F.avg_pool2d(F.relu(self.conv2(a)), 3, stride=1, padding=1)
+        return self.fc(F.relu(self.conv3(b)).flatten(1))
+
+
+def test_windowed_average_pools_sum_on_integers(tmp_path):
+    torch.manual_seed(0)
+    float_path = export(randomize_batch_norms(PoolNet()), (3, 8, 8), str(tmp_path / "pools.onnx"), "torchscript-17")
+    path = quantize(float_path, tmp_path / "pools_qdq.onnx")
+    snn = ann2snn.convert_onnx(path)   # verified: the gate, and the integer SNN's checks
+    assert snn.backend == "integer" and sorted(snn.integer_layers) == ["conv1_Conv", "conv2_Conv", "conv3_Conv",
+                                                                       "fc_Gemm"]
+    assert snn.report.verification.integer["passed"]
+    assert snn.report.verification.integer["onnxruntime_default"]["explained"]
+    assert_bit_exact(snn, torch.rand(16, 3, 8, 8))
+
+
 def test_thresholds_reproduce_the_requantization_on_its_boundaries():
     torch.manual_seed(1)
     channels, product, theta = 5, torch.rand(5, dtype=torch.float64) * 1e-3 + 1e-4, torch.tensor(0.0137)

@@ -32,11 +32,11 @@ from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, IntegerLayer, IntegerLevels, Requantization, Requantizer, fire_fused
 from ..levels import channel_view, popcount_sum_, unpack_spikes
 from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
-                   STRUCTURAL, functions_of)
+                   STRUCTURAL, WINDOW_AVERAGE_POOLS, functions_of)
 from .integer import round_clamp_, site_thresholds
 from .integer_values import (REQUANTIZATION_ROUNDINGS, UNIT_ROUNDOFF, Fired, Integers, IntegerWeights, MaxPooledSum,
-                             Observer, ResidualSum, as_int32, dequantize, exact_value, integer_layer, integrate,
-                             level_dtype, nonnegative, pair_all)
+                             Observer, ResidualSum, as_int32, dequantize, exact_value, integer_layer,
+                             integrate, level_dtype, nonnegative, pair_all, sum_pool, uniform_count, window_pool)
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
 from .signal import Signal
@@ -120,7 +120,9 @@ class IntegerProgram(fx.Interpreter):
             if isinstance(module, MAX_POOLS):
                 return self._on_potential(x, module)
             if isinstance(module, GLOBAL_AVERAGE_POOLS) and all(s == 1 for s in pair_all(module.output_size)):
-                return self._sum_pool(x, tuple(range(2, len(self._shape(x)))))
+                return sum_pool(x, tuple(range(2, len(self._shape(x)))), True, self.simulate, self.node.name)
+            if isinstance(module, WINDOW_AVERAGE_POOLS) and uniform_count(module):
+                return window_pool(x, module, self.simulate, self.node.name)
             if isinstance(module, STRUCTURAL):
                 return self._moved(x, lambda v: module(v), lambda s: SimulatedStructural(module)(s))
         if isinstance(x, ResidualSum) and isinstance(module, MAX_POOLS):
@@ -323,20 +325,6 @@ class IntegerProgram(fx.Interpreter):
         magnitude = None if x.magnitude is None else fn(x.magnitude)
         return Integers(Signal(const=pooled) if self.simulate else pooled, x.scale, x.offset, magnitude, x.fan_in)
 
-    def _sum_pool(self, x: Integers, dims: tuple[int, ...], keepdim: bool = True) -> Integers:
-        """A global average pool: the integer sum, its 1 / count moved into the scale."""
-        count = 1
-        for d in dims:
-            count *= self._shape(x)[d]
-        if x.offset:
-            raise UnsupportedModelError(f"integer SNN: {self.node.name} pools values with a zero point offset")
-        if self.simulate:
-            values = x.values.map(lambda s: s.sum(tuple(d + 1 for d in dims), keepdim=keepdim),
-                                  lambda c: c.sum(dims, keepdim=keepdim))
-        else:
-            values = x.values.sum(dims, keepdim=keepdim, dtype=torch.int32)
-        return Integers(values, x.scale / count, 0)
-
     def _moved(self, x: Integers, on_tensor, on_signal) -> Integers:
         values = on_signal(x.values) if self.simulate else on_tensor(x.values)
         new_shape = values.shape
@@ -366,8 +354,9 @@ class IntegerProgram(fx.Interpreter):
                 dims = args[1] if len(args) > 1 else kwargs.get("dim")
                 dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
                 if sorted(d % len(self._shape(x)) for d in dims) == list(range(2, len(self._shape(x)))):
-                    return self._sum_pool(x, tuple(d % len(self._shape(x)) for d in dims),
-                                          kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+                    return sum_pool(x, tuple(d % len(self._shape(x)) for d in dims),
+                                    kwargs.get("keepdim", args[2] if len(args) > 2 else False), self.simulate,
+                                    self.node.name)
             if target in MAX_POOL_FUNCTIONS:
                 return self._on_potential(x, lambda p: target(p, *args[1:], **kwargs))
             if target is F.pad and kwargs.get("mode", "constant") == "constant" and not kwargs.get("value") \

@@ -2,6 +2,7 @@
 with their scale, and the helpers both of its ways of running share."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, int_linear
 from ..levels import channel_view
 from .signal import Signal
+from .simulator import fold_time
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -177,3 +179,40 @@ def integer_layer(target: str, module: nn.Module, weights: IntegerWeights, offse
         return lambda q: layer(q) - channel_view(zero, q.dim()) * window_sum(q)
 
     return asymmetric(run), asymmetric(run_without_bias), bias
+
+
+
+def uniform_count(pool: nn.Module) -> bool:
+    """Every window of the average pool divides by the same count: no partial window at the end,
+    and the padding (if any) counted."""
+    return not pool.ceil_mode and (pool.count_include_pad or not any(pair_all(pool.padding)))
+
+
+def sum_pool(x: Integers, dims: tuple[int, ...], keepdim: bool, simulate: bool, where: str) -> Integers:
+    """A global average pool over `dims`: the integer sum, its 1 / count moved into the scale."""
+    count = 1
+    for d in dims:
+        count *= x.values.shape[d]
+    if x.offset:
+        raise UnsupportedModelError(f"integer SNN: {where} pools values with a zero point offset")
+    if simulate:
+        values = x.values.map(lambda s: s.sum(tuple(d + 1 for d in dims), keepdim=keepdim),
+                              lambda c: c.sum(dims, keepdim=keepdim))
+    else:
+        values = x.values.sum(dims, keepdim=keepdim, dtype=torch.int32)
+    return Integers(values, x.scale / count, 0)
+
+
+def window_pool(x: Integers, pool: nn.Module, simulate: bool, where: str) -> Integers:
+    """An average pool whose every window counts k values (uniform_count): the integer sum over each
+    window (float64 holds it exactly: the pool's mean times k, rounded), its 1 / k moved into the
+    scale, and the offset o summed to k o (no padding may read it)."""
+    count = getattr(pool, "divisor_override", None) or math.prod(pair_all(pool.kernel_size))
+    if x.offset and any(pair_all(pool.padding)):
+        raise UnsupportedModelError(f"integer SNN: {where} pads values with a zero point offset")
+
+    def window_sum(values: Tensor) -> Tensor:
+        return torch.round(pool(values.to(torch.float64)) * count).to(torch.int32)
+
+    values = x.values.map(lambda steps: fold_time(window_sum, steps), window_sum) if simulate else window_sum(x.values)
+    return Integers(values, x.scale / count, x.offset * count)
