@@ -29,3 +29,12 @@ INLINE void store_level(void *restrict out, int64_t at, int32_t level, const int
 #else
 #define THREAD_INDEX 0
 #endif
+
+/* ROWS(PER_ELEMENT, OUT_BYTES, COUNT), a kernel's row function with its literals, called with the
+ * literals that the runtime per_element (0 or 1), out_bytes (1, 2 or 4) and count (0 or 1) name. */
+#define ROWS_BY_LAYOUT(ROWS, per_element, OUT_BYTES, COUNT) \
+    ((per_element) ? ROWS(1, OUT_BYTES, COUNT) : ROWS(0, OUT_BYTES, COUNT))
+#define DISPATCH_ROWS(ROWS, per_element, out_bytes, count)                                                   \
+    ((out_bytes) == 1   ? ((count) ? ROWS_BY_LAYOUT(ROWS, per_element, 1, 1) : ROWS_BY_LAYOUT(ROWS, per_element, 1, 0)) \
+     : (out_bytes) == 2 ? ((count) ? ROWS_BY_LAYOUT(ROWS, per_element, 2, 1) : ROWS_BY_LAYOUT(ROWS, per_element, 2, 0)) \
+                        : ((count) ? ROWS_BY_LAYOUT(ROWS, per_element, 4, 1) : ROWS_BY_LAYOUT(ROWS, per_element, 4, 0)))

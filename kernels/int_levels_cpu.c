@@ -137,13 +137,7 @@ static int64_t count_rows_dispatch(const void *acc, const int32_t *by_level, con
                             COUNT, 1)                                                                             \
                : count_rows(acc, by_level, unreached, out, rows, row_stride, len, C, K, lo, PER_ELEMENT, OUT_BYTES, \
                             COUNT, 0))
-#define BY_LAYOUT(OUT_BYTES, COUNT) (per_element ? ROWS(1, OUT_BYTES, COUNT) : ROWS(0, OUT_BYTES, COUNT))
-    if (out_bytes == 1)
-        return count ? BY_LAYOUT(1, 1) : BY_LAYOUT(1, 0);
-    if (out_bytes == 2)
-        return count ? BY_LAYOUT(2, 1) : BY_LAYOUT(2, 0);
-    return count ? BY_LAYOUT(4, 1) : BY_LAYOUT(4, 0);
-#undef BY_LAYOUT
+    return DISPATCH_ROWS(ROWS, per_element, out_bytes, count);
 #undef ROWS
 }
 

@@ -110,13 +110,7 @@ static int64_t requantize_rows_dispatch(const sum_t *sum, void *out, int64_t bas
                                         int64_t len, int64_t channel, int per_element, int out_bytes, int count) {
 #define ROWS(PER_ELEMENT, OUT_BYTES, COUNT) \
     requantize_rows(sum, out, base, rows, row_stride, len, channel, PER_ELEMENT, OUT_BYTES, COUNT)
-#define BY_LAYOUT(OUT_BYTES, COUNT) (per_element ? ROWS(1, OUT_BYTES, COUNT) : ROWS(0, OUT_BYTES, COUNT))
-    if (out_bytes == 1)
-        return count ? BY_LAYOUT(1, 1) : BY_LAYOUT(1, 0);
-    if (out_bytes == 2)
-        return count ? BY_LAYOUT(2, 1) : BY_LAYOUT(2, 0);
-    return count ? BY_LAYOUT(4, 1) : BY_LAYOUT(4, 0);
-#undef BY_LAYOUT
+    return DISPATCH_ROWS(ROWS, per_element, out_bytes, count);
 #undef ROWS
 }
 

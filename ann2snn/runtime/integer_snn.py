@@ -49,6 +49,12 @@ _MOVING_METHODS = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze
 MAX_POOL_FUNCTIONS = functions_of("max_pool")
 
 
+def _one_zero_point(zero_point: Tensor) -> int | None:
+    """The QDQ pair's zero point where all its channels share one (the requantization takes one), else None."""
+    first = zero_point.reshape(-1)[0]
+    return int(first) if bool((zero_point == first).all()) else None
+
+
 class IntegerProgram(fx.Interpreter):
     """Runs an SNN graph on integers: `mode` "evaluate" (time folded) or "simulate" (binary planes).
     Returns (logits, {neuron: spikes per sample}) like the float lowerings."""
@@ -158,9 +164,9 @@ class IntegerProgram(fx.Interpreter):
         docstring); with `spikes` a neuron's: counted, and in simulation fired as T binary planes."""
         pool = x.pool if isinstance(x, MaxPooledSum) else None
         terms = [] if isinstance(x, Fired) else x.terms if pool is not None else x if isinstance(x, ResidualSum) else [x]
-        if not bool((zero_point == zero_point.reshape(-1)[0]).all()):
+        zero = _one_zero_point(zero_point)
+        if zero is None:
             raise UnsupportedModelError(f"integer SNN: {target} has per-channel zero points")
-        zero = int(zero_point.reshape(-1)[0])
         potentials = [integrate(t.values) if self.simulate else t.values for t in terms]
         count = spikes and not self.simulate
         if isinstance(x, Fired):
@@ -244,8 +250,8 @@ class IntegerProgram(fx.Interpreter):
         reader = self.module.get_submodule(users[0].target)
         if isinstance(reader, BitSerialIFNode):
             grid = (reader.theta, 0, 0, reader.levels)
-        elif isinstance(reader, QuantDequant) and bool((reader.zero_point == reader.zero_point.reshape(-1)[0]).all()):
-            grid = (reader.scale, int(reader.zero_point.reshape(-1)[0]), reader.qmin, reader.qmax)
+        elif isinstance(reader, QuantDequant) and _one_zero_point(reader.zero_point) is not None:
+            grid = (reader.scale, _one_zero_point(reader.zero_point), reader.qmin, reader.qmax)
         else:
             return None
         if not isinstance(module, INTEGER_KERNEL_LAYERS) or (isinstance(module, nn.Conv2d) and (
