@@ -55,6 +55,9 @@ def test_quantize_static_flavour_converts_exactly(float_file, tmp_path, flavour)
     assert check["passed"] and check["exact"]["passed"] and check["levels"]["totals"]["unexplained"] == 0
     assert report["source"]["kind"] == "qdq" and len(report["sites"]) >= 2   # the two ReLUs (and the input)
     assert report["timesteps"] == EXPECTED_T.get(flavour, 8)
+    # int8 or uint8 weights: an integer SNN, every difference from onnxruntime's int8 kernels explained
+    assert report["backend"] == "integer" and check["integer"]["passed"], report.get("rewrites")
+    assert check["integer"]["onnxruntime_default"]["explained"], check["integer"]["onnxruntime_default"]
     # QuantNet's sites: the input (unless symmetric: its pair has negative levels), conv1's ReLU and the
     # residual add's; a QDQ pair that only repeats a site's grid after MaxPool and Flatten (int8, zero point
     # -128 over levels 0..L) is no site of its own
