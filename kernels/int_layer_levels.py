@@ -60,7 +60,8 @@ class IntegerLayer:
     def __call__(self, levels: Tensor, *, sample_spikes: bool = False) -> IntLevels:
         """The neuron's levels of the layer on `levels` (and with `sample_spikes` the spikes per sample)."""
         if levels.dtype == torch.uint8:
-            raw = int8_gemm(shifted(levels), self._weight_t) if self.conv is None else self.conv.float_accumulator(levels)
+            raw = int8_gemm(shifted(levels), self._weight_t) if self.conv is None else \
+                self.conv.float_accumulator(levels)
             if raw is not None:
                 if self._raw_requantizer is not None and self._raw_requantizer.native_supports([raw]):
                     return self._raw_requantizer.native([raw], sample_spikes)

@@ -23,7 +23,8 @@ from .int_levels import IntLevels, level_dtype
 from .native import native_function, native_neuron_enabled, row_walk_by_channel
 from .requantize_reference import EXACT_FLOAT32, Requantization, Term, requantize_levels_reference
 
-__all__ = ["Requantization", "Requantizer", "Term", "requantize_levels", "requantize_levels_native", "requantize_levels_reference"]
+__all__ = ["Requantization", "Requantizer", "Term", "requantize_levels", "requantize_levels_native",
+           "requantize_levels_reference"]
 
 SOURCE = Path(__file__).with_name("requantize_cpu.c")
 MAX_TERMS = 8   # requantize_cpu.c's MAX_TERMS
@@ -47,7 +48,8 @@ class Requantizer:
 
     def __init__(self, scales: list[Tensor], adds: list[Tensor | None], requantization: Requantization) -> None:
         if not scales or len(scales) != len(adds):
-            raise ValueError(f"Requantizer: one scale and one add (or None) per term, got {len(scales)} and {len(adds)}")
+            raise ValueError(f"Requantizer: one scale and one add (or None) per term, got {len(scales)} and "
+                             f"{len(adds)}")
         self.scales, self.adds, self.requantization = scales, adds, requantization
         self.top = requantization.high - requantization.low
         self.level_dtype = level_dtype(0, self.top)

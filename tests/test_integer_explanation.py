@@ -54,7 +54,8 @@ def test_the_classification_of_one_site():
     # 4 vs 5 at 4.5 + 1e-7: rounding; 5 vs 7: two apart; 6 vs 7 at 6.9: far from 6.5; row 1 differed earlier
     assert counts == {"compared": 8, "equal": 4, "rounding": 1, "downstream": 1, "unexplained": 2}
     assert differ.sum() == 4
-    assert classify(mine, theirs, None, torch.tensor([False, False]))[0]["unexplained"] == 4   # no value: none explained
+    # without a value nothing is explained
+    assert classify(mine, theirs, None, torch.tensor([False, False]))[0]["unexplained"] == 4
 
 
 def test_a_wrong_integer_or_logit_from_onnxruntime_is_unexplained(static_files, monkeypatch):
@@ -74,7 +75,8 @@ def test_a_wrong_integer_or_logit_from_onnxruntime_is_unexplained(static_files, 
     assert not result["explained"] and sum(c["unexplained"] for c in result["sites"].values()) == 1
     monkeypatch.setattr(OnnxruntimeRunner, "__call__", tampered(0, 1.0))
     result = _explained(static_files["defaults"], batches=1)
-    assert not result["explained"] and result["logits"]["unexplained"] + result["logits"]["after_level_difference"] == 64
+    logits = result["logits"]
+    assert not result["explained"] and logits["unexplained"] + logits["after_level_difference"] == 64
 
 
 def test_convert_reports_the_explanation(static_files, tmp_path):

@@ -120,7 +120,8 @@ class GraphBuilder:
         # a layer's quantized weight and bias: their scales and zero points, for the integer SNN
         # (compile/integer_weights.py)
         for meta, index in (("weight", 1), ("bias", 2)):
-            if hasattr(module, "weight") and len(onnx_node.input) > index and onnx_node.input[index] in self.dequantized:
+            if hasattr(module, "weight") and len(onnx_node.input) > index and \
+                    onnx_node.input[index] in self.dequantized:
                 scale, zero = self.dequantized[onnx_node.input[index]]
                 node.meta[f"{meta}_scale"], node.meta[f"{meta}_zero_point"] = map(torch.from_numpy, (scale, zero))
         return self._probe(node, module, args, {}, onnx_node)

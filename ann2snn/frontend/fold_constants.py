@@ -152,7 +152,8 @@ def _integer_grid(node: onnx.NodeProto, known: dict[str, Known]) -> tuple[np.nda
         return None
     x, scale = (known.get(name) for name in node.input[:2])
     zero = known.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if not isinstance(x, np.ndarray) or x.dtype not in (np.int8, np.uint8, np.int32) or not isinstance(scale, np.ndarray):
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.int8, np.uint8, np.int32) or \
+            not isinstance(scale, np.ndarray):
         return None
     if zero is not None and not isinstance(zero, np.ndarray):
         return None

@@ -242,8 +242,8 @@ class IntegerProgram(fx.Interpreter):
         """Evaluation of an int8 layer on uint8 levels whose one reader is a neuron or QDQ pair: layer
         and requantization in one kernels.IntegerLayer step, the accumulator never materialized."""
         users = list(self.node.users)
-        if self.simulate or self.observe is not None or x.values.dtype != torch.uint8 or x.offset or len(users) != 1 or \
-                users[0].op != "call_module" or users[0].args[:1] != (self.node,):
+        if self.simulate or self.observe is not None or x.values.dtype != torch.uint8 or x.offset or \
+                len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (self.node,):
             return None
         if self.layers[target].zero_point is not None:   # asymmetric weights: integer_layer's correction
             return None
@@ -284,13 +284,13 @@ class IntegerProgram(fx.Interpreter):
             values = nonnegative(target, x.values)
             floating = self._float_term(run, values)
             return Integers(run(values) if floating is None else floating, scale,
-                            **self._magnitude(target, module, x, bias))
+                            **self._magnitude(target, module, x))
         out = x.values.map(lambda steps: fold_time(run_without_bias, steps), run)
         if out.const is None:   # the bias enters once
             out.const = channel_view(bias, out.steps.dim() - 1) + torch.zeros_like(out.steps[0])
         return Integers(out, scale)
 
-    def _magnitude(self, target: str, module: nn.Module, x: Integers, bias: Tensor) -> dict:
+    def _magnitude(self, target: str, module: nn.Module, x: Integers) -> dict:
         """Observing: the layer's sum |w x| + |b| (float64) and fan-in, which bound a float32 run of it
         (integer_values.exact_value)."""
         if self.observe is None:
@@ -301,8 +301,9 @@ class IntegerProgram(fx.Interpreter):
             products = F.linear(inputs, weight)
         else:
             products = F.conv2d(inputs, weight, None, module.stride, module.padding, module.dilation, module.groups)
-        return {"magnitude": products + channel_view(bias.to(torch.float64).abs(), products.dim()),
-                "fan_in": weight[0].numel()}
+        if self.layers[target].bias is not None:   # the file's bias (bias folds in the offset's share, in products)
+            products += channel_view(self.layers[target].bias.to(products.device, torch.float64).abs(), products.dim())
+        return {"magnitude": products, "fan_in": weight[0].numel()}
 
     def _float_term(self, conv: Any, levels: Tensor) -> Tensor | None:
         """A conv accumulator that only residual sums read, as oneDNN gives it in float32 with the
