@@ -17,8 +17,9 @@ float ANN in NCHW and channels_last, the same SNN on its float backend, and onnx
 float file and the QDQ file (its default session: int8 kernels). The peer a CPU user would pick is
 onnxruntime on the float file quantized by its own quantize_static (after quant_pre_process,
 default arguments: uint8 activations, so T = 8): that file is timed in onnxruntime and as ann2snn's
-integer SNN too. Target: the integer SNN >= 1.5x the faster float ANN (CPU, resnet20, batch 64,
-T = 4, --threads 2).
+integer SNN too. Targets: the integer SNN >= 1.5x the faster float ANN (CPU, resnet20, batch 64,
+T = 4, --threads 2); on CUDA (no onnxruntime rows), >= 1.5x the bf16 channels_last ANN (resnet34 at
+224, batch 128).
 
     python bench/eval_throughput.py [--model resnet20] [--batch-size 64] [--device cpu|cuda] [-T 4]
                                     [--weight-bits 8] [--threads N] [--json]
@@ -26,6 +27,7 @@ T = 4, --threads 2).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -118,32 +120,39 @@ def onnxruntime_run(path: str, threads: int | None) -> Callable:
     return lambda x: session.run(None, {name: x.cpu().numpy()})[0]
 
 
-def integer_runs(float_model: nn.Module, args, shape: tuple[int, ...], folder: str) -> dict[str, Callable]:
-    """The runs of --weight-bits 8: the integer SNN, its float backend, the float ANN (NCHW and
-    channels_last) and onnxruntime on the float and the QDQ file."""
+def integer_runs(float_model: nn.Module, args, shape: tuple[int, ...], folder: str,
+                 device: torch.device) -> dict[str, Callable]:
+    """The runs of --weight-bits 8: the integer SNN, its float backend, the float ANN (NCHW,
+    channels_last, and bf16 channels_last), and on the CPU onnxruntime on the float file, the QDQ
+    file and its own quantize_static file (also as an integer SNN)."""
     example = torch.rand((32, *shape))
     float_path = os.path.join(folder, "float.onnx")
     torch.onnx.export(float_model, example[:2], float_path, dynamo=False, input_names=["x"],
                       dynamic_axes={"x": {0: "batch"}})
     qat = ann2snn.prepare(float_model, T=args.timesteps, example_input=example, weight_bits=args.weight_bits).eval()
     qdq_path = str(ann2snn.export_onnx(qat, os.path.join(folder, "int8.onnx"), example[:2]))
-    snn = ann2snn.convert_onnx(qdq_path, verify=False, integer=True)
-    channels_last = float_model.to(memory_format=torch.channels_last)
+    snn = ann2snn.convert_onnx(qdq_path, verify=False, integer=True).to(device)
+    float_model = float_model.to(device)
+    channels_last = copy.deepcopy(float_model).to(memory_format=torch.channels_last)
+    bf16 = copy.deepcopy(channels_last).to(torch.bfloat16)
 
     def float_backend(x):
         with snn.using_backend("float"):
             return snn.evaluate(x)
 
-    static_path = quantize_static_file(float_path, example, folder)
-    static_snn = ann2snn.convert_onnx(static_path, verify=False, integer=True)
-    return {"float ANN NCHW": float_model,
+    runs = {"float ANN NCHW": float_model,
             "float ANN channels_last": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
-            "integer SNN evaluate": snn.evaluate, "float SNN evaluate": float_backend,
-            "onnxruntime fp32": onnxruntime_run(float_path, args.threads),
-            "onnxruntime int8 QDQ": onnxruntime_run(qdq_path, args.threads),
-            f"integer SNN, quantize_static (T = {static_snn.timesteps})": static_snn.evaluate,
-            "onnxruntime int8, quantize_static": onnxruntime_run(static_path, args.threads),
-            "integer SNN simulate": snn.simulate}
+            "float ANN bf16 channels_last": lambda x: bf16(x.to(torch.bfloat16, memory_format=torch.channels_last)),
+            "integer SNN evaluate": snn.evaluate, "float SNN evaluate": float_backend}
+    if device.type == "cpu":
+        static_path = quantize_static_file(float_path, example, folder)
+        static_snn = ann2snn.convert_onnx(static_path, verify=False, integer=True)
+        runs.update({"onnxruntime fp32": onnxruntime_run(float_path, args.threads),
+                     "onnxruntime int8 QDQ": onnxruntime_run(qdq_path, args.threads),
+                     f"integer SNN, quantize_static (T = {static_snn.timesteps})": static_snn.evaluate,
+                     "onnxruntime int8, quantize_static": onnxruntime_run(static_path, args.threads)})
+    runs["integer SNN simulate"] = snn.simulate
+    return runs
 
 
 def quantize_static_file(float_path: str, example: torch.Tensor, folder: str) -> str:
@@ -167,8 +176,12 @@ def quantize_static_file(float_path: str, example: torch.Tensor, folder: str) ->
 
 def integer_ratios(rows: dict[str, float]) -> dict[str, float]:
     best = max(rows["float ANN NCHW"], rows["float ANN channels_last"])
-    return {"integer SNN / float ANN": rows["integer SNN evaluate"] / best,
-            "integer SNN / float SNN": rows["integer SNN evaluate"] / rows["float SNN evaluate"],
+    ratios = {"integer SNN / float ANN": rows["integer SNN evaluate"] / best,
+              "integer SNN / bf16 ANN": rows["integer SNN evaluate"] / rows["float ANN bf16 channels_last"],
+              "integer SNN / float SNN": rows["integer SNN evaluate"] / rows["float SNN evaluate"]}
+    if "onnxruntime int8 QDQ" not in rows:   # CUDA: no onnxruntime session
+        return ratios
+    return {**ratios,
             "integer SNN / onnxruntime int8": rows["integer SNN evaluate"] / rows["onnxruntime int8 QDQ"],
             "quantize_static: integer SNN / onnxruntime int8":
                 next(v for k, v in rows.items() if k.startswith("integer SNN, quantize_static"))
@@ -198,12 +211,11 @@ def main() -> None:
     shape = INPUTS.get(args.model, (3, 224, 224))
     float_model = models.build_model(args.model, num_classes=10 if args.model == "digits-cnn" else 1000).eval()
     if args.weight_bits:
-        if device.type != "cpu":
-            parser.error("--weight-bits 8 times the CPU's integer kernels and onnxruntime's CPU session")
         with tempfile.TemporaryDirectory() as folder:
-            runs = integer_runs(float_model, args, shape, folder)
+            runs = integer_runs(float_model, args, shape, folder, device)
             with ieee_float32():
-                rows = throughput(runs, torch.rand((args.batch_size, *shape)), device, args.seconds, args.rounds)
+                rows = throughput(runs, torch.rand((args.batch_size, *shape), device=device), device, args.seconds,
+                                  args.rounds)
         report(args, device, rows, integer_ratios(rows))
         return
     quantized = models.build_model(args.model, num_classes=10 if args.model == "digits-cnn" else 1000,

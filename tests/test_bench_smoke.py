@@ -133,7 +133,8 @@ def test_eval_throughput_times_the_integer_snn_against_its_peers() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     rates = result["images_per_second"]
-    assert {"float ANN NCHW", "float ANN channels_last", "integer SNN evaluate", "float SNN evaluate",
+    assert {"float ANN NCHW", "float ANN channels_last", "float ANN bf16 channels_last", "integer SNN evaluate",
+            "float SNN evaluate",
             "onnxruntime fp32", "onnxruntime int8 QDQ", "integer SNN, quantize_static (T = 8)",
             "onnxruntime int8, quantize_static", "integer SNN simulate"} == set(rates)
     assert all(rate > 0 for rate in rates.values())
