@@ -30,13 +30,19 @@ from ..frontend.qoperator import expand_qoperator
 from ..frontend.reader import load_checked
 from ..runtime.integer_snn import IntegerProgram
 from ..runtime.integer_values import UNIT_ROUNDOFF
+from ..runtime.memory import activation_profile
 from ..runtime.snn import SNN
-from .gate import max_abs, pool_moved_sites
+from .gate import max_abs, moved_pools
 from .ort_check import graph_order, quantize_outputs
 from .ort_run import OnnxruntimeRunner
 
 # a float32 output layer of fan-in up to 4096: (n + 2) roundoffs of the row's magnitude
 OUTPUT_UNITS = 4098
+# bytes per activation element of a sample that the explanation holds: onnxruntime's integers of
+# every site (as its int8 / uint8 outputs, and their int64 copies as one is compared) ...
+EXPLANATION_BYTES = 2
+# ... and, at the site being compared, float64 values, bounds and magnitudes and their int64 levels
+SITE_BYTES = 64
 # ops through which a site's QuantizeLinear is still the output of the op before them
 _PASSING = {"Relu", "Clip", "Identity", "Flatten", "Reshape"}
 
@@ -92,14 +98,18 @@ class OnnxruntimeExplanation:
         self.sites = {site: {"op": ops[names[site]], "compared": 0, "equal": 0, "rounding": 0, "downstream": 0,
                              "unexplained": 0} for site in self.order}
         self.logits = {"equal": 0, "after_level_difference": 0, "output_rounding": 0, "unexplained": 0}
-        self.snn = snn
+        self.pools = moved_pools(snn)
         self.program = IntegerProgram(snn.graph_module, snn.integer_layers, "evaluate", observe=self._observe)
 
     def _observe(self, site: str, integers: Tensor, value: tuple[Tensor, Tensor] | None) -> None:
-        """Compares a site as the integer SNN reaches it (graph order), so no site's values are held."""
-        if site not in self._levels:
+        """Compares a site as the integer SNN reaches it (graph order), so no site's values are held
+        (onnxruntime's integers are widened one site at a time)."""
+        if site not in self._theirs:
             return
-        theirs = self._levels.pop(site).to(torch.int64).reshape(integers.shape)
+        theirs = self._theirs.pop(site).to(torch.float64) - self.zero.get(site, 0)
+        if site in self.pools:   # a site whose MaxPool the compiler moved before it sees the pooled levels
+            theirs = self.pools[site](theirs)
+        theirs = theirs.to(torch.int64).reshape(integers.shape)
         counts, differ = classify(integers, theirs, value, self._differed)
         for key, count in counts.items():
             self.sites[site][key] += count
@@ -108,9 +118,7 @@ class OnnxruntimeExplanation:
     def add(self, x: Tensor) -> Tensor:
         """Compares one batch; returns onnxruntime's logits."""
         reference, *tensors = self.runner(x)
-        # a site whose MaxPool the compiler moved before it sees the pooled levels
-        self._levels = pool_moved_sites(self.snn, {site: t.to(torch.float64) - self.zero.get(site, 0)
-                                                   for site, t in zip(self.order, tensors)})
+        self._theirs = dict(zip(self.order, tensors))
         del tensors
         self._differed = torch.zeros(len(x), dtype=torch.bool)
         logits, _ = self.program.run(x)
@@ -140,6 +148,10 @@ def verify_integer(path: str | os.PathLike, snn: SNN, inputs: Samples, batch_siz
     and against onnxruntime's default session, how many samples' logits equal the latter's, and
     every difference from it explained per op (OnnxruntimeExplanation)."""
     explanation = OnnxruntimeExplanation(path, snn)
+    # onnxruntime's integers of every site at once, and a site's float64 values one at a time
+    profile = activation_profile(snn.graph_module, inputs.shape, torch.float32)
+    batch_size = min(batch_size, profile.batch(EXPLANATION_BYTES, held="total"),
+                     profile.batch(SITE_BYTES, held="largest"))
     same, float_agree, ort_agree, ort_equal, float_diff, ort_diff, samples = True, 0, 0, 0, 0.0, 0.0, 0
     for x in inputs.batches(batch_size):
         evaluated, simulated = snn.evaluate(x), snn.simulate(x)
