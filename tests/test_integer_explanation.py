@@ -87,3 +87,10 @@ def test_convert_reports_the_explanation(static_files, tmp_path):
                                                        "unexplained"}
     text = invoke("convert", static_files["defaults"], "-o", str(tmp_path / "text.snn"))
     assert text.exit_code == 0 and "every difference explained" in text.stdout
+    # a loaded artifact, whose graph lost the import's node meta: its kept QDQ pairs are found in the file
+    checked = invoke("verify", str(tmp_path / "out.snn"), "--against", static_files["defaults"], "--samples", "16",
+                     "--json")
+    assert checked.exit_code == 0, checked.stderr
+    integer = json.loads(checked.stdout).get("verify", json.loads(checked.stdout))["integer"]
+    assert integer["passed"] and integer["onnxruntime_default"]["explained"]
+    assert "y_QuantizeLinear" in integer["onnxruntime_default"]["sites"]   # a kept QDQ pair, compared

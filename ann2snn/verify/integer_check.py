@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from ..data.inputs import Samples
 from ..frontend.qoperator import expand_qoperator
@@ -87,8 +87,10 @@ def classify(mine: Tensor, theirs: Tensor, value: tuple[Tensor, Tensor] | None,
 class OnnxruntimeExplanation:
     """The integer SNN against onnxruntime's default session, site by site (module docstring)."""
 
-    def __init__(self, path: str | os.PathLike, snn: SNN) -> None:
-        names, _ = quantize_outputs(str(path), snn.graph_module, snn)
+    def __init__(self, path: str | os.PathLike, snn: SNN, source_graph: fx.GraphModule | None = None) -> None:
+        # the kept QDQ pairs' ONNX nodes are in the imported graph's node meta (a loaded artifact's
+        # graph has none: `source_graph`, the file imported again, then has them)
+        names, _ = quantize_outputs(str(path), snn.graph_module if source_graph is None else source_graph, snn)
         self.order = [site for site in graph_order(snn) if site in names]
         self.runner = OnnxruntimeRunner(path, [names[site] for site in self.order], integer_kernels=True)
         ops = _ops_before(path, [names[site] for site in self.order])
@@ -141,13 +143,14 @@ class OnnxruntimeExplanation:
         return {"sites": sites, "logits": dict(self.logits), "explained": explained}
 
 
-def verify_integer(path: str | os.PathLike, snn: SNN, inputs: Samples, batch_size: int) -> dict:
+def verify_integer(path: str | os.PathLike, snn: SNN, inputs: Samples, batch_size: int,
+                   source_graph: fx.GraphModule | None = None) -> dict:
     """On `inputs`: simulate and evaluate on integers give torch.equal logits and identical spike
     counts, and the float SNN (which the exactness gate proved) predicts the same class for every
     input (the gate: `passed`); top-1 agreement and max |logit difference| against the float SNN
     and against onnxruntime's default session, how many samples' logits equal the latter's, and
     every difference from it explained per op (OnnxruntimeExplanation)."""
-    explanation = OnnxruntimeExplanation(path, snn)
+    explanation = OnnxruntimeExplanation(path, snn, source_graph)
     # onnxruntime's integers of every site at once, and a site's float64 values one at a time
     profile = activation_profile(snn.graph_module, inputs.shape, torch.float32)
     batch_size = min(batch_size, profile.batch(EXPLANATION_BYTES, held="total"),
