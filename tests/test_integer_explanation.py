@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ann2snn
-from ann2snn.verify.integer_check import OnnxruntimeExplanation, classify
+from ann2snn.verify.integer_check import IntegerComparison, classify
 from ann2snn.verify.ort_run import OnnxruntimeRunner
 from hostile import invoke
 from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
@@ -26,18 +26,19 @@ def static_files(tmp_path_factory) -> dict[str, str]:
             "per-channel": quantize(float_file, folder / "per_channel.onnx", per_channel=True)}
 
 
-def _explained(path: str, batches: int = 4) -> dict:
+def _explained(path: str, batches: int = 4, against: str = "onnxruntime") -> dict:
     snn = ann2snn.convert_onnx(path, verify=False, integer=True)
-    explanation = OnnxruntimeExplanation(path, snn)
+    comparison = IntegerComparison(path, snn)
     gen = torch.Generator().manual_seed(1)
     for _ in range(batches):
-        explanation.add(torch.rand(64, 3, 8, 8, generator=gen))
-    return explanation.result()
+        comparison.add(torch.rand(64, 3, 8, 8, generator=gen))
+    return getattr(comparison, against).result()
 
 
 @pytest.mark.parametrize("flavour", ["defaults", "per-channel"])
-def test_every_difference_from_onnxruntimes_int8_kernels_is_explained_per_op(static_files, flavour):
-    result = _explained(static_files[flavour])
+@pytest.mark.parametrize("against", ["onnxruntime", "float_snn"])
+def test_every_difference_from_onnxruntime_and_the_float_snn_is_explained_per_op(static_files, flavour, against):
+    result = _explained(static_files[flavour], against=against)
     assert result["explained"]
     assert {c["op"] for c in result["sites"].values()} == {"input", "Conv", "Add", "Gemm"}
     for counts in result["sites"].values():

@@ -189,17 +189,16 @@ def describe_verification(v: Verification) -> str:
     if v.lossy:
         comparison += " (post-training quantization of a float model: lossy, not part of the gate)"
     if v.integer is not None:
-        i, ort = v.integer, v.integer["onnxruntime_default"]
+        i = v.integer
         comparison += (f"\ninteger SNN ({i['layers']} int8 layers) on {i['samples']} inputs: simulate == evaluate "
-                       f"bit for bit: {'yes' if i['simulate_equals_evaluate'] else 'NO'}; prediction agreement with "
-                       f"the float SNN {100 * i['float_snn']['agreement']:.2f}%, with onnxruntime's int8 kernels "
-                       f"{100 * ort['agreement']:.2f}% ({ort['equal_logits']} of {i['samples']} logits equal, max "
-                       f"|difference| {ort['max_abs_logit_diff']:.3g})")
-        sites, logits = ort["sites"].values(), ort["logits"]
-        comparison += (f"; its levels per op: {sum(c['rounding'] for c in sites):,} rounding, "
-                       f"{sum(c['downstream'] for c in sites):,} downstream of one, "
-                       f"{sum(c['unexplained'] for c in sites):,} unexplained; logits: {logits['equal']} equal, "
-                       f"{logits['after_level_difference']} after a level difference, {logits['output_rounding']} "
-                       f"output rounding, {logits['unexplained']} unexplained: "
-                       f"{'every difference explained' if ort['explained'] else 'NOT ALL EXPLAINED'}")
+                       f"bit for bit: {'yes' if i['simulate_equals_evaluate'] else 'NO'}")
+        for key, name in (("float_snn", "the float SNN"), ("onnxruntime_default", "onnxruntime's int8 kernels")):
+            c = i[key]
+            sites, logits = c["sites"].values(), c["logits"]
+            comparison += (f"; against {name}: prediction agreement {100 * c['agreement']:.2f}% "
+                           f"({c['equal_logits']} of {i['samples']} logits equal, max |difference| "
+                           f"{c['max_abs_logit_diff']:.3g}), levels per op {sum(s['rounding'] for s in sites):,} "
+                           f"rounding, {sum(s['downstream'] for s in sites):,} downstream of one, "
+                           f"{sum(s['unexplained'] for s in sites):,} unexplained, logits {logits['unexplained']} "
+                           f"unexplained: {'every difference explained' if c['explained'] else 'NOT ALL EXPLAINED'}")
     return f"verified on {v.inputs}\n{exact}\n{comparison}\n{'PASSED' if v.passed else 'FAILED'}"
