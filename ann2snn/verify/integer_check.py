@@ -32,6 +32,7 @@ from torch import Tensor, fx
 from ..data.inputs import Samples
 from ..frontend.qoperator import expand_qoperator
 from ..frontend.reader import load_checked
+from ..progress import progress_bar
 from ..runtime.integer_snn import IntegerProgram
 from ..runtime.integer_values import UNIT_ROUNDOFF
 from ..runtime.memory import activation_profile
@@ -170,7 +171,7 @@ class IntegerComparison:
 
 
 def verify_integer(path: str | os.PathLike, snn: SNN, inputs: Samples, batch_size: int,
-                   source_graph: fx.GraphModule | None = None) -> dict:
+                   source_graph: fx.GraphModule | None = None, progress: bool = False) -> dict:
     """On `inputs`: simulate and evaluate on integers give torch.equal logits and identical spike
     counts, and every difference from the float SNN (which the exactness gate proved) is explained
     (the gate: `passed`); the same comparison with onnxruntime's default session (reported, not a
@@ -185,19 +186,22 @@ def verify_integer(path: str | os.PathLike, snn: SNN, inputs: Samples, batch_siz
     agree = {"float_snn": 0, "onnxruntime_default": 0}
     equal_logits = {"float_snn": 0, "onnxruntime_default": 0}
     largest = {"float_snn": 0.0, "onnxruntime_default": 0.0}
-    for x in inputs.batches(batch_size):
-        evaluated, simulated = snn.evaluate(x), snn.simulate(x)
-        same = same and torch.equal(evaluated.logits, simulated.logits) and evaluated.spikes.keys() == \
-            simulated.spikes.keys() and all(torch.equal(evaluated.spikes[k], simulated.spikes[k])
-                                            for k in evaluated.spikes)
-        logits, floating, reference = comparison.add(x)
-        logits = logits.reshape(len(x), -1)
-        for key, other in (("float_snn", floating), ("onnxruntime_default", reference)):
-            other = other.to(logits.dtype).reshape(len(x), -1)
-            agree[key] += int((logits.argmax(1) == other.argmax(1)).sum())
-            equal_logits[key] += int((logits == other).all(1).sum())
-            largest[key] = max_abs(logits - other, largest[key])
-        samples += len(x)
+    bar = progress_bar(desc="verification: integer SNN", total=len(inputs), unit="input", enabled=progress)
+    with bar:
+        for x in inputs.batches(batch_size):
+            evaluated, simulated = snn.evaluate(x), snn.simulate(x)
+            same = same and torch.equal(evaluated.logits, simulated.logits) and evaluated.spikes.keys() == \
+                simulated.spikes.keys() and all(torch.equal(evaluated.spikes[k], simulated.spikes[k])
+                                                for k in evaluated.spikes)
+            logits, floating, reference = comparison.add(x)
+            logits = logits.reshape(len(x), -1)
+            for key, other in (("float_snn", floating), ("onnxruntime_default", reference)):
+                other = other.to(logits.dtype).reshape(len(x), -1)
+                agree[key] += int((logits.argmax(1) == other.argmax(1)).sum())
+                equal_logits[key] += int((logits == other).all(1).sum())
+                largest[key] = max_abs(logits - other, largest[key])
+            samples += len(x)
+            bar.update(len(x))
     reports = {key: {"agreement": _agreement(agree[key], samples), "equal_logits": equal_logits[key],
                      "max_abs_logit_diff": largest[key], **tally.result()}
                for key, tally in (("float_snn", comparison.float_snn), ("onnxruntime_default", comparison.onnxruntime))}

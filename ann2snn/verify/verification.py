@@ -80,7 +80,7 @@ def verify_snn(path: str | os.PathLike, snn: SNN, source_graph: torch.nn.Module,
             check = verify_snn(path, snn, source_graph, inputs, min_agreement=min_agreement, batch_size=batch_size,
                                progress=progress)
         with stage("verification: the integer SNN", "--batch-size or --verify-samples"):
-            integer = verify_integer(path, snn, inputs, batch_size or INTEGER_BATCH, source_graph)
+            integer = verify_integer(path, snn, inputs, batch_size or INTEGER_BATCH, source_graph, progress)
         return replace(check, integer=integer, passed=check.passed and integer["passed"])
     dtype = _dtype(snn)  # a float64 or float16 file converts to an SNN of its own dtype
     source64 = source_graph.double().eval()
