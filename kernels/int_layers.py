@@ -36,7 +36,7 @@ __all__ = ["IntConv2d", "int8_gemm", "int8_gemm_triton", "int_conv2d", "int_line
 
 _LEVEL_DTYPES = (torch.uint8, torch.int16, torch.int32)
 SHIFT = 128   # an unsigned byte b enters the int8 GEMM as b - 128
-_EXACT_FLOAT32 = 2 ** 24   # every integer of smaller magnitude is a float32
+EXACT_FLOAT32 = 2 ** 24   # every integer of smaller magnitude is a float32
 
 
 @lazy_jit
@@ -184,7 +184,7 @@ class IntConv2d:
         self._correction = SHIFT * weight.reshape(out_channels, -1).sum(1, dtype=torch.int32)
         # the widest digits whose float32 accumulator oneDNN cannot round
         largest = int(weight.reshape(out_channels, -1).long().abs().sum(1).max()) if weight.numel() else 0
-        self._onednn_bits = next((bits for bits in (8, 4, 2, 1) if ((1 << bits) - 1) * largest < _EXACT_FLOAT32), None)
+        self._onednn_bits = next((bits for bits in (8, 4, 2, 1) if ((1 << bits) - 1) * largest < EXACT_FLOAT32), None)
         if engine == "im2col":
             self._onednn_bits = None
         self._packed = None
@@ -200,7 +200,7 @@ class IntConv2d:
         and oneDNN takes all 8 bits at once; else None."""
         if levels.dtype != torch.uint8 or self._onednn_bits != 8 or not self._takes_onednn(levels):
             return None
-        if plus_bias and self.bias is not None and int(self.bias.abs().max()) >= _EXACT_FLOAT32:
+        if plus_bias and self.bias is not None and int(self.bias.abs().max()) >= EXACT_FLOAT32:
             return None   # float32(b) would round before the sum does
         return self._onednn_float(levels, self.bias if plus_bias else None)
 

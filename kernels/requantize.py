@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .int_layers import EXACT_FLOAT32
 from .int_levels import IntLevels, level_dtype
 from .native import native_function, native_neuron_enabled, row_walk_by_channel
-from .requantize_reference import EXACT_FLOAT32, Requantization, Term, requantize_levels_reference
+from .requantize_reference import Requantization, Term, requantize_levels_reference
 
 __all__ = ["Requantization", "Requantizer", "Term", "requantize_levels", "requantize_levels_native",
            "requantize_levels_reference"]

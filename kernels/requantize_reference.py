@@ -15,8 +15,6 @@ from torch import Tensor
 from ..levels import channel_view, popcount_sum_
 from .int_levels import level_dtype
 
-EXACT_FLOAT32 = 2 ** 24   # every integer of smaller magnitude is a float32
-
 
 class Term(NamedTuple):
     """One accumulator of a site: values [N, C, *spatial], uint8 levels, int32, or float32 holding

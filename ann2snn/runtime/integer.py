@@ -31,13 +31,13 @@ import torch
 from torch import Tensor
 
 from ..errors import Ann2SnnError
+from ..kernels.int_levels import INT32_MAX, INT32_MIN
 from ..kernels.int_levels_reference import UNREACHABLE, levels_from_thresholds
 from ..kernels.requantize_reference import quantize_
 
 __all__ = ["integer_thresholds", "levels_from_thresholds", "qlinear_multiplier", "requantize_qdq",
            "requantize_qlinear", "round_clamp", "site_thresholds"]
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 def _float32(values) -> Tensor:

@@ -30,13 +30,14 @@ from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, IntegerLayer, IntegerLevels, Requantization, Requantizer, fire_fused
+from ..kernels.int_levels import level_dtype
 from ..levels import channel_view, popcount_sum_, unpack_spikes
 from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
                    STRUCTURAL, WINDOW_AVERAGE_POOLS, functions_of)
 from .integer import round_clamp_, site_thresholds
 from .integer_values import (REQUANTIZATION_ROUNDINGS, UNIT_ROUNDOFF, Fired, Integers, IntegerWeights, MaxPooledSum,
                              Observer, ResidualSum, as_int32, dequantize, exact_value, integer_layer,
-                             integrate, level_dtype, nonnegative, pair_all, sum_pool, uniform_count, window_pool)
+                             integrate, nonnegative, pair_all, sum_pool, uniform_count, window_pool)
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
 from .signal import Signal
@@ -147,7 +148,7 @@ class IntegerProgram(fx.Interpreter):
                 value = potential.to(torch.float64) / channel_view(theta, potential.dim())
                 self.observe(target, out.levels.to(torch.int64),
                              (value, UNIT_ROUNDOFF * REQUANTIZATION_ROUNDINGS * value.abs()))
-            return Integers(out.levels.to(level_dtype(neuron.levels)), theta)
+            return Integers(out.levels.to(level_dtype(0, neuron.levels)), theta)
         neuron.reset()
         planes = neuron(potential.unsqueeze(0)).to(torch.uint8)
         neuron.reset()
@@ -185,7 +186,7 @@ class IntegerProgram(fx.Interpreter):
             for term, potential in zip(terms[1:], potentials[1:]):
                 total += dequantize(term, potential)
             levels_f = pool(round_clamp_(total, scale, zero, qmin, qmax))   # q - qmin, in float32
-            levels = levels_f.to(level_dtype(qmax - qmin))
+            levels = levels_f.to(level_dtype(0, qmax - qmin))
             # the levels in float32 (exact) are spent on their spike count
             sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) if count else None
         if self.observe is not None and not self.simulate:

@@ -11,11 +11,11 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, int_linear
+from ..kernels.int_levels import INT32_MAX, INT32_MIN
 from ..levels import channel_view
 from .signal import Signal
 from .simulator import fold_time
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 @dataclass
@@ -123,10 +123,6 @@ def integrate(signal: Signal) -> Tensor:
         current = current.to(torch.int64)
         potential = current if potential is None else 2 * potential + current
     return potential
-
-
-def level_dtype(levels: int) -> torch.dtype:
-    return torch.uint8 if levels <= 255 else torch.int16 if levels <= 32767 else torch.int32
 
 
 def pair_all(size: Any) -> tuple:
