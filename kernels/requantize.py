@@ -22,7 +22,7 @@ from torch import Tensor
 from .int_layers import EXACT_FLOAT32
 from .int_levels import IntLevels, level_dtype
 from .native import native_function, native_neuron_enabled, row_walk_by_channel
-from .requantize_reference import Requantization, Term, requantize_levels_reference
+from .requantize_reference import Requantization, Term, potential_of, quantize_, requantize_levels_reference
 
 __all__ = ["Requantization", "Requantizer", "Term", "requantize_levels", "requantize_levels_native",
            "requantize_levels_reference"]
@@ -66,6 +66,13 @@ class Requantizer:
             return self.native(values, sample_spikes)
         terms = [Term(v, s, a) for v, s, a in zip(values, self.scales, self.adds)]
         return IntLevels(*requantize_levels_reference(terms, self.requantization, sample_spikes=sample_spikes))
+
+    def float_levels(self, values: list[Tensor]) -> Tensor:
+        """The levels in float32 by the reference's arithmetic, for a max pool after the site (it
+        commutes with the monotone requantization and then takes each window's largest)."""
+        terms = [Term(v, s, a) for v, s, a in zip(values, self.scales, self.adds)]
+        return quantize_(potential_of(terms), self.requantization.theta, self.requantization.low,
+                         self.requantization.high)
 
     def native_supports(self, values: list[Tensor]) -> bool:
         """Whether the C kernel takes these values (CPU, uint8 / int32 / float32, built and enabled)."""

@@ -18,7 +18,7 @@ Simulation and evaluation compute every level and the logits by the same functio
 integers, so their logits are torch.equal and their spike counts identical.
 
 Integer values are never produced from float ones behind the encoder: a float op on integers
-(e.g. a float layer, or a windowed average pool) dequantizes them, and no neuron may follow it.
+(e.g. a float layer, or an average pool with uneven windows) dequantizes them, and no neuron may follow it.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ..kernels.int_levels import level_dtype
 from ..levels import channel_view, popcount_sum_, unpack_spikes
 from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
                    STRUCTURAL, WINDOW_AVERAGE_POOLS, functions_of)
-from .integer import round_clamp_, site_thresholds
+from .integer import site_thresholds
 from .integer_values import (REQUANTIZATION_ROUNDINGS, UNIT_ROUNDOFF, Fired, Integers, IntegerWeights, MaxPooledSum,
                              Observer, ResidualSum, as_int32, dequantize, exact_value, integer_layer,
                              integrate, nonnegative, pair_all, sum_pool, uniform_count, window_pool)
@@ -181,11 +181,8 @@ class IntegerProgram(fx.Interpreter):
             else:
                 out = requantizer(potentials, sample_spikes=count)
             levels, sample = out.levels, out.sample_spikes
-        else:
-            total = dequantize(terms[0], potentials[0])
-            for term, potential in zip(terms[1:], potentials[1:]):
-                total += dequantize(term, potential)
-            levels_f = pool(round_clamp_(total, scale, zero, qmin, qmax))   # q - qmin, in float32
+        else:   # a max pool of a residual sum: each position's level, then the window's largest
+            levels_f = pool(self._requantizer(target, terms, scale, zero, qmin, qmax).float_levels(potentials))
             levels = levels_f.to(level_dtype(0, qmax - qmin))
             # the levels in float32 (exact) are spent on their spike count
             sample = popcount_sum_(levels_f, qmax - qmin, tuple(range(1, levels.dim()))) if count else None
