@@ -5,6 +5,22 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* The walk every C kernel shares: each sample's `rows` rows in work items of `rows_per_item` rows
+ * (the last item of a sample may hold fewer), items_of(rows, rows_per_item) of them per sample. */
+typedef struct {
+    int64_t n, first, count;   /* the sample, its first row, how many rows */
+} work_item_t;
+
+INLINE int64_t items_of(int64_t rows, int64_t rows_per_item) {
+    return (rows + rows_per_item - 1) / rows_per_item;
+}
+
+INLINE work_item_t work_item(int64_t item, int64_t items_per_sample, int64_t rows, int64_t rows_per_item) {
+    const int64_t first = (item % items_per_sample) * rows_per_item;
+    const int64_t count = rows - first < rows_per_item ? rows - first : rows_per_item;
+    return (work_item_t){item / items_per_sample, first, count};
+}
+
 /* Set bits of a level >= 0 (SWAR, which vectorizes where __builtin_popcount may not). */
 INLINE int32_t popcount_32(uint32_t x) {
     x = x - ((x >> 1) & 0x55555555u);

@@ -156,11 +156,11 @@ int ann2snn_int_levels(const void *acc, const int64_t *thresholds, const int32_t
         return 1;
     const int64_t rows = rows_over_c ? S : C, row_stride = rows_over_c ? C : S, len = rows_over_c ? C : S;
     const int64_t padded = (int64_t)1 << steps;
-    const int64_t items_per_sample = (rows + rows_per_item - 1) / rows_per_item;
+    const int64_t items_per_sample = items_of(rows, rows_per_item);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < N * items_per_sample; ++item) {
-        const int64_t n = item / items_per_sample, first = (item % items_per_sample) * rows_per_item;
-        const int64_t count = rows - first < rows_per_item ? rows - first : rows_per_item;
+        const work_item_t walk = work_item(item, items_per_sample, rows, rows_per_item);
+        const int64_t n = walk.n, first = walk.first, count = walk.count;
         const int64_t base = n * stride_n + first * row_stride, channel = rows_over_c ? 0 : first;
         const void *item_acc = (const char *)acc + base * 4;   /* int32 and float32 alike */
         void *item_out = (char *)out + base * out_bytes;

@@ -124,11 +124,11 @@ int ann2snn_fire_f32(const float *v, const float *theta, const float *offset, fl
     const int64_t code_bytes = timesteps <= 8 ? 1 : 2;
     const int64_t rows = rows_over_c ? S : C, row_stride = rows_over_c ? stride_s : stride_c;
     const int64_t tile = rows_over_c ? rows_per_item * C : C;
-    const int64_t items_per_sample = (rows + rows_per_item - 1) / rows_per_item;
+    const int64_t items_per_sample = items_of(rows, rows_per_item);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < N * items_per_sample; ++item) {
-        const int64_t n = item / items_per_sample, first = (item % items_per_sample) * rows_per_item;
-        const int64_t count = rows - first < rows_per_item ? rows - first : rows_per_item;
+        const work_item_t walk = work_item(item, items_per_sample, rows, rows_per_item);
+        const int64_t n = walk.n, first = walk.first, count = walk.count;
         const int64_t base = n * stride_n + first * row_stride;
         int64_t *sample_spikes = scratch + THREAD_INDEX * (N + tile);
         void *item_codes = codes ? (char *)codes + base * code_bytes : 0;

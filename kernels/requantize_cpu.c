@@ -134,11 +134,11 @@ int ann2snn_requantize(const void *const *values, const int32_t *const *add, con
         sum.dtype[i] = dtypes[i];
     }
     const int64_t rows = rows_over_c ? S : C, row_stride = rows_over_c ? C : S, len = rows_over_c ? C : S;
-    const int64_t items_per_sample = (rows + rows_per_item - 1) / rows_per_item;
+    const int64_t items_per_sample = items_of(rows, rows_per_item);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < N * items_per_sample; ++item) {
-        const int64_t n = item / items_per_sample, first = (item % items_per_sample) * rows_per_item;
-        const int64_t count = rows - first < rows_per_item ? rows - first : rows_per_item;
+        const work_item_t walk = work_item(item, items_per_sample, rows, rows_per_item);
+        const int64_t n = walk.n, first = walk.first, count = walk.count;
         const int64_t at = n * stride_n + first * row_stride;
         const int64_t spikes = rows_over_c   /* one flat run of count * C elements (row_stride == C) */
             ? requantize_rows_dispatch(&sum, out, at, 1, 0, count * C, 0, 1, out_bytes, scratch != 0)
