@@ -58,7 +58,8 @@ def _choose_backend(path: str | os.PathLike, snn: SNN, source_graph, integer: bo
     from .data.inputs import noise_samples
     from .errors import UnsupportedModelError
 
-    reason = None if snn.integer_layers else "no layer has int8 weights (or uint8 ones) and, if it has a bias, an int32 one"
+    reason = None if snn.integer_layers else \
+        "no layer has int8 weights (or uint8 ones) and, if it has a bias, an int32 one"
     lowerable = reason is None
     if lowerable and integer is not False:
         probe = next(noise_samples(source_graph.meta["onnx"]["input_shape"][1:], 2).batches(2))
