@@ -147,6 +147,13 @@ def row_walk_by_channel(x: Tensor) -> tuple[ChannelLayout, bool, int]:
     return layout, rows_over_c, rows_per_item
 
 
+def channel_run(values: Tensor, channels: int, copies: int, dtype: torch.dtype) -> Tensor:
+    """A per-channel constant (one value, or [C]) as a contiguous CPU array of `copies` x C values:
+    rows over S read one per row; rows over C walk runs of `copies` positions with per-element
+    values, so they get that many copies end to end."""
+    return values.to(torch.device("cpu"), dtype).reshape(-1).expand(channels).repeat(copies)
+
+
 def native_neuron_enabled() -> bool:
     """False when ANN2SNN_NATIVE is 0 / false / no / off (read at every call)."""
     return os.environ.get("ANN2SNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -174,14 +181,10 @@ def fire_fused_native(potential: Tensor, theta: Tensor | float, membrane_offset:
     if potential.device.type != "cpu" or potential.dtype != torch.float32:
         raise TypeError(f"the native neuron takes float32 CPU potentials, got {potential.dtype} on {potential.device}")
     layout, rows_over_c, rows_per_item = row_walk(potential)
-    # theta and the offset as [C] arrays (rows over S read one per row); rows over C fire runs of
-    # rows_per_item positions with per-element theta, so they get that many copies end to end
-    theta_c = as_channel_tensor(theta, layout.tensor, "theta").expand(layout.c)
-    offset_c = as_channel_tensor(membrane_offset, layout.tensor, "membrane_offset").expand(layout.c)
     copies = rows_per_item if rows_over_c else 1
-    if copies > 1:
-        theta_c, offset_c = theta_c.repeat(copies), offset_c.repeat(copies)
-    theta_c, offset_c = theta_c.contiguous(), offset_c.contiguous()
+    theta_c = channel_run(as_channel_tensor(theta, layout.tensor, "theta"), layout.c, copies, torch.float32)
+    offset_c = channel_run(as_channel_tensor(membrane_offset, layout.tensor, "membrane_offset"), layout.c, copies,
+                           torch.float32)
     tile = copies * layout.c
     value = layout.empty_like(torch.float32)
     codes = layout.empty_like(spike_code_dtype(timesteps)) if want_levels else None

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .int_layers import EXACT_FLOAT32
 from .int_levels import IntLevels, level_dtype
-from .native import native_function, native_neuron_enabled, row_walk_by_channel
+from .native import channel_run, native_function, native_neuron_enabled, row_walk_by_channel
 from .requantize_reference import Requantization, Term, potential_of, quantize_, requantize_levels_reference
 
 __all__ = ["Requantization", "Requantizer", "Term", "requantize_levels", "requantize_levels_native",
@@ -85,9 +85,9 @@ class Requantizer:
         over C requantize runs of that many positions), and ctypes arrays of their pointers."""
         key = (channels, copies)
         if key not in self._native_constants:
-            adds = [None if a is None else _per_channel(a, channels, copies, torch.int32) for a in self.adds]
-            scales = [_per_channel(s, channels, copies, torch.float32) for s in self.scales]
-            theta = _per_channel(self.requantization.theta, channels, copies, torch.float32)
+            adds = [None if a is None else channel_run(a, channels, copies, torch.int32) for a in self.adds]
+            scales = [channel_run(s, channels, copies, torch.float32) for s in self.scales]
+            theta = channel_run(self.requantization.theta, channels, copies, torch.float32)
             pointers = ctypes.c_void_p * len(scales)
             self._native_constants[key] = (
                 (adds, scales, theta), pointers(*(a.data_ptr() if a is not None else None for a in adds)),
@@ -140,7 +140,3 @@ def requantize_levels_native(terms: list[Term], requantization: Requantization, 
     return Requantizer([t.scale for t in terms], [t.add for t in terms], requantization).native(
         [t.values for t in terms], sample_spikes)
 
-
-def _per_channel(values: Tensor, channels: int, copies: int, dtype: torch.dtype) -> Tensor:
-    """[C] values, `copies` times end to end (rows over C requantize runs of that many positions)."""
-    return values.to(torch.device("cpu"), dtype).reshape(-1).expand(channels).repeat(copies)
