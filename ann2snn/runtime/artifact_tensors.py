@@ -9,6 +9,7 @@ version 1; a module declares the dtypes of its integer buffers in a class attrib
 from __future__ import annotations
 
 from collections import Counter
+from typing import Iterable
 
 import torch
 from torch import fx, nn
@@ -53,6 +54,12 @@ def declared_dtypes(gm: nn.Module) -> dict[str, tuple[torch.dtype, str]]:
     return declared
 
 
+def most_common_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype | None:
+    """The dtype most of `dtypes` are (what `save` writes for all floating-point tensors), or None."""
+    counts = Counter(dtypes)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def check_tensors(gm: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtype | None:
     """Every tensor of the file as the graph description expects it, checked before load_state_dict
     (whose error names no tensor): the shape its module's configuration gives, and the dtype its
@@ -61,9 +68,8 @@ def check_tensors(gm: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtype 
     that floating-point dtype (None: no such tensor)."""
     expected = gm.state_dict()
     declared = declared_dtypes(gm)
-    counts = Counter(state[name].dtype for name, t in expected.items() if t.is_floating_point()
-                     and name not in declared)
-    dtype = counts.most_common(1)[0][0] if counts else None
+    dtype = most_common_dtype(state[name].dtype for name, t in expected.items() if t.is_floating_point()
+                              and name not in declared)
     if dtype is not None and dtype not in _FLOATING:
         raise ArtifactError(f"the tensors are {dtype_name(dtype)}: an SNN's tensors share one floating-point dtype")
     for name, want in expected.items():

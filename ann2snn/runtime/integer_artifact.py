@@ -9,12 +9,11 @@ checked (compile/integer_weights.py). The float bias stays (it carries the float
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 from torch import Tensor
 
 from ..errors import ArtifactError
+from .artifact_tensors import most_common_dtype
 from .integer_values import IntegerWeights
 
 _SCALE, _BIAS, _BIAS_SCALE, _ZERO = ".weight_scale", ".bias_integers", ".bias_scale", ".weight_zero_point"
@@ -52,8 +51,8 @@ def float_tensors(tensors: dict[str, Tensor], names: list) -> tuple[dict[str, Te
     if not names:
         return tensors, layers
     extra = {f"{n}{suffix}" for n in names for suffix in (_SCALE, _BIAS, _BIAS_SCALE, _ZERO)}
-    dtypes = Counter(t.dtype for k, t in tensors.items() if t.is_floating_point() and k not in extra)
-    dtype = dtypes.most_common(1)[0][0] if dtypes else torch.float32
+    dtype = most_common_dtype(t.dtype for k, t in tensors.items() if t.is_floating_point() and k not in extra) \
+        or torch.float32
     for name in names:
         if not isinstance(name, str) or f"{name}.weight" not in tensors:
             raise ArtifactError(f"integer layer {name!r} has no weight in the artifact")
