@@ -171,10 +171,13 @@ SHIFT_TRANSPARENT_MODULES = MAX_POOLS + (nn.Identity, nn.Dropout)
 RESIDUAL_ADDS = (operator.add, torch.add)
 SHIFT_TRANSPARENT_FUNCTIONS = RESIDUAL_ADDS
 # The integer SNN (ann2snn/runtime/integer_snn.py): layers with an int8 kernel (ann2snn.kernels), and
-# the average pools it runs as integer sums (output size 1, the global pool; windows of one count).
+# the average pools it runs as integer sums (output size 1, the global pool; windows of one count),
+# each by the number of dimensions it pools.
 INTEGER_KERNEL_LAYERS = (nn.Conv2d, nn.Linear)
+AVERAGE_POOL_DIMS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AvgPool1d: 1, nn.AvgPool2d: 2}
 GLOBAL_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 WINDOW_AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d)
+AVERAGE_POOLS = GLOBAL_AVERAGE_POOLS + WINDOW_AVERAGE_POOLS
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,36 @@ def test_convert_reports_the_explanation(static_files, tmp_path):
     integer = json.loads(checked.stdout).get("verify", json.loads(checked.stdout))["integer"]
     assert integer["passed"] and integer["onnxruntime_default"]["explained"]
     assert "y_QuantizeLinear" in integer["onnxruntime_default"]["sites"]   # a kept QDQ pair, compared
+
+
+def test_the_encoders_bound_covers_its_float_conv_in_any_order(tmp_path):
+    """ann2snn's own export: the first layer reads the float image and runs in float32, in onnxruntime
+    in its own order. The encoding site's value is the z / theta its level rounds (the bias shift
+    taken back), and its bound the conv's error in any order, not only the requantization's."""
+    import torch.nn.functional as F
+
+    from ann2snn.runtime.integer_snn import IntegerProgram
+    from test_integer_snn import int8_file
+
+    snn = ann2snn.convert_onnx(int8_file(tmp_path, 2), verify=False)
+    observed = {}
+    program = IntegerProgram(snn.graph_module, snn.integer_layers, "evaluate",
+                             observe=lambda site, integers, value: observed.setdefault(site, (integers, value)))
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        program.run(x)
+        site = next(iter(observed))   # the encoder's, observed first
+        levels, (value, bound) = observed[site]
+        modules = dict(snn.graph_module.named_modules())
+        neuron, conv = modules[site], modules["conv1_Conv"]
+        theta = neuron.theta.double().reshape(1, -1, 1, 1)
+        # the same conv in float32 in another order: im2col, the products summed in reverse
+        weight = torch.flip(conv.weight.reshape(conv.weight.shape[0], -1), [1])
+        other = (weight @ torch.flip(F.unfold(x, 3, padding=1), [1])).reshape(64, -1, 8, 8) + \
+            conv.bias.reshape(1, -1, 1, 1)
+    clear = ((value - value.floor() - 0.5).abs() > bound) & (value > -0.5) & (value < neuron.levels + 0.5)
+    assert bool(clear.any()) and torch.equal(levels[clear], (value[clear] + 0.5).floor().long())
+    moved = (other.double() / theta - 0.5 - value).abs()   # the graph's bias holds the shift theta / 2
+    assert bool((moved <= bound).all()) and float(bound.max()) < 1e-4
+    # the requantization's roundoffs alone do not cover it
+    assert not bool((moved <= 2 ** -24 * 16 * value.abs()).all())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -16,8 +17,10 @@ import ann2snn
 from ann2snn.errors import ArtifactError, UnsupportedModelError
 from ann2snn.kernels import levels_fused
 from ann2snn.runtime.integer import round_clamp, site_thresholds
+from ann2snn.runtime.integer_values import window_count
 from ann2snn.runtime.quant import QuantDequant
 from hostile import invoke
+from test_int8_training import integer_layers
 from test_onnx_import import QuantNet, export, quantize, randomize_batch_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
@@ -144,6 +147,100 @@ def test_windowed_average_pools_sum_on_integers(tmp_path):
     assert snn.report.verification.integer["passed"]
     assert snn.report.verification.integer["onnxruntime_default"]["explained"]
     assert_bit_exact(snn, torch.rand(16, 3, 8, 8))
+
+
+class PooledHiddenNet(nn.Module):
+    """VGG's shape: conv sites, an average pool module, a hidden linear layer with a neuron after it,
+    the linear head."""
+
+    def __init__(self, pool: nn.Module, features: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.pool = nn.Conv2d(8, 8, 3, padding=1), pool
+        self.fc1, self.fc2 = nn.Linear(features, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def bias_grid_in_file(path: str, layer: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(the int32 bias's scale, the weight's scale, theta of the last QDQ site before `layer`) in the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    tensors = [*graph.initializer, *(node.attribute[0].t for node in graph.node if node.op_type == "Constant")]
+    names = [*(t.name for t in graph.initializer), *(n.output[0] for n in graph.node if n.op_type == "Constant")]
+    values = {name: torch.from_numpy(numpy_helper.to_array(t).copy()) for name, t in zip(names, tensors)}
+    scales = {node.output[0]: values[node.input[1]] for node in graph.node if node.op_type == "DequantizeLinear"
+              and node.input[1] in values}
+    gemm = next(node for node in graph.node if node.name == layer)
+    theta = [values[node.input[1]] for node in graph.node[:list(graph.node).index(gemm)]
+             if node.op_type == "QuantizeLinear"][-1]
+    return scales[gemm.input[2]], scales[gemm.input[1]], float(theta)
+
+
+# (pool, the features it leaves of 8 x 8 x 8, the count each window divides by at 8 x 8)
+POOLED = {"adaptive to 2x2": (lambda: nn.AdaptiveAvgPool2d(2), 32, 16),
+          "global": (lambda: nn.AdaptiveAvgPool2d(1), 8, 64), "2x2 windows": (lambda: nn.AvgPool2d(2), 128, 4)}
+
+
+@pytest.mark.parametrize("pool", sorted(POOLED))
+def test_a_hidden_layer_after_an_average_pool_trains_its_bias_on_the_pooled_grid_and_lowers(tmp_path, pool):
+    make, features, count = POOLED[pool]
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8)
+    qat = ann2snn.prepare(PooledHiddenNet(make(), features), T=2, example_input=x, weight_bits=8).eval()
+    path = str(ann2snn.export_onnx(qat, tmp_path / "pooled.onnx", x[:2]))
+    bias_scale, weight_scale, theta = bias_grid_in_file(path, "/fc1/Gemm")
+    # the integer SNN's grid: the pool's sums, 1 / count in the scale (float64), times the weight's
+    assert torch.equal(bias_scale, (torch.tensor(theta, dtype=torch.float64) / count * weight_scale.double()).float())
+    snn = ann2snn.convert_onnx(path, calib=x)   # verified: the gate, and the integer SNN's checks
+    assert snn.backend == "integer" and sorted(snn.integer_layers) == ["conv2_Conv", "fc1_Gemm", "fc2_Gemm"]
+    assert snn.report.verification.integer["passed"]
+    assert snn.report.verification.integer["onnxruntime_default"]["explained"]
+    assert_bit_exact(snn, torch.rand(16, 1, 8, 8))
+    if pool.startswith("adaptive"):   # the export's input size sets an adaptive pool's windows, and the grid
+        wider = str(ann2snn.export_onnx(qat, tmp_path / "wider.onnx", torch.rand(2, 1, 16, 16)))
+        bias_scale, weight_scale, theta = bias_grid_in_file(wider, "/fc1/Gemm")
+        assert torch.equal(bias_scale, (torch.tensor(theta, dtype=torch.float64) / (4 * count)
+                                        * weight_scale.double()).float())
+        assert ann2snn.convert_onnx(wider, calib=torch.rand(16, 1, 16, 16), verify=False).backend == "integer"
+
+
+def test_a_hidden_layer_after_uneven_pool_windows_keeps_a_float_bias_and_the_float_snn(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8)
+    # 3x3 windows at stride 2 with ceil_mode: the last window in each row and column counts 6 or 4, not 9
+    model = PooledHiddenNet(nn.AvgPool2d(3, stride=2, ceil_mode=True), 8 * 4 * 4)
+    qat = ann2snn.prepare(model, T=2, example_input=x, weight_bits=8).eval()
+    path = str(ann2snn.export_onnx(qat, tmp_path / "uneven.onnx", x[:2]))
+    assert integer_layers(path)["/fc1/Gemm"] == (onnx.TensorProto.INT8, None)
+    snn = ann2snn.convert_onnx(path, calib=x)
+    assert snn.backend == "float" and snn.report.verification.passed
+    kept = [r for r in snn.report.rewrites if r.get("pass") == "integer"]
+    assert kept and "fires from values that pool_average_pool" in kept[0]["kept_float"], kept
+
+
+@pytest.mark.parametrize("pool, shape, count", [
+    (nn.AvgPool2d(3, stride=1, padding=1), (1, 2, 8, 8), 9),
+    (nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False), (1, 2, 8, 8), None),
+    (nn.AvgPool2d(2, ceil_mode=True), (1, 2, 7, 7), None),
+    (nn.AvgPool2d(2, divisor_override=3), (1, 2, 8, 8), 3),
+    (nn.AvgPool1d(4, stride=2), (1, 2, 10), 4),
+    (nn.AdaptiveAvgPool2d(1), (1, 2, 6, 4), 24),
+    (nn.AdaptiveAvgPool2d((None, 2)), (1, 2, 6, 4), 2),
+    (nn.AdaptiveAvgPool2d(4), (1, 2, 6, 4), None),
+    (nn.AdaptiveAvgPool1d(2), (2, 6), 3),
+])
+def test_window_count_is_the_divisor_of_every_window(pool, shape, count):
+    assert window_count(pool, shape) == count
+    if count is not None:   # the pool's mean of integers, times the count, is the window's integer sum
+        x = torch.randint(0, 16, shape).double()
+        sums = pool(x) * count
+        assert torch.equal(sums, sums.round())
+        assert float(sums.sum()) > 0
 
 
 def test_thresholds_reproduce_the_requantization_on_its_boundaries():

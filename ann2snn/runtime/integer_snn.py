@@ -32,12 +32,12 @@ from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, IntegerLayer, IntegerLevels, Requantization, Requantizer, fire_fused
 from ..kernels.int_levels import level_dtype
 from ..levels import channel_view, popcount_sum_, unpack_spikes
-from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS, RESIDUAL_ADDS,
-                   STRUCTURAL, WINDOW_AVERAGE_POOLS, functions_of)
+from ..ops import (GLOBAL_AVERAGE_POOLS, INTEGER_KERNEL_LAYERS, LAYERS, MAX_POOLS, RESHAPING_FUNCTIONS,
+                   RESIDUAL_ADDS, STRUCTURAL, WINDOW_AVERAGE_POOLS, functions_of)
 from .integer import site_thresholds
 from .integer_values import (REQUANTIZATION_ROUNDINGS, UNIT_ROUNDOFF, Fired, Integers, IntegerWeights, MaxPooledSum,
-                             Observer, ResidualSum, as_int32, dequantize, exact_value, integer_layer,
-                             integrate, nonnegative, pair_all, sum_pool, uniform_count, window_pool)
+                             Observer, ResidualSum, absolute_products, as_int32, dequantize, exact_value,
+                             integer_layer, integrate, nonnegative, pair_all, sum_pool, window_count, window_pool)
 from .neuron import BitSerialIFNode
 from .quant import QuantDequant
 from .signal import Signal
@@ -72,6 +72,8 @@ class IntegerProgram(fx.Interpreter):
         self._convs: dict[tuple[str, int], Any] = {}
         self._neurons: dict[tuple, IntegerLevels | Requantizer] = {}
         self._scales: dict[str, tuple[Tensor, Tensor]] = {}   # layer -> (input scale, accumulator scale)
+        # observing: a float layer's sum |w x| + |b| and fan-in, until the encoding neuron reads it
+        self._float_layers: dict[fx.Node, tuple[Tensor, int]] = {}
 
     def run(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self.counts: dict[str, Tensor] = {}
@@ -128,13 +130,16 @@ class IntegerProgram(fx.Interpreter):
                 return self._on_potential(x, module)
             if isinstance(module, GLOBAL_AVERAGE_POOLS) and all(s == 1 for s in pair_all(module.output_size)):
                 return sum_pool(x, tuple(range(2, len(self._shape(x)))), True, self.simulate, self.node.name)
-            if isinstance(module, WINDOW_AVERAGE_POOLS) and uniform_count(module):
+            if isinstance(module, WINDOW_AVERAGE_POOLS) and window_count(module, ()) is not None:
                 return window_pool(x, module, self.simulate, self.node.name)
             if isinstance(module, STRUCTURAL):
                 return self._moved(x, lambda v: module(v), lambda s: SimulatedStructural(module)(s))
         if isinstance(x, ResidualSum) and isinstance(module, MAX_POOLS):
             return MaxPooledSum(x, module)
         args, kwargs = self._floats(args, kwargs)
+        if self.observe is not None and isinstance(module, LAYERS) and isinstance(x, Tensor):
+            self._float_layers[self.node] = (absolute_products(module, x, module.weight, module.bias),
+                                             module.weight[0].numel())
         return module(*args, **kwargs)
 
     def _encode(self, target: str, neuron: BitSerialIFNode, potential: Tensor) -> Integers:
@@ -144,10 +149,15 @@ class IntegerProgram(fx.Interpreter):
             out = fire_fused(potential, neuron.theta, neuron.membrane_offset, neuron.levels, neuron.timesteps,
                              want_levels=True, per_channel_counts=False)
             self.counts[target] = out.sample_spikes
-            if self.observe is not None:   # the level of z / theta, rounded by the float neuron
-                value = potential.to(torch.float64) / channel_view(theta, potential.dim())
-                self.observe(target, out.levels.to(torch.int64),
-                             (value, UNIT_ROUNDOFF * REQUANTIZATION_ROUNDINGS * value.abs()))
+            if self.observe is not None:   # z / theta, which the float neuron rounds as floor(z / theta + 1/2)
+                theta = channel_view(theta, potential.dim())
+                shifted = potential.to(torch.float64) + channel_view(neuron.membrane_offset.double(), potential.dim())
+                value = shifted / theta - 0.5   # the shift (in the bias, or the offset) taken back
+                bound = REQUANTIZATION_ROUNDINGS * value.abs()
+                products, fan_in = self._float_layers.pop(self.node.args[0], (None, 0))
+                if products is not None:   # its float32 layer, run in any order (onnxruntime's)
+                    bound = bound + (fan_in + 2) * products / theta
+                self.observe(target, out.levels.to(torch.int64), (value, UNIT_ROUNDOFF * bound))
             return Integers(out.levels.to(level_dtype(0, neuron.levels)), theta)
         neuron.reset()
         planes = neuron(potential.unsqueeze(0)).to(torch.uint8)
@@ -293,15 +303,10 @@ class IntegerProgram(fx.Interpreter):
         (integer_values.exact_value)."""
         if self.observe is None:
             return {}
-        weight = self.layers[target].offsets().to(x.values.device, torch.float64).abs()
-        inputs = (x.values.to(torch.float64) + x.offset).abs()
-        if isinstance(module, nn.Linear):
-            products = F.linear(inputs, weight)
-        else:
-            products = F.conv2d(inputs, weight, None, module.stride, module.padding, module.dilation, module.groups)
-        if self.layers[target].bias is not None:   # the file's bias (bias folds in the offset's share, in products)
-            products += channel_view(self.layers[target].bias.to(products.device, torch.float64).abs(), products.dim())
-        return {"magnitude": products, "fan_in": weight[0].numel()}
+        weights = self.layers[target]   # the file's bias (it folds in the offset's share, in the products)
+        products = absolute_products(module, x.values.to(torch.float64) + x.offset, weights.offsets(), weights.bias)
+        # a pooled input adds its pool's float32 roundings, each within a roundoff of its sum |w x|
+        return {"magnitude": products, "fan_in": weights.weight[0].numel() + x.pooled_count}
 
     def _float_term(self, conv: Any, levels: Tensor) -> Tensor | None:
         """A conv accumulator that only residual sums read, as oneDNN gives it in float32 with the
@@ -340,7 +345,7 @@ class IntegerProgram(fx.Interpreter):
                 scale = scale.repeat_interleave(old[2:].numel())   # flatten: channel-major
             else:
                 raise UnsupportedModelError(f"integer SNN: {self.node.name} moves per-channel scales")
-        return Integers(values, scale, x.offset)
+        return Integers(values, scale, x.offset, pooled_count=x.pooled_count)
 
     # --- functions and methods -------------------------------------------------------------
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from ..kernels import IntConv2d, int_linear
 from ..kernels.int_levels import INT32_MAX, INT32_MIN
 from ..levels import channel_view
+from ..ops import AVERAGE_POOL_DIMS, WINDOW_AVERAGE_POOLS
 from .signal import Signal
 from .simulator import fold_time
 
@@ -78,6 +80,8 @@ class Integers:
     # (float64, accumulator units) and the layer's fan-in, which bound a float32 conv's error
     magnitude: Tensor | None = None
     fan_in: int = 0
+    # an average pool's sums: the count of its windows, as many float32 roundings as its float run takes
+    pooled_count: int = 0
 
 
 def dequantize(value: Integers, potential: Tensor) -> Tensor:
@@ -114,6 +118,20 @@ def exact_value(terms: list[Integers], potentials: list[Tensor], theta: Tensor) 
         bound = error if bound is None else bound + error
     theta = channel_view(theta.to(value.device, torch.float64), value.dim())
     return value / theta, UNIT_ROUNDOFF * bound / theta
+
+
+def absolute_products(layer: nn.Module, inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """sum |w| |x| + |b| of a conv or linear layer at each output, in float64: what bounds a float32
+    evaluation of it in any order (exact_value)."""
+    inputs = inputs.detach().to(torch.float64).abs()
+    weight = weight.detach().to(inputs.device, torch.float64).abs()
+    if isinstance(layer, nn.Linear):
+        products = F.linear(inputs, weight)
+    else:
+        products = F.conv2d(inputs, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if bias is not None:
+        products += channel_view(bias.detach().to(products.device, torch.float64).abs(), products.dim())
+    return products
 
 
 def integrate(signal: Signal) -> Tensor:
@@ -178,10 +196,27 @@ def integer_layer(target: str, module: nn.Module, weights: IntegerWeights, offse
 
 
 
-def uniform_count(pool: nn.Module) -> bool:
-    """Every window of the average pool divides by the same count: no partial window at the end,
-    and the padding (if any) counted."""
-    return not pool.ceil_mode and (pool.count_include_pad or not any(pair_all(pool.padding)))
+def window_count(pool: nn.Module, shape: Sequence[int]) -> int | None:
+    """The one count every window of the average pool `pool` divides by on an input of `shape`, or
+    None where windows count differently. A windowed pool: its kernel (or divisor_override), with no
+    ceil_mode partial window at the end and its padding (if any) counted. An adaptive pool: the
+    product of input / output size over its dimensions, where every output size divides its input's."""
+    dims = AVERAGE_POOL_DIMS[type(pool)]
+
+    def per_dim(size: Any) -> tuple:   # an int stands for every dimension
+        return tuple(size) if isinstance(size, (tuple, list)) else (size,) * dims
+
+    if isinstance(pool, WINDOW_AVERAGE_POOLS):
+        if pool.ceil_mode or (not pool.count_include_pad and any(per_dim(pool.padding))):
+            return None
+        return getattr(pool, "divisor_override", None) or math.prod(per_dim(pool.kernel_size))
+    count = 1
+    for size, out in zip(shape[-dims:], per_dim(pool.output_size)):
+        out = size if out is None else out
+        if size % out:
+            return None
+        count *= size // out
+    return count
 
 
 def sum_pool(x: Integers, dims: tuple[int, ...], keepdim: bool, simulate: bool, where: str) -> Integers:
@@ -192,18 +227,18 @@ def sum_pool(x: Integers, dims: tuple[int, ...], keepdim: bool, simulate: bool, 
     if x.offset:
         raise UnsupportedModelError(f"integer SNN: {where} pools values with a zero point offset")
     if simulate:
-        values = x.values.map(lambda s: s.sum(tuple(d + 1 for d in dims), keepdim=keepdim),
-                              lambda c: c.sum(dims, keepdim=keepdim))
+        values = x.values.map(lambda s: s.sum(tuple(d + 1 for d in dims), keepdim=keepdim, dtype=torch.int32),
+                              lambda c: c.sum(dims, keepdim=keepdim, dtype=torch.int32))
     else:
         values = x.values.sum(dims, keepdim=keepdim, dtype=torch.int32)
-    return Integers(values, x.scale / count, 0)
+    return Integers(values, x.scale / count, 0, pooled_count=count)
 
 
 def window_pool(x: Integers, pool: nn.Module, simulate: bool, where: str) -> Integers:
-    """An average pool whose every window counts k values (uniform_count): the integer sum over each
+    """An average pool whose every window counts k values (window_count): the integer sum over each
     window (float64 holds it exactly: the pool's mean times k, rounded), its 1 / k moved into the
     scale, and the offset o summed to k o (no padding may read it)."""
-    count = getattr(pool, "divisor_override", None) or math.prod(pair_all(pool.kernel_size))
+    count = window_count(pool, ())
     if x.offset and any(pair_all(pool.padding)):
         raise UnsupportedModelError(f"integer SNN: {where} pads values with a zero point offset")
 
@@ -211,4 +246,4 @@ def window_pool(x: Integers, pool: nn.Module, simulate: bool, where: str) -> Int
         return torch.round(pool(values.to(torch.float64)) * count).to(torch.int32)
 
     values = x.values.map(lambda steps: fold_time(window_sum, steps), window_sum) if simulate else window_sum(x.values)
-    return Integers(values, x.scale / count, x.offset * count)
+    return Integers(values, x.scale / count, x.offset * count, pooled_count=count)

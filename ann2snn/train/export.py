@@ -8,9 +8,9 @@ Each site z -> q(z) * theta becomes
 with uint8 and zero point 0, so the compiler reads theta = scale and lambda = the clip bound back
 (docs/method.md section 1). Weights stay float, except in a model whose weights are fake-quantized
 (`weight_quant.quantize_weights`): there every Conv / Gemm weight is an INT8 initializer behind a
-DequantizeLinear, with an int32 bias where its input is a QDQ site (qdq_weights.py). ONNX rounds
-half to even where q() rounds half up: the
-two differ only where z / theta lies exactly (within float rounding) on a level boundary k + 1/2.
+DequantizeLinear, with an int32 bias where its input is a QDQ site, also through average pools
+(qdq_weights.py). ONNX rounds half to even where q() rounds half up: the two differ only where
+z / theta lies exactly (within float rounding) on a level boundary k + 1/2.
 
 BatchNormalization stays a node of its own and every parameter keeps its PyTorch name, so the
 file can also initialize training (`TrainConfig.init`) by name.
@@ -77,11 +77,13 @@ class _QdqSite(nn.Module):
         return x
 
 
-def _export_copy(model: nn.Module, qdq: bool) -> tuple[nn.Module, dict[str, tuple[Tensor, Tensor]]]:
+def _export_copy(model: nn.Module, qdq: bool, example: Tensor) -> tuple[nn.Module, dict[str, tuple[Tensor, Tensor]]]:
     """A float32 CPU eval-mode copy of `model` whose sites are _QdqSite modules (the caller's model is
     untouched), and the integer levels and scales of its fake-quantized weights and biases by ONNX
     name (the copy's weights and biases are plain tensors on those grids)."""
     exported = copy.deepcopy(model).cpu().float().eval()
+    with torch.no_grad():   # at the export's input size: an adaptive pool's windows, a bias grid, follow it
+        exported(example[:1])
     weights = integer_tensors(exported)
     for name, module in list(exported.named_modules()):
         if isinstance(module, QuantClippedActivation):
@@ -119,8 +121,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...] | str | os.PathLi
     path = Path(path)
     if path.is_dir():
         raise Ann2SnnError(f"{path}: is a directory, not an ONNX file path")
-    exported, weights = _export_copy(model, qdq)
     example = torch.zeros((2, *input_shape))
+    exported, weights = _export_copy(model, qdq, example)
 
     def write(tmp: str) -> None:
         from ..frontend.reader import load_checked   # here: `import ann2snn` loads no importer

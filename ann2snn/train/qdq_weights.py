@@ -1,12 +1,13 @@
 """Full QDQ in an exported ONNX graph: int8 weights and int32 biases behind DequantizeLinear.
 
     W (float, on the grid q * s)             ->  W_quantized (INT8)  -> DequantizeLinear(W_scale, 0, axis=0) -> W
-    B (float, on the grid k * theta_in * s)  ->  B_quantized (INT32) -> DequantizeLinear(B_scale, 0, axis=0) -> B
+    B (float, on the grid k * theta_in / n * s)  ->  B_quantized (INT32) -> DequantizeLinear(B_scale, 0, axis=0) -> B
 
 The levels and scales come from the trained model (weight_quant.integer_tensors), so the file
 holds the integers training used. A bias is int32 where its layer's input is a QDQ site (the
 layers weight_quant gives a BiasFakeQuant): that is where onnxruntime's integer kernels
-(QLinearConv, QGemm) expect one; the first layer, fed by the float image, keeps a float bias.
+(QLinearConv, QGemm) expect one, with n = 1; behind average pools of n values a window, the
+integer SNN's grid. The first layer, fed by the float image, keeps a float bias.
 """
 from __future__ import annotations
 

@@ -14,7 +14,10 @@ The rounding has a straight-through gradient (the identity); the scale follows t
 (max-calibrated, no gradient). A layer fed by a per-layer site (directly or through ops that only
 move values: max pooling, flatten) gets an int32 bias too, b = k * theta_in * s_c, the grid of
 onnxruntime's integer kernels: trained on it, the export's int32 bias is the bias trained (a bias
-rounded only at export moved levels at T = 2 and cost 0.7 points on digits). Each is a torch
+rounded only at export moved levels at T = 2 and cost 0.7 points on digits). Through average pool
+modules whose windows count n values in all, the grid is theta_in / n * s_c, the integer SNN's
+(it sums the windows): VGG's first classifier layer after its adaptive pool. An adaptive pool's
+n follows its input size, recorded at each forward (_record_window_count). Each is a torch
 parametrization: `layer.weight` is the fake-quantized tensor wherever it is read; the float
 tensor the optimizer steps is `layer.parametrizations.weight.original`.
 """
@@ -27,7 +30,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..compile.trace import SiteTracer
 from ..errors import Ann2SnnError
-from ..ops import CONVS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
+from ..ops import AVERAGE_POOLS, CONVS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
+from ..runtime.integer_values import window_count
 from ..runtime.quant import QuantClippedActivation
 
 # The weight widths `quantize_weights` implements (symmetric, zero point 0, levels -127..127).
@@ -80,28 +84,52 @@ class WeightFakeQuant(nn.Module):
 
 
 class BiasFakeQuant(nn.Module):
-    """The parametrization b -> k * theta_in * s_c of a layer's bias (bias_integers), straight-through."""
+    """The parametrization b -> k * theta_in / n * s_c of a layer's bias (bias_integers), straight-through."""
 
-    def __init__(self, layer: nn.Module, site: QuantClippedActivation) -> None:
+    def __init__(self, layer: nn.Module, site: QuantClippedActivation, pools: tuple[nn.Module, ...] = ()) -> None:
         super().__init__()
-        # plain references, not submodules: the layer and its input site have their own places in the model
-        self.__dict__.update(layer=layer, site=site)
+        # plain references, not submodules: the layer, its input site and the average pools between
+        # them have their own places in the model
+        self.__dict__.update(layer=layer, site=site, pools=pools)
 
     def forward(self, bias: Tensor) -> Tensor:
-        levels, scale = bias_integers(bias, self.layer, self.site)
-        if not bool(torch.isfinite(scale).all()):   # the site not calibrated yet (lambda = inf): no grid
+        scale = bias_grid(self.layer, self.site, self.pools)
+        if scale is None:
             return bias
+        levels = bias_integers(bias, scale)
         return bias + ((levels.float() * scale).to(bias.dtype) - bias).detach()
 
 
-def bias_integers(bias: Tensor, layer: nn.Module, site: QuantClippedActivation) -> tuple[Tensor, Tensor]:
-    """(levels k as int32, scales theta_in * s_c [C] in float32) of the bias of `layer`, whose input is `site`'s."""
-    weight = layer.parametrizations.weight
+def bias_grid(layer: nn.Module, site: QuantClippedActivation, pools: tuple[nn.Module, ...] = ()) -> Tensor | None:
+    """The scales theta_in / n * s_c [C] (float32) of the int32 bias of `layer`, whose input is
+    `site`'s levels through average pools whose windows count n in all (the integer SNN's
+    accumulator grid: runtime/integer_values.py sums the windows and moves 1 / n into the scale,
+    in float64). None while there is no grid: the site not calibrated (lambda = inf), or a pool
+    not run yet or with windows of different counts (_record_window_count)."""
+    count = 1
+    for pool in pools:
+        window = getattr(pool, "window_count", None)
+        if window is None:
+            return None
+        count *= window
     theta = site.clip.detach().float() / site.levels   # as the export writes the site's scale
-    scale = theta * weight_scale(weight.original, weight[0].bits).float()
+    if not bool(torch.isfinite(theta).all()):
+        return None
+    weight = layer.parametrizations.weight
+    scale = weight_scale(weight.original, weight[0].bits)
+    return (theta.double() / count * scale.double()).float()
+
+
+def bias_integers(bias: Tensor, scale: Tensor) -> Tensor:
+    """The int32 levels k of `bias` on the grid `scale` (bias_grid): round(b / scale), clamped to int32."""
     info = torch.iinfo(torch.int32)
-    levels = torch.round(bias.detach().double() / scale.double()).clamp(info.min, info.max)
-    return levels.to(torch.int32), scale
+    return torch.round(bias.detach().double() / scale.double()).clamp(info.min, info.max).to(torch.int32)
+
+
+def _record_window_count(pool: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of an average pool between a site and a layer: the count its windows divide
+    by on this input (None: they differ), which the layer's bias grid divides by (bias_grid)."""
+    pool.window_count = window_count(pool, args[0].shape)
 
 
 def _channel_view(scale: Tensor, weight: Tensor) -> Tensor:
@@ -143,14 +171,19 @@ def _graph(model: nn.Module) -> tuple[fx.Graph, dict[str, int]]:
     return graph, calls
 
 
-def _input_site(model: nn.Module, node: fx.Node) -> QuantClippedActivation | None:
-    """The quantizing per-layer site whose levels reach `node`'s input through value-moving ops alone."""
+def _input_site(model: nn.Module, node: fx.Node, calls: dict[str, int]
+                ) -> tuple[QuantClippedActivation, tuple[nn.Module, ...]] | None:
+    """The quantizing per-layer site whose levels reach `node`'s input through value-moving ops and
+    average pools (each called once) alone, and those pools."""
     value = node.args[0] if node.args else None
+    pools: list[nn.Module] = []
     while isinstance(value, fx.Node):
         module = model.get_submodule(value.target) if value.op == "call_module" else None
         if isinstance(module, QuantClippedActivation):
-            return module if module.quantize and not module.per_channel else None
-        moves = isinstance(module, VALUE_MOVING_MODULES) or \
+            return (module, tuple(pools)) if module.quantize and not module.per_channel else None
+        if isinstance(module, AVERAGE_POOLS) and calls[value.target] == 1:
+            pools.append(module)
+        moves = isinstance(module, VALUE_MOVING_MODULES) or module in pools or \
             (value.op == "call_function" and value.target in VALUE_MOVING_FUNCTIONS) or \
             (value.op == "call_method" and value.target in _VALUE_MOVING_METHODS)
         value = value.args[0] if moves and value.args else None
@@ -159,7 +192,8 @@ def _input_site(model: nn.Module, node: fx.Node) -> QuantClippedActivation | Non
 
 def quantize_weights(model: nn.Module, bits: int) -> list[str]:
     """Fold the BNs (fold_batch_norms), then fake-quantize the weight of every Conv / Linear layer of
-    `model` in place (WeightFakeQuant), and the bias of those fed by a per-layer site (BiasFakeQuant).
+    `model` in place (WeightFakeQuant), and the bias of those fed by a per-layer site, also through
+    average pools (BiasFakeQuant).
     Returns the quantized layers' names. Call it after the sites are placed and before the optimizer
     is built: folding gives the layers new weight and bias parameters."""
     check_weight_bits(bits)
@@ -172,9 +206,12 @@ def quantize_weights(model: nn.Module, bits: int) -> list[str]:
             names.append(name)
     for node in graph.nodes:
         layer = model.get_submodule(node.target) if node.op == "call_module" and calls[node.target] == 1 else None
-        site = _input_site(model, node) if layer is not None and node.target in names else None
-        if site is not None and layer.bias is not None:
-            parametrize.register_parametrization(layer, "bias", BiasFakeQuant(layer, site))
+        found = _input_site(model, node, calls) if layer is not None and node.target in names else None
+        if found is not None and layer.bias is not None:
+            site, pools = found
+            for pool in pools:
+                pool.register_forward_pre_hook(_record_window_count)
+            parametrize.register_parametrization(layer, "bias", BiasFakeQuant(layer, site, pools))
     if not names:
         raise Ann2SnnError(f"{type(model).__name__}: no Conv or Linear layer whose weights could be quantized")
     return names
@@ -191,5 +228,7 @@ def integer_tensors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
             tensors[f"{prefix}weight"] = weight_integers(quantizers.weight.original, quantizers.weight[0].bits)
         if "bias" in quantizers and isinstance(quantizers.bias[0], BiasFakeQuant):
             bias = quantizers.bias[0]
-            tensors[f"{prefix}bias"] = bias_integers(quantizers.bias.original, bias.layer, bias.site)
+            scale = bias_grid(bias.layer, bias.site, bias.pools)
+            if scale is not None:
+                tensors[f"{prefix}bias"] = (bias_integers(quantizers.bias.original, scale), scale)
     return tensors
