@@ -177,7 +177,7 @@ INTEGER_KERNEL_LAYERS = (nn.Conv2d, nn.Linear)
 AVERAGE_POOL_DIMS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AvgPool1d: 1, nn.AvgPool2d: 2}
 GLOBAL_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 WINDOW_AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d)
-AVERAGE_POOLS = GLOBAL_AVERAGE_POOLS + WINDOW_AVERAGE_POOLS
+INTEGER_AVERAGE_POOLS = GLOBAL_AVERAGE_POOLS + WINDOW_AVERAGE_POOLS
 
 
 @dataclass(frozen=True)

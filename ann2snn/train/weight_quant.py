@@ -30,7 +30,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..compile.trace import SiteTracer
 from ..errors import Ann2SnnError
-from ..ops import AVERAGE_POOLS, CONVS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
+from ..ops import CONVS, INTEGER_AVERAGE_POOLS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
 from ..runtime.integer_values import window_count
 from ..runtime.quant import QuantClippedActivation
 
@@ -181,7 +181,7 @@ def _input_site(model: nn.Module, node: fx.Node, calls: dict[str, int]
         module = model.get_submodule(value.target) if value.op == "call_module" else None
         if isinstance(module, QuantClippedActivation):
             return (module, tuple(pools)) if module.quantize and not module.per_channel else None
-        if isinstance(module, AVERAGE_POOLS) and calls[value.target] == 1:
+        if isinstance(module, INTEGER_AVERAGE_POOLS) and calls[value.target] == 1:
             pools.append(module)
         moves = isinstance(module, VALUE_MOVING_MODULES) or module in pools or \
             (value.op == "call_function" and value.target in VALUE_MOVING_FUNCTIONS) or \
