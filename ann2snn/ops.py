@@ -178,6 +178,9 @@ AVERAGE_POOL_DIMS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AvgPoo
 GLOBAL_AVERAGE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 WINDOW_AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d)
 INTEGER_AVERAGE_POOLS = GLOBAL_AVERAGE_POOLS + WINDOW_AVERAGE_POOLS
+# the functions of those pools, each with the module of the same arguments (after the input)
+AVERAGE_POOL_FUNCTION_MODULES = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d,
+                                 F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d}
 
 
 @dataclass(frozen=True)

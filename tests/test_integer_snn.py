@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import onnx
 import onnxruntime
@@ -71,8 +72,9 @@ def assert_bit_exact(snn: ann2snn.SNN, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 6, 8])
 def test_simulate_and_evaluate_are_bit_exact_on_integer_nets(tmp_path, T):
     snn = ann2snn.convert_onnx(int8_file(tmp_path, T, seed=T), verify=False)
-    # the layers behind a neuron; the encoder (on the image) and the head (after the pool) keep float biases
-    assert snn.backend == "integer" and sorted(snn.integer_layers) == ["conv2_Conv", "conv3_Conv", "down_Conv"]
+    # every layer but the encoder, on the image; the head reads F.adaptive_avg_pool2d, trained on its grid
+    assert snn.backend == "integer" and sorted(snn.integer_layers) == ["conv2_Conv", "conv3_Conv", "down_Conv",
+                                                                       "fc_Gemm"]
     x = torch.rand(6, 1, 8, 8)
     assert_bit_exact(snn, x)
     # the same spikes as the float SNN of the same graph, whose exactness the gate proves
@@ -153,7 +155,7 @@ class PooledHiddenNet(nn.Module):
     """VGG's shape: conv sites, an average pool module, a hidden linear layer with a neuron after it,
     the linear head."""
 
-    def __init__(self, pool: nn.Module, features: int) -> None:
+    def __init__(self, pool: Callable, features: int) -> None:
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.conv2, self.pool = nn.Conv2d(8, 8, 3, padding=1), pool
@@ -183,7 +185,10 @@ def bias_grid_in_file(path: str, layer: str) -> tuple[torch.Tensor, torch.Tensor
 
 # (pool, the features it leaves of 8 x 8 x 8, the count each window divides by at 8 x 8)
 POOLED = {"adaptive to 2x2": (lambda: nn.AdaptiveAvgPool2d(2), 32, 16),
-          "global": (lambda: nn.AdaptiveAvgPool2d(1), 8, 64), "2x2 windows": (lambda: nn.AvgPool2d(2), 128, 4)}
+          # a function call: prepare makes it its module
+          "adaptive to 2x2, functional": (lambda: lambda x: F.adaptive_avg_pool2d(x, 2), 32, 16),
+          "global": (lambda: nn.AdaptiveAvgPool2d(1), 8, 64), "2x2 windows": (lambda: nn.AvgPool2d(2), 128, 4),
+          "2x2 windows, functional": (lambda: lambda x: F.avg_pool2d(x, 2, stride=2), 128, 4)}
 
 
 @pytest.mark.parametrize("pool", sorted(POOLED))
@@ -332,7 +337,7 @@ def test_convert_cli_verifies_the_integer_snn(tmp_path):
     result = invoke("convert", path, "--json", "-o", str(tmp_path / "out.snn"))
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["backend"] == "integer" and report["integer_layers"] == 3
+    assert report["backend"] == "integer" and report["integer_layers"] == 4
     integer = report["verify"]["integer"]
     assert integer["passed"] and integer["simulate_equals_evaluate"] and integer["float_snn"]["agreement"] == 1.0
     assert 0 <= integer["onnxruntime_default"]["agreement"] <= 1
@@ -405,7 +410,7 @@ def test_inspect_and_energy_see_the_integer_layers(tmp_path):
     assert shown.exit_code == 0, shown.stderr
     info = json.loads(shown.stdout)
     assert info["format_version"] == 2 and info["file_bytes"] == os.path.getsize(tmp_path / "int.snn")
-    assert "int8 in 3 layers" in info["weights"], info["weights"]
+    assert "int8 in 4 layers" in info["weights"], info["weights"]
     np_path = tmp_path / "x.npz"
     import numpy as np
     np.savez(np_path, x=np.random.rand(8, 1, 8, 8).astype(np.float32), y=np.zeros(8, dtype=np.int64))

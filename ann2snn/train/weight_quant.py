@@ -17,7 +17,8 @@ onnxruntime's integer kernels: trained on it, the export's int32 bias is the bia
 rounded only at export moved levels at T = 2 and cost 0.7 points on digits). Through average pool
 modules whose windows count n values in all, the grid is theta_in / n * s_c, the integer SNN's
 (it sums the windows): VGG's first classifier layer after its adaptive pool. An adaptive pool's
-n follows its input size, recorded at each forward (_record_window_count). Each is a torch
+n follows its input size, recorded at each forward (_record_window_count); in a GraphModule (what
+`prepare` makes) pool function calls become their modules first, to be seen. Each is a torch
 parametrization: `layer.weight` is the fake-quantized tensor wherever it is read; the float
 tensor the optimizer steps is `layer.parametrizations.weight.original`.
 """
@@ -30,7 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..compile.trace import SiteTracer
 from ..errors import Ann2SnnError
-from ..ops import CONVS, INTEGER_AVERAGE_POOLS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
+from ..ops import AVERAGE_POOL_FUNCTION_MODULES, CONVS, INTEGER_AVERAGE_POOLS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
 from ..runtime.integer_values import window_count
 from ..runtime.quant import QuantClippedActivation
 
@@ -171,6 +172,22 @@ def _graph(model: nn.Module) -> tuple[fx.Graph, dict[str, int]]:
     return graph, calls
 
 
+def _pools_as_modules(gm: fx.GraphModule) -> None:
+    """Each average pool function call (F.adaptive_avg_pool2d(x, 1), ...) of constant arguments becomes
+    a call of its module, in place: a module's forward pre-hook sees its input size (_record_window_count)."""
+    for node in list(gm.graph.nodes):
+        pool = AVERAGE_POOL_FUNCTION_MODULES.get(node.target) if node.op == "call_function" else None
+        arguments = [*node.args[1:], *node.kwargs.values()]
+        if pool is None or not node.args or any(isinstance(a, fx.Node) for a in arguments):
+            continue
+        name = f"{node.name}_pool"
+        gm.add_submodule(name, pool(*node.args[1:], **node.kwargs))
+        with gm.graph.inserting_before(node):
+            node.replace_all_uses_with(gm.graph.call_module(name, (node.args[0],)))
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def _input_site(model: nn.Module, node: fx.Node, calls: dict[str, int]
                 ) -> tuple[QuantClippedActivation, tuple[nn.Module, ...]] | None:
     """The quantizing per-layer site whose levels reach `node`'s input through value-moving ops and
@@ -198,6 +215,8 @@ def quantize_weights(model: nn.Module, bits: int) -> list[str]:
     is built: folding gives the layers new weight and bias parameters."""
     check_weight_bits(bits)
     fold_batch_norms(model)
+    if isinstance(model, fx.GraphModule):
+        _pools_as_modules(model)
     graph, calls = _graph(model)
     names = []
     for name, module in model.named_modules():
