@@ -180,7 +180,8 @@ WINDOW_AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d)
 INTEGER_AVERAGE_POOLS = GLOBAL_AVERAGE_POOLS + WINDOW_AVERAGE_POOLS
 # the functions of those pools, each with the module of the same arguments (after the input)
 AVERAGE_POOL_FUNCTION_MODULES = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d,
-                                 F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d}
+                                 F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d,
+                                 F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d}
 
 
 @dataclass(frozen=True)

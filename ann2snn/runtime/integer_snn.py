@@ -137,7 +137,9 @@ class IntegerProgram(fx.Interpreter):
         if isinstance(x, ResidualSum) and isinstance(module, MAX_POOLS):
             return MaxPooledSum(x, module)
         args, kwargs = self._floats(args, kwargs)
-        if self.observe is not None and isinstance(module, LAYERS) and isinstance(x, Tensor):
+        if self.observe is not None and isinstance(module, LAYERS) and isinstance(x, Tensor) and \
+                any(u.op == "call_module" and isinstance(self.module.get_submodule(u.target), BitSerialIFNode)
+                    for u in self.node.users):   # the encoder's layer: its bound (_encode)
             self._float_layers[self.node] = (absolute_products(module, x, module.weight, module.bias),
                                              module.weight[0].numel())
         return module(*args, **kwargs)
@@ -150,13 +152,13 @@ class IntegerProgram(fx.Interpreter):
                              want_levels=True, per_channel_counts=False)
             self.counts[target] = out.sample_spikes
             if self.observe is not None:   # z / theta, which the float neuron rounds as floor(z / theta + 1/2)
-                theta = channel_view(theta, potential.dim())
+                step = channel_view(theta, potential.dim())
                 shifted = potential.to(torch.float64) + channel_view(neuron.membrane_offset.double(), potential.dim())
-                value = shifted / theta - 0.5   # the shift (in the bias, or the offset) taken back
+                value = shifted / step - 0.5   # the shift (in the bias, or the offset) taken back
                 bound = REQUANTIZATION_ROUNDINGS * value.abs()
                 products, fan_in = self._float_layers.pop(self.node.args[0], (None, 0))
                 if products is not None:   # its float32 layer, run in any order (onnxruntime's)
-                    bound = bound + (fan_in + 2) * products / theta
+                    bound = bound + (fan_in + 2) * products / step
                 self.observe(target, out.levels.to(torch.int64), (value, UNIT_ROUNDOFF * bound))
             return Integers(out.levels.to(level_dtype(0, neuron.levels)), theta)
         neuron.reset()

@@ -31,7 +31,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..compile.trace import SiteTracer
 from ..errors import Ann2SnnError
-from ..ops import AVERAGE_POOL_FUNCTION_MODULES, CONVS, INTEGER_AVERAGE_POOLS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS, VALUE_MOVING_MODULES, methods_of
+from ..ops import (AVERAGE_POOL_FUNCTION_MODULES, CONVS, INTEGER_AVERAGE_POOLS, LAYERS, NORMS, VALUE_MOVING_FUNCTIONS,
+                   VALUE_MOVING_MODULES, methods_of)
 from ..runtime.integer_values import window_count
 from ..runtime.quant import QuantClippedActivation
 
@@ -198,9 +199,10 @@ def _input_site(model: nn.Module, node: fx.Node, calls: dict[str, int]
         module = model.get_submodule(value.target) if value.op == "call_module" else None
         if isinstance(module, QuantClippedActivation):
             return (module, tuple(pools)) if module.quantize and not module.per_channel else None
-        if isinstance(module, INTEGER_AVERAGE_POOLS) and calls[value.target] == 1:
+        pooled = isinstance(module, INTEGER_AVERAGE_POOLS) and calls[value.target] == 1
+        if pooled:
             pools.append(module)
-        moves = isinstance(module, VALUE_MOVING_MODULES) or module in pools or \
+        moves = pooled or isinstance(module, VALUE_MOVING_MODULES) or \
             (value.op == "call_function" and value.target in VALUE_MOVING_FUNCTIONS) or \
             (value.op == "call_method" and value.target in _VALUE_MOVING_METHODS)
         value = value.args[0] if moves and value.args else None
@@ -223,13 +225,15 @@ def quantize_weights(model: nn.Module, bits: int) -> list[str]:
         if isinstance(module, LAYERS) and not parametrize.is_parametrized(module, "weight"):
             parametrize.register_parametrization(module, "weight", WeightFakeQuant(bits))
             names.append(name)
+    hooked: set[nn.Module] = set()   # one recording hook a pool, however many layers read it
     for node in graph.nodes:
         layer = model.get_submodule(node.target) if node.op == "call_module" and calls[node.target] == 1 else None
         found = _input_site(model, node, calls) if layer is not None and node.target in names else None
         if found is not None and layer.bias is not None:
             site, pools = found
-            for pool in pools:
+            for pool in set(pools) - hooked:
                 pool.register_forward_pre_hook(_record_window_count)
+            hooked.update(pools)
             parametrize.register_parametrization(layer, "bias", BiasFakeQuant(layer, site, pools))
     if not names:
         raise Ann2SnnError(f"{type(model).__name__}: no Conv or Linear layer whose weights could be quantized")
